@@ -1,0 +1,110 @@
+"""The one exception tree of Nebula.
+
+::
+
+    NebulaError
+    ├── ConfigError                 bad or unsafe configuration (names the key and the file)
+    ├── KeyFileError                unreadable, malformed or over-permissive key/secret file
+    ├── ProtocolError               bytes from the peer we cannot accept -> drop the connection
+    │   ├── FrameError              uvarint/length/size problems in privval framing
+    │   ├── DecodeError             malformed protobuf / unknown message
+    │   └── HandshakeError          SecretConnection handshake failed
+    │       └── LowOrderPointError  peer's ephemeral key is a low-order point
+    │   └── AuthenticationError     a sealed frame failed to open (wrong MAC)
+    └── SigningRefused              a request we answer with a RemoteSignerError, signing nothing
+        ├── ChainIdMismatch
+        ├── DoubleSignRefused       same HRS, conflicting data
+        ├── RegressionRefused       height / round / step regression
+        ├── InvalidRequest          well-formed protobuf that makes no sense (unknown type, bad ext)
+        ├── NotLeader               this node is not the Raft leader
+        ├── ReplicationError        Raft timeout, lost quorum, unknown outcome
+        ├── StateError              the durable state could not be read or written
+        └── BackendError            the signing backend failed (Vault down, wrong key, ...)
+
+``SigningRefused.code`` is the RemoteSignerError code put on the wire; ``wire_error``
+is the one place that maps an exception to (code, description).
+"""
+
+from __future__ import annotations
+
+
+class NebulaError(Exception):
+    """Root of every error Nebula raises on purpose."""
+
+
+class ConfigError(NebulaError):
+    """The configuration is invalid or unsafe."""
+
+
+class KeyFileError(NebulaError):
+    """A key or secret file is missing, malformed or readable by others."""
+
+
+class ProtocolError(NebulaError):
+    """The peer sent bytes we refuse; the connection is dropped."""
+
+
+class FrameError(ProtocolError):
+    """Broken length-delimited framing (bad uvarint, oversized message)."""
+
+
+class DecodeError(ProtocolError):
+    """Malformed protobuf, or a message that is not a privval request."""
+
+
+class HandshakeError(ProtocolError):
+    """The SecretConnection handshake failed."""
+
+
+class LowOrderPointError(HandshakeError):
+    """The peer's ephemeral X25519 key is a low-order point."""
+
+
+class AuthenticationError(ProtocolError):
+    """A SecretConnection frame failed authentication (wrong MAC or key)."""
+
+
+class SigningRefused(NebulaError):
+    """A request answered with a RemoteSignerError; nothing was signed."""
+
+    code: int = 0
+    reason: str = "refused"
+
+
+class ChainIdMismatch(SigningRefused):
+    reason = "chain_id_mismatch"
+
+
+class DoubleSignRefused(SigningRefused):
+    # tmkms uses code 2 for double-sign refusals; we do the same.
+    code = 2
+    reason = "double_sign"
+
+
+class RegressionRefused(SigningRefused):
+    reason = "regression"
+
+
+class InvalidRequest(SigningRefused):
+    reason = "invalid_request"
+
+
+class NotLeader(SigningRefused):
+    reason = "not_leader"
+
+
+class ReplicationError(SigningRefused):
+    reason = "replication"
+
+
+class StateError(SigningRefused):
+    reason = "state"
+
+
+class BackendError(SigningRefused):
+    reason = "backend"
+
+
+def wire_error(exc: SigningRefused) -> tuple[int, str]:
+    """The RemoteSignerError (code, description) for a refusal."""
+    return exc.code, str(exc) or exc.reason

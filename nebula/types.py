@@ -1,0 +1,187 @@
+"""Plain data types shared by the protocol core, the guard and the service.
+
+These mirror CometBFT's protobuf messages (protocol.md §2-§3) without any
+encoding concerns; ``nebula.proto`` turns bytes into these and back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SignedMsgType(enum.IntEnum):
+    UNKNOWN = 0
+    PREVOTE = 1
+    PRECOMMIT = 2
+    PROPOSAL = 32
+
+
+class Step(enum.IntEnum):
+    """FilePV step numbering (protocol.md §5.1)."""
+
+    NONE = 0
+    PROPOSE = 1
+    PREVOTE = 2
+    PRECOMMIT = 3
+
+
+class WireFamily(enum.Enum):
+    """privval wire families (protocol.md §9)."""
+
+    V0_34 = "v0_34"  # v0.34 and v0.37
+    V0_38 = "v0_38"  # v0.38, v0.39, v0.40
+    V1_0 = "v1_0"
+
+    @classmethod
+    def from_config(cls, version: str) -> WireFamily:
+        v = version.strip().lower().replace(".", "_")
+        if v.startswith("v") is False:
+            v = "v" + v
+        table = {
+            "v0_34": cls.V0_34,
+            "v0_37": cls.V0_34,
+            "v0_38": cls.V0_38,
+            "v0_39": cls.V0_38,
+            "v0_40": cls.V0_38,
+            "v1_0": cls.V1_0,
+            "v1": cls.V1_0,
+        }
+        try:
+            return table[v]
+        except KeyError:
+            raise ValueError(
+                f"unknown CometBFT version {version!r}; expected one of "
+                "v0_34, v0_37, v0_38, v0_39, v0_40, v1_0"
+            ) from None
+
+
+# Go's zero time.Time: what a Go node decodes when the timestamp field is absent.
+GO_ZERO_TIME_SECONDS = -62135596800
+
+
+@dataclass(slots=True)
+class Timestamp:
+    seconds: int = GO_ZERO_TIME_SECONDS
+    nanos: int = 0
+
+
+@dataclass(slots=True)
+class PartSetHeader:
+    total: int = 0
+    hash: bytes = b""
+
+
+@dataclass(slots=True)
+class BlockID:
+    hash: bytes = b""
+    part_set_header: PartSetHeader = field(default_factory=PartSetHeader)
+
+    def is_zero(self) -> bool:
+        """Nil block (protocol.md §4.3)."""
+        return (
+            not self.hash
+            and self.part_set_header.total == 0
+            and not self.part_set_header.hash
+        )
+
+
+@dataclass(slots=True)
+class Vote:
+    type: int = 0
+    height: int = 0
+    round: int = 0
+    block_id: BlockID = field(default_factory=BlockID)
+    timestamp: Timestamp = field(default_factory=Timestamp)
+    validator_address: bytes = b""
+    validator_index: int = 0
+    signature: bytes = b""
+    extension: bytes = b""
+    extension_signature: bytes = b""
+
+
+@dataclass(slots=True)
+class Proposal:
+    type: int = SignedMsgType.PROPOSAL
+    height: int = 0
+    round: int = 0
+    pol_round: int = 0
+    block_id: BlockID = field(default_factory=BlockID)
+    timestamp: Timestamp = field(default_factory=Timestamp)
+    signature: bytes = b""
+
+
+@dataclass(slots=True)
+class RemoteSignerError:
+    code: int = 0
+    description: str = ""
+
+
+# ---- requests (node -> signer) -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PubKeyRequest:
+    chain_id: str = ""
+
+
+@dataclass(slots=True)
+class SignVoteRequest:
+    vote: Vote = field(default_factory=Vote)
+    chain_id: str = ""
+    skip_extension_signing: bool = False  # v1.0 only
+
+
+@dataclass(slots=True)
+class SignProposalRequest:
+    proposal: Proposal = field(default_factory=Proposal)
+    chain_id: str = ""
+
+
+@dataclass(slots=True)
+class PingRequest:
+    pass
+
+
+@dataclass(slots=True)
+class SignBytesRequest:
+    value: bytes = b""
+
+
+# ---- responses (signer -> node) ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PubKeyResponse:
+    key_type: str = ""  # "ed25519" | "secp256k1" | "bls12381"
+    pub_key: bytes = b""
+    error: RemoteSignerError | None = None
+
+
+@dataclass(slots=True)
+class SignedVoteResponse:
+    vote: Vote = field(default_factory=Vote)
+    error: RemoteSignerError | None = None
+
+
+@dataclass(slots=True)
+class SignedProposalResponse:
+    proposal: Proposal = field(default_factory=Proposal)
+    error: RemoteSignerError | None = None
+
+
+@dataclass(slots=True)
+class PingResponse:
+    pass
+
+
+@dataclass(slots=True)
+class SignBytesResponse:
+    signature: bytes = b""
+    error: RemoteSignerError | None = None
+
+
+Request = PubKeyRequest | SignVoteRequest | SignProposalRequest | PingRequest | SignBytesRequest
+Response = (
+    PubKeyResponse | SignedVoteResponse | SignedProposalResponse | PingResponse | SignBytesResponse
+)
