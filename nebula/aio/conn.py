@@ -1,0 +1,199 @@
+"""Dialing validators: the thin asyncio pump around the sans-I/O core.
+
+One :class:`Dialer` per configured validator address.  It connects (TCP with
+SecretConnection, or a plain Unix socket), answers requests one at a time through
+the shared :class:`~nebula.service.SigningService`, and on any error closes the
+connection and dials again with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+
+from nebula import proto
+from nebula.config import Endpoint
+from nebula.crypto.secretconn import Handshake
+from nebula.errors import NebulaError, ProtocolError
+from nebula.service import SigningService
+from nebula.types import WireFamily
+
+log = logging.getLogger("nebula.conn")
+
+READ_CHUNK = 1 << 16
+
+
+class _Plain:
+    """The no-encryption session used on unix sockets."""
+
+    @staticmethod
+    def seal(data: bytes) -> bytes:
+        return data
+
+    @staticmethod
+    def feed(data: bytes) -> bytes:
+        return data
+
+
+class Dialer:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        service: SigningService,
+        family: WireFamily,
+        *,
+        identity_seed: bytes,
+        handshake_timeout: float = 3.0,
+        backoff_min: float = 0.05,
+        backoff_max: float = 1.0,
+        idle_timeout: float = 15.0,
+        on_event: Callable[[str, Endpoint], None] | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.service = service
+        self.family = family
+        self.identity_seed = identity_seed
+        self.handshake_timeout = handshake_timeout
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.idle_timeout = idle_timeout
+        self.on_event = on_event
+        self.connected = False
+        self.connects = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"dial {self.endpoint}"
+            )
+
+    async def stop(self) -> None:
+        """Close the connection at once and stop dialing."""
+        task, self._task = self._task, None
+        self._abort()
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _abort(self) -> None:
+        w = self._writer
+        if w is not None:
+            with contextlib.suppress(Exception):
+                w.transport.abort()
+        self._writer = None
+        self.connected = False
+
+    def _event(self, name: str) -> None:
+        if self.on_event is not None:
+            self.on_event(name, self.endpoint)
+
+    # ---- the dial loop ---------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.backoff_min
+        while True:
+            served = False
+            try:
+                reader, writer = await self._connect()
+                self._writer = writer
+                try:
+                    session = await asyncio.wait_for(
+                        self._handshake(reader, writer), self.handshake_timeout
+                    )
+                except TimeoutError:
+                    raise ProtocolError(
+                        f"handshake with {self.endpoint} timed out after {self.handshake_timeout}s"
+                    ) from None
+                self.connected = True
+                self.connects += 1
+                self._event("connected")
+                log.info("connected to validator %s", self.endpoint)
+                served = True
+                await self._serve(reader, writer, session)
+            except asyncio.CancelledError:
+                self._abort()
+                raise
+            except (OSError, TimeoutError) as e:
+                log.debug("cannot reach validator %s: %s", self.endpoint, e)
+            except NebulaError as e:
+                log.warning("connection to %s dropped: %s", self.endpoint, e)
+            except Exception:
+                log.exception("unexpected error on connection to %s", self.endpoint)
+            if self.connected:
+                self._event("disconnected")
+            self._abort()
+            if served:
+                delay = self.backoff_min
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, self.backoff_max)
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        ep = self.endpoint
+        if ep.scheme == "unix":
+            return await asyncio.wait_for(
+                asyncio.open_unix_connection(ep.path, limit=READ_CHUNK), self.handshake_timeout
+            )
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(ep.host, ep.port, limit=READ_CHUNK), self.handshake_timeout
+        )
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        if self.endpoint.scheme == "unix":
+            return _Plain()
+        hs = Handshake(self.identity_seed)
+        writer.write(hs.initial_bytes())
+        while not hs.done:
+            data = await reader.read(READ_CHUNK)
+            if not data:
+                raise ProtocolError(f"{self.endpoint} closed the connection during the handshake")
+            out = hs.receive(data)
+            if out:
+                writer.write(out)
+        return hs.session()
+
+    async def _serve(self, reader, writer, session) -> None:
+        framer = proto.DelimitedReader(proto.MAX_REQUEST_SIZE)
+        service = self.service
+        family = self.family
+        decode = proto.decode_request
+        encode = proto.encode_response
+        delimit = proto.encode_delimited
+        pending = framer.feed(session.feed(b""))
+        while True:
+            for msg in pending:
+                req = decode(msg, family)
+                resp = await service.handle(req)
+                writer.write(session.seal(delimit(encode(resp, family))))
+            try:
+                data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+            except TimeoutError:
+                raise ProtocolError(
+                    f"{self.endpoint} silent for {self.idle_timeout}s; reconnecting"
+                ) from None
+            if not data:
+                raise ProtocolError(f"{self.endpoint} closed the connection")
+            pending = framer.feed(session.feed(data))
+
+
+def load_or_make_identity(path: str | os.PathLike[str] | None) -> bytes:
+    """The SecretConnection identity seed: from a key file, or fresh for this run."""
+    if path is None:
+        return os.urandom(32)
+    from nebula.crypto.keys import load_key_file
+
+    return load_key_file(path, "ed25519").secret_bytes()

@@ -1,0 +1,189 @@
+"""The composition root: config in, a running signer out.
+
+This is the only module that installs uvloop and turns a config into objects:
+the backend, the store (local file or Raft), the signing service and one dialer
+per validator address.  With a Raft store only the leader dials (S5): it starts
+dialing when it wins leadership and closes every validator connection the moment
+it loses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from nebula.aio.conn import Dialer, load_or_make_identity
+from nebula.backends.base import Backend
+from nebula.config import LoadedConfig
+from nebula.errors import ConfigError
+from nebula.guard import SignRecord
+from nebula.service import SigningService
+from nebula.state.base import SignStore, load_priv_validator_state
+
+log = logging.getLogger("nebula.daemon")
+
+
+def make_backend(cfg: LoadedConfig) -> Backend:
+    raw = cfg.raw
+    if raw.signing_mode == "native":
+        from nebula.backends.native import NativeBackend
+        from nebula.crypto.keys import BLS_DEFAULT_DST, load_key_file
+
+        n = raw.signing.native
+        if n is None:
+            raise ConfigError(f"{cfg.path}: missing [signing.native]")
+        path = cfg.resolve(n.private_key_path)
+        dst = n.bls_dst.encode() if n.bls_dst else BLS_DEFAULT_DST
+        return NativeBackend(load_key_file(path, n.key_type, bls_dst=dst))
+    if raw.signing_mode == "vault_transit":
+        from nebula.backends.vault_transit import VaultTransitBackend
+
+        return VaultTransitBackend.from_config(cfg)
+    from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
+
+    return VaultSignerPluginBackend.from_config(cfg)
+
+
+def _initial(cfg: LoadedConfig, path: str | None) -> dict[str, SignRecord | None]:
+    p = cfg.resolve(path)
+    if p is None:
+        return {}
+    return {cfg.raw.chain_id: load_priv_validator_state(p)}
+
+
+def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
+    raw = cfg.raw
+    if raw.persist == "local":
+        from nebula.state.local import LocalStore
+
+        state_path = cfg.resolve(raw.state_path)
+        assert state_path is not None
+        return LocalStore(state_path, _initial(cfg, raw.initial_state_path))
+    from nebula.crypto.keys import check_private_file
+    from nebula.state.raft import RaftStore
+
+    r = raw.raft
+    if r is None or not r.secret_path:
+        raise ConfigError(f"{cfg.path}: persist = 'raft' needs [raft] with secret_path")
+    secret_path = cfg.resolve(r.secret_path)
+    assert secret_path is not None
+    check_private_file(secret_path)
+    secret = secret_path.read_bytes().strip()
+    if not secret:
+        raise ConfigError(f"{secret_path}: the cluster secret is empty")
+    data_path = cfg.resolve(r.data_path)
+    assert data_path is not None
+    return RaftStore(
+        node_id=r.node_id,
+        bind_addr=r.bind_addr,
+        peers={p.id: p.addr for p in r.peers},
+        data_path=data_path,
+        secret=secret,
+        initial=_initial(cfg, r.initial_state_path or raw.initial_state_path),
+        commit_timeout=r.commit_timeout,
+        election_timeout_min=r.election_timeout_min,
+        election_timeout_max=r.election_timeout_max,
+        loop=loop,
+    )
+
+
+class Daemon:
+    def __init__(self, cfg: LoadedConfig) -> None:
+        self.cfg = cfg
+        self.backend: Backend | None = None
+        self.store: SignStore | None = None
+        self.service: SigningService | None = None
+        self.dialers: list[Dialer] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg, raw = self.cfg, self.cfg.raw
+        loop = asyncio.get_running_loop()
+        self.backend = make_backend(cfg)
+        self.store = make_store(cfg, loop)
+        self.service = SigningService(raw.chain_id, cfg.family, self.backend, self.store)
+        ident_path = cfg.resolve(raw.connection_key_path)
+        seed = load_or_make_identity(ident_path)
+        d = raw.dial
+        self.dialers = [
+            Dialer(
+                ep,
+                self.service,
+                cfg.family,
+                identity_seed=seed,
+                handshake_timeout=d.handshake_timeout,
+                backoff_min=d.backoff_min,
+                backoff_max=d.backoff_max,
+                idle_timeout=d.idle_timeout,
+            )
+            for ep in cfg.endpoints
+        ]
+        from nebula.crypto.keys import address_of
+
+        addr = address_of(self.backend.key_type, self.backend.public_key).hex().upper()
+        log.info(
+            "nebula signer for chain %s (%s, %s key, address %s, persist=%s)",
+            raw.chain_id,
+            cfg.family.value,
+            self.backend.key_type,
+            addr,
+            raw.persist,
+        )
+        on_role = getattr(self.store, "on_role_change", None)
+        if on_role is None:
+            self._dial(True)
+        else:
+            on_role(self._dial)
+            if self.store.is_authoritative():
+                self._dial(True)
+
+    def _dial(self, leader: bool) -> None:
+        if leader:
+            log.info("dialing %d validator(s)", len(self.dialers))
+            for dialer in self.dialers:
+                dialer.start()
+        else:
+            log.info("not the leader: closing validator connections")
+            for dialer in self.dialers:
+                asyncio.get_running_loop().create_task(dialer.stop())
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def close(self) -> None:
+        for dialer in self.dialers:
+            await dialer.stop()
+        if self.store is not None:
+            await self.store.close()
+        if self.backend is not None:
+            with contextlib.suppress(Exception):
+                await self.backend.close()
+
+
+async def serve(cfg: LoadedConfig) -> None:
+    daemon = Daemon(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, daemon.request_stop)
+    try:
+        await daemon.start()
+        await daemon.wait()
+        log.info("stopping")
+    finally:
+        await daemon.close()
+
+
+def run(cfg: LoadedConfig) -> None:
+    import uvloop
+
+    uvloop.run(serve(cfg))
+
+
+__all__ = ["Daemon", "Path", "run", "serve"]

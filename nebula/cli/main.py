@@ -1,0 +1,292 @@
+"""The `nebula` command line: one verb per module, one composition root."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+from nebula import __version__
+from nebula.errors import NebulaError
+
+BACKENDS = {
+    "native": "native",
+    "vault-transit": "vault_transit",
+    "vault-signer-plugin": "vault_signer_plugin",
+}
+
+
+def _die(msg: str, code: int = 2) -> int:
+    print(f"nebula: error: {msg}", file=sys.stderr)
+    return code
+
+
+# ---- init ------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from nebula import config
+
+    out = Path(args.output_path)
+    if out.exists() and not args.force:
+        return _die(f"{out} exists; use --force to overwrite")
+    text = config.template(
+        BACKENDS[args.backend],
+        chain_id=args.chain_id,
+        version=args.cometbft_version,
+        persist=args.persist,
+        key_type=args.key_type,
+    )
+    config.loads(text, out)  # the template must always be valid
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+    if args.backend == "native":
+        print(f"next: nebula keys generate -c {out} --key-type {args.key_type}")
+    return 0
+
+
+# ---- keys ------------------------------------------------------------------------------
+
+
+def _key_path_from(args: argparse.Namespace) -> tuple[Path, str, bytes | None]:
+    """(key file, key type, bls dst) from --output/--key-file or the config's native section."""
+    from nebula import config
+    from nebula.crypto.keys import BLS_DEFAULT_DST
+
+    explicit = getattr(args, "output", None) or getattr(args, "key_file", None)
+    if explicit:
+        return Path(explicit), args.key_type or "ed25519", None
+    if not args.config:
+        raise NebulaError("give -c CONFIG or an explicit key file path")
+    cfg = config.load(args.config)
+    n = cfg.raw.signing.native
+    if n is None:
+        raise NebulaError(f"{cfg.path}: no [signing.native] section to take the key path from")
+    dst = n.bls_dst.encode() if n.bls_dst else BLS_DEFAULT_DST
+    key_type = args.key_type or n.key_type
+    if args.key_type and args.key_type != n.key_type:
+        raise NebulaError(
+            f"--key-type {args.key_type} disagrees with signing.native.key_type = "
+            f"{n.key_type!r} in {cfg.path}"
+        )
+    path = cfg.resolve(n.private_key_path)
+    assert path is not None
+    return path, key_type, dst
+
+
+def _print_key(key, as_json: bool) -> None:
+    from nebula.crypto.keys import pubkey_json
+
+    info = {
+        "key_type": key.key_type,
+        "address": key.address.hex().upper(),
+        "pub_key": pubkey_json(key),
+        "pub_key_base64": base64.b64encode(key.public_key).decode(),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"key type : {info['key_type']}")
+        print(f"address  : {info['address']}")
+        print(f"pub_key  : {json.dumps(info['pub_key'])}")
+        print(f"base64   : {info['pub_key_base64']}")
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from nebula.crypto import keys
+
+    path, key_type, dst = _key_path_from(args)
+    key = keys.generate(key_type) if dst is None else keys.generate(key_type, bls_dst=dst)
+    keys.write_key_file(path, key, overwrite=args.force)
+    print(f"wrote {key_type} key to {path} (mode 0600)")
+    _print_key(key, args.json)
+    return 0
+
+
+def cmd_keys_import(args: argparse.Namespace) -> int:
+    from nebula.crypto import keys
+
+    key = keys.load_priv_validator_key_json(args.file)
+    if args.key_type and args.key_type != key.key_type:
+        return _die(f"{args.file} holds a {key.key_type} key, not {args.key_type}")
+    args.key_type = key.key_type
+    path, _, _ = _key_path_from(args)
+    keys.write_key_file(path, key, overwrite=args.force)
+    print(f"imported {key.key_type} key from {args.file} into {path} (mode 0600)")
+    _print_key(key, args.json)
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from nebula.crypto import keys
+
+    path, key_type, dst = _key_path_from(args)
+    key = (
+        keys.load_key_file(path, key_type)
+        if dst is None
+        else keys.load_key_file(path, key_type, bls_dst=dst)
+    )
+    _print_key(key, args.json)
+    return 0
+
+
+# ---- start / state ---------------------------------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from nebula import config, logs
+    from nebula.aio import daemon
+
+    cfg = config.load(args.config)
+    logs.setup(args.log_level or cfg.raw.log_level, args.log_format or cfg.raw.log_format)
+    daemon.run(cfg)
+    return 0
+
+
+def cmd_state_export(args: argparse.Namespace) -> int:
+    from nebula import config
+    from nebula.state.base import record_to_json
+    from nebula.state.local import LocalStore
+
+    cfg = config.load(args.config)
+    if cfg.raw.persist != "local":
+        from nebula.cli.cluster import export_raft_state
+
+        rec = export_raft_state(cfg)
+    else:
+        p = cfg.resolve(cfg.raw.state_path)
+        assert p is not None
+        rec = LocalStore(p).last(cfg.raw.chain_id)
+    obj = record_to_json(rec) if rec is not None else {"height": "0", "round": 0, "step": 0}
+    # CometBFT's file has only these keys; Nebula's extension fields are left out.
+    obj = {
+        k: v for k, v in obj.items() if k in ("height", "round", "step", "signature", "signbytes")
+    }
+    text = json.dumps(obj, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_state_import(args: argparse.Namespace) -> int:
+    from nebula import config
+    from nebula.state.base import load_priv_validator_state
+    from nebula.state.local import LocalStore
+
+    cfg = config.load(args.config)
+    rec = load_priv_validator_state(args.file)
+    if cfg.raw.persist != "local":
+        from nebula.cli.cluster import import_raft_state
+
+        return import_raft_state(cfg, rec)
+    p = cfg.resolve(cfg.raw.state_path)
+    assert p is not None
+    store = LocalStore(p)
+    before = store.last(cfg.raw.chain_id)
+    store.force_import(cfg.raw.chain_id, rec)
+    after = store.last(cfg.raw.chain_id)
+    if after == before and rec is not None:
+        print("state unchanged: the imported state is not above the current one")
+    else:
+        print(
+            f"state for {cfg.raw.chain_id}: {after.height}/{after.round}/{after.step}"
+            if after
+            else "empty"
+        )
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nebula", description="Highly available CometBFT remote signer"
+    )
+    p.add_argument("--version", action="version", version=f"nebula {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write a commented, working config file")
+    s.add_argument("--output-path", "-o", required=True)
+    s.add_argument("--backend", choices=sorted(BACKENDS), default="native")
+    s.add_argument("--chain-id", default="test-chain-v1")
+    s.add_argument("--cometbft-version", default="v1_0", help="v0_34 | v0_37 | v0_38 | v1_0")
+    s.add_argument("--persist", choices=["local", "raft"], default="local")
+    s.add_argument("--key-type", choices=["ed25519", "secp256k1", "bls12381"], default="ed25519")
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_init)
+
+    k = sub.add_parser("keys", help="consensus keys").add_subparsers(dest="keys_cmd", required=True)
+    for name, func, help_ in (
+        ("generate", cmd_keys_generate, "generate a new consensus key"),
+        ("import", cmd_keys_import, "import CometBFT's priv_validator_key.json"),
+        ("show", cmd_keys_show, "show address and public key"),
+    ):
+        s = k.add_parser(name, help=help_)
+        if name == "import":
+            s.add_argument("file", help="priv_validator_key.json")
+        s.add_argument("-c", "--config", help="config file (key path from [signing.native])")
+        if name == "show":
+            s.add_argument("--key-file", help="a key file instead of the config's")
+        else:
+            s.add_argument("--output", help="key file to write instead of the config's")
+            s.add_argument("--force", action="store_true", help="overwrite an existing key file")
+        s.add_argument("--key-type", choices=["ed25519", "secp256k1", "bls12381"])
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("start", help="run the signer")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("--log-format", choices=["text", "json"])
+    s.add_argument("--log-level")
+    s.set_defaults(func=cmd_start)
+
+    st = sub.add_parser("state", help="sign state").add_subparsers(dest="state_cmd", required=True)
+    s = st.add_parser("export", help="write the sign state as priv_validator_state.json")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("--output", "-o")
+    s.set_defaults(func=cmd_state_export)
+    s = st.add_parser("import", help="raise the sign state from a priv_validator_state.json")
+    s.add_argument("-c", "--config", required=True)
+    s.add_argument("file")
+    s.set_defaults(func=cmd_state_import)
+
+    try:
+        from nebula.cli import cluster
+
+        cluster.register(sub)
+    except ImportError:
+        pass
+    try:
+        from nebula.cli import demo
+
+        demo.register(sub)
+    except ImportError:
+        pass
+    try:
+        from nebula.cli import bench
+
+        bench.register(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except NebulaError as e:
+        return _die(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The configuration: one strict schema, loaded once at the edge.
+
+The format extends the Rust Nebula's TOML (which stays valid): unknown keys are
+errors, every field is documented in :data:`TEMPLATE_NATIVE` (what ``nebula init``
+writes), relative paths are resolved against the config file's directory, and
+every error names the key and the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from nebula.errors import ConfigError
+from nebula.types import WireFamily
+
+LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ConnectionConfig(_Strict):
+    """One validator node to dial: ``host``/``port`` (TCP) or ``address``."""
+
+    host: str | None = None
+    port: int | None = None
+    # "tcp://host:port" or "unix:///path/to.sock" (alternative to host/port)
+    address: str | None = None
+
+
+class DialConfig(_Strict):
+    handshake_timeout: float = 3.0
+    backoff_min: float = 0.05
+    backoff_max: float = 1.0
+    # Drop a connection that has been silent this long (the node pings every ~3.3 s).
+    idle_timeout: float = 15.0
+
+
+class RaftPeer(_Strict):
+    id: int
+    addr: str
+
+
+class RaftConfig(_Strict):
+    node_id: int = 1
+    bind_addr: str = "127.0.0.1:8080"
+    data_path: str = "./raft_data"
+    initial_state_path: str | None = None
+    peers: list[RaftPeer] = msgspec.field(default_factory=list)
+    # File with the cluster secret (required when persist = "raft"; mode 0600).
+    secret_path: str | None = None
+    commit_timeout: float = 1.0
+    election_timeout_min: float = 0.4
+    election_timeout_max: float = 0.8
+
+
+class NativeSigning(_Strict):
+    private_key_path: str = "./privkey"
+    key_type: Literal["ed25519", "secp256k1", "bls12381"] = "ed25519"
+    bls_dst: str | None = None
+
+
+class VaultTransitSigning(_Strict):
+    address: str = "http://127.0.0.1:8200"
+    mount: str = "transit"
+    key_name: str = "nebula"
+    token_path: str | None = None
+    token_env: str | None = "VAULT_TOKEN"
+    ca_cert: str | None = None
+    insecure_skip_verify: bool = False
+    timeout: float = 1.0
+
+
+class VaultSignerPluginSigning(_Strict):
+    address: str = "http://127.0.0.1:8200"
+    mount: str = "nebula"
+    key_name: str = "nebula"
+    token_path: str | None = None
+    token_env: str | None = "VAULT_TOKEN"
+    ca_cert: str | None = None
+    insecure_skip_verify: bool = False
+    timeout: float = 1.0
+    bls_dst: str | None = None
+
+
+class SigningConfig(_Strict):
+    native: NativeSigning | None = None
+    vault_transit: VaultTransitSigning | None = None
+    vault_signer_plugin: VaultSignerPluginSigning | None = None
+
+
+class MetricsConfig(_Strict):
+    # "host:port" for the Prometheus /metrics, /healthz, /readyz server; empty = off.
+    listen: str = ""
+
+
+class Config(_Strict):
+    chain_id: str
+    log_level: LogLevel = "info"
+    log_format: Literal["text", "json"] = "text"
+    version: str = "v1_0"
+    signing_mode: Literal["native", "vault_transit", "vault_signer_plugin"] = "native"
+    persist: Literal["local", "raft"] = "local"
+    state_path: str = "./nebula_state.json"
+    initial_state_path: str | None = None
+    # Ed25519 identity for SecretConnection (base64 seed); a fresh one per start if unset.
+    connection_key_path: str | None = None
+    connections: list[ConnectionConfig] = msgspec.field(default_factory=list)
+    dial: DialConfig = msgspec.field(default_factory=DialConfig)
+    raft: RaftConfig | None = None
+    signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A validator address to dial."""
+
+    scheme: Literal["tcp", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}" if self.scheme == "unix" else f"tcp://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config with resolved paths and derived values."""
+
+    raw: Config
+    path: Path
+    family: WireFamily
+    endpoints: tuple[Endpoint, ...]
+
+    def resolve(self, p: str | None) -> Path | None:
+        return resolve_path(self.path, p)
+
+
+def resolve_path(config_path: Path, p: str | None) -> Path | None:
+    if p is None or p == "":
+        return None
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else (config_path.parent / q)
+
+
+def parse_address(text: str, where: str) -> Endpoint:
+    """Parse ``tcp://host:port`` / ``unix:///path`` (no scheme means tcp, as CometBFT)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "tcp", text
+    if scheme == "unix":
+        if not rest:
+            raise ConfigError(f"{where}: empty unix socket path in {text!r}")
+        return Endpoint("unix", path=rest)
+    if scheme != "tcp":
+        raise ConfigError(f"{where}: expected a tcp:// or unix:// address, got {text!r}")
+    # tmkms-style "tcp://id@host:port": the node's listener key is random per start,
+    # so an id cannot be pinned (protocol.md §1.2); refuse rather than ignore it.
+    if "@" in rest:
+        raise ConfigError(
+            f"{where}: peer-id pinning ('id@host:port') is not supported: CometBFT's privval "
+            "listener key is random per node start"
+        )
+    host, _, port = rest.rpartition(":")
+    return Endpoint("tcp", host=_host(host, where), port=_port(port, where))
+
+
+def _host(host: str, where: str) -> str:
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(f"{where}: missing host")
+    return host
+
+
+def _port(port: str | int | None, where: str) -> int:
+    try:
+        n = int(port)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: invalid port {port!r}") from None
+    if not 0 < n < 65536:
+        raise ConfigError(f"{where}: port {n} out of range 1..65535")
+    return n
+
+
+def parse_hostport(text: str, where: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ConfigError(f"{where}: expected host:port, got {text!r}")
+    return _host(host, where), _port(port, where)
+
+
+def load(path: str | Path) -> LoadedConfig:
+    """Read, parse and validate a config file; every error is a ConfigError."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found (create one with `nebula init`)") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e}") from None
+    return loads(text, p)
+
+
+def loads(text: str, path: str | Path = "<config>") -> LoadedConfig:
+    p = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{p}: {_explain(str(e))}") from None
+    return _validate(cfg, p)
+
+
+def _explain(msg: str) -> str:
+    # msgspec says "... - at `$.raft.peers[0]`"; show it as a TOML key path.
+    if " - at `$" in msg:
+        text, _, where = msg.partition(" - at `$")
+        where = where.rstrip("`").lstrip(".")
+        return f"{text} (at key `{where}`)"
+    return msg
+
+
+def _validate(cfg: Config, p: Path) -> LoadedConfig:
+    if not cfg.chain_id.strip():
+        raise ConfigError(f"{p}: chain_id must not be empty")
+    try:
+        family = WireFamily.from_config(cfg.version)
+    except ValueError as e:
+        raise ConfigError(f"{p}: version: {e}") from None
+
+    endpoints: list[Endpoint] = []
+    for i, c in enumerate(cfg.connections):
+        where = f"{p}: connections[{i}]"
+        if c.address is not None:
+            if c.host is not None or c.port is not None:
+                raise ConfigError(f"{where}: give either address or host/port, not both")
+            endpoints.append(parse_address(c.address, where))
+        else:
+            if c.host is None or c.port is None:
+                raise ConfigError(f"{where}: needs host and port (or address)")
+            endpoints.append(Endpoint("tcp", host=_host(c.host, where), port=_port(c.port, where)))
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(f"{p}: connections lists the same validator address twice")
+
+    d = cfg.dial
+    for name in ("handshake_timeout", "backoff_min", "backoff_max", "idle_timeout"):
+        if getattr(d, name) <= 0:
+            raise ConfigError(f"{p}: dial.{name} must be > 0")
+    if d.backoff_min > d.backoff_max:
+        raise ConfigError(f"{p}: dial.backoff_min must be <= dial.backoff_max")
+
+    mode_section = getattr(cfg.signing, cfg.signing_mode)
+    if mode_section is None:
+        raise ConfigError(
+            f"{p}: signing_mode = {cfg.signing_mode!r} needs a [signing.{cfg.signing_mode}] section"
+        )
+    if cfg.signing_mode == "vault_transit" and family is WireFamily.V1_0:
+        pass  # ed25519 only; checked against the key at start
+    if cfg.signing_mode in ("vault_transit", "vault_signer_plugin"):
+        v = mode_section
+        if not v.token_path and not v.token_env:
+            raise ConfigError(f"{p}: signing.{cfg.signing_mode}: set token_path or token_env")
+        if v.timeout <= 0 or v.timeout >= 4.0:
+            raise ConfigError(
+                f"{p}: signing.{cfg.signing_mode}.timeout must be in (0, 4) seconds "
+                "(CometBFT gives up after 5 s)"
+            )
+
+    if cfg.persist == "raft":
+        r = cfg.raft
+        if r is None:
+            raise ConfigError(f'{p}: persist = "raft" needs a [raft] section')
+        if not r.secret_path:
+            raise ConfigError(
+                f"{p}: raft.secret_path is required: without a cluster secret anyone who "
+                "reaches the Raft port can run code on this machine"
+            )
+        if not r.peers:
+            raise ConfigError(f"{p}: raft.peers must list every member, including this node")
+        ids = [peer.id for peer in r.peers]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"{p}: raft.peers has duplicate ids")
+        addrs = [peer.addr for peer in r.peers]
+        if len(set(addrs)) != len(addrs):
+            raise ConfigError(f"{p}: raft.peers has duplicate addresses")
+        if r.node_id not in ids:
+            raise ConfigError(f"{p}: raft.node_id {r.node_id} is not listed in raft.peers")
+        for i, peer in enumerate(r.peers):
+            parse_hostport(peer.addr, f"{p}: raft.peers[{i}].addr")
+        parse_hostport(r.bind_addr, f"{p}: raft.bind_addr")
+        if not 0 < r.commit_timeout < 4.0:
+            raise ConfigError(f"{p}: raft.commit_timeout must be in (0, 4) seconds")
+        if not 0 < r.election_timeout_min < r.election_timeout_max:
+            raise ConfigError(
+                f"{p}: raft.election_timeout_min must be > 0 and < raft.election_timeout_max"
+            )
+
+    if cfg.metrics.listen:
+        host, _ = parse_hostport(cfg.metrics.listen, f"{p}: metrics.listen")
+        if host not in ("localhost",):
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ConfigError(f"{p}: metrics.listen: {host!r} is not an IP address") from None
+
+    return LoadedConfig(raw=cfg, path=p, family=family, endpoints=tuple(endpoints))
+
+
+# ---- templates written by `nebula init` ------------------------------------------------
+
+_COMMON_HEAD = """\
+# Nebula configuration. Relative paths are relative to this file.
+# Unknown keys are errors, so a typo never goes unnoticed.
+
+log_level = "info"            # trace | debug | info | warn | error
+log_format = "text"           # text | json
+chain_id = "{chain_id}"       # requests for any other chain are refused
+version = "{version}"             # CometBFT line: v0_34 | v0_37 | v0_38 | v0_39 | v0_40 | v1_0
+signing_mode = "{signing_mode}"  # native | vault_transit | vault_signer_plugin
+
+# Where the last signed height/round/step lives:
+#   "local" - a state file on this machine, fsync'ed before every signature;
+#   "raft"  - replicated to a 3- or 5-node Nebula cluster (see [raft]).
+persist = "{persist}"
+state_path = "./nebula_state.json"
+# Optional: CometBFT's priv_validator_state.json to start from (only ever raises the mark).
+# initial_state_path = "./priv_validator_state.json"
+
+# Optional: base64 Ed25519 seed used as this signer's SecretConnection identity.
+# connection_key_path = "./connection_key"
+
+# The validator nodes to dial (their priv_validator_laddr). Either host/port (TCP with
+# SecretConnection) or address = "tcp://host:port" / "unix:///path/to/privval.sock".
+[[connections]]
+host = "127.0.0.1"
+port = 26659
+
+[dial]
+handshake_timeout = 3.0       # seconds for the SecretConnection handshake
+backoff_min = 0.05            # reconnect backoff, doubling up to backoff_max
+backoff_max = 1.0
+idle_timeout = 15.0           # drop a connection silent this long (nodes ping every ~3.3 s)
+
+[metrics]
+listen = ""                   # e.g. "127.0.0.1:26661" for /metrics, /healthz, /readyz
+
+# Raft cluster (used when persist = "raft"). peers lists every member, this one included.
+[raft]
+node_id = 1
+bind_addr = "127.0.0.1:8080"
+data_path = "./raft_data"
+# initial_state_path = "./priv_validator_state.json"
+secret_path = "./cluster_secret"   # required for raft; 0600; the same on every member
+commit_timeout = 1.0               # seconds; a decision not committed by then is refused
+election_timeout_min = 0.4
+election_timeout_max = 0.8
+[[raft.peers]]
+id = 1
+addr = "127.0.0.1:8080"
+"""
+
+_SIGNING = {
+    "native": """
+[signing.native]
+private_key_path = "./privkey"   # base64 of the 32-byte secret; 0600 (`nebula keys generate`)
+key_type = "{key_type}"          # ed25519 | secp256k1 | bls12381
+# bls_dst = "BLS_SIG_BLS12381G2_XMD:SHA-256_SSWU_RO_NUL_"   # BLS only
+""",
+    "vault_transit": """
+[signing.vault_transit]
+address = "http://127.0.0.1:8200"
+mount = "transit"
+key_name = "nebula"              # an ed25519 transit key (`nebula keys vault-import`)
+token_path = "./vault_token"     # 0600; or leave unset and use token_env
+token_env = "VAULT_TOKEN"
+# ca_cert = "/etc/ssl/vault-ca.pem"
+insecure_skip_verify = false
+timeout = 1.0                    # seconds per request; a slow Vault is refused, not waited for
+""",
+    "vault_signer_plugin": """
+[signing.vault_signer_plugin]
+address = "http://127.0.0.1:8200"
+mount = "nebula"
+key_name = "nebula"
+token_path = "./vault_token"     # 0600; or leave unset and use token_env
+token_env = "VAULT_TOKEN"
+# ca_cert = "/etc/ssl/vault-ca.pem"
+insecure_skip_verify = false
+timeout = 1.0
+""",
+}
+
+
+def template(
+    signing_mode: str = "native",
+    *,
+    chain_id: str = "test-chain-v1",
+    version: str = "v1_0",
+    persist: str = "local",
+    key_type: str = "ed25519",
+) -> str:
+    if signing_mode not in _SIGNING:
+        raise ConfigError(f"unknown backend {signing_mode!r}")
+    return _COMMON_HEAD.format(
+        chain_id=chain_id, version=version, signing_mode=signing_mode, persist=persist
+    ) + _SIGNING[signing_mode].format(key_type=key_type)

@@ -1,0 +1,147 @@
+"""The double-sign rules, as a pure function (design.md S2, protocol.md §5.1).
+
+``check(last, height, round, step, sign_bytes)`` compares a request with the last
+signed state and says what may happen; ``apply(last, record)`` is the atomic
+check-and-set that every store (the local fsync'ed file, the Raft state machine)
+runs to decide.  Neither does I/O, reads a clock or keeps state: the same inputs
+always give the same decision, which is what a replicated state machine needs.
+
+Semantics follow CometBFT's FilePV:
+
+* strictly higher (height, round, step) -> ACCEPT;
+* a lower height, round or step -> REFUSE (regression);
+* the same HRS with identical sign bytes -> SAME (answer with the stored signature);
+* the same HRS where the two canonical messages differ only in the timestamp ->
+  SAME_TIMESTAMP (answer with the stored signature and the stored timestamp);
+* anything else at the same HRS -> REFUSE (conflicting data).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from nebula.errors import DoubleSignRefused, RegressionRefused, SigningRefused, StateError
+from nebula.types import Timestamp
+
+
+class Verdict(enum.IntEnum):
+    ACCEPT = 0
+    SAME = 1
+    SAME_TIMESTAMP = 2
+    REFUSE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SignRecord:
+    """One signing decision: what the state machine stores and replicates."""
+
+    height: int
+    round: int
+    step: int
+    sign_bytes: bytes = b""
+    signature: bytes = b""
+    ext_sign_bytes: bytes = b""
+    ext_signature: bytes = b""
+
+    @property
+    def hrs(self) -> tuple[int, int, int]:
+        return (self.height, self.round, self.step)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    # ACCEPT from apply(): the new record; SAME*: the stored record; REFUSE: None.
+    record: SignRecord | None = None
+    # SAME_TIMESTAMP: the stored timestamp to put in the response.
+    timestamp: Timestamp | None = None
+    error: SigningRefused | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict != Verdict.REFUSE
+
+
+_ACCEPT = Decision(Verdict.ACCEPT)
+
+
+def _split_timestamp(sign_bytes: bytes) -> tuple[bytes, Timestamp] | None:
+    from nebula.proto import canonical_vote_without_timestamp
+
+    try:
+        return canonical_vote_without_timestamp(sign_bytes)
+    except Exception:
+        return None
+
+
+def check(
+    last: SignRecord | None, height: int, round: int, step: int, sign_bytes: bytes
+) -> Decision:
+    """What may be done with a request for (height, round, step, sign_bytes)."""
+    if last is None:
+        return _ACCEPT
+    if height > last.height:
+        return _ACCEPT
+    if height < last.height:
+        return Decision(
+            Verdict.REFUSE,
+            error=RegressionRefused(f"height regression. Got {height}, last height {last.height}"),
+        )
+    if round > last.round:
+        return _ACCEPT
+    if round < last.round:
+        return Decision(
+            Verdict.REFUSE,
+            error=RegressionRefused(
+                f"round regression at height {height}. Got {round}, last round {last.round}"
+            ),
+        )
+    if step > last.step:
+        return _ACCEPT
+    if step < last.step:
+        return Decision(
+            Verdict.REFUSE,
+            error=RegressionRefused(
+                f"step regression at height {height} round {round}. "
+                f"Got {step}, last step {last.step}"
+            ),
+        )
+    # Same height, round and step.
+    if not last.sign_bytes or not last.signature:
+        return Decision(
+            Verdict.REFUSE,
+            error=StateError(
+                f"no SignBytes found for height {height} round {round} step {step}; "
+                "refusing to sign again at an already-signed step"
+            ),
+        )
+    if sign_bytes == last.sign_bytes:
+        return Decision(Verdict.SAME, record=last)
+    new = _split_timestamp(sign_bytes)
+    old = _split_timestamp(last.sign_bytes)
+    if new is not None and old is not None and new[0] == old[0]:
+        return Decision(Verdict.SAME_TIMESTAMP, record=last, timestamp=old[1])
+    return Decision(
+        Verdict.REFUSE,
+        error=DoubleSignRefused(
+            f"conflicting data: double signing requested at height {height} round {round} "
+            f"step {step}"
+        ),
+    )
+
+
+def apply(last: SignRecord | None, record: SignRecord) -> tuple[SignRecord | None, Decision]:
+    """Atomic check-and-set: returns (new last state, decision).
+
+    On ACCEPT the new state is ``record`` and the decision carries it; otherwise the
+    state is unchanged and the decision carries the stored record or the refusal.
+    """
+    decision = check(last, record.height, record.round, record.step, record.sign_bytes)
+    if decision.verdict == Verdict.ACCEPT:
+        if not record.signature or not record.sign_bytes:
+            return last, Decision(
+                Verdict.REFUSE, error=StateError("refusing to store a record without signature")
+            )
+        return record, Decision(Verdict.ACCEPT, record=record)
+    return last, decision
