@@ -1,0 +1,41 @@
+"""The signing backend interface.
+
+A backend owns one consensus key and turns sign bytes into a signature. The signing
+service (which has already passed the double-sign checks) calls ``sign_sync`` first: a
+backend that can sign in-process without blocking (the native one) returns the
+signature there and costs no ``await`` on the hot path; a backend that must do I/O
+(Vault transit, a plugin) returns None, and the service awaits ``sign`` instead.
+
+Backends raise :class:`nebula.errors.BackendError` when they cannot sign.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from nebula.crypto.keys import address_of
+
+
+class Backend(ABC):
+    """One consensus key, wherever it lives."""
+
+    #: "ed25519", "secp256k1" or "bls12381" (see nebula.crypto.keys.KEY_TYPES).
+    key_type: str
+    #: The public key as CometBFT expects it (32 / 33 / 96-byte uncompressed).
+    public_key: bytes
+
+    @property
+    def address(self) -> bytes:
+        """The 20-byte CometBFT address of the public key."""
+        return address_of(self.key_type, self.public_key)
+
+    @abstractmethod
+    async def sign(self, msg: bytes) -> bytes:
+        """The signature over ``msg`` (the sign bytes as-is)."""
+
+    def sign_sync(self, msg: bytes) -> bytes | None:
+        """The signature, computed without blocking on I/O; None if only ``sign`` can."""
+        return None
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Release connections or other resources; the backend is unusable afterwards."""
