@@ -1,0 +1,103 @@
+"""The strict config schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from nebula import config
+from nebula.errors import ConfigError
+from nebula.types import WireFamily
+
+RUST_NEBULA_EXAMPLE = """
+log_level = "info"
+chain_id = "test-chain-v1"
+version = "v1_0"
+signing_mode = "native"
+[[connections]]
+host = "127.0.0.1"
+port = 26659
+[raft]
+node_id = 1
+bind_addr = "127.0.0.1:8080"
+data_path = "./raft_data"
+initial_state_path = "./initial_state.json"
+[[raft.peers]]
+id = 1
+addr = "127.0.0.1:8080"
+[signing.native]
+private_key_path = "./privkey"
+key_type = "ed25519"
+"""
+
+
+def test_rust_nebula_config_stays_valid(tmp_path) -> None:
+    cfg = config.loads(RUST_NEBULA_EXAMPLE, tmp_path / "nebula.toml")
+    assert cfg.family is WireFamily.V1_0
+    assert [str(e) for e in cfg.endpoints] == ["tcp://127.0.0.1:26659"]
+    assert cfg.resolve(cfg.raw.signing.native.private_key_path) == tmp_path / "privkey"
+
+
+@pytest.mark.parametrize("backend", ["native", "vault_transit", "vault_signer_plugin"])
+def test_templates_are_valid(backend, tmp_path) -> None:
+    cfg = config.loads(config.template(backend), tmp_path / "c.toml")
+    assert cfg.raw.signing_mode == backend
+
+
+@pytest.mark.parametrize(
+    ("version", "family"),
+    [("v0_34", WireFamily.V0_34), ("v0_37", WireFamily.V0_34), ("v0_38", WireFamily.V0_38),
+     ("v0_40", WireFamily.V0_38), ("v1_0", WireFamily.V1_0)],
+)
+def test_versions(version, family) -> None:
+    text = RUST_NEBULA_EXAMPLE.replace('version = "v1_0"', f'version = "{version}"')
+    assert config.loads(text).family is family
+
+
+def test_unix_and_tcp_addresses() -> None:
+    text = RUST_NEBULA_EXAMPLE.replace(
+        'host = "127.0.0.1"\nport = 26659',
+        'address = "unix:///tmp/pv.sock"\n[[connections]]\naddress = "tcp://10.0.0.1:1234"',
+    )
+    eps = config.loads(text).endpoints
+    assert [str(e) for e in eps] == ["unix:///tmp/pv.sock", "tcp://10.0.0.1:1234"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("log_level", "colour = 1\nlog_level"), "unknown field `colour`"),
+        (('port = 26659', 'port = "x"'), "connections[0].port"),
+        (('port = 26659', 'port = 70000'), "out of range"),
+        (('version = "v1_0"', 'version = "v9"'), "unknown CometBFT version"),
+        (('chain_id = "test-chain-v1"', 'chain_id = ""'), "chain_id must not be empty"),
+        (('signing_mode = "native"', 'signing_mode = "hsm"'), "signing_mode"),
+        (('signing_mode = "native"', 'persist = "raft"'), "raft.secret_path is required"),
+        (("[signing.native]", "[signing.native]\nkey_type2 = 1"), "key_type2"),
+        (('key_type = "ed25519"', 'key_type = "rsa"'), "key_type"),
+        (('host = "127.0.0.1"', 'host = "127.0.0.1"\naddress = "tcp://x:1"'), "not both"),
+        (('chain_id', '= broken'), "invalid TOML"),
+    ],
+)
+def test_broken_configs_name_the_key(edit, message, tmp_path) -> None:
+    text = RUST_NEBULA_EXAMPLE.replace(*edit)
+    with pytest.raises(ConfigError, match=None) as ei:
+        config.loads(text, tmp_path / "bad.toml")
+    assert message in str(ei.value)
+    assert "bad.toml" in str(ei.value)
+
+
+def test_raft_cross_field_checks(tmp_path) -> None:
+    base = RUST_NEBULA_EXAMPLE.replace(
+        'signing_mode = "native"', 'signing_mode = "native"\npersist = "raft"'
+    ).replace('initial_state_path = "./initial_state.json"', 'secret_path = "./s"')
+    assert config.loads(base).raw.persist == "raft"
+    with pytest.raises(ConfigError, match="not listed"):
+        config.loads(base.replace("node_id = 1", "node_id = 2"))
+    dup = base + '[[raft.peers]]\nid = 1\naddr = "127.0.0.1:8081"\n'
+    with pytest.raises(ConfigError, match="duplicate ids"):
+        config.loads(dup.replace("[signing.native]", "[signing.native]"))
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "nope.toml")
