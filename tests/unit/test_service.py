@@ -1,0 +1,156 @@
+"""The signing path in memory: native key, fsync'ed local store, every wire family."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from nebula import proto
+from nebula.backends.native import NativeBackend
+from nebula.crypto.keys import Ed25519Key
+from nebula.service import SigningService
+from nebula.state.local import LocalStore
+from nebula.types import (
+    BlockID,
+    PartSetHeader,
+    PingRequest,
+    PingResponse,
+    Proposal,
+    PubKeyRequest,
+    SignBytesRequest,
+    SignedMsgType,
+    SignProposalRequest,
+    SignVoteRequest,
+    Timestamp,
+    Vote,
+    WireFamily,
+)
+
+CHAIN = "svc-chain"
+BLOCK = BlockID(b"\xaa" * 32, PartSetHeader(1, b"\xbb" * 32))
+OTHER = BlockID(b"\xcc" * 32, PartSetHeader(1, b"\xdd" * 32))
+
+
+@pytest.fixture
+def key() -> Ed25519Key:
+    return Ed25519Key.from_seed(bytes(range(32)))
+
+
+def make(tmp_path, key, family=WireFamily.V0_38) -> SigningService:
+    return SigningService(CHAIN, family, NativeBackend(key), LocalStore(tmp_path / "s.json"))
+
+
+def vote(h=1, r=0, typ=SignedMsgType.PREVOTE, block=BLOCK, ts=(1_700_000_000, 1), ext=b""):
+    return Vote(type=typ, height=h, round=r, block_id=block, timestamp=Timestamp(*ts),
+                validator_address=b"\x01" * 20, validator_index=0, extension=ext)
+
+
+def run(svc, req):
+    return asyncio.run(svc.handle(req))
+
+
+def test_ping_and_pubkey(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    assert isinstance(run(svc, PingRequest()), PingResponse)
+    r = run(svc, PubKeyRequest(CHAIN))
+    assert r.error is None and r.pub_key == key.public_key and r.key_type == "ed25519"
+    bad = run(svc, PubKeyRequest("other-chain"))
+    assert bad.error is not None and bad.pub_key == b""
+
+
+def test_vote_is_signed_and_verifies(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    v = vote()
+    r = run(svc, SignVoteRequest(v, CHAIN))
+    assert r.error is None
+    assert key.verify(proto.vote_sign_bytes(CHAIN, v), r.vote.signature)
+    assert r.vote.extension_signature == b""
+
+
+def test_identical_retry_gets_the_stored_signature(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    first = run(svc, SignVoteRequest(vote(), CHAIN))
+    again = run(svc, SignVoteRequest(vote(), CHAIN))
+    assert again.error is None and again.vote.signature == first.vote.signature
+
+
+def test_timestamp_only_difference_returns_stored_timestamp(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    first = run(svc, SignVoteRequest(vote(ts=(1_700_000_000, 1)), CHAIN))
+    again = run(svc, SignVoteRequest(vote(ts=(1_700_000_005, 9)), CHAIN))
+    assert again.error is None
+    assert again.vote.signature == first.vote.signature
+    assert again.vote.timestamp == Timestamp(1_700_000_000, 1)
+    # The returned (stored) timestamp is what the signature covers.
+    assert key.verify(proto.vote_sign_bytes(CHAIN, again.vote), again.vote.signature)
+
+
+def test_conflicting_vote_is_refused_with_nothing_signed(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    run(svc, SignVoteRequest(vote(block=BLOCK), CHAIN))
+    r = run(svc, SignVoteRequest(vote(block=OTHER), CHAIN))
+    assert r.error is not None and r.error.code == 2
+    assert "conflicting data" in r.error.description
+    assert r.vote.signature == b""
+
+
+def test_regression_and_wrong_chain_refused(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    run(svc, SignVoteRequest(vote(h=5), CHAIN))
+    r = run(svc, SignVoteRequest(vote(h=4), CHAIN))
+    assert r.error is not None and "height regression" in r.error.description
+    r = run(svc, SignVoteRequest(vote(h=9), "evil-chain"))
+    assert r.error is not None and r.vote.signature == b""
+    assert svc.store.last(CHAIN).height == 5
+
+
+def test_invalid_heights_and_types_refused(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    for v in (vote(h=0), vote(r=-1), vote(typ=SignedMsgType.PROPOSAL), vote(typ=7)):
+        r = run(svc, SignVoteRequest(v, CHAIN))
+        assert r.error is not None and r.vote.signature == b""
+    assert svc.store.last(CHAIN) is None
+
+
+@pytest.mark.parametrize(
+    ("family", "skip", "expect_ext"),
+    [(WireFamily.V0_34, False, False), (WireFamily.V0_38, False, True),
+     (WireFamily.V1_0, False, True), (WireFamily.V1_0, True, False)],
+)
+def test_vote_extension_rules(tmp_path, key, family, skip, expect_ext) -> None:
+    svc = make(tmp_path, key, family)
+    v = vote(typ=SignedMsgType.PRECOMMIT, ext=b"hello" if family is not WireFamily.V0_34 else b"")
+    r = run(svc, SignVoteRequest(v, CHAIN, skip_extension_signing=skip))
+    assert r.error is None
+    assert key.verify(proto.vote_sign_bytes(CHAIN, v), r.vote.signature)
+    if expect_ext:
+        assert key.verify(proto.vote_extension_sign_bytes(CHAIN, v), r.vote.extension_signature)
+    else:
+        assert r.vote.extension_signature == b""
+    assert r.vote.extension == b""  # never echoed (10 KiB response limit)
+
+
+def test_nil_precommit_gets_no_extension_signature_and_rejects_extension(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    r = run(svc, SignVoteRequest(vote(typ=SignedMsgType.PRECOMMIT, block=BlockID()), CHAIN))
+    assert r.error is None and r.vote.extension_signature == b""
+    r = run(svc, SignVoteRequest(vote(h=2, ext=b"x"), CHAIN))
+    assert r.error is not None and "unexpected vote extension" in r.error.description
+
+
+def test_proposal_signed_and_pol_round_checked(tmp_path, key) -> None:
+    svc = make(tmp_path, key)
+    p = Proposal(height=3, round=1, pol_round=0, block_id=BLOCK, timestamp=Timestamp(1_700_000_000, 0))
+    r = run(svc, SignProposalRequest(p, CHAIN))
+    assert r.error is None
+    assert key.verify(proto.proposal_sign_bytes(CHAIN, p), r.proposal.signature)
+    bad = Proposal(height=4, round=1, pol_round=1, block_id=BLOCK)
+    r = run(svc, SignProposalRequest(bad, CHAIN))
+    assert r.error is not None and r.proposal.signature == b""
+
+
+def test_sign_bytes_request_is_refused(tmp_path, key) -> None:
+    svc = make(tmp_path, key, WireFamily.V1_0)
+    r = run(svc, SignBytesRequest(proto.vote_sign_bytes(CHAIN, vote())))
+    assert r.error is not None and r.signature == b""
