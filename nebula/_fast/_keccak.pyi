@@ -1,0 +1,3 @@
+"""Type stub for the compiled Keccak-f[1600] kernel (twin: keccak_py)."""
+
+def keccak_f1600(state: bytearray) -> None: ...
