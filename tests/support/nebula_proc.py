@@ -12,6 +12,8 @@ from pathlib import Path
 
 from nebula.crypto.keys import SigningKey, write_key_file
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -76,6 +78,10 @@ class NebulaProcess:
     def start(self) -> NebulaProcess:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Run the same source tree the tests import.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])]
+        )
         logf = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nebula.cli.main", "start", "-c", str(self.config_path)],

@@ -45,8 +45,13 @@ def test_templates_are_valid(backend, tmp_path) -> None:
 
 @pytest.mark.parametrize(
     ("version", "family"),
-    [("v0_34", WireFamily.V0_34), ("v0_37", WireFamily.V0_34), ("v0_38", WireFamily.V0_38),
-     ("v0_40", WireFamily.V0_38), ("v1_0", WireFamily.V1_0)],
+    [
+        ("v0_34", WireFamily.V0_34),
+        ("v0_37", WireFamily.V0_34),
+        ("v0_38", WireFamily.V0_38),
+        ("v0_40", WireFamily.V0_38),
+        ("v1_0", WireFamily.V1_0),
+    ],
 )
 def test_versions(version, family) -> None:
     text = RUST_NEBULA_EXAMPLE.replace('version = "v1_0"', f'version = "{version}"')
@@ -66,8 +71,8 @@ def test_unix_and_tcp_addresses() -> None:
     ("edit", "message"),
     [
         (("log_level", "colour = 1\nlog_level"), "unknown field `colour`"),
-        (('port = 26659', 'port = "x"'), "connections[0].port"),
-        (('port = 26659', 'port = 70000'), "out of range"),
+        (("port = 26659", 'port = "x"'), "connections[0].port"),
+        (("port = 26659", "port = 70000"), "out of range"),
         (('version = "v1_0"', 'version = "v9"'), "unknown CometBFT version"),
         (('chain_id = "test-chain-v1"', 'chain_id = ""'), "chain_id must not be empty"),
         (('signing_mode = "native"', 'signing_mode = "hsm"'), "signing_mode"),
@@ -75,7 +80,7 @@ def test_unix_and_tcp_addresses() -> None:
         (("[signing.native]", "[signing.native]\nkey_type2 = 1"), "key_type2"),
         (('key_type = "ed25519"', 'key_type = "rsa"'), "key_type"),
         (('host = "127.0.0.1"', 'host = "127.0.0.1"\naddress = "tcp://x:1"'), "not both"),
-        (('chain_id', '= broken'), "invalid TOML"),
+        (("chain_id", "= broken"), "invalid TOML"),
     ],
 )
 def test_broken_configs_name_the_key(edit, message, tmp_path) -> None:

@@ -12,11 +12,17 @@ from nebula.types import BlockID, PartSetHeader, SignedMsgType, Timestamp, Vote
 CHAIN = "guard-chain"
 
 
-def vote_bytes(h: int, r: int, typ: int = SignedMsgType.PREVOTE, block: bytes = b"\x01" * 32,
-               ts: Timestamp | None = None) -> bytes:
+def vote_bytes(
+    h: int,
+    r: int,
+    typ: int = SignedMsgType.PREVOTE,
+    block: bytes = b"\x01" * 32,
+    ts: Timestamp | None = None,
+) -> bytes:
     bid = BlockID(block, PartSetHeader(1, b"\x02" * 32)) if block else BlockID()
     return proto.vote_sign_bytes(
-        CHAIN, Vote(type=typ, height=h, round=r, block_id=bid, timestamp=ts or Timestamp(1700000000, 5))
+        CHAIN,
+        Vote(type=typ, height=h, round=r, block_id=bid, timestamp=ts or Timestamp(1700000000, 5)),
     )
 
 

@@ -42,8 +42,16 @@ def make(tmp_path, key, family=WireFamily.V0_38) -> SigningService:
 
 
 def vote(h=1, r=0, typ=SignedMsgType.PREVOTE, block=BLOCK, ts=(1_700_000_000, 1), ext=b""):
-    return Vote(type=typ, height=h, round=r, block_id=block, timestamp=Timestamp(*ts),
-                validator_address=b"\x01" * 20, validator_index=0, extension=ext)
+    return Vote(
+        type=typ,
+        height=h,
+        round=r,
+        block_id=block,
+        timestamp=Timestamp(*ts),
+        validator_address=b"\x01" * 20,
+        validator_index=0,
+        extension=ext,
+    )
 
 
 def run(svc, req):
@@ -115,8 +123,12 @@ def test_invalid_heights_and_types_refused(tmp_path, key) -> None:
 
 @pytest.mark.parametrize(
     ("family", "skip", "expect_ext"),
-    [(WireFamily.V0_34, False, False), (WireFamily.V0_38, False, True),
-     (WireFamily.V1_0, False, True), (WireFamily.V1_0, True, False)],
+    [
+        (WireFamily.V0_34, False, False),
+        (WireFamily.V0_38, False, True),
+        (WireFamily.V1_0, False, True),
+        (WireFamily.V1_0, True, False),
+    ],
 )
 def test_vote_extension_rules(tmp_path, key, family, skip, expect_ext) -> None:
     svc = make(tmp_path, key, family)
@@ -141,7 +153,9 @@ def test_nil_precommit_gets_no_extension_signature_and_rejects_extension(tmp_pat
 
 def test_proposal_signed_and_pol_round_checked(tmp_path, key) -> None:
     svc = make(tmp_path, key)
-    p = Proposal(height=3, round=1, pol_round=0, block_id=BLOCK, timestamp=Timestamp(1_700_000_000, 0))
+    p = Proposal(
+        height=3, round=1, pol_round=0, block_id=BLOCK, timestamp=Timestamp(1_700_000_000, 0)
+    )
     r = run(svc, SignProposalRequest(p, CHAIN))
     assert r.error is None
     assert key.verify(proto.proposal_sign_bytes(CHAIN, p), r.proposal.signature)
