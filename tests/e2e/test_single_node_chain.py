@@ -19,7 +19,6 @@ from tests.support.cometbft import (
     LocalChain,
     ValidatorKey,
     duplicate_vote_evidence,
-    local_chains,  # noqa: F401  (pytest fixture)
     verify_commit_signatures,
 )
 from tests.support.nebula_proc import NebulaProcess
