@@ -24,6 +24,7 @@ from typing import Any
 from nebula import guard, proto
 from nebula.backends.base import Backend
 from nebula.errors import (
+    BackendError,
     ChainIdMismatch,
     InvalidRequest,
     NebulaError,
@@ -33,6 +34,7 @@ from nebula.errors import (
     wire_error,
 )
 from nebula.guard import SignRecord, Verdict
+from nebula.metrics import Metrics
 from nebula.state.base import SignStore
 from nebula.types import (
     PingRequest,
@@ -80,6 +82,7 @@ class SigningService:
         *,
         on_signed: Callable[[str, SignRecord, str], None] | None = None,
         on_refused: Callable[[str, str, tuple[int, int, int] | None, str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.chain_id = chain_id
         self.family = family
@@ -89,6 +92,7 @@ class SigningService:
         self.on_signed = on_signed
         self.on_refused = on_refused
         self.last_phases = Phases()
+        self.metrics = metrics
 
     # ---- dispatch --------------------------------------------------------------------
 
@@ -244,6 +248,11 @@ class SigningService:
             decision = await store.commit(chain, record)
             t3 = time.perf_counter()
             self.last_phases = Phases(guard=t1 - t0, sign=t2 - t1, commit=t3 - t2)
+            m = self.metrics
+            if m is not None:
+                m.phase("guard", t1 - t0)
+                m.phase("sign", t2 - t1)
+                m.phase("replicate", t3 - t2)
             if decision.verdict == Verdict.REFUSE:
                 assert decision.error is not None
                 raise decision.error
@@ -251,8 +260,11 @@ class SigningService:
                 raise StateError("store returned no record")
             rec = decision.record
             if decision.verdict == Verdict.ACCEPT:
+                kind = _STEP_NAMES.get(rec.step, "?")
+                if m is not None:
+                    m.signed(chain, rec.height, rec.round, rec.step, kind)
                 if self.on_signed is not None:
-                    self.on_signed(chain, rec, _STEP_NAMES.get(rec.step, "?"))
+                    self.on_signed(chain, rec, kind)
                 return rec, None
             # Another decision for this HRS won (e.g. a retry raced through another
             # leader): answer with what the state machine holds.
@@ -272,7 +284,12 @@ class SigningService:
         backend = self.backend
         sig = backend.sign_sync(msg)
         if sig is None:
-            sig = await backend.sign(msg)
+            try:
+                sig = await backend.sign(msg)
+            except BackendError:
+                if self.metrics is not None:
+                    self.metrics.backend_errors.labels(type(backend).__name__).inc()
+                raise
         return sig
 
     def _refused(
@@ -296,6 +313,8 @@ class SigningService:
                 "last_signed": last_txt,
             },
         )
+        if self.metrics is not None:
+            self.metrics.refusals.labels(chain_id, reason).inc()
         if self.on_refused is not None:
             self.on_refused(chain_id, reason, hrs, text)
 

@@ -14,12 +14,14 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 
 from nebula import proto
 from nebula.config import Endpoint
 from nebula.crypto.secretconn import Handshake
 from nebula.errors import NebulaError, ProtocolError
+from nebula.metrics import Metrics
 from nebula.service import SigningService
 from nebula.types import WireFamily
 
@@ -53,6 +55,7 @@ class Dialer:
         backoff_max: float = 1.0,
         idle_timeout: float = 15.0,
         on_event: Callable[[str, Endpoint], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.service = service
@@ -63,6 +66,7 @@ class Dialer:
         self.backoff_max = backoff_max
         self.idle_timeout = idle_timeout
         self.on_event = on_event
+        self.metrics = metrics
         self.connected = False
         self.connects = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -86,6 +90,8 @@ class Dialer:
                 await task
 
     def _abort(self) -> None:
+        if self.connected and self.metrics is not None:
+            self.metrics.connections.dec()
         w = self._writer
         if w is not None:
             with contextlib.suppress(Exception):
@@ -116,6 +122,9 @@ class Dialer:
                     ) from None
                 self.connected = True
                 self.connects += 1
+                if self.metrics is not None:
+                    self.metrics.connections.inc()
+                    self.metrics.reconnects.labels(str(self.endpoint)).inc()
                 self._event("connected")
                 log.info("connected to validator %s", self.endpoint)
                 served = True
@@ -173,12 +182,24 @@ class Dialer:
         decode = proto.decode_request
         encode = proto.encode_response
         delimit = proto.encode_delimited
+        metrics = self.metrics
+        perf = time.perf_counter
         pending = framer.feed(session.feed(b""))
+        t_in = perf()
         while True:
             for msg in pending:
                 req = decode(msg, family)
+                t_dec = perf()
                 resp = await service.handle(req)
+                t_done = perf()
                 writer.write(session.seal(delimit(encode(resp, family))))
+                if metrics is not None:
+                    t_out = perf()
+                    metrics.requests.labels(type(req).__name__).inc()
+                    metrics.phase("receive_decode", t_dec - t_in)
+                    metrics.phase("encode_send", t_out - t_done)
+                    metrics.phase("total", t_out - t_in)
+                t_in = perf()
             try:
                 data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
             except TimeoutError:
@@ -187,6 +208,7 @@ class Dialer:
                 ) from None
             if not data:
                 raise ProtocolError(f"{self.endpoint} closed the connection")
+            t_in = perf()
             pending = framer.feed(session.feed(data))
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from nebula.aio.conn import Dialer, load_or_make_identity
 from nebula.backends.base import Backend
-from nebula.config import LoadedConfig
+from nebula.config import LoadedConfig, parse_hostport
 from nebula.errors import ConfigError
 from nebula.guard import SignRecord
+from nebula.metrics import HealthServer, Metrics
 from nebula.service import SigningService
 from nebula.state.base import SignStore, load_priv_validator_state
 
@@ -90,6 +91,11 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
     )
 
 
+def _known_states(store: SignStore, chain_id: str) -> dict[str, SignRecord]:
+    rec = store.last(chain_id)
+    return {chain_id: rec} if rec is not None else {}
+
+
 class Daemon:
     def __init__(self, cfg: LoadedConfig) -> None:
         self.cfg = cfg
@@ -97,6 +103,8 @@ class Daemon:
         self.store: SignStore | None = None
         self.service: SigningService | None = None
         self.dialers: list[Dialer] = []
+        self.metrics: Metrics | None = None
+        self.health: HealthServer | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -104,7 +112,20 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.backend = make_backend(cfg)
         self.store = make_store(cfg, loop)
-        self.service = SigningService(raw.chain_id, cfg.family, self.backend, self.store)
+        self.metrics = Metrics()
+        self.service = SigningService(
+            raw.chain_id, cfg.family, self.backend, self.store, metrics=self.metrics
+        )
+        for chain_id, rec in _known_states(self.store, raw.chain_id).items():
+            self.metrics.last_height.labels(chain_id).set(rec.height)
+            self.metrics.last_round.labels(chain_id).set(rec.round)
+            self.metrics.last_step.labels(chain_id).set(rec.step)
+        if hasattr(self.store, "attach_metrics"):
+            self.store.attach_metrics(self.metrics)
+        if raw.metrics.listen:
+            host, port = parse_hostport(raw.metrics.listen, "metrics.listen")
+            self.health = HealthServer(self.metrics, host, port, self.ready)
+            await self.health.start()
         ident_path = cfg.resolve(raw.connection_key_path)
         seed = load_or_make_identity(ident_path)
         d = raw.dial
@@ -118,6 +139,7 @@ class Daemon:
                 backoff_min=d.backoff_min,
                 backoff_max=d.backoff_max,
                 idle_timeout=d.idle_timeout,
+                metrics=self.metrics,
             )
             for ep in cfg.endpoints
         ]
@@ -150,6 +172,21 @@ class Daemon:
             for dialer in self.dialers:
                 asyncio.get_running_loop().create_task(dialer.stop())
 
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: a leader with quorum, or a follower that knows its leader."""
+        store = self.store
+        if store is None:
+            return False, "starting"
+        status = getattr(store, "status", None)
+        if status is None:
+            return True, "ready: local store"
+        st = status()
+        if store.is_authoritative():
+            return True, f"ready: leader with quorum (term {st.get('term')})"
+        if st.get("leader") is not None and st.get("role") == "follower":
+            return True, f"ready: follower of node {st.get('leader')}"
+        return False, f"not ready: role {st.get('role')}, no known leader"
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -157,6 +194,8 @@ class Daemon:
         await self._stop.wait()
 
     async def close(self) -> None:
+        if self.health is not None:
+            await self.health.close()
         for dialer in self.dialers:
             await dialer.stop()
         if self.store is not None:

@@ -1,0 +1,156 @@
+"""Prometheus metrics and the /metrics, /healthz, /readyz HTTP endpoints.
+
+Every metric lives in one registry owned by :class:`Metrics`; the daemon creates one
+and hands it to the service, the dialers and the store.  The HTTP server is a tiny
+asyncio server on the daemon's event loop (no thread), bound to ``metrics.listen``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("nebula.metrics")
+
+# Sub-millisecond resolution: the whole signing path targets < 1 ms.
+_LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+PHASES = ("receive_decode", "guard", "sign", "replicate", "encode_send", "total")
+ROLE_VALUES = {"follower": 0, "candidate": 1, "leader": 2}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.phase_seconds = Histogram(
+            "nebula_sign_phase_seconds",
+            "Time spent per phase of a signing request",
+            ["phase"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._phase = {p: self.phase_seconds.labels(p) for p in PHASES}
+        self.requests = Counter(
+            "nebula_requests_total", "privval requests received", ["type"], registry=r
+        )
+        self.signatures = Counter(
+            "nebula_signatures_total", "Signatures released", ["chain_id", "type"], registry=r
+        )
+        self.refusals = Counter(
+            "nebula_refusals_total",
+            "Requests refused, by reason",
+            ["chain_id", "reason"],
+            registry=r,
+        )
+        self.last_height = Gauge(
+            "nebula_last_signed_height", "Last signed height", ["chain_id"], registry=r
+        )
+        self.last_round = Gauge(
+            "nebula_last_signed_round", "Last signed round", ["chain_id"], registry=r
+        )
+        self.last_step = Gauge(
+            "nebula_last_signed_step",
+            "Last signed step (1 propose, 2 prevote, 3 precommit)",
+            ["chain_id"],
+            registry=r,
+        )
+        self.raft_role = Gauge(
+            "nebula_raft_role", "Raft role (0 follower, 1 candidate, 2 leader)", registry=r
+        )
+        self.raft_term = Gauge("nebula_raft_term", "Raft term", registry=r)
+        self.raft_leader = Gauge(
+            "nebula_raft_leader_id", "Node id of the current Raft leader (0 = unknown)", registry=r
+        )
+        self.raft_commit_seconds = Histogram(
+            "nebula_raft_commit_seconds",
+            "Time from proposing a signing decision to its commit",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.connections = Gauge(
+            "nebula_validator_connections", "Open validator connections", registry=r
+        )
+        self.reconnects = Counter(
+            "nebula_validator_connects_total",
+            "Validator connections established (1 + reconnects)",
+            ["address"],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "nebula_backend_errors_total", "Signing backend failures", ["backend"], registry=r
+        )
+
+    def phase(self, name: str, seconds: float) -> None:
+        self._phase[name].observe(seconds)
+
+    def signed(self, chain_id: str, height: int, round: int, step: int, kind: str) -> None:
+        self.signatures.labels(chain_id, kind).inc()
+        self.last_height.labels(chain_id).set(height)
+        self.last_round.labels(chain_id).set(round)
+        self.last_step.labels(chain_id).set(step)
+
+    def expose(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """Serves /metrics, /healthz (process alive) and /readyz (able to sign or to follow)."""
+
+    def __init__(
+        self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
+    ) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self.ready = ready
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._handle, self.host, self.port, reuse_address=True
+        )
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = line.split()
+            method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+            path = path.split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.expose()
+            elif path == "/healthz":
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ok, why = self.ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", (why + "\n").encode()
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + (body if method != "HEAD" else b"")
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,66 @@
+"""Prometheus metrics and health endpoints of a real `nebula start` process."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+
+from nebula.aio.validator_side import PrivvalListener
+from nebula.crypto.keys import generate
+from nebula.types import SignVoteRequest, WireFamily
+from tests.integration.test_single_node import CHAIN, vote
+from tests.support.nebula_proc import NebulaProcess
+from tests.support.ports import free_ports
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_metrics_health_and_ready(tmp_path) -> None:
+    key = generate("ed25519")
+    pv_port, m_port = free_ports(2)
+    addr = f"tcp://127.0.0.1:{pv_port}"
+    base = f"http://127.0.0.1:{m_port}"
+
+    async def main() -> str:
+        lst = PrivvalListener(addr, WireFamily.V0_38)
+        await lst.start()
+        neb = NebulaProcess(
+            tmp_path / "neb",
+            chain_id=CHAIN,
+            version="v0_38",
+            key=key,
+            connections=[addr],
+            extra=f'[metrics]\nlisten = "127.0.0.1:{m_port}"',
+        )
+        with neb:
+            conn = await lst.accept(timeout=15)
+            for h in range(1, 6):
+                assert (await conn.request(SignVoteRequest(vote(h), CHAIN))).error is None
+            r = await conn.request(SignVoteRequest(vote(2), CHAIN))  # a regression
+            assert r.error is not None
+            loop = asyncio.get_running_loop()
+            assert await loop.run_in_executor(None, _get, base + "/healthz") == (200, "ok\n")
+            status, text = await loop.run_in_executor(None, _get, base + "/readyz")
+            assert status == 200 and "ready" in text
+            status, body = await loop.run_in_executor(None, _get, base + "/metrics")
+            assert status == 200
+            missing = await loop.run_in_executor(None, _get, base + "/nope")
+            assert missing[0] == 404
+        await lst.close()
+        return body
+
+    body = asyncio.run(main())
+    assert f'nebula_last_signed_height{{chain_id="{CHAIN}"}} 5.0' in body
+    assert f'nebula_signatures_total{{chain_id="{CHAIN}",type="prevote"}} 5.0' in body
+    assert f'nebula_refusals_total{{chain_id="{CHAIN}",reason="regression"}} 1.0' in body
+    assert 'nebula_sign_phase_seconds_count{phase="replicate"} 5.0' in body
+    assert 'nebula_sign_phase_seconds_count{phase="total"} 6.0' in body
+    assert "nebula_validator_connections 1.0" in body
+    assert 'nebula_requests_total{type="SignVoteRequest"} 6.0' in body
