@@ -32,7 +32,8 @@ import json
 import os
 import stat
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
 
 import coincurve
 import nacl.bindings
@@ -50,6 +51,7 @@ __all__ = [
     "V1_PUB_KEY_TYPES",
     "Bls12381Key",
     "Ed25519Key",
+    "HasPublicKey",
     "Secp256k1Key",
     "SigningKey",
     "address_of",
@@ -63,6 +65,7 @@ __all__ = [
     "priv_validator_key_json",
     "pubkey_json",
     "read_private_file",
+    "signature_verifier",
     "verify_signature",
     "write_key_file",
     "write_priv_validator_key_json",
@@ -441,6 +444,34 @@ def from_secret(key_type: str, secret: bytes, *, bls_dst: bytes = BLS_DEFAULT_DS
     return Bls12381Key(secret, dst=bls_dst)
 
 
+def signature_verifier(
+    key_type: str, public_key: bytes, *, bls_dst: bytes = BLS_DEFAULT_DST
+) -> Callable[[bytes, bytes], bool]:
+    """A ``verify(msg, sig) -> bool`` for one bare public key, parsed and checked once.
+
+    For backends whose key lives elsewhere (Vault): every signature they return is
+    checked with this before it is used. Raises :class:`KeyFileError` if the public key
+    is malformed (wrong length, not on the curve, the BLS point at infinity).
+    """
+    kt = canonical_key_type(key_type)
+    pub = bytes(public_key)
+    if kt == "ed25519":
+        if len(pub) != 32:
+            raise KeyFileError(f"an ed25519 public key is 32 bytes, got {len(pub)}")
+        return lambda msg, sig: _ed25519_verify(pub, msg, sig)
+    if kt == "secp256k1":
+        if len(pub) != 33:
+            raise KeyFileError(f"a secp256k1 public key is 33 bytes, got {len(pub)}")
+        try:
+            pk = coincurve.PublicKey(pub)
+        except ValueError as exc:
+            raise KeyFileError(f"invalid secp256k1 public key: {exc}") from None
+        return lambda msg, sig: _secp256k1_verify(pk, msg, sig)
+    point = _bls_public_point(pub)
+    dst = bytes(bls_dst)
+    return lambda msg, sig: _bls_verify(point, msg, sig, dst)
+
+
 def verify_signature(
     key_type: str,
     public_key: bytes,
@@ -477,7 +508,14 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def pubkey_json(key: SigningKey) -> dict[str, str]:
+class HasPublicKey(Protocol):
+    """Anything with a key type and a public key: a SigningKey, a Backend."""
+
+    key_type: str
+    public_key: bytes
+
+
+def pubkey_json(key: HasPublicKey) -> dict[str, str]:
     """CometBFT JSON of the public key: ``{"type": ..., "value": <base64>}``."""
     return {"type": _JSON_NAMES[key.key_type][0], "value": _b64(key.public_key)}
 
