@@ -382,7 +382,7 @@ key_type = "{key_type}"          # ed25519 | secp256k1 | bls12381
 [signing.vault_transit]
 address = "http://127.0.0.1:8200"
 mount = "transit"
-key_name = "nebula"              # an ed25519 transit key (`nebula keys vault-import`)
+key_name = "nebula"              # an ed25519 transit key (`nebula vault create-key` / `import-key`)
 token_path = "./vault_token"     # 0600; or leave unset and use token_env
 token_env = "VAULT_TOKEN"
 # ca_cert = "/etc/ssl/vault-ca.pem"

@@ -45,6 +45,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     if args.backend == "native":
         print(f"next: nebula keys generate -c {out} --key-type {args.key_type}")
+    elif args.backend == "vault-transit":
+        print(
+            f"next: nebula vault create-key -c {out}  "
+            f"(or: nebula vault import-key -c {out} priv_validator_key.json)"
+        )
     return 0
 
 
@@ -260,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         from nebula.cli import cluster
 
         cluster.register(sub)
+    except ImportError:
+        pass
+    try:
+        from nebula.cli import vault
+
+        vault.register(sub)
     except ImportError:
         pass
     try:
