@@ -14,7 +14,10 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
+from nebula import __version__
+from nebula.aio.admin import AdminServer, socket_path
 from nebula.aio.conn import Dialer, load_or_make_identity
 from nebula.backends.base import Backend
 from nebula.config import LoadedConfig, parse_hostport
@@ -22,7 +25,12 @@ from nebula.errors import ConfigError
 from nebula.guard import SignRecord
 from nebula.metrics import HealthServer, Metrics
 from nebula.service import SigningService
-from nebula.state.base import SignStore, load_priv_validator_state
+from nebula.state.base import (
+    SignStore,
+    load_priv_validator_state,
+    record_from_json,
+    record_to_json,
+)
 
 log = logging.getLogger("nebula.daemon")
 
@@ -105,6 +113,7 @@ class Daemon:
         self.dialers: list[Dialer] = []
         self.metrics: Metrics | None = None
         self.health: HealthServer | None = None
+        self.admin: AdminServer | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -154,6 +163,18 @@ class Daemon:
             addr,
             raw.persist,
         )
+        self.admin = AdminServer(
+            socket_path(cfg),
+            {
+                "status": self._admin_status,
+                "export": self._admin_export,
+                "import": self._admin_import,
+                "transfer": self._admin_transfer,
+                "add_member": self._admin_add_member,
+                "remove_member": self._admin_remove_member,
+            },
+        )
+        await self.admin.start()
         on_role = getattr(self.store, "on_role_change", None)
         if on_role is None:
             self._dial(True)
@@ -172,6 +193,77 @@ class Daemon:
             for dialer in self.dialers:
                 asyncio.get_running_loop().create_task(dialer.stop())
 
+    # ---- admin commands (nebula status / leader transfer / state / cluster) ------------
+
+    def status(self) -> dict[str, Any]:
+        raw = self.cfg.raw
+        store = self.store
+        assert store is not None and self.backend is not None
+        node: dict[str, Any]
+        st = getattr(store, "status", None)
+        if st is not None:
+            node = st()
+        else:
+            node = {
+                "role": "standalone",
+                "authoritative": True,
+                "chains": {
+                    c: record_to_json(r) for c, r in _known_states(store, raw.chain_id).items()
+                },
+            }
+        node["validators"] = [
+            {"address": str(d.endpoint), "connected": d.connected, "connects": d.connects}
+            for d in self.dialers
+        ]
+        node["chain_id"] = raw.chain_id
+        node["persist"] = raw.persist
+        node["key_type"] = self.backend.key_type
+        node["version"] = __version__
+        return node
+
+    async def _admin_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _admin_export(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        assert self.store is not None
+        rec = self.store.last(str(req.get("chain_id") or self.cfg.raw.chain_id))
+        return record_to_json(rec) if rec is not None else None
+
+    async def _admin_import(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        store = self.store
+        assert store is not None
+        chain_id = str(req.get("chain_id") or self.cfg.raw.chain_id)
+        rec = record_from_json(req.get("state"), "imported state")
+        if rec is not None:
+            raise_to = getattr(store, "raise_to", None)
+            if raise_to is None:
+                raise ConfigError("this store cannot import state while running")
+            await raise_to(chain_id, rec)
+        cur = store.last(chain_id)
+        return record_to_json(cur) if cur is not None else None
+
+    async def _admin_transfer(self, req: dict[str, Any]) -> dict[str, Any]:
+        fn = getattr(self.store, "transfer_leadership", None)
+        if fn is None:
+            raise ConfigError("leadership transfer needs persist = 'raft'")
+        to = req.get("to")
+        new = await fn(int(to) if to is not None else None)
+        return {"leader_id": new}
+
+    async def _admin_add_member(self, req: dict[str, Any]) -> dict[str, Any]:
+        fn = getattr(self.store, "add_member", None)
+        if fn is None:
+            raise ConfigError("membership changes need persist = 'raft'")
+        await fn(int(req["id"]), str(req["addr"]))
+        return {"members": self.status().get("members")}
+
+    async def _admin_remove_member(self, req: dict[str, Any]) -> dict[str, Any]:
+        fn = getattr(self.store, "remove_member", None)
+        if fn is None:
+            raise ConfigError("membership changes need persist = 'raft'")
+        await fn(int(req["id"]))
+        return {"members": self.status().get("members")}
+
     def ready(self) -> tuple[bool, str]:
         """/readyz: a leader with quorum, or a follower that knows its leader."""
         store = self.store
@@ -183,8 +275,8 @@ class Daemon:
         st = status()
         if store.is_authoritative():
             return True, f"ready: leader with quorum (term {st.get('term')})"
-        if st.get("leader") is not None and st.get("role") == "follower":
-            return True, f"ready: follower of node {st.get('leader')}"
+        if st.get("leader_id") is not None and st.get("role") == "follower":
+            return True, f"ready: follower of node {st.get('leader_id')}"
         return False, f"not ready: role {st.get('role')}, no known leader"
 
     def request_stop(self) -> None:
@@ -194,6 +286,8 @@ class Daemon:
         await self._stop.wait()
 
     async def close(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
         if self.health is not None:
             await self.health.close()
         for dialer in self.dialers:

@@ -151,26 +151,33 @@ def cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
+def _running(cfg) -> bool:
+    from nebula.aio import admin
+
+    try:
+        admin.request(admin.socket_path(cfg), "status", timeout=2)
+    except NebulaError:
+        return False
+    return True
+
+
 def cmd_state_export(args: argparse.Namespace) -> int:
     from nebula import config
+    from nebula.cli.cluster import export_raft_state
     from nebula.state.base import record_to_json
     from nebula.state.local import LocalStore
 
     cfg = config.load(args.config)
-    if cfg.raw.persist != "local":
-        from nebula.cli.cluster import export_raft_state
-
-        rec = export_raft_state(cfg)
+    if cfg.raw.persist == "raft" or _running(cfg):
+        rec = export_raft_state(cfg)  # ask the running node
     else:
         p = cfg.resolve(cfg.raw.state_path)
         assert p is not None
         rec = LocalStore(p).last(cfg.raw.chain_id)
     obj = record_to_json(rec) if rec is not None else {"height": "0", "round": 0, "step": 0}
     # CometBFT's file has only these keys; Nebula's extension fields are left out.
-    obj = {
-        k: v for k, v in obj.items() if k in ("height", "round", "step", "signature", "signbytes")
-    }
-    text = json.dumps(obj, indent=2) + "\n"
+    keep = ("height", "round", "step", "signature", "signbytes")
+    text = json.dumps({k: v for k, v in obj.items() if k in keep}, indent=2) + "\n"
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -180,29 +187,21 @@ def cmd_state_export(args: argparse.Namespace) -> int:
 
 def cmd_state_import(args: argparse.Namespace) -> int:
     from nebula import config
+    from nebula.cli.cluster import import_raft_state
     from nebula.state.base import load_priv_validator_state
     from nebula.state.local import LocalStore
 
     cfg = config.load(args.config)
     rec = load_priv_validator_state(args.file)
-    if cfg.raw.persist != "local":
-        from nebula.cli.cluster import import_raft_state
-
-        return import_raft_state(cfg, rec)
+    if cfg.raw.persist == "raft" or _running(cfg):
+        return import_raft_state(cfg, rec)  # through the running node
     p = cfg.resolve(cfg.raw.state_path)
     assert p is not None
     store = LocalStore(p)
-    before = store.last(cfg.raw.chain_id)
     store.force_import(cfg.raw.chain_id, rec)
     after = store.last(cfg.raw.chain_id)
-    if after == before and rec is not None:
-        print("state unchanged: the imported state is not above the current one")
-    else:
-        print(
-            f"state for {cfg.raw.chain_id}: {after.height}/{after.round}/{after.step}"
-            if after
-            else "empty"
-        )
+    shown = f"{after.height}/{after.round}/{after.step}" if after else "0/0/0"
+    print(f"state for {cfg.raw.chain_id}: {shown} (an import only ever raises it)")
     return 0
 
 

@@ -113,6 +113,9 @@ class LocalStore(SignStore):
             self._states = states
         return decision
 
+    async def raise_to(self, chain_id: str, rec: SignRecord) -> None:
+        self.force_import(chain_id, rec)
+
     def force_import(self, chain_id: str, rec: SignRecord | None) -> None:
         """Raise the high-water mark to ``rec`` (never lowers it)."""
         if rec is None:

@@ -1,0 +1,161 @@
+"""Operating a running node or cluster: status, leader transfer, state, membership.
+
+Every command talks to running nodes through their admin sockets
+(:mod:`nebula.aio.admin`); give one ``-c`` per node you want to see or reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from nebula import config
+from nebula.aio import admin
+from nebula.errors import NebulaError
+from nebula.guard import SignRecord
+from nebula.state.base import record_from_json, record_to_json
+
+_STEP = {0: "-", 1: "propose", 2: "prevote", 3: "precommit"}
+
+
+def _query(cfg_path: str, cmd: str, **args: Any) -> Any:
+    cfg = config.load(cfg_path)
+    return admin.request(admin.socket_path(cfg), cmd, **args)
+
+
+def _statuses(paths: list[str]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        try:
+            st = _query(p, "status")
+            st["config"] = p
+        except NebulaError as e:
+            st = {"config": p, "role": "down", "error": str(e)}
+        out.append(st)
+    return out
+
+
+def _fmt_state(st: dict[str, Any]) -> str:
+    chains = st.get("chains") or {}
+    parts = []
+    for chain, s in chains.items():
+        parts.append(f"{chain} {s['height']}/{s['round']}/{_STEP.get(s['step'], s['step'])}")
+    return ", ".join(parts) or "-"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    sts = _statuses(args.config)
+    if args.json:
+        print(json.dumps(sts, indent=2, default=str))
+        return 0 if all(s.get("role") != "down" for s in sts) else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="Nebula cluster status")
+    for col in ("node", "role", "term", "leader", "commit", "applied", "quorum",
+                "validators", "last signed (h/r/step)"):  # fmt: skip
+        t.add_column(col)
+    for s in sts:
+        if s.get("role") == "down":
+            t.add_row(s["config"], "[red]down[/red]", "", "", "", "", "", "", s.get("error", ""))
+            continue
+        vals = s.get("validators") or []
+        conn = sum(1 for v in vals if v.get("connected"))
+        role = s.get("role", "?")
+        role_txt = f"[bold green]{role}[/bold green]" if role == "leader" else role
+        t.add_row(
+            str(s.get("node_id", s["config"])),
+            role_txt,
+            str(s.get("term", "-")),
+            str(s.get("leader_id", "-")),
+            str(s.get("commit_index", "-")),
+            str(s.get("applied_index", "-")),
+            "yes" if s.get("has_quorum", s.get("authoritative")) else "no",
+            f"{conn}/{len(vals)}",
+            _fmt_state(s),
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    return 0 if all(s.get("role") != "down" for s in sts) else 1
+
+
+def _find_leader(paths: list[str]) -> str:
+    for s in _statuses(paths):
+        if s.get("role") == "leader":
+            return s["config"]
+    raise NebulaError("no reachable node is the leader (give -c for every member)")
+
+
+def cmd_leader_transfer(args: argparse.Namespace) -> int:
+    leader = _find_leader(args.config)
+    res = _query(leader, "transfer", timeout=15, to=args.to)
+    print(f"leadership moved to node {res['leader_id']}")
+    return 0
+
+
+def cmd_member(args: argparse.Namespace) -> int:
+    leader = _find_leader(args.config)
+    if args.member_cmd == "add":
+        res = _query(leader, "add_member", timeout=15, id=args.id, addr=args.addr)
+    else:
+        res = _query(leader, "remove_member", timeout=15, id=args.id)
+    print(f"members: {res['members']}")
+    return 0
+
+
+def export_raft_state(cfg: config.LoadedConfig) -> SignRecord | None:
+    res = admin.request(admin.socket_path(cfg), "export", chain_id=cfg.raw.chain_id)
+    return record_from_json(res, "exported state") if res else None
+
+
+def import_raft_state(cfg: config.LoadedConfig, rec: SignRecord | None) -> int:
+    if rec is None:
+        print("nothing to import: the file holds the initial (0/0/0) state")
+        return 0
+    res = admin.request(
+        admin.socket_path(cfg),
+        "import",
+        timeout=15,
+        chain_id=cfg.raw.chain_id,
+        state=record_to_json(rec),
+    )
+    print(f"state for {cfg.raw.chain_id}: {res['height']}/{res['round']}/{res['step']}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("status", help="role, term, leader, indexes, sign state, connections")
+    s.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        required=True,
+        help="a node's config (repeat for every member)",
+    )
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    lead = sub.add_parser("leader", help="Raft leadership").add_subparsers(
+        dest="leader_cmd", required=True
+    )
+    s = lead.add_parser("transfer", help="move leadership to another member")
+    s.add_argument("-c", "--config", action="append", required=True)
+    s.add_argument("--to", type=int, help="target node id (default: the most caught-up)")
+    s.set_defaults(func=cmd_leader_transfer)
+
+    mem = sub.add_parser("cluster", help="membership").add_subparsers(
+        dest="member_cmd", required=True
+    )
+    s = mem.add_parser("add", help="add a member (start it first with the new peer list)")
+    s.add_argument("-c", "--config", action="append", required=True)
+    s.add_argument("--id", type=int, required=True)
+    s.add_argument("--addr", required=True, help="host:port of its Raft port")
+    s.set_defaults(func=cmd_member)
+    s = mem.add_parser("remove", help="remove a member")
+    s.add_argument("-c", "--config", action="append", required=True)
+    s.add_argument("--id", type=int, required=True)
+    s.set_defaults(func=cmd_member)
+
+
+__all__ = ["export_raft_state", "import_raft_state", "register"]

@@ -1,0 +1,166 @@
+"""The `nebula` command line, as an operator uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nebula import __version__
+from nebula.aio.validator_side import PrivvalListener
+from nebula.types import SignVoteRequest, WireFamily
+from tests.integration.test_single_node import vote
+from tests.support import vectors
+from tests.support.nebula_proc import REPO_ROOT
+from tests.support.ports import free_ports
+
+
+def nebula(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    r = subprocess.run(
+        [sys.executable, "-m", "nebula.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env=env,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"nebula {' '.join(args)} failed: {r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_version() -> None:
+    assert nebula("--version").stdout.strip() == f"nebula {__version__}"
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "secp256k1", "bls12381"])
+def test_init_generate_show(tmp_path, key_type) -> None:
+    cfg = tmp_path / "nebula.toml"
+    nebula("init", "--output-path", str(cfg), "--backend", "native", "--key-type", key_type)
+    assert 'signing_mode = "native"' in cfg.read_text()
+    nebula("keys", "generate", "-c", str(cfg))
+    key_file = tmp_path / "privkey"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    shown = json.loads(nebula("keys", "show", "-c", str(cfg), "--json").stdout)
+    assert shown["key_type"] == key_type and len(shown["address"]) == 40
+    # A second generate never silently replaces a key.
+    r = nebula("keys", "generate", "-c", str(cfg), check=False)
+    assert r.returncode != 0 and "exists" in r.stderr
+    key_file.chmod(0o640)
+    r = nebula("keys", "show", "-c", str(cfg), check=False)
+    assert r.returncode == 2 and "chmod 600" in r.stderr
+
+
+def test_init_refuses_overwrite_and_writes_vault_templates(tmp_path) -> None:
+    for backend in ("vault-transit", "vault-signer-plugin"):
+        cfg = tmp_path / f"{backend}.toml"
+        nebula("init", "--output-path", str(cfg), "--backend", backend)
+        assert nebula("init", "--output-path", str(cfg), check=False).returncode == 2
+
+
+def test_import_priv_validator_key_json(tmp_path) -> None:
+    doc = vectors.load("signatures_and_keys")["ed25519_docs_example"]
+    pv = tmp_path / "priv_validator_key.json"
+    pv.write_text(
+        json.dumps(
+            {
+                "address": doc["address"],
+                "pub_key": {"type": "tendermint/PubKeyEd25519", "value": doc["pub_key_b64"]},
+                "priv_key": {"type": "tendermint/PrivKeyEd25519", "value": doc["priv_key_b64"]},
+            }
+        )
+    )
+    pv.chmod(0o600)
+    cfg = tmp_path / "nebula.toml"
+    nebula("init", "--output-path", str(cfg))
+    nebula("keys", "import", str(pv), "-c", str(cfg))
+    shown = json.loads(nebula("keys", "show", "-c", str(cfg), "--json").stdout)
+    assert shown["address"] == doc["address"]
+    assert shown["pub_key_base64"] == doc["pub_key_b64"]
+    assert (
+        base64.b64decode((tmp_path / "privkey").read_text())
+        == base64.b64decode(doc["priv_key_b64"])[:32]
+    )
+
+
+def test_start_status_and_state_export_import(tmp_path) -> None:
+    (port,) = free_ports(1)
+    cfg = tmp_path / "nebula.toml"
+    nebula(
+        "init", "--output-path", str(cfg), "--chain-id", "cli-chain", "--cometbft-version", "v0_38"
+    )
+    text = cfg.read_text().replace("port = 26659", f"port = {port}")
+    cfg.write_text(text)
+    nebula("keys", "generate", "-c", str(cfg))
+    pvs = tmp_path / "priv_validator_state.json"
+    pvs.write_text(json.dumps({"height": "7", "round": 0, "step": 3}))
+    # Not running: import goes straight to the state file.
+    nebula("state", "import", "-c", str(cfg), str(pvs))
+    assert json.loads(nebula("state", "export", "-c", str(cfg)).stdout)["height"] == "7"
+
+    async def main() -> None:
+        lst = PrivvalListener(f"tcp://127.0.0.1:{port}", WireFamily.V0_38)
+        await lst.start()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "nebula.cli.main",
+            "start",
+            "-c",
+            str(cfg),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            conn = await lst.accept(timeout=15)
+            r = await conn.request(SignVoteRequest(vote(5), "cli-chain"))
+            assert r.error is not None and "height regression" in r.error.description
+            r = await conn.request(SignVoteRequest(vote(8), "cli-chain"))
+            assert r.error is None
+            loop = asyncio.get_running_loop()
+            st = json.loads(
+                (
+                    await loop.run_in_executor(
+                        None, lambda: nebula("status", "-c", str(cfg), "--json")
+                    )
+                ).stdout
+            )[0]
+            assert st["role"] == "standalone"
+            assert st["chains"]["cli-chain"]["height"] == "8"
+            assert st["validators"][0]["connected"] is True
+            table = (
+                await loop.run_in_executor(None, lambda: nebula("status", "-c", str(cfg)))
+            ).stdout
+            assert "standalone" in table and "cli-chain 8/0/prevote" in table
+            # Running: export and import go through the node.
+            pvs.write_text(json.dumps({"height": "20", "round": 1, "step": 2}))
+            await loop.run_in_executor(
+                None, lambda: nebula("state", "import", "-c", str(cfg), str(pvs))
+            )
+            exp = json.loads(
+                (
+                    await loop.run_in_executor(
+                        None, lambda: nebula("state", "export", "-c", str(cfg))
+                    )
+                ).stdout
+            )
+            assert (exp["height"], exp["round"], exp["step"]) == ("20", 1, 2)
+            r = await conn.request(SignVoteRequest(vote(19), "cli-chain"))
+            assert r.error is not None
+        finally:
+            proc.terminate()
+            await proc.wait()
+            await lst.close()
+
+    asyncio.run(main())
+    r = nebula("status", "-c", str(cfg), "--json", check=False)
+    assert r.returncode == 1 and json.loads(r.stdout)[0]["role"] == "down"
