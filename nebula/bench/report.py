@@ -1,0 +1,202 @@
+"""Bench results as JSON, as rich tables, and as an optional latency histogram."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from nebula import _fast
+from nebula.bench.runner import BenchResult, kinds_present
+from nebula.metrics import PHASES
+
+__all__ = ["machine_info", "print_report", "to_json", "write_histogram"]
+
+# The server-side phases in the order a request goes through them.
+_SERVER_PHASES = ("receive_decode", "guard", "sign", "replicate", "encode_send")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_end": load,
+        "kernels_compiled": dict(_fast.COMPILED),
+    }
+
+
+def _clean(x: float) -> float | None:
+    return None if isinstance(x, float) and math.isnan(x) else round(x, 4)
+
+
+def _phase_rows(res: BenchResult) -> dict[str, float | None] | None:
+    if res.phases is None:
+        return None
+    out: dict[str, float | None] = {}
+    for p in PHASES:
+        v = res.phases.get(p)
+        out[p] = round(v["mean_ms"], 4) if v else None
+    total = out.get("total")
+    rtt_mean = res.summary().mean
+    out["network_framing"] = (
+        round(rtt_mean - total, 4) if total is not None and not math.isnan(rtt_mean) else None
+    )
+    return out
+
+
+def to_json(res: BenchResult, setup: dict[str, Any]) -> dict[str, Any]:
+    o = res.options
+    per_kind = {}
+    for k in kinds_present(res):
+        s = res.summary(k)
+        per_kind[k] = {
+            key: _clean(v) if isinstance(v, float) else v for key, v in s.as_dict().items()
+        }
+        per_kind[k]["throughput_rps"] = round(1000.0 / s.mean, 1) if s.mean else None
+    overall = {
+        k: _clean(v) if isinstance(v, float) else v for k, v in res.summary().as_dict().items()
+    }
+    return {
+        "setup": {
+            **setup,
+            "chain_id": o.chain_id,
+            "version": o.family.value,
+            "requests": o.requests,
+            "warmup": o.warmup,
+            "proposal_every": o.proposal_every,
+            "extension_size": o.extension_size,
+            "key_type": res.key_type,
+            "start_height": res.start_height,
+        },
+        "machine": machine_info(),
+        "requests": len(res.rtts),
+        "errors": res.errors,
+        "warmup_errors": res.warmup_errors,
+        "error_samples": res.error_samples,
+        "reconnects": res.reconnects,
+        "signatures_verified": res.signatures_verified,
+        "duration_s": round(res.duration, 6),
+        "throughput_rps": round(res.throughput, 1),
+        "signatures_per_s": round(res.signatures_per_second, 1),
+        "handshake_ms": round(res.handshake_seconds * 1000.0, 4),
+        "latency_ms": {"all": overall, **per_kind},
+        "phases_mean_ms": _phase_rows(res),
+        "phases_note": res.phases_note,
+    }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def print_report(res: BenchResult, setup: dict[str, Any], *, file: Any = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    data = to_json(res, setup)
+    title = (
+        f"nebula bench: {setup.get('mode', '')} · {data['setup']['version']} · "
+        f"{res.key_type} · {len(res.rtts)} requests"
+    )
+    t = Table(title=title, title_justify="left")
+    t.add_column("type")
+    for c in ("count", "mean", "p50", "p90", "p99", "max"):
+        t.add_column(f"{c}{'' if c == 'count' else ' ms'}", justify="right")
+    t.add_column("req/s", justify="right")
+    for name, s in data["latency_ms"].items():
+        rps = data["throughput_rps"] if name == "all" else s.get("throughput_rps")
+        t.add_row(
+            name,
+            str(s["count"]),
+            *(_fmt(s[c]) for c in ("mean", "p50", "p90", "p99", "max")),
+            "-" if rps is None else f"{rps:,.0f}",
+            style="bold" if name == "all" else None,
+        )
+    console.print(t)
+
+    phases = data["phases_mean_ms"]
+    if phases is not None:
+        pt = Table(title="where the time goes (means, ms)", title_justify="left")
+        pt.add_column("phase")
+        pt.add_column("mean ms", justify="right")
+        pt.add_column("share of RTT", justify="right")
+        rtt = data["latency_ms"]["all"]["mean"] or 0.0
+        rows = [*_SERVER_PHASES, "network_framing"]
+        for p in rows:
+            v = phases.get(p)
+            share = f"{100.0 * v / rtt:.0f}%" if v is not None and rtt else "-"
+            label = "network + framing (RTT - server total)" if p == "network_framing" else p
+            pt.add_row(label, _fmt(v), share)
+        pt.add_row("server total", _fmt(phases.get("total")), "", style="bold")
+        pt.add_row("round trip (client)", _fmt(rtt), "100%", style="bold")
+        console.print(pt)
+    elif res.phases_note:
+        console.print(f"[dim]{res.phases_note}[/dim]")
+
+    summary = (
+        f"throughput {data['throughput_rps']:,.0f} req/s, "
+        f"{data['signatures_per_s']:,.0f} signatures/s verified "
+        f"({res.signatures_verified} signatures); handshake {data['handshake_ms']:.2f} ms"
+    )
+    console.print(summary)
+    if res.reconnects:
+        console.print(f"[yellow]reconnects: {res.reconnects}[/yellow]")
+    errors = res.errors + res.warmup_errors
+    if errors:
+        console.print(
+            f"[bold red]{res.errors} errors ({res.warmup_errors} more in warmup)[/bold red]"
+        )
+        for e in res.error_samples:
+            console.print(f"  [red]{e}[/red]")
+    else:
+        console.print("[green]0 errors: every signature verified[/green]")
+
+
+def write_histogram(res: BenchResult, path: str | Path, title: str) -> str | None:
+    """Draw the latency histogram; returns an explanation instead if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return (
+            f"--histogram {path}: matplotlib is not installed "
+            "(pip install matplotlib); no histogram written"
+        )
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for kind in kinds_present(res):
+        vals = [r * 1000.0 for r, k in zip(res.rtts, res.kinds, strict=True) if k == kind]
+        ax.hist(vals, bins=100, alpha=0.55, label=kind)
+    s = res.summary()
+    for q, v in (("p50", s.p50), ("p99", s.p99)):
+        ax.axvline(v, linestyle="--", linewidth=1, color="black")
+        ax.text(v, ax.get_ylim()[1] * 0.95, f" {q} {v:.3f} ms", fontsize=8)
+    ax.set_xlabel("round trip (ms)")
+    ax.set_ylabel("requests")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,246 @@
+"""Drive a connected signer with the planned requests, time them, verify every answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+from nebula import proto
+from nebula.bench import stats
+from nebula.bench.client import BlockingListener
+from nebula.bench.workload import KINDS, Item, plan
+from nebula.crypto.keys import address_of, signature_verifier
+from nebula.errors import NebulaError, ProtocolError
+from nebula.types import (
+    PubKeyRequest,
+    PubKeyResponse,
+    SignedProposalResponse,
+    SignedVoteResponse,
+    SignProposalRequest,
+    WireFamily,
+)
+
+__all__ = ["BenchResult", "RunOptions", "Verifier", "kinds_present", "run"]
+
+_MAX_ERROR_SAMPLES = 20
+_PROGRESS_EVERY = 0.1  # seconds between progress callbacks
+
+
+@dataclasses.dataclass(slots=True)
+class RunOptions:
+    chain_id: str
+    family: WireFamily
+    requests: int = 2000
+    warmup: int = 200
+    start_height: int | None = None  # None: one above what the signer's metrics report, else 1
+    proposal_every: int = 1
+    extension_size: int = 64
+    accept_timeout: float = 60.0
+    request_timeout: float = 5.0
+    max_reconnects: int = 3
+    metrics_targets: Sequence[str] = ()
+
+
+@dataclasses.dataclass(slots=True)
+class BenchResult:
+    options: RunOptions
+    key_type: str = ""
+    pub_key: bytes = b""
+    start_height: int = 0
+    handshake_seconds: float = 0.0
+    duration: float = 0.0  # wall time of the timed requests
+    kinds: list[str] = dataclasses.field(default_factory=list)
+    rtts: list[float] = dataclasses.field(default_factory=list)
+    errors: int = 0
+    warmup_errors: int = 0
+    error_samples: list[str] = dataclasses.field(default_factory=list)
+    reconnects: int = 0
+    signatures_verified: int = 0
+    phases: dict[str, dict[str, float]] | None = None
+    phases_note: str = ""
+
+    def add_error(self, text: str, *, warmup: bool = False) -> None:
+        if warmup:
+            self.warmup_errors += 1
+        else:
+            self.errors += 1
+        if len(self.error_samples) < _MAX_ERROR_SAMPLES:
+            self.error_samples.append(("warmup: " if warmup else "") + text)
+
+    # ---- derived numbers -----------------------------------------------------------
+
+    def summary(self, kind: str | None = None) -> stats.Summary:
+        if kind is None:
+            return stats.summarize(self.rtts)
+        return stats.summarize(r for r, k in zip(self.rtts, self.kinds, strict=True) if k == kind)
+
+    @property
+    def throughput(self) -> float:
+        """Timed requests per second, one at a time (each one a signing decision)."""
+        return len(self.rtts) / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def signatures_per_second(self) -> float:
+        """Verified signatures (including extension signatures) per second."""
+        return self.signatures_verified / self.duration if self.duration > 0 else 0.0
+
+
+class Verifier:
+    """Checks one response against the request it answers."""
+
+    def __init__(self, chain_id: str, family: WireFamily, key_type: str, pub_key: bytes) -> None:
+        self.chain_id = chain_id
+        self.family = family
+        self.verify = signature_verifier(key_type, pub_key)
+
+    def check(self, item: Item, msg: bytes) -> tuple[int, str | None]:
+        """(signatures verified, error text or None)."""
+        try:
+            resp = proto.decode_response(msg, self.family)
+        except NebulaError as e:
+            return 0, f"{item.kind} h={item.height}: undecodable response: {e}"
+        where = f"{item.kind} h={item.height}"
+        if isinstance(item.request, SignProposalRequest):
+            if not isinstance(resp, SignedProposalResponse):
+                return 0, f"{where}: got {type(resp).__name__}"
+            if resp.error is not None:
+                return 0, f"{where}: refused ({resp.error.code}) {resp.error.description}"
+            sb = item.sign_bytes
+            if resp.proposal.timestamp != item.request.proposal.timestamp:
+                sb = proto.proposal_sign_bytes(self.chain_id, resp.proposal)
+            if not self.verify(sb, resp.proposal.signature):
+                return 0, f"{where}: proposal signature does not verify"
+            return 1, None
+        if not isinstance(resp, SignedVoteResponse):
+            return 0, f"{where}: got {type(resp).__name__}"
+        if resp.error is not None:
+            return 0, f"{where}: refused ({resp.error.code}) {resp.error.description}"
+        sb = item.sign_bytes
+        if resp.vote.timestamp != item.request.vote.timestamp:
+            sb = proto.vote_sign_bytes(self.chain_id, resp.vote)
+        if not self.verify(sb, resp.vote.signature):
+            return 0, f"{where}: vote signature does not verify"
+        if not item.ext_sign_bytes:
+            if resp.vote.extension_signature:
+                return 1, f"{where}: unexpected extension signature"
+            return 1, None
+        if not resp.vote.extension_signature:
+            return 1, f"{where}: extension signature missing"
+        if not self.verify(item.ext_sign_bytes, resp.vote.extension_signature):
+            return 1, f"{where}: extension signature does not verify"
+        return 2, None
+
+
+def _start_height(opts: RunOptions) -> int:
+    if opts.start_height is not None:
+        return opts.start_height
+    if opts.metrics_targets:
+        snap = stats.scrape(opts.metrics_targets)
+        return snap.last_heights.get(opts.chain_id, 0) + 1
+    return 1
+
+
+def run(
+    listener: BlockingListener,
+    opts: RunOptions,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> BenchResult:
+    """Accept the signer's connection, send warmup + timed requests, verify everything.
+
+    ``progress(done, total)`` is called between requests, at most every 0.1 s (outside
+    the timed send-to-receive window).
+    """
+    res = BenchResult(options=opts)
+    conn = listener.accept(opts.accept_timeout)
+    conn.set_timeout(opts.request_timeout)
+    res.handshake_seconds = conn.handshake_seconds
+    try:
+        pk = conn.request(PubKeyRequest(opts.chain_id))
+    except (OSError, ProtocolError) as e:
+        raise NebulaError(f"PubKeyRequest failed: {e}") from None
+    if not isinstance(pk, PubKeyResponse) or pk.error is not None:
+        err = getattr(pk, "error", None)
+        raise NebulaError(f"the signer refused PubKeyRequest: {err.description if err else pk}")
+    res.key_type, res.pub_key = pk.key_type, pk.pub_key
+    verifier = Verifier(opts.chain_id, opts.family, pk.key_type, pk.pub_key)
+
+    res.start_height = _start_height(opts)
+    items = plan(
+        opts.chain_id,
+        opts.family,
+        start_height=res.start_height,
+        count=opts.warmup + opts.requests,
+        validator_address=address_of(pk.key_type, pk.pub_key),
+        proposal_every=opts.proposal_every,
+        extension_size=opts.extension_size,
+    )
+    warm, timed = items[: opts.warmup], items[opts.warmup :]
+    total = len(items)
+
+    def send_all(batch: list[Item], done0: int) -> tuple[list[bytes | None], list[float], float]:
+        nonlocal conn
+        msgs: list[bytes | None] = []
+        rtts: list[float] = []
+        perf = time.perf_counter
+        next_report = perf() + _PROGRESS_EVERY
+        t_start = perf()
+        for i, item in enumerate(batch):
+            while True:
+                try:
+                    msg, rtt = conn.roundtrip(item.wire)
+                    break
+                except (OSError, ProtocolError) as e:
+                    res.add_error(f"{item.kind} h={item.height}: connection lost: {e}")
+                    conn.close()
+                    if res.reconnects >= opts.max_reconnects:
+                        raise NebulaError(
+                            f"gave up after {res.reconnects} reconnects: {e}"
+                        ) from None
+                    res.reconnects += 1
+                    conn = listener.accept(opts.accept_timeout)
+                    conn.set_timeout(opts.request_timeout)
+            msgs.append(msg)
+            rtts.append(rtt)
+            if progress is not None and perf() >= next_report:
+                progress(done0 + i + 1, total)
+                next_report = perf() + _PROGRESS_EVERY
+        return msgs, rtts, perf() - t_start
+
+    try:
+        warm_msgs, _, _ = send_all(warm, 0)
+        before = after = None
+        if opts.metrics_targets:
+            before = stats.scrape(opts.metrics_targets)
+        msgs, rtts, duration = send_all(timed, len(warm))
+        if opts.metrics_targets:
+            after = stats.scrape(opts.metrics_targets)
+        if progress is not None:
+            progress(total, total)
+    finally:
+        conn.close()
+
+    res.kinds = [it.kind for it in timed]
+    res.rtts = rtts
+    res.duration = duration
+    for item, msg in zip(warm, warm_msgs, strict=True):
+        _, err = verifier.check(item, msg)  # type: ignore[arg-type]
+        if err:
+            res.add_error(err, warmup=True)
+    for item, msg in zip(timed, msgs, strict=True):
+        n, err = verifier.check(item, msg)  # type: ignore[arg-type]
+        res.signatures_verified += n
+        if err:
+            res.add_error(err)
+    if before is not None and after is not None:
+        res.phases = stats.phase_means(before, after)
+        if res.reconnects:
+            res.phases_note = "reconnects during the run: phase means include retried requests"
+    else:
+        res.phases_note = "no metrics endpoint given: per-phase breakdown unavailable"
+    return res
+
+
+def kinds_present(res: BenchResult) -> list[str]:
+    return [k for k in KINDS if k in set(res.kinds)]

@@ -1,0 +1,138 @@
+"""Latency summaries and the Prometheus scrape behind the per-phase breakdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+
+from nebula.errors import NebulaError
+
+__all__ = [
+    "PhaseSnapshot",
+    "Summary",
+    "parse_phase_histograms",
+    "percentile",
+    "phase_means",
+    "scrape",
+    "summarize",
+]
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of sorted values, linearly interpolated."""
+    n = len(sorted_values)
+    if n == 0:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be in 0..100, got {q}")
+    pos = (n - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Summary:
+    """Latencies in milliseconds."""
+
+    count: int
+    mean: float
+    min: float
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+def summarize(seconds: Iterable[float]) -> Summary:
+    ms = sorted(s * 1000.0 for s in seconds)
+    if not ms:
+        nan = math.nan
+        return Summary(0, nan, nan, nan, nan, nan, nan)
+    return Summary(
+        count=len(ms),
+        mean=sum(ms) / len(ms),
+        min=ms[0],
+        p50=percentile(ms, 50),
+        p90=percentile(ms, 90),
+        p99=percentile(ms, 99),
+        max=ms[-1],
+    )
+
+
+# ---- Prometheus ------------------------------------------------------------------------
+
+_PHASE_LINE = re.compile(
+    r'^nebula_sign_phase_seconds_(sum|count)\{phase="([a-z_]+)"\}\s+([0-9.eE+-]+|NaN)\s*$'
+)
+_HEIGHT_LINE = re.compile(r'^nebula_last_signed_height\{chain_id="(.*)"\}\s+([0-9.eE+-]+)\s*$')
+
+
+@dataclasses.dataclass(slots=True)
+class PhaseSnapshot:
+    """Summed ``nebula_sign_phase_seconds`` sums and counts, per phase."""
+
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    counts: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_heights: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def add(self, other: PhaseSnapshot) -> None:
+        for k, v in other.sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0.0) + v
+        for k, h in other.last_heights.items():
+            self.last_heights[k] = max(h, self.last_heights.get(k, 0))
+
+
+def parse_phase_histograms(text: str) -> PhaseSnapshot:
+    snap = PhaseSnapshot()
+    for line in text.splitlines():
+        m = _PHASE_LINE.match(line)
+        if m is not None:
+            kind, phase, value = m.groups()
+            (snap.sums if kind == "sum" else snap.counts)[phase] = float(value)
+            continue
+        m = _HEIGHT_LINE.match(line)
+        if m is not None:
+            snap.last_heights[m.group(1)] = int(float(m.group(2)))
+    return snap
+
+
+def scrape(targets: Sequence[str], timeout: float = 5.0) -> PhaseSnapshot:
+    """GET ``http://<target>/metrics`` of every node and add their phase histograms.
+
+    With a Raft cluster only the leader serves requests, so the sum over all members
+    is the leader's; a member that cannot be reached is an error (its share would be
+    silently missing otherwise).
+    """
+    total = PhaseSnapshot()
+    for t in targets:
+        url = t if t.startswith("http") else f"http://{t}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                text = r.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError) as e:
+            raise NebulaError(f"cannot scrape {url}: {e}") from None
+        total.add(parse_phase_histograms(text))
+    return total
+
+
+def phase_means(before: PhaseSnapshot, after: PhaseSnapshot) -> dict[str, dict[str, float]]:
+    """Per phase: requests observed between the snapshots and their mean in ms."""
+    out: dict[str, dict[str, float]] = {}
+    for phase, count in after.counts.items():
+        n = count - before.counts.get(phase, 0.0)
+        if n <= 0:
+            continue
+        s = after.sums.get(phase, 0.0) - before.sums.get(phase, 0.0)
+        out[phase] = {"count": n, "mean_ms": s / n * 1000.0}
+    return out

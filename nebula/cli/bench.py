@@ -1,0 +1,222 @@
+"""``nebula bench``: signing round trips measured end to end, as a validator sees them.
+
+Two modes:
+
+* ``--local N`` starts N local ``nebula start`` processes (1: ``persist = "local"``;
+  3 or 5: a Raft cluster) in a temporary directory, benches them and stops them.
+* ``--listen ADDR`` (or ``-c CONFIG``, whose first connection address is listened on)
+  benches a Nebula that is already running and dials that address.  Give its metrics
+  endpoint(s) with ``--metrics host:port`` (taken from the config when it has
+  ``metrics.listen``) for the per-phase breakdown.
+
+The bench is the validator: it listens, accepts Nebula's connection, asks for the
+public key, then sends a proposal, a prevote and a precommit per height on
+consecutive heights, one request in flight, and verifies every signature returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from nebula.errors import ConfigError, NebulaError
+from nebula.types import WireFamily
+
+__all__ = ["cmd_bench", "register"]
+
+
+def register(subparsers: Any) -> None:
+    s = subparsers.add_parser(
+        "bench",
+        help="measure signing round trips (local node/cluster, or a running signer)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target = s.add_argument_group("target")
+    target.add_argument(
+        "--local", type=int, choices=[1, 3, 5], metavar="N",
+        help="start N local nodes (1, or a 3/5-node Raft cluster), bench them, stop them",
+    )  # fmt: skip
+    target.add_argument(
+        "--listen", metavar="ADDR",
+        help="tcp://127.0.0.1:PORT or unix:///path: listen there for a running Nebula",
+    )  # fmt: skip
+    target.add_argument(
+        "-c", "--config", help="a running Nebula's config (chain id, version, address, metrics)"
+    )
+    target.add_argument(
+        "--metrics", action="append", default=[], metavar="HOST:PORT",
+        help="a node's metrics.listen (repeat for every cluster member)",
+    )  # fmt: skip
+    w = s.add_argument_group("workload")
+    w.add_argument("--requests", "-n", type=int, default=3000, help="timed requests (3000)")
+    w.add_argument("--warmup", type=int, default=300, help="untimed requests first (300)")
+    w.add_argument(
+        "--version", dest="cmt_version", metavar="FAMILY",
+        help="wire family v0_34 | v0_37 | v0_38 | v1_0 (default: the config's, else v1_0)",
+    )  # fmt: skip
+    w.add_argument("--chain-id", help="default: the config's, else bench-chain")
+    w.add_argument("--transport", choices=["tcp", "unix"], default="tcp", help="for --local")
+    w.add_argument(
+        "--key-type", choices=["ed25519", "secp256k1", "bls12381"], default="ed25519",
+        help="consensus key of the local nodes (--local)",
+    )  # fmt: skip
+    w.add_argument(
+        "--start-height", type=int,
+        help="first height (default: one above the signer's last signed height, else 1)",
+    )  # fmt: skip
+    w.add_argument(
+        "--proposal-every", type=int, default=1, metavar="K",
+        help="sign a proposal every K heights (1: always the proposer; 0: never)",
+    )  # fmt: skip
+    w.add_argument(
+        "--extension-size", type=int, default=64, metavar="BYTES",
+        help="vote extension size on precommits (v0_38, v1_0)",
+    )  # fmt: skip
+    w.add_argument("--accept-timeout", type=float, default=60.0, metavar="SECONDS")
+    o = s.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the results as JSON")
+    o.add_argument("--histogram", metavar="FILE.png", help="latency histogram (needs matplotlib)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--keep", action="store_true", help="keep the --local node directories")
+    s.set_defaults(func=cmd_bench)
+
+
+def _resolve(args: argparse.Namespace) -> tuple[str, WireFamily, str | None, list[str]]:
+    """(chain_id, family, listen address or None, metrics targets) from flags and config."""
+    chain_id = args.chain_id
+    version = args.cmt_version
+    listen = args.listen
+    metrics = list(args.metrics)
+    if args.config:
+        from nebula import config
+
+        cfg = config.load(args.config)
+        chain_id = chain_id or cfg.raw.chain_id
+        version = version or cfg.raw.version
+        if listen is None:
+            if len(cfg.endpoints) != 1:
+                raise ConfigError(
+                    f"{cfg.path} lists {len(cfg.endpoints)} connections: say which with --listen"
+                )
+            listen = str(cfg.endpoints[0])
+        if not metrics and cfg.raw.metrics.listen:
+            metrics = [cfg.raw.metrics.listen]
+    try:
+        family = WireFamily.from_config(version or "v1_0")
+    except ValueError as e:
+        raise ConfigError(f"--version: {e}") from None
+    return chain_id or "bench-chain", family, listen, metrics
+
+
+def _progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
+    """A rich progress bar refreshed by hand (no refresh thread competing for the GIL)."""
+    if not enabled:
+        return None, None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        auto_refresh=False,
+        transient=True,
+    )
+    task = bar.add_task("signing", total=total)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(task, completed=done)
+        bar.refresh()
+
+    return bar, update
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nebula.bench import runner
+    from nebula.bench.client import BlockingListener
+    from nebula.bench.report import print_report, to_json, write_histogram
+
+    if args.local is not None and (args.listen or args.config):
+        raise ConfigError("give either --local N or --listen/-c, not both")
+    if args.local is None and not (args.listen or args.config):
+        raise ConfigError("give --local N, or --listen ADDR / -c CONFIG for a running Nebula")
+    if args.requests < 1 or args.warmup < 0:
+        raise ConfigError("--requests must be >= 1 and --warmup >= 0")
+    chain_id, family, listen, metrics = _resolve(args)
+    show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
+    bar, update = _progress(show_progress, args.requests + args.warmup)
+
+    def run(address: str, targets: list[str]) -> runner.BenchResult:
+        listener = BlockingListener(address, family)
+        listener.start()
+        opts = runner.RunOptions(
+            chain_id=chain_id,
+            family=family,
+            requests=args.requests,
+            warmup=args.warmup,
+            start_height=args.start_height,
+            proposal_every=args.proposal_every,
+            extension_size=args.extension_size,
+            accept_timeout=args.accept_timeout,
+            metrics_targets=targets,
+        )
+        try:
+            if bar is not None:
+                with bar:
+                    return runner.run(listener, opts, progress=update)
+            return runner.run(listener, opts)
+        finally:
+            listener.close()
+
+    if args.local is not None:
+        from nebula.bench.local import LocalSigners
+
+        signers = LocalSigners(
+            args.local,
+            chain_id=chain_id,
+            version=family.value,
+            transport=args.transport,
+            key_type=args.key_type,
+            keep=args.keep,
+        )
+        setup: dict[str, Any] = {
+            "mode": f"local {args.local} node{'s' if args.local > 1 else ''}",
+            "nodes": args.local,
+            "persist": signers.persist,
+            "transport": args.transport,
+        }
+        with signers:
+            try:
+                res = run(signers.listen_address, signers.metrics_targets)
+            except (NebulaError, OSError) as e:
+                raise NebulaError(f"{e}\n{signers.log_tails()}") from None
+            if res.pub_key != signers.key.public_key:
+                res.add_error("the signer's public key is not the key the bench generated")
+        if args.keep:
+            print(f"node directories kept in {signers.workdir}", file=sys.stderr)
+    else:
+        if listen is None:
+            raise ConfigError("no address to listen on: give --listen")
+        setup = {
+            "mode": f"listen {listen}",
+            "transport": listen.partition("://")[0],
+            "metrics": metrics,
+        }
+        res = run(listen, metrics)
+
+    if args.json:
+        print(json.dumps(to_json(res, setup), indent=2))
+    else:
+        print_report(res, setup)
+    if args.histogram:
+        why = write_histogram(res, args.histogram, f"nebula bench: {setup['mode']}")
+        if why:
+            print(f"nebula bench: {why}", file=sys.stderr)
+        elif not args.json:
+            print(f"histogram written to {args.histogram}")
+    return 1 if res.errors or res.warmup_errors else 0

@@ -1,0 +1,109 @@
+"""`nebula bench` end to end: a real local node, every signature verified, sane JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nebula.bench.stats import parse_phase_histograms, percentile, phase_means, summarize
+from tests.support.nebula_proc import REPO_ROOT
+
+_ORDER = ("min", "p50", "p90", "p99", "max")
+
+
+def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nebula.cli.main", "bench", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _check_latency(block: dict, count: int) -> None:
+    assert block["count"] == count
+    values = [block[k] for k in _ORDER]
+    assert all(v is not None and v > 0 for v in values), block
+    assert values == sorted(values), block
+    assert block["min"] <= block["mean"] <= block["max"]
+
+
+def test_bench_local_single_node_json() -> None:
+    p = _bench("--local", "1", "--requests", "200", "--warmup", "30", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    assert d["requests"] == 200
+    assert d["errors"] == 0 and d["warmup_errors"] == 0 and d["error_samples"] == []
+    assert d["setup"]["nodes"] == 1 and d["setup"]["persist"] == "local"
+    assert d["setup"]["version"] == "v1_0" and d["setup"]["key_type"] == "ed25519"
+    lat = d["latency_ms"]
+    _check_latency(lat["all"], 200)
+    # per height: proposal, prevote, precommit -> 67 / 67 / 66 of 200
+    assert {k: lat[k]["count"] for k in ("proposal", "prevote", "precommit")} == {
+        "proposal": 67,
+        "prevote": 67,
+        "precommit": 66,
+    }
+    for k in ("proposal", "prevote", "precommit"):
+        _check_latency(lat[k], lat[k]["count"])
+    # one signature per request plus an extension signature per precommit (v1.0)
+    assert d["signatures_verified"] == 200 + 66
+    assert d["throughput_rps"] > 0 and d["duration_s"] > 0
+    assert d["handshake_ms"] > 0
+    ph = d["phases_mean_ms"]
+    assert ph is not None, d["phases_note"]
+    for name in ("receive_decode", "guard", "sign", "replicate", "encode_send", "total"):
+        assert ph[name] is not None and ph[name] >= 0, name
+    server = sum(ph[n] for n in ("receive_decode", "guard", "sign", "replicate", "encode_send"))
+    assert server <= ph["total"] * 1.05 + 0.01
+    assert ph["network_framing"] == pytest.approx(lat["all"]["mean"] - ph["total"], abs=2e-3)
+
+
+def test_bench_v0_34_unix_table_output() -> None:
+    """The human report over a unix socket in the oldest family (no extensions)."""
+    p = _bench("--local", "1", "--requests", "60", "--warmup", "0", "--version", "v0_34",
+               "--transport", "unix")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = p.stdout
+    assert "precommit" in out and "replicate" in out and "network + framing" in out
+    assert "0 errors: every signature verified" in out
+
+
+def test_bench_needs_a_target() -> None:
+    p = _bench("--requests", "10")
+    assert p.returncode == 2
+    assert "--local N" in p.stderr
+
+
+# ---- the arithmetic behind the report --------------------------------------------------
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    xs = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(xs, 0) == 1.0 and percentile(xs, 100) == 4.0
+    assert percentile(xs, 50) == 2.5
+    assert percentile(xs, 90) == pytest.approx(3.7)
+    s = summarize([0.001, 0.002, 0.003])
+    assert (s.count, s.min, s.p50, s.max) == (3, 1.0, 2.0, 3.0)
+
+
+def test_phase_means_from_scrapes() -> None:
+    before = parse_phase_histograms(
+        'nebula_sign_phase_seconds_sum{phase="sign"} 1.0\n'
+        'nebula_sign_phase_seconds_count{phase="sign"} 10.0\n'
+        'nebula_last_signed_height{chain_id="c"} 7.0\n'
+    )
+    after = parse_phase_histograms(
+        'nebula_sign_phase_seconds_sum{phase="sign"} 1.5\n'
+        'nebula_sign_phase_seconds_count{phase="sign"} 20.0\n'
+        'nebula_sign_phase_seconds_sum{phase="guard"} 0.0\n'
+        'nebula_sign_phase_seconds_count{phase="guard"} 0.0\n'
+    )
+    assert before.last_heights == {"c": 7}
+    means = phase_means(before, after)
+    assert means == {"sign": {"count": 10.0, "mean_ms": pytest.approx(50.0)}}
