@@ -1,0 +1,12 @@
+"""Local development networks: pinned CometBFT chains signed by local Nebula nodes.
+
+``nebula demo`` and the end-to-end tests share this code:
+
+* :mod:`nebula.devnet.cometbft` builds pinned CometBFT releases with Go (cached), runs
+  single-validator local chains and checks their commits' signatures independently;
+* :mod:`nebula.devnet.cluster` writes Nebula node directories (one local node or a Raft
+  cluster on 127.0.0.1) and runs ``nebula start`` processes;
+* :mod:`nebula.devnet.ports` hands out free loopback ports.
+
+Nothing here is needed to run a signer in production.
+"""
