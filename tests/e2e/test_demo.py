@@ -1,0 +1,241 @@
+"""`nebula demo` end to end: a real chain signed by real Nebula processes, no edits.
+
+Every test runs the command as a user would (a subprocess, in a fresh directory), checks
+its exit code and its per-block lines, and then checks that no process it started is left:
+no process on this machine mentions the demo directory on its command line, and no pid
+the demo printed is alive.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from nebula.devnet.cometbft import cached_cometbft
+from tests.support.nebula_proc import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+VERSION = "v0.38.25"
+_HEIGHT_RE = re.compile(r"^height\s+(\d+)\s.*\bleader (node\d|none)\b.*signature verified", re.M)
+_PID_RE = re.compile(r"\bnode(\d): pid (\d+)")
+
+
+@pytest.fixture(autouse=True)
+def _need_cometbft() -> None:
+    if cached_cometbft(VERSION) is None and shutil.which("go") is None:
+        pytest.skip(f"CometBFT {VERSION} is not built and Go is not installed")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["COLUMNS"] = "200"
+    return env
+
+
+def _cmd(demo_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "nebula.cli.main", "demo", "--dir", str(demo_dir), *args]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone, or not ours to read
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is not alive; only the demo could reap it, and the demo is gone.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _assert_nothing_left(demo_dir: Path, output: str) -> None:
+    pids = [int(pid) for _, pid in _PID_RE.findall(output)]
+    assert pids, f"the demo printed no node pids:\n{output}"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        left = _processes_mentioning(str(demo_dir))
+        alive = [p for p in pids if _pid_alive(p)]
+        if not left and not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes left over: {left}, live node pids {alive}")
+
+
+def _heights(output: str) -> list[int]:
+    return [int(h) for h, _ in _HEIGHT_RE.findall(output)]
+
+
+def _leaders(output: str) -> list[str]:
+    return [leader for _, leader in _HEIGHT_RE.findall(output)]
+
+
+def _run(demo_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _cmd(demo_dir, *args),
+        cwd=demo_dir.parent,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class _Running:
+    """A demo without --blocks, its output collected line by line by a thread."""
+
+    def __init__(self, demo_dir: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            _cmd(demo_dir, *args),
+            cwd=demo_dir.parent,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pred: Callable[[str], bool], what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred(self.output):
+                return
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                raise AssertionError(f"demo exited ({self.proc.returncode}):\n{self.output}")
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.output}")
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def test_one_node_five_blocks(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    res = _run(demo_dir, "--nodes", "1", "--blocks", "5", "--timeout-commit", "200ms")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert _heights(out) == [1, 2, 3, 4, 5], out
+    assert set(_leaders(out)) == {"node1"}, out
+    assert "5 block(s) committed, every signature verified" in out
+    assert "all processes stopped" in out
+    for log in (demo_dir / "cometbft" / "cometbft.log", demo_dir / "nebula/node1/nebula.log"):
+        assert str(log) in out and log.stat().st_size > 0
+    _assert_nothing_left(demo_dir, out)
+
+    # The directory is the demo's: a second run wipes it and starts a new chain.
+    res = _run(demo_dir, "--nodes", "1", "--blocks", "2", "--timeout-commit", "200ms")
+    out2 = res.stdout + res.stderr
+    assert res.returncode == 0, out2
+    assert _heights(out2) == [1, 2], out2
+    _assert_nothing_left(demo_dir, out2)
+
+
+def test_raft_cluster_of_three(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    res = _run(demo_dir, "--nodes", "3", "--blocks", "5", "--timeout-commit", "300ms")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert _heights(out) == [1, 2, 3, 4, 5], out
+    # Exactly one Raft leader signs; it is one of the three nodes.
+    assert all(leader in ("node1", "node2", "node3") for leader in _leaders(out)), out
+    assert len(_PID_RE.findall(out)) == 3
+    for n in (1, 2, 3):
+        assert (demo_dir / f"nebula/node{n}/raft_data").is_dir()
+        assert (demo_dir / f"nebula/node{n}/cluster_secret").stat().st_mode & 0o077 == 0
+    _assert_nothing_left(demo_dir, out)
+
+
+def test_ctrl_c_after_leader_failover(tmp_path: Path) -> None:
+    """Kill the leader mid-run: another node signs on; then Ctrl-C stops everything."""
+    demo_dir = tmp_path / "demo"
+    run = _Running(demo_dir, "--nodes", "3", "--timeout-commit", "300ms")
+    try:
+        run.wait_for(lambda out: len(_heights(out)) >= 3, "three verified blocks")
+        pids = {f"node{n}": int(pid) for n, pid in _PID_RE.findall(run.output)}
+        leader = _leaders(run.output)[-1]
+        assert leader in pids, run.output
+        os.kill(pids[leader], signal.SIGKILL)
+        seen = len(_heights(run.output))
+        run.wait_for(
+            lambda out: (
+                len(_heights(out)) >= seen + 3 and _leaders(out)[-1] not in (leader, "none")
+            ),
+            "blocks signed by a new leader",
+        )
+        assert f"leader changed: {leader} -> " in run.output
+        run.proc.send_signal(signal.SIGINT)
+        code = run.finish()
+    finally:
+        run.kill()
+    out = run.output
+    assert code == 0, out
+    heights = _heights(out)
+    assert heights == list(range(1, len(heights) + 1)), out
+    assert "stopping (interrupted)" in out
+    assert f"{len(heights)} block(s) committed, every signature verified" in out
+    _assert_nothing_left(demo_dir, out)
+
+
+def test_refuses_bad_options_and_foreign_directories(tmp_path: Path) -> None:
+    res = _run(tmp_path / "d", "--key-type", "bls12381", "--cometbft-version", VERSION)
+    assert res.returncode == 2
+    assert "bls12381 needs --cometbft-version v1.0.1" in res.stdout + res.stderr
+    assert not (tmp_path / "d").exists()
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me")
+    res = _run(foreign, "--nodes", "1", "--blocks", "1")
+    assert res.returncode == 1
+    assert "refusing to wipe it" in res.stdout + res.stderr
+    assert (foreign / "precious.txt").read_text() == "keep me"
+    assert _processes_mentioning(str(foreign)) == []
