@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from nebula.devnet import ports as _devnet_ports
 from nebula.devnet.cometbft import (
     BLOCK_ID_FLAG_ABSENT,
     BLOCK_ID_FLAG_COMMIT,
@@ -61,7 +60,6 @@ from nebula.devnet.cometbft import (
     verify_commit_signatures,
     write_filepv_key,
 )
-from tests.support import ports as _test_ports
 
 __all__ = [
     "BLOCK_ID_FLAG_ABSENT",
@@ -100,10 +98,6 @@ __all__ = [
     "write_filepv_key",
 ]
 
-# One registry of handed-out ports per process: a chain's RPC/P2P ports (taken by
-# nebula.devnet) must never repeat a port a test took from tests.support.ports.
-_devnet_ports._handed_out = _test_ports._handed_out
-_devnet_ports._lock = _test_ports._lock
 
 
 @pytest.fixture
