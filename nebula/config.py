@@ -182,6 +182,9 @@ def _host(host: str, where: str) -> str:
 
 
 def _port(port: str | int | None, where: str) -> int:
+    # int() alone would also take "+80", " 80", "8_0" and non-ASCII digits
+    if isinstance(port, str) and not (port.isascii() and port.isdigit()):
+        raise ConfigError(f"{where}: invalid port {port!r}")
     try:
         n = int(port)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -202,11 +205,13 @@ def load(path: str | Path) -> LoadedConfig:
     """Read, parse and validate a config file; every error is a ConfigError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")  # TOML is UTF-8, whatever the locale says
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found (create one with `nebula init`)") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: config file is not valid UTF-8: {e}") from None
     return loads(text, p)
 
 
@@ -216,6 +221,9 @@ def loads(text: str, path: str | Path = "<config>") -> LoadedConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except RecursionError:
+        # tomllib parses arrays and inline tables recursively
+        raise ConfigError(f"{p}: invalid TOML: arrays or inline tables nested too deeply") from None
     try:
         cfg = msgspec.convert(data, Config)
     except msgspec.ValidationError as e:
@@ -256,7 +264,7 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
 
     d = cfg.dial
     for name in ("handshake_timeout", "backoff_min", "backoff_max", "idle_timeout"):
-        if getattr(d, name) <= 0:
+        if not getattr(d, name) > 0:  # NaN too
             raise ConfigError(f"{p}: dial.{name} must be > 0")
     if d.backoff_min > d.backoff_max:
         raise ConfigError(f"{p}: dial.backoff_min must be <= dial.backoff_max")
@@ -272,7 +280,7 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
         v = mode_section
         if not v.token_path and not v.token_env:
             raise ConfigError(f"{p}: signing.{cfg.signing_mode}: set token_path or token_env")
-        if v.timeout <= 0 or v.timeout >= 4.0:
+        if not 0 < v.timeout < 4.0:  # NaN too
             raise ConfigError(
                 f"{p}: signing.{cfg.signing_mode}.timeout must be in (0, 4) seconds "
                 "(CometBFT gives up after 5 s)"
