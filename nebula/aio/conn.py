@@ -71,10 +71,14 @@ class Dialer:
         self.connects = 0
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        # Checked before every (re)connect: a cancellation can be lost when it races
+        # with a completing read (asyncio.wait_for in Python 3.11), the flag cannot.
+        self._running = False
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        self._running = True
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"dial {self.endpoint}"
@@ -82,6 +86,7 @@ class Dialer:
 
     async def stop(self) -> None:
         """Close the connection at once and stop dialing."""
+        self._running = False
         task, self._task = self._task, None
         self._abort()
         if task is not None:
@@ -107,7 +112,7 @@ class Dialer:
 
     async def _run(self) -> None:
         delay = self.backoff_min
-        while True:
+        while self._running:
             served = False
             try:
                 reader, writer = await self._connect()
@@ -120,6 +125,8 @@ class Dialer:
                     raise ProtocolError(
                         f"handshake with {self.endpoint} timed out after {self.handshake_timeout}s"
                     ) from None
+                if not self._running:
+                    return
                 self.connected = True
                 self.connects += 1
                 if self.metrics is not None:
@@ -141,6 +148,8 @@ class Dialer:
             if self.connected:
                 self._event("disconnected")
             self._abort()
+            if not self._running:
+                return
             if served:
                 delay = self.backoff_min
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
@@ -200,8 +209,11 @@ class Dialer:
                     metrics.phase("encode_send", t_out - t_done)
                     metrics.phase("total", t_out - t_in)
                 t_in = perf()
+            if not self._running:
+                return
             try:
-                data = await asyncio.wait_for(reader.read(READ_CHUNK), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):
+                    data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 raise ProtocolError(
                     f"{self.endpoint} silent for {self.idle_timeout}s; reconnecting"

@@ -115,6 +115,7 @@ class Daemon:
         self.health: HealthServer | None = None
         self.admin: AdminServer | None = None
         self._stop = asyncio.Event()
+        self._bg: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         cfg, raw = self.cfg, self.cfg.raw
@@ -191,7 +192,9 @@ class Daemon:
         else:
             log.info("not the leader: closing validator connections")
             for dialer in self.dialers:
-                asyncio.get_running_loop().create_task(dialer.stop())
+                task = asyncio.get_running_loop().create_task(dialer.stop())
+                self._bg.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._bg.discard)
 
     # ---- admin commands (nebula status / leader transfer / state / cluster) ------------
 

@@ -1,0 +1,248 @@
+"""A Nebula Raft cluster of real processes on 127.0.0.1, driven from the validator side.
+
+Every signature that leaves the cluster goes through the auditor, which verifies it and
+fails on any two different signatures for one (chain, height, round, step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from nebula.crypto.keys import generate
+from nebula.types import SignedMsgType, Timestamp, WireFamily
+from tests.support.cluster import Auditor, ProcCluster, driver, vote_req
+from tests.support.ports import free_ports
+
+CHAIN = "raft-chain"
+
+
+def _addrs(n: int = 1) -> list[str]:
+    return [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
+
+
+def _setup(tmp_path, n, *, proxied=False, sentries=1):
+    key = generate("ed25519")
+    addrs = _addrs(sentries)
+    cluster = ProcCluster(tmp_path, n, key=key, chain_id=CHAIN, connections=addrs, proxied=proxied)
+    return key, addrs, cluster, Auditor("ed25519", key.public_key)
+
+
+async def _sign_heights(d, start: int, count: int) -> int:
+    for h in range(start, start + count):
+        await d.sign(vote_req(CHAIN, h, SignedMsgType.PREVOTE))
+        await d.sign(vote_req(CHAIN, h, SignedMsgType.PRECOMMIT))
+    return start + count
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_leader_sigkill_during_continuous_signing(tmp_path, n) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, n)
+
+    async def main() -> list[float]:
+        failovers = []
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                h = await _sign_heights(d, 1, 10)
+                for _ in range(2):
+                    leader = await cluster.wait_leader()
+                    killed_at = time.monotonic()
+                    cluster.nodes[leader].kill()
+                    h = await _sign_heights(d, h, 1)
+                    failovers.append(time.monotonic() - killed_at)
+                    h = await _sign_heights(d, h, 5)
+                    new = await cluster.wait_leader()
+                    assert new != leader
+                    cluster.nodes[leader].start()  # it rejoins as a follower
+                h = await _sign_heights(d, h, 5)
+        return failovers
+
+    failovers = asyncio.run(main())
+    auditor.check()
+    assert auditor.count >= 2 * 27
+    print(f"\n{n} nodes: failover (kill -> next signature) {[f'{f:.2f}s' for f in failovers]}")
+
+
+def test_leader_sigstop_then_sigcont(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3)
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                h = await _sign_heights(d, 1, 5)
+                leader = await cluster.wait_leader()
+                old_conn = await d.connection()
+                cluster.nodes[leader].signal(signal.SIGSTOP)
+                try:
+                    # The validator gives up on the silent connection; a new leader dials.
+                    old_conn.close()
+                    d.current[0] = None
+                    h = await _sign_heights(d, h, 5)
+                    new = await cluster.wait_leader(exclude={leader})
+                    assert new != leader
+                finally:
+                    cluster.nodes[leader].signal(signal.SIGCONT)
+                # The old leader wakes up: it must step down and sign nothing.
+                h = await _sign_heights(d, h, 5)
+                await asyncio.sleep(1.5)
+                st = cluster.status(leader)
+                assert st is not None and st["role"] != "leader"
+                assert not any(v["connected"] for v in st["validators"])
+
+    asyncio.run(main())
+    auditor.check()
+
+
+def test_partitioned_leader_signs_nothing_and_majority_continues(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3, proxied=True)
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                h = await _sign_heights(d, 1, 5)
+                leader = await cluster.wait_leader()
+                conn = await d.connection()
+                cluster.cut(leader)
+                # The isolated leader cannot commit: it must refuse (or drop), never sign.
+                for k in range(3):
+                    try:
+                        r = await d.request_once(vote_req(CHAIN, h + k), timeout=3)
+                        assert r.error is not None, "an isolated leader released a signature"
+                    except (TimeoutError, Exception):
+                        break
+                conn.close()
+                d.current[0] = None
+                new = await cluster.wait_leader(exclude={leader}, timeout=15)
+                assert new != leader
+                # The majority signs the same heights (different sign bytes would be a
+                # conflict if the isolated leader had released anything).
+                h = await _sign_heights(d, h, 5)
+                cluster.heal()
+                h = await _sign_heights(d, h, 5)
+                await asyncio.sleep(2)
+                st = cluster.status(leader)
+                assert st is not None and (
+                    st["role"] != "leader" or leader == await cluster.wait_leader()
+                )
+
+    asyncio.run(main())
+    auditor.check()
+
+
+def test_two_validators_same_hrs_exactly_one_signature(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3, sentries=2)
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                await d.sign(vote_req(CHAIN, 1), i=0)
+                await d.connection(1)
+                for h in range(2, 12):
+                    a = vote_req(CHAIN, h, salt=1)
+                    b = vote_req(CHAIN, h, salt=2)  # a conflicting block at the same HRS
+                    ra, rb = await asyncio.gather(d.request_once(a, 0), d.request_once(b, 1))
+                    signed = [r for r in (ra, rb) if r.error is None]
+                    assert len(signed) == 1, (ra.error, rb.error)
+
+    asyncio.run(main())
+    auditor.check()
+
+
+def test_identical_retry_after_failover_gets_the_cached_signature(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3)
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                await _sign_heights(d, 1, 3)
+                first = await d.sign(vote_req(CHAIN, 4))
+                leader = await cluster.wait_leader()
+                cluster.nodes[leader].kill()
+                # The node retries after failover; its clock moved on, the vote did not.
+                retry = vote_req(CHAIN, 4, ts=Timestamp(1_700_009_999, 5))
+                again = await d.sign(retry)
+                assert again.vote.signature == first.vote.signature
+                assert again.vote.timestamp == first.vote.timestamp  # the stored one
+                conflicting = await d.request_once(vote_req(CHAIN, 4, salt=9))
+                assert (
+                    conflicting.error is not None and "conflicting" in conflicting.error.description
+                )
+
+    asyncio.run(main())
+    auditor.check()
+
+
+def test_full_cluster_restart_keeps_state(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3)
+
+    async def main() -> None:
+        async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+            with cluster:
+                await _sign_heights(d, 1, 10)
+                last = await d.sign(vote_req(CHAIN, 11))
+            d.current[0] = None
+            cluster.start()
+            try:
+                again = await d.sign(vote_req(CHAIN, 11))
+                assert again.vote.signature == last.vote.signature
+                r = await d.sign(vote_req(CHAIN, 12))
+                assert r.error is None
+                old = await d.request_once(vote_req(CHAIN, 5))
+                assert old.error is not None and "regression" in old.error.description
+            finally:
+                cluster.stop()
+
+    asyncio.run(main())
+    auditor.check()
+
+
+def test_followers_never_answer_validators(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3)
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                await _sign_heights(d, 1, 5)
+                leader = await cluster.wait_leader()
+                await asyncio.sleep(0.5)
+                assert len(d.listeners[0].all_connections) == 1
+                for nid in cluster.nodes:
+                    st = cluster.status(nid)
+                    assert st is not None
+                    connected = any(v["connected"] for v in st["validators"])
+                    assert connected == (nid == leader), (nid, st["role"])
+                # Moving leadership moves the connection: the old leader closes at once.
+                new = (
+                    await asyncio.get_running_loop().run_in_executor(
+                        None,
+                        lambda: __import__("nebula.aio.admin", fromlist=["x"]).request(
+                            cluster._sockets[leader], "transfer", timeout=15
+                        ),
+                    )
+                )["leader_id"]
+                assert new != leader
+                await _sign_heights(d, 6, 3)
+                st_old = cluster.status(leader)
+                assert not any(v["connected"] for v in st_old["validators"])
+
+    asyncio.run(main())
+    auditor.check()
+
+
+def test_no_secret_no_start(tmp_path) -> None:
+    key, addrs, cluster, auditor = _setup(tmp_path, 3)
+    d = cluster.dirs[0]
+    (d.home / "cluster_secret").write_bytes(b"")
+    node = cluster.nodes[d.node_id]
+    node.start()
+    deadline = time.monotonic() + 15
+    while node.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not node.alive()
+    assert "secret" in node.log_text().lower()
+    (d.home / "cluster_secret").chmod(0o644)
+    os.chmod(d.home / "cluster_secret", 0o644)

@@ -1,0 +1,345 @@
+"""Real Nebula Raft clusters for tests: processes, proxies, a validator-side driver, an auditor.
+
+* :class:`ProcCluster` writes N node directories and runs each as a real `nebula start`
+  process on 127.0.0.1; with ``proxied=True`` every Raft link i->j goes through its own
+  fault-injecting :class:`~tests.support.proxy.Proxy`, so a node can be cut off.
+* :class:`Auditor` records every signature that leaves the cluster, verifies it with the
+  validator's public key, and fails on any two different signatures for one
+  (chain, height, round, step).
+* :class:`Driver` plays the validator: it listens like CometBFT, takes whatever signer
+  connection is newest (only the leader dials), and retries a request identically after
+  a dropped connection, as the node's RetrySignerClient does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nebula import proto
+from nebula.aio import admin
+from nebula.aio.validator_side import PrivvalListener, SignerConnection
+from nebula.config import load as load_config
+from nebula.crypto.keys import SigningKey, signature_verifier
+from nebula.devnet.cluster import NebulaNode, NodeDir, write_node_dir
+from nebula.errors import NebulaError
+from nebula.types import (
+    BlockID,
+    PartSetHeader,
+    Proposal,
+    SignedMsgType,
+    SignedProposalResponse,
+    SignedVoteResponse,
+    SignProposalRequest,
+    SignVoteRequest,
+    Timestamp,
+    Vote,
+    WireFamily,
+)
+from tests.support.ports import free_ports
+from tests.support.proxy import Proxy
+
+STEP_OF = {SignedMsgType.PREVOTE: 2, SignedMsgType.PRECOMMIT: 3, SignedMsgType.PROPOSAL: 1}
+
+
+class ConflictError(AssertionError):
+    pass
+
+
+@dataclass
+class Auditor:
+    """Every signature that leaves the cluster, keyed by (chain, height, round, step)."""
+
+    key_type: str
+    public_key: bytes
+    seen: dict[tuple[str, int, int, int], set[bytes]] = field(default_factory=dict)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self._verify = signature_verifier(self.key_type, self.public_key)
+
+    def record(
+        self, chain_id: str, hrs: tuple[int, int, int], sign_bytes: bytes, sig: bytes
+    ) -> None:
+        if not self._verify(sign_bytes, sig):
+            raise ConflictError(f"signature at {hrs} does not verify with the validator key")
+        sigs = self.seen.setdefault((chain_id, *hrs), set())
+        sigs.add(sig)
+        self.count += 1
+        if len(sigs) > 1:
+            raise ConflictError(
+                f"DOUBLE SIGN: {len(sigs)} different signatures at {chain_id} {hrs}"
+            )
+
+    def vote(self, chain_id: str, req: SignVoteRequest, resp: SignedVoteResponse) -> None:
+        v = req.vote
+        signed = Vote(
+            type=v.type,
+            height=v.height,
+            round=v.round,
+            block_id=v.block_id,
+            timestamp=resp.vote.timestamp,
+        )
+        self.record(
+            chain_id,
+            (v.height, v.round, STEP_OF[v.type]),
+            proto.vote_sign_bytes(chain_id, signed),
+            resp.vote.signature,
+        )
+
+    def proposal(
+        self, chain_id: str, req: SignProposalRequest, resp: SignedProposalResponse
+    ) -> None:
+        p = req.proposal
+        signed = Proposal(
+            height=p.height,
+            round=p.round,
+            pol_round=p.pol_round,
+            block_id=p.block_id,
+            timestamp=resp.proposal.timestamp,
+        )
+        self.record(
+            chain_id,
+            (p.height, p.round, 1),
+            proto.proposal_sign_bytes(chain_id, signed),
+            resp.proposal.signature,
+        )
+
+    def check(self) -> None:
+        for k, sigs in self.seen.items():
+            if len(sigs) > 1:
+                raise ConflictError(f"DOUBLE SIGN at {k}")
+
+
+def block(h: int, salt: int = 0) -> BlockID:
+    seed = h.to_bytes(8, "big") + salt.to_bytes(4, "big")
+    return BlockID(seed.ljust(32, b"\xab"), PartSetHeader(1, seed.ljust(32, b"\xcd")))
+
+
+def vote_req(
+    chain_id: str,
+    h: int,
+    typ: int = SignedMsgType.PREVOTE,
+    r: int = 0,
+    salt: int = 0,
+    ts: Timestamp | None = None,
+) -> SignVoteRequest:
+    return SignVoteRequest(
+        Vote(
+            type=typ,
+            height=h,
+            round=r,
+            block_id=block(h, salt),
+            timestamp=ts or Timestamp(1_700_000_000 + h, 1000 * r + salt),
+            validator_address=b"\x01" * 20,
+        ),
+        chain_id,
+    )
+
+
+class ProcCluster:
+    """N real `nebula start` processes forming one Raft cluster."""
+
+    def __init__(
+        self,
+        base: Path,
+        n: int,
+        *,
+        key: SigningKey,
+        chain_id: str,
+        connections: list[str],
+        version: str = "v0_38",
+        proxied: bool = False,
+        commit_timeout: float = 1.0,
+        extra: str = "",
+    ) -> None:
+        self.base = Path(base)
+        self.n = n
+        self.key = key
+        self.chain_id = chain_id
+        self.ports = free_ports(n)
+        self.proxies: dict[tuple[int, int], Proxy] = {}
+        if proxied:
+            pp = iter(free_ports(n * (n - 1)))
+            for i in range(1, n + 1):
+                for j in range(1, n + 1):
+                    if i != j:
+                        self.proxies[(i, j)] = Proxy(next(pp), self.ports[j - 1])
+        secret = secrets.token_hex(32).encode()
+        self.dirs: list[NodeDir] = []
+        for i in range(1, n + 1):
+            peers = {
+                j: f"127.0.0.1:{self.proxies[(i, j)].listen_port if (i, j) in self.proxies else self.ports[j - 1]}"
+                for j in range(1, n + 1)
+            }
+            raft = {
+                "node_id": i,
+                "bind_addr": f"127.0.0.1:{self.ports[i - 1]}",
+                "data_path": "./raft_data",
+                "commit_timeout": commit_timeout,
+                "election_timeout_min": 0.4,
+                "election_timeout_max": 0.8,
+                "peers": peers,
+            }
+            self.dirs.append(
+                write_node_dir(
+                    self.base / f"node{i}",
+                    chain_id=chain_id,
+                    version=version,
+                    key=key,
+                    connections=connections,
+                    persist="raft",
+                    raft=raft,
+                    secret=secret,
+                    log_level="debug",
+                    extra=extra,
+                )
+            )
+        self.nodes = {
+            d.node_id: NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home) for d in self.dirs
+        }
+        self._sockets = {
+            d.node_id: admin.socket_path(load_config(d.config_path)) for d in self.dirs
+        }
+
+    def start(self) -> ProcCluster:
+        for p in self.proxies.values():
+            p.start()
+        for node in self.nodes.values():
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        for p in self.proxies.values():
+            p.stop()
+
+    def __enter__(self) -> ProcCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def status(self, node_id: int) -> dict[str, Any] | None:
+        try:
+            return admin.request(self._sockets[node_id], "status", timeout=2)
+        except (NebulaError, OSError):
+            return None
+
+    def leader(self, exclude: set[int] = frozenset()) -> int | None:  # type: ignore[assignment]
+        for nid, node in self.nodes.items():
+            if nid in exclude or not node.alive():
+                continue
+            st = self.status(nid)
+            if st and st.get("role") == "leader" and st.get("authoritative"):
+                return nid
+        return None
+
+    async def wait_leader(self, timeout: float = 15.0, exclude: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        while time.monotonic() < deadline:
+            nid = await loop.run_in_executor(None, self.leader, exclude)
+            if nid is not None:
+                return nid
+            await asyncio.sleep(0.05)
+        raise TimeoutError("no Raft leader elected")
+
+    def cut(self, node_id: int) -> None:
+        for (i, j), p in self.proxies.items():
+            if node_id in (i, j):
+                p.cut()
+
+    def heal(self) -> None:
+        for p in self.proxies.values():
+            p.heal()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- node{nid}\n{n.log_tail(4000)}" for nid, n in self.nodes.items())
+
+
+class Driver:
+    """The validator side: one listener per sentry address, newest connection wins."""
+
+    def __init__(self, addresses: list[str], family: WireFamily, chain_id: str, auditor: Auditor):
+        self.listeners = [PrivvalListener(a, family) for a in addresses]
+        self.chain_id = chain_id
+        self.auditor = auditor
+        self.current: list[SignerConnection | None] = [None] * len(addresses)
+        self.refusals: list[str] = []
+
+    async def start(self) -> Driver:
+        for lst in self.listeners:
+            await lst.start()
+        return self
+
+    async def close(self) -> None:
+        for lst in self.listeners:
+            await lst.close()
+
+    def _newest(self, i: int) -> SignerConnection | None:
+        lst = self.listeners[i]
+        while not lst._conns.empty():
+            self.current[i] = lst._conns.get_nowait()
+        c = self.current[i]
+        return c if c is not None and not c.closed else None
+
+    async def connection(self, i: int = 0, timeout: float = 15.0) -> SignerConnection:
+        c = self._newest(i)
+        if c is not None:
+            return c
+        self.current[i] = await self.listeners[i].accept(timeout)
+        return self._newest(i) or self.current[i]  # type: ignore[return-value]
+
+    async def request_once(self, req, i: int = 0, timeout: float = 3.0):
+        conn = await self.connection(i)
+        resp = await conn.request(req, timeout=timeout)
+        self._audit(req, resp)
+        return resp
+
+    async def sign(self, req, i: int = 0, deadline: float = 20.0):
+        """Send ``req`` until it is signed (retrying identically), as a node would."""
+        end = time.monotonic() + deadline
+        last_err = ""
+        while time.monotonic() < end:
+            try:
+                conn = await self.connection(i, timeout=max(0.1, end - time.monotonic()))
+                resp = await conn.request(req, timeout=3.0)
+            except (NebulaError, TimeoutError, OSError, asyncio.IncompleteReadError) as e:
+                last_err = repr(e)
+                if self.current[i] is not None:
+                    self.current[i].close()
+                    self.current[i] = None
+                await asyncio.sleep(0.02)
+                continue
+            self._audit(req, resp)
+            err = resp.error
+            if err is None:
+                return resp
+            last_err = err.description
+            self.refusals.append(err.description)
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"request not signed within {deadline}s: {last_err}")
+
+    def _audit(self, req, resp) -> None:
+        if getattr(resp, "error", None) is not None:
+            return
+        if isinstance(req, SignVoteRequest):
+            self.auditor.vote(self.chain_id, req, resp)
+        elif isinstance(req, SignProposalRequest):
+            self.auditor.proposal(self.chain_id, req, resp)
+
+
+@contextlib.asynccontextmanager
+async def driver(addresses: list[str], family: WireFamily, chain_id: str, auditor: Auditor):
+    d = await Driver(addresses, family, chain_id, auditor).start()
+    try:
+        yield d
+    finally:
+        await d.close()
