@@ -157,6 +157,7 @@ class ProcCluster:
         proxied: bool = False,
         commit_timeout: float = 1.0,
         extra: str = "",
+        signing: str | None = None,
     ) -> None:
         self.base = Path(base)
         self.n = n
@@ -198,6 +199,7 @@ class ProcCluster:
                     secret=secret,
                     log_level="debug",
                     extra=extra,
+                    signing=signing,
                 )
             )
         self.nodes = {
@@ -250,6 +252,15 @@ class ProcCluster:
                 return nid
             await asyncio.sleep(0.05)
         raise TimeoutError("no Raft leader elected")
+
+    def wait_leader_sync(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nid = self.leader()
+            if nid is not None:
+                return nid
+            time.sleep(0.05)
+        raise TimeoutError(f"no Raft leader elected\n{self.logs()}")
 
     def cut(self, node_id: int) -> None:
         for (i, j), p in self.proxies.items():
