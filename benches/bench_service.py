@@ -9,9 +9,8 @@ response, for fresh consecutive heights, with:
   writes nothing, to isolate the cost of durability.
 
 ``handle`` is driven without an event loop: with these stores and a synchronous backend
-it never suspends, exactly as in the daemon's serve loop.  Also here: the compiled
-protobuf kernel against its pure twin on the same path (request decode + response
-encode, canonical vote sign bytes).
+it never suspends, exactly as in the daemon's serve loop.  (The protobuf kernels alone, compiled against
+pure, are in ``bench_proto.py``.)
 
 Run timed with ``python -m pytest benches/bench_service.py --benchmark-enable``; the
 normal suite runs each once as a smoke test.
@@ -19,12 +18,12 @@ normal suite runs each once as a smoke test.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
 
-from nebula import _fast, proto
+from nebula import proto
 from nebula.backends.native import NativeBackend
 from nebula.bench.workload import Item, plan
 from nebula.crypto import keys
@@ -143,51 +142,3 @@ def test_bench_local_store_commit(benchmark, tmp_path) -> None:
         lambda rec: store.commit_sync(CHAIN, rec), setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP
     )
     assert d.ok
-
-
-# ---- compiled protobuf kernel vs its pure twin on the service path ----------------------
-
-
-@pytest.fixture(params=["compiled", "pure"])
-def pb(request: pytest.FixtureRequest):
-    if request.param == "compiled":
-        try:
-            return _fast.load_compiled("pb")
-        except ImportError:
-            if _fast.REQUIRE_COMPILED:
-                raise
-            pytest.skip("compiled kernels not built")
-    return _fast.load_pure("pb")
-
-
-def _vote_request(key: keys.SigningKey) -> tuple[bytes, SignedVoteResponse, Item]:
-    item = next(_items(key, ("precommit",)))
-    msg = item.wire[proto.decode_uvarint(item.wire)[1] :]
-    vote = item.request.vote  # type: ignore[union-attr]
-    resp = SignedVoteResponse(vote=vote)
-    resp.vote.signature = key.sign(item.sign_bytes)
-    resp.vote.extension_signature = key.sign(item.ext_sign_bytes)
-    resp.vote.extension = b""
-    return msg, resp, item
-
-
-def test_bench_kernel_decode_request_encode_response(benchmark, pb) -> None:
-    """privval SignVoteRequest decode + SignedVoteResponse encode (a precommit, v1.0)."""
-    msg, resp, item = _vote_request(keys.generate("ed25519"))
-    decode, encode = pb.decode_request, pb.encode_response
-
-    def both() -> bytes:
-        decode(msg, FAMILY)
-        return encode(resp, FAMILY)
-
-    out = benchmark(both)
-    assert proto.decode_response(out, FAMILY).vote.signature == resp.vote.signature
-    assert proto.decode_request(msg, FAMILY).vote.height == item.height
-
-
-def test_bench_kernel_vote_sign_bytes(benchmark, pb) -> None:
-    """Canonical vote sign bytes (a non-nil precommit with timestamp)."""
-    _, _, item = _vote_request(keys.generate("ed25519"))
-    vote = item.request.vote  # type: ignore[union-attr]
-    sign_bytes: Callable[[str, Any], bytes] = pb.vote_sign_bytes
-    assert benchmark(sign_bytes, CHAIN, vote) == item.sign_bytes

@@ -184,15 +184,21 @@ def write_histogram(res: BenchResult, path: str | Path, title: str) -> str | Non
             f"--histogram {path}: matplotlib is not installed "
             "(pip install matplotlib); no histogram written"
         )
+    from nebula.bench.stats import percentile
+
+    s = res.summary()
+    ms = sorted(r * 1000.0 for r in res.rtts)
+    # The tail beyond p99.5 would squash the body of the histogram; say how many are cut.
+    hi = max(percentile(ms, 99.5), s.p99) * 1.1
+    cut = sum(1 for v in ms if v > hi)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for kind in kinds_present(res):
         vals = [r * 1000.0 for r, k in zip(res.rtts, res.kinds, strict=True) if k == kind]
-        ax.hist(vals, bins=100, alpha=0.55, label=kind)
-    s = res.summary()
+        ax.hist(vals, bins=120, range=(0.0, hi), alpha=0.55, label=kind)
     for q, v in (("p50", s.p50), ("p99", s.p99)):
         ax.axvline(v, linestyle="--", linewidth=1, color="black")
         ax.text(v, ax.get_ylim()[1] * 0.95, f" {q} {v:.3f} ms", fontsize=8)
-    ax.set_xlabel("round trip (ms)")
+    ax.set_xlabel(f"round trip (ms); {cut} slower requests (> {hi:.2f} ms) not shown")
     ax.set_ylabel("requests")
     ax.set_title(title)
     ax.legend()
