@@ -93,6 +93,7 @@ class SigningService:
         self.on_refused = on_refused
         self.last_phases = Phases()
         self.metrics = metrics
+        self._replicated = hasattr(store, "transfer_leadership")
 
     # ---- dispatch --------------------------------------------------------------------
 
@@ -253,6 +254,8 @@ class SigningService:
                 m.phase("guard", t1 - t0)
                 m.phase("sign", t2 - t1)
                 m.phase("replicate", t3 - t2)
+                if self._replicated:
+                    m.raft_commit_seconds.observe(t3 - t2)
             if decision.verdict == Verdict.REFUSE:
                 assert decision.error is not None
                 raise decision.error

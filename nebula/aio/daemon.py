@@ -23,7 +23,7 @@ from nebula.backends.base import Backend
 from nebula.config import LoadedConfig, parse_hostport
 from nebula.errors import ConfigError
 from nebula.guard import SignRecord
-from nebula.metrics import HealthServer, Metrics
+from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
 from nebula.service import SigningService
 from nebula.state.base import (
     SignStore,
@@ -33,6 +33,9 @@ from nebula.state.base import (
 )
 
 log = logging.getLogger("nebula.daemon")
+
+# /readyz: a follower is ready only while it hears from its leader.
+READY_HEARD_WITHIN = 2.0
 
 
 def make_backend(cfg: LoadedConfig) -> Backend:
@@ -130,8 +133,8 @@ class Daemon:
             self.metrics.last_height.labels(chain_id).set(rec.height)
             self.metrics.last_round.labels(chain_id).set(rec.round)
             self.metrics.last_step.labels(chain_id).set(rec.step)
-        if hasattr(self.store, "attach_metrics"):
-            self.store.attach_metrics(self.metrics)
+        if hasattr(self.store, "status"):
+            self._bg.add(loop.create_task(self._raft_gauges(), name="raft gauges"))
         if raw.metrics.listen:
             host, port = parse_hostport(raw.metrics.listen, "metrics.listen")
             self.health = HealthServer(self.metrics, host, port, self.ready)
@@ -195,6 +198,20 @@ class Daemon:
                 task = asyncio.get_running_loop().create_task(dialer.stop())
                 self._bg.add(task)  # keep a reference until it is done
                 task.add_done_callback(self._bg.discard)
+
+    async def _raft_gauges(self) -> None:
+        """Keep the Raft role/term/leader gauges current (cheap: once a second)."""
+        m, store = self.metrics, self.store
+        assert m is not None and store is not None
+        while True:
+            try:
+                st = store.status()  # type: ignore[attr-defined]
+                m.raft_role.set(ROLE_VALUES.get(st.get("role", ""), 0))
+                m.raft_term.set(st.get("term") or 0)
+                m.raft_leader.set(st.get("leader_id") or 0)
+            except Exception:
+                log.debug("raft status for metrics failed", exc_info=True)
+            await asyncio.sleep(1.0)
 
     # ---- admin commands (nebula status / leader transfer / state / cluster) ------------
 
@@ -278,8 +295,13 @@ class Daemon:
         st = status()
         if store.is_authoritative():
             return True, f"ready: leader with quorum (term {st.get('term')})"
-        if st.get("leader_id") is not None and st.get("role") == "follower":
-            return True, f"ready: follower of node {st.get('leader_id')}"
+        leader = st.get("leader_id")
+        if leader is not None and st.get("role") == "follower":
+            peer = (st.get("peers") or {}).get(leader) or {}
+            heard = peer.get("last_heard_s")
+            if heard is not None and heard < READY_HEARD_WITHIN:
+                return True, f"ready: follower of node {leader} (heard {heard:.2f}s ago)"
+            return False, f"not ready: leader node {leader} not heard from recently"
         return False, f"not ready: role {st.get('role')}, no known leader"
 
     def request_stop(self) -> None:
@@ -289,6 +311,8 @@ class Daemon:
         await self._stop.wait()
 
     async def close(self) -> None:
+        for task in list(self._bg):
+            task.cancel()
         if self.admin is not None:
             await self.admin.close()
         if self.health is not None:

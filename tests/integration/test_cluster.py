@@ -7,6 +7,7 @@ fails on any two different signatures for one (chain, height, round, step).
 from __future__ import annotations
 
 import asyncio
+import urllib.error
 import os
 import signal
 import time
@@ -246,3 +247,51 @@ def test_no_secret_no_start(tmp_path) -> None:
     assert "secret" in node.log_text().lower()
     (d.home / "cluster_secret").chmod(0o644)
     os.chmod(d.home / "cluster_secret", 0o644)
+
+
+def test_raft_metrics_and_readiness(tmp_path) -> None:
+    import urllib.request
+
+    key = generate("ed25519")
+    addrs = _addrs(1)
+    cluster = ProcCluster(tmp_path, 3, key=key, chain_id=CHAIN, connections=addrs, metrics=True)
+    auditor = Auditor("ed25519", key.public_key)
+
+    def scrape(nid: int, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{cluster.metrics_ports[nid - 1]}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                await _sign_heights(d, 1, 5)
+                leader = await cluster.wait_leader()
+                await asyncio.sleep(1.5)  # the gauges refresh once a second
+                loop = asyncio.get_running_loop()
+                for nid in cluster.nodes:
+                    code, body = await loop.run_in_executor(None, scrape, nid, "/metrics")
+                    assert code == 200
+                    role = 2.0 if nid == leader else 0.0
+                    assert f"nebula_raft_role {role}" in body
+                    assert f"nebula_raft_leader_id {float(leader)}" in body
+                    if nid == leader:
+                        assert "nebula_raft_commit_seconds_count 10.0" in body
+                    code, text = await loop.run_in_executor(None, scrape, nid, "/readyz")
+                    assert code == 200, text
+                    assert ("leader" if nid == leader else "follower") in text
+                follower = next(n for n in cluster.nodes if n != leader)
+                others = [n for n in cluster.nodes if n != follower]
+                for n in others:
+                    cluster.nodes[n].kill()
+                await asyncio.sleep(3)
+                code, text = await loop.run_in_executor(None, scrape, follower, "/readyz")
+                assert code == 503, text
+                code, _ = await loop.run_in_executor(None, scrape, follower, "/healthz")
+                assert code == 200
+
+    asyncio.run(main())
+    auditor.check()

@@ -158,6 +158,7 @@ class ProcCluster:
         commit_timeout: float = 1.0,
         extra: str = "",
         signing: str | None = None,
+        metrics: bool = False,
     ) -> None:
         self.base = Path(base)
         self.n = n
@@ -173,6 +174,7 @@ class ProcCluster:
                         self.proxies[(i, j)] = Proxy(next(pp), self.ports[j - 1])
         secret = secrets.token_hex(32).encode()
         self.dirs: list[NodeDir] = []
+        self.metrics_ports = free_ports(n) if metrics else []
         for i in range(1, n + 1):
             peers = {
                 j: f"127.0.0.1:{self.proxies[(i, j)].listen_port if (i, j) in self.proxies else self.ports[j - 1]}"
@@ -198,7 +200,12 @@ class ProcCluster:
                     raft=raft,
                     secret=secret,
                     log_level="debug",
-                    extra=extra,
+                    extra=extra
+                    + (
+                        f'\n[metrics]\nlisten = "127.0.0.1:{self.metrics_ports[i - 1]}"\n'
+                        if metrics
+                        else ""
+                    ),
                     signing=signing,
                 )
             )
