@@ -7,7 +7,6 @@ fails on any two different signatures for one (chain, height, round, step).
 from __future__ import annotations
 
 import asyncio
-import urllib.error
 import os
 import signal
 import time
