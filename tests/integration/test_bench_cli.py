@@ -9,6 +9,9 @@ import sys
 import pytest
 
 from nebula.bench.stats import parse_phase_histograms, percentile, phase_means, summarize
+from nebula.crypto.keys import generate
+from nebula.devnet.cluster import NebulaNode, write_node_dir
+from nebula.devnet.ports import free_ports
 from tests.support.nebula_proc import REPO_ROOT
 
 _ORDER = ("min", "p50", "p90", "p99", "max")
@@ -72,6 +75,36 @@ def test_bench_v0_34_unix_table_output() -> None:
     out = p.stdout
     assert "precommit" in out and "replicate" in out and "network + framing" in out
     assert "0 errors: every signature verified" in out
+
+
+def test_bench_against_a_running_signer_from_its_config(tmp_path) -> None:
+    """-c CONFIG: listen on the config's address, scrape its metrics.listen; a second
+    run starts above the signer's last signed height (from its metrics) without errors."""
+    (pv_port, m_port) = free_ports(2)
+    node = write_node_dir(
+        tmp_path / "neb",
+        chain_id="running-chain",
+        version="v0_38",
+        key=generate("ed25519"),
+        connections=[f"tcp://127.0.0.1:{pv_port}"],
+        extra=f'[metrics]\nlisten = "127.0.0.1:{m_port}"',
+        log_level="info",
+    )
+    with NebulaNode(node.config_path, log_path=node.log_path, cwd=node.home):
+        runs = []
+        for _ in range(2):
+            p = _bench("-c", str(node.config_path), "--requests", "40", "--warmup", "5", "--json")
+            assert p.returncode == 0, p.stderr[-3000:] + node.log_path.read_text()[-3000:]
+            runs.append(json.loads(p.stdout))
+    first, second = runs
+    for d in runs:
+        assert d["errors"] == 0 and d["warmup_errors"] == 0
+        assert d["setup"]["chain_id"] == "running-chain" and d["setup"]["version"] == "v0_38"
+        assert d["phases_mean_ms"] is not None
+        _check_latency(d["latency_ms"]["all"], 40)
+    assert first["setup"]["start_height"] == 1
+    # 45 requests = 15 heights of proposal + prevote + precommit
+    assert second["setup"]["start_height"] == 16
 
 
 def test_bench_needs_a_target() -> None:
