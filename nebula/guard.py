@@ -21,8 +21,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from nebula.errors import DoubleSignRefused, RegressionRefused, SigningRefused, StateError
-from nebula.types import Timestamp
+from nebula.errors import (
+    DoubleSignRefused,
+    NebulaError,
+    RegressionRefused,
+    SigningRefused,
+    StateError,
+)
+from nebula.types import Step, Timestamp
 
 
 class Verdict(enum.IntEnum):
@@ -66,12 +72,12 @@ class Decision:
 _ACCEPT = Decision(Verdict.ACCEPT)
 
 
-def _split_timestamp(sign_bytes: bytes) -> tuple[bytes, Timestamp] | None:
+def _split_timestamp(sign_bytes: bytes, proposal: bool) -> tuple[bytes, Timestamp] | None:
     from nebula.proto import canonical_vote_without_timestamp
 
     try:
-        return canonical_vote_without_timestamp(sign_bytes)
-    except Exception:
+        return canonical_vote_without_timestamp(sign_bytes, proposal=proposal)
+    except NebulaError:
         return None
 
 
@@ -118,8 +124,9 @@ def check(
         )
     if sign_bytes == last.sign_bytes:
         return Decision(Verdict.SAME, record=last)
-    new = _split_timestamp(sign_bytes)
-    old = _split_timestamp(last.sign_bytes)
+    is_proposal = step == Step.PROPOSE
+    new = _split_timestamp(sign_bytes, is_proposal)
+    old = _split_timestamp(last.sign_bytes, is_proposal)
     if new is not None and old is not None and new[0] == old[0]:
         return Decision(Verdict.SAME_TIMESTAMP, record=last, timestamp=old[1])
     return Decision(

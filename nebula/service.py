@@ -204,7 +204,9 @@ class SigningService:
         except SigningRefused as e:
             self._refused(req.chain_id, e.reason, hrs, str(e))
             code, desc = wire_error(e)
-            return SignedProposalResponse(proposal=Proposal(), error=RemoteSignerError(code, desc))
+            return SignedProposalResponse(
+                proposal=Proposal(type=0), error=RemoteSignerError(code, desc)
+            )
         out = dataclasses.replace(p, signature=rec.signature)
         if ts is not None:
             out.timestamp = ts

@@ -108,3 +108,23 @@ def test_apply_moves_state_only_on_accept() -> None:
 def test_apply_refuses_records_without_signature() -> None:
     _, d = apply(None, SignRecord(1, 0, 2, b"sb", b""))
     assert d.verdict == Verdict.REFUSE
+
+
+def test_proposal_timestamp_only_difference() -> None:
+    from nebula.types import Proposal
+
+    def prop(ts: Timestamp) -> bytes:
+        return proto.proposal_sign_bytes(
+            CHAIN,
+            Proposal(
+                height=9,
+                round=1,
+                pol_round=-1,
+                block_id=BlockID(b"\x03" * 32, PartSetHeader(1, b"\x04" * 32)),
+                timestamp=ts,
+            ),
+        )
+
+    stored = prop(Timestamp(1_700_000_000, 0))
+    d = check(rec(9, 1, 1, stored, b"p"), 9, 1, 1, prop(Timestamp(1_700_000_100, 0)))
+    assert d.verdict == Verdict.SAME_TIMESTAMP and d.timestamp == Timestamp(1_700_000_000, 0)
