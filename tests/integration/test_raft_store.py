@@ -174,7 +174,7 @@ def test_version_pin_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
 # ---- in-process clusters ---------------------------------------------------------------
 
 
-def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+def test_refuses_to_start_without_a_secret_or_on_unsafe_state(tmp_path: Path) -> None:
     async def go() -> None:
         (port,) = free_ports(1)
         peers = {0: f"127.0.0.1:{port}"}
@@ -183,6 +183,26 @@ def test_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
                 RaftStore(0, peers[0], peers, tmp_path / "d", secret)  # type: ignore[arg-type]
         # nothing was started: the port is still free and no journal was written
         assert not (tmp_path / "d" / "raft.journal").exists()
+        # one process per data directory
+        store = RaftStore(0, peers[0], peers, tmp_path / "d", SECRET)
+        try:
+            with pytest.raises(StateError, match="in use"):
+                RaftStore(0, peers[0], peers, tmp_path / "d", SECRET)
+        finally:
+            await store.close()
+        # a corrupted snapshot: refuse to start rather than forget the high-water mark
+        snap = tmp_path / "d" / "raft.snapshot"
+        snap.write_bytes(
+            encode_snapshot({b"c": rec(5, b"x")}, (b"\x01", 3, 1), (b"\x01", 2, 1), [])
+        )
+        snap.write_bytes(snap.read_bytes().replace(b'"c"', b'"d"', 1).replace(b"63", b"64", 1))
+        with pytest.raises(StateError, match="checksum"):
+            RaftStore(0, peers[0], peers, tmp_path / "d", SECRET)
+        # bad configuration is a ConfigError, not a crash
+        with pytest.raises(ConfigError, match="peers must include"):
+            RaftStore(5, peers[0], peers, tmp_path / "e", SECRET)
+        with pytest.raises(ConfigError, match="timeouts"):
+            RaftStore(0, peers[0], peers, tmp_path / "e", SECRET, election_timeout_min=0.1)
 
     run(go())
 
@@ -241,8 +261,9 @@ async def leader_of(stores: list[RaftStore], timeout: float = 10.0) -> RaftStore
     raise TimeoutError("no leader")
 
 
+@pytest.mark.parametrize("driver", ["loop", "thread"])
 def test_every_entry_is_durable_before_it_is_acknowledged_or_applied(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
 ) -> None:
     """The S1 ordering, checked at the two points where it matters:
 
@@ -289,7 +310,7 @@ def test_every_entry_is_durable_before_it_is_acknowledged_or_applied(
 
     async def go(base: Path, n_commits: int, break_sync: bool) -> tuple[list[str], list[int]]:
         violations.clear()
-        async with local_cluster(base) as (stores, _):
+        async with local_cluster(base, common={"driver": driver}) as (stores, _):
             by_obj.clear()
             by_obj.update({id(s._obj): s for s in stores})
             leader = await leader_of(stores)
@@ -311,9 +332,10 @@ def test_every_entry_is_durable_before_it_is_acknowledged_or_applied(
     assert any("acked" in v for v in found) and any("applied" in v for v in found)
 
 
-def test_commit_semantics_and_fail_closed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("driver", ["loop", "thread"])
+def test_commit_semantics_and_fail_closed(tmp_path: Path, driver: str) -> None:
     async def go() -> None:
-        async with local_cluster(tmp_path) as (stores, _):
+        async with local_cluster(tmp_path, common={"driver": driver}) as (stores, _):
             leader = await leader_of(stores)
             follower = next(s for s in stores if s is not leader)
             d = await leader.commit(CHAIN, rec(10, b"block-10"))
@@ -417,12 +439,20 @@ def test_initial_state_only_raises_the_mark_and_reaches_every_node(tmp_path: Pat
             assert all(s.last(CHAIN) == imported[CHAIN] for s in stores)
             assert (await leader.commit(CHAIN, rec(100, b"x", r=2, s=2))).verdict == Verdict.REFUSE
             assert (await leader.commit(CHAIN, rec(101, b"b101"))).verdict == Verdict.ACCEPT
+            # The runtime import (daemon admin "import") goes through the log too.
+            assert not await leader.raise_to(CHAIN, SignRecord(50, 0, 3, b"", b""))
+            assert await leader.raise_to(CHAIN, SignRecord(200, 0, 1, b"", b""))
+            assert (await leader.commit(CHAIN, rec(200, b"b200", s=1))).verdict == Verdict.REFUSE
+            assert (await leader.commit(CHAIN, rec(200, b"b200", s=2))).verdict == Verdict.ACCEPT
+            follower = next(s for s in stores if s is not leader)
+            with pytest.raises(NotLeader):
+                await follower.raise_to(CHAIN, SignRecord(300, 0, 1, b"", b""))
         # Restarting with an older import changes nothing.
         older = {CHAIN: SignRecord(90, 0, 3, b"older", b"sig")}
         async with local_cluster(tmp_path, common={"initial": older}) as (stores, _):
             await leader_of(stores)
             await asyncio.sleep(0.5)
-            assert all(s.last(CHAIN) == rec(101, b"b101") for s in stores)
+            assert all(s.last(CHAIN) == rec(200, b"b200") for s in stores)
 
     run(go())
 
@@ -767,3 +797,43 @@ def test_five_node_cluster_survives_two_failures_not_three(cluster_factory) -> N
     released = Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
     assert not any(sb.startswith(b"no-quorum") for sb in released.values())
     converge(c, released, timeout=15)
+
+
+def test_dynamic_membership_add_and_remove_keep_raft_data(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    c = cluster_factory(4, store={"dynamic_membership": True})
+    c.start(members=[0, 1, 2])
+    leader = c.wait_leader()
+    for h in range(1, 11):
+        assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
+    # The new node starts empty, configured with the whole new membership.
+    c.start(3, members=[0, 1, 2, 3])
+    assert "error" not in leader.request("add_member", node=3, addr=f"127.0.0.1:{c.ports[3]}")
+    for h in range(11, 21):
+        assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
+    released = Auditor(lambda: list(c.nodes.values())).check()
+    converge(c, released)
+    assert all(st["members"] == [0, 1, 2, 3] for st in c.statuses().values())
+    # An old member restarted with its old static config learns the change from
+    # its own journal.
+    old = next(i for i in (0, 1, 2) if i != leader.node_id)
+    c.kill(old)
+    c.start(old, members=[0, 1, 2])
+    converge(c, released)
+    assert c.statuses()[old]["members"] == [0, 1, 2, 3]
+    leader = c.wait_leader()
+    if leader.node_id == 3:
+        leader.request("transfer", to=0)
+        leader = c.wait_leader(exclude={3})
+    assert "error" not in leader.request("remove_member", node=3)
+    for h in range(21, 31):
+        assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
+    c.kill(3)
+    # Full restart with the original configs: state and membership come from the log.
+    for i in (0, 1, 2):
+        c.kill(i)
+    c.start(members=[0, 1, 2])
+    leader = c.wait_leader()
+    assert all(st["members"] == [0, 1, 2] for st in c.statuses().values())
+    assert leader.commit(30, b"other")["verdict"] == "REFUSE"
+    assert leader.commit(31, b"b31")["verdict"] == "ACCEPT"
+    converge(c, Auditor(lambda: [*c.nodes.values(), *c.retired]).check())

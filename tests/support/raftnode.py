@@ -397,20 +397,20 @@ class Cluster:
         self.nodes: dict[int, NodeProcess] = {}
         self.retired: list[NodeProcess] = []
 
-    def peers_of(self, i: int) -> dict[str, str]:
+    def peers_of(self, i: int, members: list[int] | None = None) -> dict[str, str]:
         out = {}
-        for j in range(self.n):
+        for j in range(self.n) if members is None else members:
             if j == i or (i, j) not in self.proxies:
                 out[str(j)] = f"127.0.0.1:{self.ports[j]}"
             else:
                 out[str(j)] = f"127.0.0.1:{self.proxies[(i, j)].listen_port}"
         return out
 
-    def config(self, i: int) -> dict[str, Any]:
+    def config(self, i: int, members: list[int] | None = None) -> dict[str, Any]:
         return {
             "node_id": i,
             "bind": f"127.0.0.1:{self.ports[i]}",
-            "peers": self.peers_of(i),
+            "peers": self.peers_of(i, members),
             "data": str(self.base / f"node{i}"),
             "secret": self.secret.hex(),
             "loop": self.loop,
@@ -418,12 +418,15 @@ class Cluster:
             "initial": self.initial,
         }
 
-    def start(self, i: int | None = None, wait: bool = True) -> None:
-        ids = range(self.n) if i is None else [i]
+    def start(
+        self, i: int | None = None, wait: bool = True, members: list[int] | None = None
+    ) -> None:
+        """Start node ``i`` (or all); ``members`` limits the peers it is configured with."""
+        ids = (range(self.n) if members is None else members) if i is None else [i]
         for k in ids:
             if k in self.nodes:
                 self.retired.append(self.nodes.pop(k))
-            self.nodes[k] = NodeProcess(self.config(k), self.base / f"node{k}.log")
+            self.nodes[k] = NodeProcess(self.config(k, members), self.base / f"node{k}.log")
         if wait:
             for k in ids:
                 self.nodes[k].wait_ready()
