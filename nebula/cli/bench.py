@@ -76,6 +76,11 @@ def register(subparsers: Any) -> None:
         help="vote extension size on precommits (v0_38, v1_0)",
     )  # fmt: skip
     w.add_argument("--accept-timeout", type=float, default=60.0, metavar="SECONDS")
+    w.add_argument(
+        "--handshakes", type=int, default=20, metavar="N",
+        help="after the run, drop the connection N times and time each re-dial's "
+        "SecretConnection handshake (TCP; 0: skip)",
+    )  # fmt: skip
     o = s.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the results as JSON")
     o.add_argument("--histogram", metavar="FILE.png", help="latency histogram (needs matplotlib)")
@@ -145,8 +150,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("give either --local N or --listen/-c, not both")
     if args.local is None and not (args.listen or args.config):
         raise ConfigError("give --local N, or --listen ADDR / -c CONFIG for a running Nebula")
-    if args.requests < 1 or args.warmup < 0:
-        raise ConfigError("--requests must be >= 1 and --warmup >= 0")
+    if args.requests < 1 or args.warmup < 0 or args.handshakes < 0:
+        raise ConfigError("--requests must be >= 1, --warmup and --handshakes >= 0")
     chain_id, family, listen, metrics = _resolve(args)
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar, update = _progress(show_progress, args.requests + args.warmup)
@@ -164,6 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             extension_size=args.extension_size,
             accept_timeout=args.accept_timeout,
             metrics_targets=targets,
+            handshakes=args.handshakes,
         )
         try:
             if bar is not None:

@@ -37,7 +37,7 @@ def _check_latency(block: dict, count: int) -> None:
 
 
 def test_bench_local_single_node_json() -> None:
-    p = _bench("--local", "1", "--requests", "200", "--warmup", "30", "--json")
+    p = _bench("--local", "1", "--requests", "200", "--warmup", "30", "--handshakes", "3", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     d = json.loads(p.stdout)
     assert d["requests"] == 200
@@ -58,6 +58,8 @@ def test_bench_local_single_node_json() -> None:
     assert d["signatures_verified"] == 200 + 66
     assert d["throughput_rps"] > 0 and d["duration_s"] > 0
     assert d["handshake_ms"] > 0
+    hs = d["handshakes_ms"]
+    assert hs["count"] == 3 and 0 < hs["min"] <= hs["p50"] <= hs["max"]
     ph = d["phases_mean_ms"]
     assert ph is not None, d["phases_note"]
     for name in ("receive_decode", "guard", "sign", "replicate", "encode_send", "total"):
@@ -75,6 +77,7 @@ def test_bench_v0_34_unix_table_output() -> None:
     out = p.stdout
     assert "precommit" in out and "replicate" in out and "network + framing" in out
     assert "0 errors: every signature verified" in out
+    assert "re-dials" not in out  # no handshake on a unix socket
 
 
 def test_bench_against_a_running_signer_from_its_config(tmp_path) -> None:
