@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Any
 
@@ -141,6 +142,10 @@ def _progress(enabled: bool, total: int):  # type: ignore[no-untyped-def]
     return bar, update
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nebula.bench import runner
     from nebula.bench.client import BlockingListener
@@ -181,6 +186,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.local is not None:
         from nebula.bench.local import LocalSigners
+
+        # The nodes run in their own sessions; a SIGTERM to the bench must still stop
+        # them, so turn it into an exit that unwinds through ``with signers``.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
         signers = LocalSigners(
             args.local,
