@@ -35,7 +35,7 @@ class LocalSigners:
         version: str,
         transport: str = "tcp",
         key_type: str = "ed25519",
-        workdir: Path | None = None,
+        parent: Path | None = None,
         keep: bool = False,
         log_level: str = "info",
     ) -> None:
@@ -50,8 +50,9 @@ class LocalSigners:
         self.key: SigningKey = generate(key_type)
         self.keep = keep
         self.log_level = log_level
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="nebula-bench-"))
+        # A fresh directory under ``parent`` (the system temp dir by default): the disk
+        # that holds the sign state is what the durable writes are measured on.
+        self.workdir = Path(tempfile.mkdtemp(prefix="nebula-bench-", dir=parent))
         if transport == "unix":
             self.listen_address = f"unix://{self.workdir / 'privval.sock'}"
         else:
@@ -95,7 +96,7 @@ class LocalSigners:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop(timeout=10)
-        if self._own_dir and not self.keep:
+        if not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalSigners:

@@ -20,6 +20,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from nebula.errors import ConfigError, NebulaError
@@ -86,6 +87,11 @@ def register(subparsers: Any) -> None:
     o.add_argument("--json", action="store_true", help="print the results as JSON")
     o.add_argument("--histogram", metavar="FILE.png", help="latency histogram (needs matplotlib)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument(
+        "--workdir", metavar="DIR",
+        help="create the --local node directories under DIR (default: the temp dir); "
+        "the sign state's fsyncs are measured on that disk",
+    )  # fmt: skip
     o.add_argument("--keep", action="store_true", help="keep the --local node directories")
     s.set_defaults(func=cmd_bench)
 
@@ -198,12 +204,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             transport=args.transport,
             key_type=args.key_type,
             keep=args.keep,
+            parent=Path(args.workdir) if args.workdir else None,
         )
         setup: dict[str, Any] = {
             "mode": f"local {args.local} node{'s' if args.local > 1 else ''}",
             "nodes": args.local,
             "persist": signers.persist,
             "transport": args.transport,
+            "workdir": str(signers.workdir.parent),
         }
         with signers:
             try:
