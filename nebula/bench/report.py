@@ -165,6 +165,12 @@ def print_report(res: BenchResult, setup: dict[str, Any], *, file: Any = None) -
         f"({res.signatures_verified} signatures); first handshake {data['handshake_ms']:.2f} ms"
     )
     console.print(summary)
+    disk = setup.get("disk_fdatasync_ms")
+    if disk:
+        console.print(
+            f"disk under the sign state: pwrite+fdatasync p50 {disk['p50']:.3f} ms, "
+            f"p99 {disk['p99']:.3f} ms (the floor of every durable write)"
+        )
     hs = data["handshakes_ms"]
     if hs:
         console.print(

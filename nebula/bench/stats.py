@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -17,6 +20,7 @@ __all__ = [
     "parse_phase_histograms",
     "percentile",
     "phase_means",
+    "probe_fdatasync",
     "scrape",
     "summarize",
 ]
@@ -66,6 +70,31 @@ def summarize(seconds: Iterable[float]) -> Summary:
         p99=percentile(ms, 99),
         max=ms[-1],
     )
+
+
+def probe_fdatasync(directory: str | os.PathLike[str], n: int = 200) -> Summary:
+    """Latency of one durable 512-byte overwrite (pwrite + fdatasync) in ``directory``.
+
+    The floor under any durable sign-state write on that disk; the file is written
+    (not just allocated) first, so each fdatasync flushes data, not metadata.
+    """
+    path = os.path.join(os.fspath(directory), ".nebula-bench-fsync-probe")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.pwrite(fd, bytes(4096), 0)
+        os.fsync(fd)
+        block = os.urandom(512)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.pwrite(fd, block, 0)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return summarize(times)
 
 
 # ---- Prometheus ------------------------------------------------------------------------

@@ -153,7 +153,7 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from nebula.bench import runner
+    from nebula.bench import runner, stats
     from nebula.bench.client import BlockingListener
     from nebula.bench.report import print_report, to_json, write_histogram
 
@@ -213,6 +213,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "transport": args.transport,
             "workdir": str(signers.workdir.parent),
         }
+        probe = stats.probe_fdatasync(signers.workdir)
+        setup["disk_fdatasync_ms"] = {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)}
         with signers:
             try:
                 res = run(signers.listen_address, signers.metrics_targets)

@@ -43,6 +43,8 @@ def test_bench_local_single_node_json() -> None:
     assert d["requests"] == 200
     assert d["errors"] == 0 and d["warmup_errors"] == 0 and d["error_samples"] == []
     assert d["setup"]["nodes"] == 1 and d["setup"]["persist"] == "local"
+    disk = d["setup"]["disk_fdatasync_ms"]
+    assert 0 < disk["p50"] <= disk["p99"]
     assert d["setup"]["version"] == "v1_0" and d["setup"]["key_type"] == "ed25519"
     lat = d["latency_ms"]
     _check_latency(lat["all"], 200)
