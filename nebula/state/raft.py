@@ -1022,6 +1022,15 @@ def _patched(
 # ---- the store -------------------------------------------------------------------------
 
 
+def _expire(fut: asyncio.Future, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(
+            ReplicationError(
+                f"raft commit not confirmed within {timeout:g}s: outcome unknown, nothing released"
+            )
+        )
+
+
 class RaftStore(SignStore):
     """A :class:`SignStore` replicated by Raft among ``peers`` (see module docstring).
 
@@ -1590,16 +1599,14 @@ class RaftStore(SignStore):
             )
         fut: asyncio.Future = self._loop.create_future()
         self._pending.add(fut)
+        # The deadline resolves the future first; a late callback then finds it done
+        # and releases nothing.
+        expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
         try:
             method(chain_id.encode(), *_fields(record), callback=self._callback(fut))
-            try:
-                res, err = await asyncio.wait_for(fut, self.commit_timeout)
-            except TimeoutError:
-                raise ReplicationError(
-                    f"raft commit not confirmed within {self.commit_timeout:g}s: outcome "
-                    "unknown, nothing released"
-                ) from None
+            res, err = await fut
         finally:
+            expiry.cancel()
             self._pending.discard(fut)
         if err != FAIL_REASON.SUCCESS:
             name = _FAIL_NAMES.get(err, str(err))
