@@ -59,6 +59,9 @@ class RaftConfig(_Strict):
     commit_timeout: float = 1.0
     election_timeout_min: float = 0.4
     election_timeout_max: float = 0.8
+    # Allow `nebula cluster add|remove` (must be the same on every member; membership then
+    # lives in the Raft log rather than in `peers`).
+    dynamic_membership: bool = False
 
 
 class NativeSigning(_Strict):
@@ -374,6 +377,7 @@ secret_path = "./cluster_secret"   # required for raft; 0600; the same on every 
 commit_timeout = 1.0               # seconds; a decision not committed by then is refused
 election_timeout_min = 0.4
 election_timeout_max = 0.8
+dynamic_membership = false         # true allows `nebula cluster add|remove` (same on all)
 [[raft.peers]]
 id = 1
 addr = "127.0.0.1:8080"

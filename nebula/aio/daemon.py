@@ -98,6 +98,7 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
         commit_timeout=r.commit_timeout,
         election_timeout_min=r.election_timeout_min,
         election_timeout_max=r.election_timeout_max,
+        dynamic_membership=r.dynamic_membership,
         loop=loop,
     )
 
