@@ -272,12 +272,19 @@ atexit.register(_kill_leftovers)
 _ROLE_RE = re.compile(rb"raft node \d+ (is the leader|is no longer the leader)")
 
 
-def _child_env() -> dict[str, str]:
-    """The environment for a child: it imports the very ``nebula`` this process runs."""
+def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: it imports the very ``nebula`` this process runs.
+
+    ``extra`` variables are added (overriding ours), except ``PYTHONPATH``: its entries go
+    in front of the path that finds this ``nebula``.
+    """
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    extra = dict(extra or {})
+    first = extra.pop("PYTHONPATH", None)
     root = str(Path(nebula.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [first, root, env.get("PYTHONPATH")]))
+    env.update(extra)
     return env
 
 
@@ -286,12 +293,20 @@ class NebulaNode:
 
     The child runs in its own session, so a Ctrl-C in the terminal never reaches it:
     the owner decides the shutdown order (``stop()``: SIGTERM, then SIGKILL).
+    ``env`` adds variables to the child's environment (a ``PYTHONPATH`` given there is
+    searched first), e.g. to load test-only fault hooks.
     """
 
     def __init__(
-        self, config_path: Path, *, log_path: Path | None = None, cwd: Path | None = None
+        self,
+        config_path: Path,
+        *,
+        log_path: Path | None = None,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.config_path = Path(config_path)
+        self.env = dict(env or {})
         self.home = self.config_path.parent
         self.log_path = Path(log_path) if log_path is not None else self.home / LOG_NAME
         self.cwd = Path(cwd) if cwd is not None else self.home
@@ -309,7 +324,7 @@ class NebulaNode:
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env=_child_env(self.env),
                 start_new_session=True,
             )
         with _LIVE_LOCK:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,9 @@ class ProcCluster:
         extra: str = "",
         signing: str | None = None,
         metrics: bool = False,
+        node_env: Callable[[int], Mapping[str, str]] | None = None,
     ) -> None:
+        """``node_env(node_id)``: extra environment variables for that node's process."""
         self.base = Path(base)
         self.n = n
         self.key = key
@@ -210,7 +213,13 @@ class ProcCluster:
                 )
             )
         self.nodes = {
-            d.node_id: NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home) for d in self.dirs
+            d.node_id: NebulaNode(
+                d.config_path,
+                log_path=d.log_path,
+                cwd=d.home,
+                env=node_env(d.node_id) if node_env is not None else None,
+            )
+            for d in self.dirs
         }
         self._sockets = {
             d.node_id: admin.socket_path(load_config(d.config_path)) for d in self.dirs
