@@ -16,8 +16,9 @@
         ├── DoubleSignRefused       same HRS, conflicting data
         ├── RegressionRefused       height / round / step regression
         ├── InvalidRequest          well-formed protobuf that makes no sense (unknown type, bad ext)
-        ├── NotLeader               this node is not the Raft leader
-        ├── ReplicationError        Raft timeout, lost quorum, unknown outcome
+        ├── Unavailable             "cannot decide right now": the connection is dropped
+        │   ├── NotLeader           this node is not the Raft leader
+        │   └── ReplicationError    Raft timeout, lost quorum, unknown outcome
         ├── StateError              the durable state could not be read or written
         └── BackendError            the signing backend failed (Vault down, wrong key, ...)
 
@@ -89,11 +90,21 @@ class InvalidRequest(SigningRefused):
     reason = "invalid_request"
 
 
-class NotLeader(SigningRefused):
+class Unavailable(SigningRefused):
+    """Nothing was decided and nothing was signed, but another attempt may succeed.
+
+    CometBFT never retries a request answered with a RemoteSignerError (a single
+    validator then waits forever for its own vote), but it retries transport errors
+    with the identical request.  So these are not answered: the connection is dropped,
+    the node retries, and whichever node leads then decides through the guard.
+    """
+
+
+class NotLeader(Unavailable):
     reason = "not_leader"
 
 
-class ReplicationError(SigningRefused):
+class ReplicationError(Unavailable):
     reason = "replication"
 
 

@@ -31,6 +31,7 @@ from nebula.errors import (
     NotLeader,
     SigningRefused,
     StateError,
+    Unavailable,
     wire_error,
 )
 from nebula.guard import SignRecord, Verdict
@@ -162,6 +163,8 @@ class SigningService:
             rec, ts = await self._decide(hrs, sign_bytes, ext_bytes)
         except SigningRefused as e:
             self._refused(req.chain_id, e.reason, hrs, str(e))
+            if isinstance(e, Unavailable):
+                raise  # the connection is dropped and the node retries (errors.Unavailable)
             code, desc = wire_error(e)
             return SignedVoteResponse(vote=Vote(), error=RemoteSignerError(code, desc))
 
@@ -203,6 +206,8 @@ class SigningService:
             rec, ts = await self._decide(hrs, sign_bytes, b"")
         except SigningRefused as e:
             self._refused(req.chain_id, e.reason, hrs, str(e))
+            if isinstance(e, Unavailable):
+                raise
             code, desc = wire_error(e)
             return SignedProposalResponse(
                 proposal=Proposal(type=0), error=RemoteSignerError(code, desc)

@@ -168,3 +168,27 @@ def test_sign_bytes_request_is_refused(tmp_path, key) -> None:
     svc = make(tmp_path, key, WireFamily.V1_0)
     r = run(svc, SignBytesRequest(proto.vote_sign_bytes(CHAIN, vote())))
     assert r.error is not None and r.signature == b""
+
+
+class _NoLeaderStore(LocalStore):
+    def is_authoritative(self) -> bool:
+        return False
+
+
+def test_cannot_decide_now_raises_instead_of_answering(tmp_path, key) -> None:
+    """NotLeader / replication trouble must not become a RemoteSignerError: CometBFT never
+    retries those, and a single validator would then wait forever for its own prevote."""
+    from nebula.errors import NotLeader, Unavailable
+
+    svc = SigningService(
+        CHAIN, WireFamily.V0_38, NativeBackend(key), _NoLeaderStore(tmp_path / "s.json")
+    )
+    with pytest.raises(NotLeader) as ei:
+        run(svc, SignVoteRequest(vote(), CHAIN))
+    assert isinstance(ei.value, Unavailable)
+    with pytest.raises(Unavailable):
+        run(
+            svc,
+            SignProposalRequest(Proposal(height=1, round=0, pol_round=-1, block_id=BLOCK), CHAIN),
+        )
+    assert svc.store.last(CHAIN) is None
