@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import time
 
 from nebula import proto
@@ -80,7 +81,17 @@ class ValidatorConnection:
         return proto.decode_response(msg, self.family)
 
     def set_timeout(self, seconds: float | None) -> None:
-        self.sock.settimeout(seconds)
+        """Fail a send or receive that blocks longer than ``seconds`` (None: never).
+
+        The socket stays in blocking mode with kernel timeouts (SO_RCVTIMEO/SO_SNDTIMEO):
+        Python's own ``settimeout`` would poll() before every recv, one more syscall
+        inside the timed window.  A timeout surfaces as an OSError (EAGAIN).
+        """
+        self.sock.settimeout(None)
+        secs = 0.0 if seconds is None else max(seconds, 1e-6)
+        tv = struct.pack("ll", int(secs), int((secs - int(secs)) * 1_000_000))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

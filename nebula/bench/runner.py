@@ -212,7 +212,12 @@ def run(
                     msg, rtt = conn.roundtrip(item.wire)
                     break
                 except (OSError, ProtocolError) as e:
-                    res.add_error(f"{item.kind} h={item.height}: connection lost: {e}")
+                    why = (
+                        f"no response within {opts.request_timeout}s"
+                        if isinstance(e, BlockingIOError)
+                        else f"connection lost: {e}"
+                    )
+                    res.add_error(f"{item.kind} h={item.height}: {why}")
                     conn.close()
                     if res.reconnects >= opts.max_reconnects:
                         raise NebulaError(
