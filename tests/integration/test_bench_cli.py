@@ -8,10 +8,14 @@ import sys
 
 import pytest
 
+from nebula import proto
+from nebula.bench.runner import Verifier
 from nebula.bench.stats import parse_phase_histograms, percentile, phase_means, summarize
+from nebula.bench.workload import plan
 from nebula.crypto.keys import generate
 from nebula.devnet.cluster import NebulaNode, write_node_dir
 from nebula.devnet.ports import free_ports
+from nebula.types import RemoteSignerError, SignedVoteResponse, Vote, WireFamily
 from tests.support.nebula_proc import REPO_ROOT
 
 _ORDER = ("min", "p50", "p90", "p99", "max")
@@ -145,3 +149,60 @@ def test_phase_means_from_scrapes() -> None:
     assert before.last_heights == {"c": 7}
     means = phase_means(before, after)
     assert means == {"sign": {"count": 10.0, "mean_ms": pytest.approx(50.0)}}
+
+
+# ---- the verifier: every kind of bad answer is an error ---------------------------------
+
+
+def _answers():
+    key = generate("ed25519")
+    fam = WireFamily.V1_0
+    items = plan("c", fam, start_height=3, count=3, validator_address=key.address)
+    verifier = Verifier("c", fam, key.key_type, key.public_key)
+
+    def vote_answer(item, *, sig=None, ext_sig=None, error=None) -> bytes:
+        v = item.request.vote
+        out = Vote(
+            type=v.type,
+            height=v.height,
+            round=v.round,
+            block_id=v.block_id,
+            timestamp=v.timestamp,
+            validator_address=v.validator_address,
+            signature=key.sign(item.sign_bytes) if sig is None else sig,
+            extension_signature=(
+                (key.sign(item.ext_sign_bytes) if item.ext_sign_bytes else b"")
+                if ext_sig is None
+                else ext_sig
+            ),
+        )
+        if error is not None:
+            return proto.encode_response(SignedVoteResponse(Vote(), error), fam)
+        return proto.encode_response(SignedVoteResponse(out), fam)
+
+    return items, verifier, vote_answer
+
+
+def test_verifier_accepts_good_answers_and_counts_extension_signatures() -> None:
+    items, verifier, answer = _answers()
+    _, prevote, precommit = items
+    assert verifier.check(prevote, answer(prevote)) == (1, None)
+    assert precommit.ext_sign_bytes  # v1.0 non-nil precommit
+    assert verifier.check(precommit, answer(precommit)) == (2, None)
+
+
+def test_verifier_reports_bad_answers() -> None:
+    items, verifier, answer = _answers()
+    proposal, prevote, precommit = items
+    n, err = verifier.check(prevote, answer(prevote, sig=bytes(64)))
+    assert n == 0 and "does not verify" in err
+    n, err = verifier.check(prevote, answer(prevote, error=RemoteSignerError(2, "double sign")))
+    assert n == 0 and "refused (2) double sign" in err
+    n, err = verifier.check(precommit, answer(precommit, ext_sig=b""))
+    assert "extension signature missing" in err
+    n, err = verifier.check(precommit, answer(precommit, ext_sig=bytes(64)))
+    assert "extension signature does not verify" in err
+    n, err = verifier.check(proposal, answer(prevote))  # a vote answer to a proposal
+    assert n == 0 and "got SignedVoteResponse" in err
+    n, err = verifier.check(prevote, b"\xff\xff")
+    assert n == 0 and "undecodable" in err
