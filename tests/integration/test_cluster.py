@@ -294,3 +294,58 @@ def test_raft_metrics_and_readiness(tmp_path) -> None:
 
     asyncio.run(main())
     auditor.check()
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what an unauthenticated Raft peer would send."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_raft_port_never_accepts_an_unauthenticated_peer(tmp_path) -> None:
+    import pickle
+    import socket
+    import struct
+    import zlib
+
+    from nebula.state.raft import _TransportCipher
+
+    _key, addrs, cluster, auditor = _setup(tmp_path, 3)
+    marker = tmp_path / "pwned"
+
+    def attack(port: int) -> None:
+        payloads = [
+            zlib.compress(pickle.dumps(_Evil(str(marker))), 3),  # pysyncobj without a password
+            _TransportCipher(b"not-the-cluster-secret-0123456789").encrypt_at_time(
+                zlib.compress(pickle.dumps(_Evil(str(marker))), 3), int(time.monotonic())
+            ),  # a well-formed token under the wrong secret
+            os.urandom(300),
+        ]
+        for data in payloads:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(struct.pack("i", len(data)) + data)
+                s.settimeout(3)
+                try:
+                    while s.recv(4096):
+                        pass
+                except (TimeoutError, ConnectionResetError):
+                    pass
+
+    async def main() -> None:
+        with cluster:
+            async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
+                await _sign_heights(d, 1, 3)
+                loop = asyncio.get_running_loop()
+                for port in cluster.ports:
+                    await loop.run_in_executor(None, attack, port)
+                await _sign_heights(d, 4, 3)  # the cluster did not notice
+                for nid in cluster.nodes:
+                    assert cluster.nodes[nid].alive()
+
+    asyncio.run(main())
+    auditor.check()
+    assert not marker.exists(), "an unauthenticated peer got code executed"
