@@ -9,6 +9,7 @@ every error names the key and the file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,8 +268,9 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
 
     d = cfg.dial
     for name in ("handshake_timeout", "backoff_min", "backoff_max", "idle_timeout"):
-        if not getattr(d, name) > 0:  # NaN too
-            raise ConfigError(f"{p}: dial.{name} must be > 0")
+        v = getattr(d, name)
+        if not (v > 0 and math.isfinite(v)):  # NaN and infinity too
+            raise ConfigError(f"{p}: dial.{name} must be a finite number > 0")
     if d.backoff_min > d.backoff_max:
         raise ConfigError(f"{p}: dial.backoff_min must be <= dial.backoff_max")
 

@@ -106,3 +106,10 @@ def test_raft_cross_field_checks(tmp_path) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         config.load(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1.0", "0.0"])
+def test_dial_timeouts_must_be_finite_and_positive(value) -> None:
+    text = RUST_NEBULA_EXAMPLE + f"[dial]\nhandshake_timeout = {value}\n"
+    with pytest.raises(ConfigError, match="finite number > 0"):
+        config.loads(text)
