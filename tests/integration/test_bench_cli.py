@@ -206,3 +206,33 @@ def test_verifier_reports_bad_answers() -> None:
     assert n == 0 and "got SignedVoteResponse" in err
     n, err = verifier.check(prevote, b"\xff\xff")
     assert n == 0 and "undecodable" in err
+
+
+# ---- the histogram ----------------------------------------------------------------------
+
+
+def _result_with(rtts: list[float]):
+    from nebula.bench.runner import BenchResult, RunOptions
+
+    res = BenchResult(options=RunOptions("c", WireFamily.V1_0))
+    res.rtts = rtts
+    res.kinds = [("proposal", "prevote", "precommit")[i % 3] for i in range(len(rtts))]
+    return res
+
+
+def test_histogram_without_matplotlib_says_so(tmp_path, monkeypatch) -> None:
+    from nebula.bench.report import write_histogram
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    why = write_histogram(_result_with([0.001] * 30), tmp_path / "h.png", "t")
+    assert why is not None and "matplotlib is not installed" in why
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_histogram_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    from nebula.bench.report import write_histogram
+
+    rtts = [0.0004 + 0.00001 * (i % 50) for i in range(300)] + [0.05]  # one far outlier
+    assert write_histogram(_result_with(rtts), tmp_path / "h.png", "t") is None
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
