@@ -1114,3 +1114,25 @@ def duplicate_vote_evidence(chain: LocalChain, from_h: int, to_h: int) -> list[d
             if "DuplicateVoteEvidence" in ev.get("type", ""):
                 found.append({"included_at": h, **ev})
     return found
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m nebula.devnet.cometbft``: build (or find) the pinned releases."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m nebula.devnet.cometbft")
+    p.add_argument("versions", nargs="*", help="versions to build (default: all pinned)")
+    p.add_argument("--bls", action="store_true", help="also the v1.0.1 build with -tags bls12381")
+    args = p.parse_args(argv)
+    wanted = [(v, False) for v in (args.versions or PINNED_VERSIONS)]
+    if args.bls or not args.versions:
+        wanted.append(("v1.0.1", True))
+    for version, bls in wanted:
+        t0 = time.monotonic()
+        path = ensure_cometbft(version, bls=bls)
+        print(f"{version}{' (bls12381)' if bls else ''}: {path} ({time.monotonic() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
