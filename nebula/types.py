@@ -79,11 +79,7 @@ class BlockID:
 
     def is_zero(self) -> bool:
         """Nil block (protocol.md §4.3)."""
-        return (
-            not self.hash
-            and self.part_set_header.total == 0
-            and not self.part_set_header.hash
-        )
+        return not self.hash and self.part_set_header.total == 0 and not self.part_set_header.hash
 
 
 @dataclass(slots=True)
