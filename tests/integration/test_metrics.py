@@ -64,3 +64,43 @@ def test_metrics_health_and_ready(tmp_path) -> None:
     assert 'nebula_sign_phase_seconds_count{phase="total"} 6.0' in body
     assert "nebula_validator_connections 1.0" in body
     assert 'nebula_requests_total{type="SignVoteRequest"} 6.0' in body
+
+
+def test_json_logs_one_line_per_refusal(tmp_path) -> None:
+    import json
+
+    key = generate("ed25519")
+    (pv_port,) = free_ports(1)
+    addr = f"tcp://127.0.0.1:{pv_port}"
+    neb = NebulaProcess(
+        tmp_path / "neb",
+        chain_id=CHAIN,
+        version="v0_38",
+        key=key,
+        connections=[addr],
+        log_format="json",
+    )
+
+    async def main() -> None:
+        lst = PrivvalListener(addr, WireFamily.V0_38)
+        await lst.start()
+        with neb:
+            conn = await lst.accept(timeout=15)
+            assert (await conn.request(SignVoteRequest(vote(7), CHAIN))).error is None
+            assert (await conn.request(SignVoteRequest(vote(6), CHAIN))).error is not None
+            await asyncio.sleep(0.3)
+        await lst.close()
+
+    asyncio.run(main())
+    records = [json.loads(line) for line in neb.log_text().splitlines() if line.startswith("{")]
+    assert records and all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
+    refusals = [r for r in records if r.get("event") == "refused"]
+    assert len(refusals) == 1
+    r = refusals[0]
+    assert (r["chain_id"], r["hrs"], r["reason"], r["last_signed"]) == (
+        CHAIN,
+        "6/0/2",
+        "regression",
+        "7/0/2",
+    )
+    assert "height regression" in r["msg"]
