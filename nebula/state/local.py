@@ -1,15 +1,63 @@
-"""Single-node durable state (``persist = "local"``).
+"""Single-node durable state (``persist = "local"``): a double-slot state file.
 
-The state file holds the last sign state of every chain.  Each accepted decision
-is written to a temporary file, fsync'ed, renamed over the state file, and the
-directory is fsync'ed — all before ``commit`` returns, so before any signature
-leaves (S1).  A crash at any point leaves either the old or the new file.
+The state file holds the last sign state of every chain.  Layout (integers
+little-endian; every region starts on a 4 KiB boundary)::
+
+    0                   file header, written once when the file is created:
+                        magic "NEBSTATE" | format u16 | reserved u16 | slot_size u32
+                        | SHA-256 of those 16 bytes
+    4096                slot 0 (slot_size bytes, a multiple of 4 KiB; 4 KiB by default)
+    4096 + slot_size    slot 1
+
+    slot:  magic "NBSL" | format u16 | reserved u16 | seq u64 | length u32
+           | SHA-256 of (those 20 bytes + payload) | payload (length bytes)
+
+The payload is the JSON the state file held before this format, compact:
+``{"version":1,"chains":{"<chain_id>": {priv_validator_state fields}}}``.
+
+**Creating** the file (and migrating or growing it, below) writes the whole image
+— header, the state in slot 0 with sequence number 1, zeros in slot 1 — to a
+temporary file, fsyncs it, renames it over the state file and fsyncs the
+directory.  A crash leaves either the previous file or the complete new one.
+The file descriptor is then kept open for the life of the store.
+
+**A commit** writes the slot that does *not* hold the current state, with the next
+sequence number, in one ``pwrite``, then ``fdatasync``.  The file's size and blocks
+never change after creation (the zeros were written, not ``fallocate``'d, so no
+unwritten extent has to be converted), so ``fdatasync`` flushes that data block
+and the device cache and has no metadata to commit.  ``commit`` returns the
+decision only after ``fdatasync`` returned; the service releases a signature only
+from that decision, so every signature that leaves is durable first (S1).  If
+``pwrite`` or ``fdatasync`` fails, ``commit`` raises :class:`StateError`, the
+in-memory mark does not move, nothing is released, and the next write re-creates
+the whole file through the rename path rather than trusting the descriptor.
+
+**Loading** reads both slots; a slot is valid if its magic, format, length and
+SHA-256 check out, and the valid slot with the higher sequence number wins.  A
+crash during a commit can only damage the slot being written, which is not the
+one holding the current state; the torn commit never returned, so no signature
+was released on it, and the other slot still holds the last state that was
+released — the store falls back to it.  Both slots invalid (or a corrupted
+header) is a :class:`StateError`: the signer refuses to start rather than start
+from zero.  Sequence numbers are 64-bit (58 million years at 10,000 commits/s);
+reaching the maximum raises :class:`StateError` instead of wrapping.
+
+A state file in the previous format (plain JSON, rewritten through a temporary
+file on every commit) is still read, and converted to this format atomically
+(the creation path) on the first write.  A state that does not fit a slot (a
+vote extension can be up to 1 MiB, and its sign bytes are kept) makes that write
+re-create the file with larger slots, up to :data:`MAX_SLOT_SIZE`; beyond that
+the write is refused with :class:`StateError`.  The file is mode 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 from nebula.errors import StateError
@@ -17,13 +65,100 @@ from nebula.guard import Decision, SignRecord, Verdict, apply
 from nebula.state.base import SignStore, record_from_json, record_to_json
 
 FORMAT_VERSION = 1
+"""Version of the JSON payload (the whole file in the previous format)."""
+
+FILE_MAGIC = b"NEBSTATE"
+FILE_FORMAT = 1
+SLOT_MAGIC = b"NBSL"
+SLOT_FORMAT = 1
+BLOCK = 4096
+HEADER_SIZE = BLOCK
+SLOT_SIZE = 4096
+"""Slot size of a newly created file."""
+MAX_SLOT_SIZE = 16 << 20
+"""Largest slot the store grows to (a 1 MiB vote extension's sign bytes fit, in hex)."""
+MAX_SEQ = (1 << 64) - 1
+
+_FILE_HDR = struct.Struct("<8sHHI")
+_SLOT_HDR = struct.Struct("<4sHHQI")
+_DIGEST = 32
+FILE_HEADER_LEN = _FILE_HDR.size + _DIGEST
+SLOT_PAYLOAD_OFFSET = _SLOT_HDR.size + _DIGEST
+
+
+def file_header(slot_size: int) -> bytes:
+    """The header at offset 0 of a state file with slots of ``slot_size`` bytes."""
+    head = _FILE_HDR.pack(FILE_MAGIC, FILE_FORMAT, 0, slot_size)
+    return head + hashlib.sha256(head).digest()
+
+
+def encode_slot(seq: int, payload: bytes, slot_size: int) -> bytearray:
+    """A slot's bytes, zero-padded to whole 4 KiB blocks (at most ``slot_size``)."""
+    end = SLOT_PAYLOAD_OFFSET + len(payload)
+    if end > slot_size:
+        raise StateError(f"state of {len(payload)} bytes does not fit a {slot_size}-byte slot")
+    if not 0 <= seq <= MAX_SEQ:
+        raise StateError(f"slot sequence number {seq} out of range")
+    head = _SLOT_HDR.pack(SLOT_MAGIC, SLOT_FORMAT, 0, seq, len(payload))
+    h = hashlib.sha256(head)
+    h.update(payload)
+    buf = bytearray(-(-end // BLOCK) * BLOCK)
+    buf[: _SLOT_HDR.size] = head
+    buf[_SLOT_HDR.size : SLOT_PAYLOAD_OFFSET] = h.digest()
+    buf[SLOT_PAYLOAD_OFFSET:end] = payload
+    return buf
+
+
+def decode_slot(raw: bytes | memoryview) -> tuple[int, bytes] | None:
+    """``(seq, payload)`` of a valid slot; None if it is empty, torn or corrupted."""
+    if len(raw) < SLOT_PAYLOAD_OFFSET:
+        return None
+    magic, fmt, _reserved, seq, n = _SLOT_HDR.unpack_from(raw)
+    if magic != SLOT_MAGIC or fmt != SLOT_FORMAT or n > len(raw) - SLOT_PAYLOAD_OFFSET:
+        return None
+    payload = bytes(raw[SLOT_PAYLOAD_OFFSET : SLOT_PAYLOAD_OFFSET + n])
+    h = hashlib.sha256(raw[: _SLOT_HDR.size])
+    h.update(payload)
+    if h.digest() != bytes(raw[_SLOT_HDR.size : SLOT_PAYLOAD_OFFSET]):
+        return None
+    return seq, payload
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    parts: list[bytes] = []
+    off = 0
+    while off < size:
+        chunk = os.pread(fd, size - off, off)
+        if not chunk:
+            break
+        parts.append(chunk)
+        off += len(chunk)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        view = view[n:]
+        offset += n
 
 
 class LocalStore(SignStore):
     def __init__(self, path: str | Path, initial: dict[str, SignRecord | None] | None = None):
         self.path = Path(path)
+        self._dir = self.path.parent
+        self._tmp = self._dir / f".{self.path.name}.tmp"
         self._states: dict[str, SignRecord] = {}
-        self._load()
+        self._fd = -1  # the open slot file; -1: the next write (re-)creates the file
+        self._closed = False
+        self._slot_size = SLOT_SIZE
+        self._seq = 0  # sequence number of the current slot
+        self._cur = 0  # index of the slot holding the current state
+        exists = self._load()
         # An imported initial state only ever raises the high-water mark (S4).
         changed = False
         for chain_id, rec in (initial or {}).items():
@@ -33,64 +168,182 @@ class LocalStore(SignStore):
             if cur is None or rec.hrs > cur.hrs:
                 self._states[chain_id] = rec
                 changed = True
-        if changed or not self.path.exists():
+        if changed or not exists:
             self._write(self._states)
 
     # -- persistence -------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self) -> bool:
+        """Read the state file; False if there is none."""
         try:
-            raw = self.path.read_bytes()
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            return
+            return False
+        except OSError as e:
+            raise StateError(f"{self.path}: cannot open state file: {e}") from None
+        try:
+            raw = _read_all(fd)
+            if raw[: len(FILE_MAGIC)] == FILE_MAGIC:
+                self._load_slots(raw)
+                self._fd, fd = fd, -1
+            else:
+                # The previous format: plain JSON.  Converted on the first write.
+                self._load_payload(raw, str(self.path))
         except OSError as e:
             raise StateError(f"{self.path}: cannot read state file: {e}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        return True
+
+    def _load_slots(self, raw: bytes) -> None:
+        if len(raw) < FILE_HEADER_LEN:
+            raise StateError(f"{self.path}: state file is truncated; refusing to start")
+        _magic, fmt, _reserved, slot_size = _FILE_HDR.unpack_from(raw)
+        if hashlib.sha256(raw[: _FILE_HDR.size]).digest() != raw[_FILE_HDR.size : FILE_HEADER_LEN]:
+            raise StateError(
+                f"{self.path}: state file header is corrupted; refusing to start. Restore it "
+                "from a backup or import the last known state with `nebula state import`."
+            )
+        if fmt != FILE_FORMAT:
+            raise StateError(
+                f"{self.path}: state file format {fmt} is not supported (this Nebula reads "
+                f"format {FILE_FORMAT})"
+            )
+        if slot_size % BLOCK or not BLOCK <= slot_size <= MAX_SLOT_SIZE:
+            raise StateError(f"{self.path}: invalid slot size {slot_size} in the header")
+        if len(raw) != HEADER_SIZE + 2 * slot_size:
+            raise StateError(
+                f"{self.path}: state file size is {len(raw)} bytes, expected "
+                f"{HEADER_SIZE + 2 * slot_size} (its size never changes); refusing to start"
+            )
+        view = memoryview(raw)
+        valid: list[tuple[int, int, bytes]] = []
+        for i in (0, 1):
+            off = HEADER_SIZE + i * slot_size
+            got = decode_slot(view[off : off + slot_size])
+            if got is not None:
+                valid.append((got[0], i, got[1]))
+        if not valid:
+            raise StateError(
+                f"{self.path}: both state slots are corrupted; refusing to start (never from "
+                "zero). Restore the file from a backup or import the last known state with "
+                "`nebula state import`."
+            )
+        valid.sort(reverse=True)
+        if len(valid) == 2 and valid[0][0] == valid[1][0]:
+            raise StateError(
+                f"{self.path}: both state slots have sequence number {valid[0][0]}; "
+                "refusing to guess which is newer"
+            )
+        seq, idx, payload = valid[0]
+        self._load_payload(payload, f"{self.path} (slot {idx})")
+        self._slot_size = slot_size
+        self._seq = seq
+        self._cur = idx
+
+    def _load_payload(self, raw: bytes, where: str) -> None:
         try:
             obj = json.loads(raw)
         except ValueError as e:
             raise StateError(
-                f"{self.path}: state file is corrupted ({e}); refusing to start. Restore it "
+                f"{where}: state file is corrupted ({e}); refusing to start. Restore it "
                 "from a backup or import the last known state with `nebula state import`."
             ) from None
         if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
-            raise StateError(f"{self.path}: not a Nebula state file (version {FORMAT_VERSION})")
+            raise StateError(f"{where}: not a Nebula state file (version {FORMAT_VERSION})")
         chains = obj.get("chains")
         if not isinstance(chains, dict):
-            raise StateError(f"{self.path}: 'chains' must be an object")
+            raise StateError(f"{where}: 'chains' must be an object")
         for chain_id, st in chains.items():
-            rec = record_from_json(st, f"{self.path} chain {chain_id!r}")
+            rec = record_from_json(st, f"{where} chain {chain_id!r}")
             if rec is not None:
                 self._states[chain_id] = rec
 
-    def _write(self, states: dict[str, SignRecord]) -> None:
-        data = json.dumps(
+    @staticmethod
+    def _payload(states: dict[str, SignRecord]) -> bytes:
+        return json.dumps(
             {
                 "version": FORMAT_VERSION,
                 "chains": {c: record_to_json(r) for c, r in sorted(states.items())},
             },
-            indent=1,
+            separators=(",", ":"),
         ).encode()
-        d = self.path.parent
-        tmp = d / f".{self.path.name}.tmp"
+
+    def _write(self, states: dict[str, SignRecord]) -> None:
+        """Make ``states`` durable; raises StateError (then nothing may be released)."""
+        if self._closed:
+            raise StateError(f"{self.path}: the state store is closed")
+        payload = self._payload(states)
+        if self._fd < 0 or SLOT_PAYLOAD_OFFSET + len(payload) > self._slot_size:
+            self._create(payload)
+            return
+        seq = self._seq + 1
+        if seq > MAX_SEQ:
+            raise StateError(f"{self.path}: slot sequence number exhausted")
+        slot = 1 - self._cur
+        buf = encode_slot(seq, payload, self._slot_size)
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dfd = os.open(d, os.O_RDONLY)
+            _write_all(self._fd, buf, HEADER_SIZE + slot * self._slot_size)
+            os.fdatasync(self._fd)
+        except OSError as e:
+            # What reached the disk is unknown: re-create the file on the next write.
+            self._drop_fd()
+            raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
+        self._seq = seq
+        self._cur = slot
+
+    def _create(self, payload: bytes) -> None:
+        """Write a new state file holding ``payload`` and rename it over the old one."""
+        slot_size = max(self._slot_size, SLOT_SIZE)
+        while SLOT_PAYLOAD_OFFSET + len(payload) > slot_size:
+            slot_size *= 2
+        if slot_size > MAX_SLOT_SIZE:
+            raise StateError(
+                f"{self.path}: sign state of {len(payload)} bytes is larger than the "
+                f"{MAX_SLOT_SIZE}-byte slot limit; refusing to sign"
+            )
+        image = bytearray(HEADER_SIZE + 2 * slot_size)
+        image[:FILE_HEADER_LEN] = file_header(slot_size)
+        first = encode_slot(1, payload, slot_size)
+        image[HEADER_SIZE : HEADER_SIZE + len(first)] = first
+        self._drop_fd()
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            _write_all(fd, image, 0)
+            os.fsync(fd)
+            os.replace(self._tmp, self.path)
+            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
         except OSError as e:
+            # The rename may have happened without being durable: keep no descriptor,
+            # so the next write goes through this whole path again.
+            os.close(fd)
             raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
+        self._fd = fd
+        self._slot_size = slot_size
+        self._seq = 1
+        self._cur = 0
+
+    def _drop_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._drop_fd()
 
     # -- SignStore ---------------------------------------------------------------------
 
@@ -127,3 +380,7 @@ class LocalStore(SignStore):
         states[chain_id] = rec
         self._write(states)
         self._states = states
+
+    async def close(self) -> None:
+        self._closed = True
+        self._drop_fd()
