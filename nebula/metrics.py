@@ -88,14 +88,34 @@ class Metrics:
             "nebula_backend_errors_total", "Signing backend failures", ["backend"], registry=r
         )
 
+        # Labelled children are looked up once (``labels()`` costs a few µs per call,
+        # four calls per signature): per (chain_id, kind) for the signature counter and
+        # per chain for the three gauges.
+        self._signed: dict[tuple[str, str], tuple[Counter, Gauge, Gauge, Gauge]] = {}
+        self._chain_gauges: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
+
     def phase(self, name: str, seconds: float) -> None:
         self._phase[name].observe(seconds)
 
     def signed(self, chain_id: str, height: int, round: int, step: int, kind: str) -> None:
-        self.signatures.labels(chain_id, kind).inc()
-        self.last_height.labels(chain_id).set(height)
-        self.last_round.labels(chain_id).set(round)
-        self.last_step.labels(chain_id).set(step)
+        children = self._signed.get((chain_id, kind))
+        if children is None:
+            gauges = self._chain_gauges.get(chain_id)
+            if gauges is None:
+                gauges = self._chain_gauges[chain_id] = (
+                    self.last_height.labels(chain_id),
+                    self.last_round.labels(chain_id),
+                    self.last_step.labels(chain_id),
+                )
+            children = self._signed[(chain_id, kind)] = (
+                self.signatures.labels(chain_id, kind),
+                *gauges,
+            )
+        counter, h, r, s = children
+        counter.inc()
+        h.set(height)
+        r.set(round)
+        s.set(step)
 
     def expose(self) -> bytes:
         return generate_latest(self.registry)
