@@ -3,8 +3,8 @@
 decode the request -> ``SigningService.handle`` (native Ed25519 backend) -> encode the
 response, for fresh consecutive heights, with:
 
-* ``local``: the real :class:`~nebula.state.local.LocalStore` (temp file + fsync + rename
-  + directory fsync per signature), and
+* ``local``: the real :class:`~nebula.state.local.LocalStore` (two mirrored
+  ``pwrite`` + ``fdatasync`` per signature), and
 * ``memory``: a store that runs the same check-and-set (:func:`nebula.guard.apply`) but
   writes nothing, to isolate the cost of durability.
 

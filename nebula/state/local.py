@@ -21,26 +21,31 @@ temporary file, fsyncs it, renames it over the state file and fsyncs the
 directory.  A crash leaves either the previous file or the complete new one.
 The file descriptor is then kept open for the life of the store.
 
-**A commit** writes the slot that does *not* hold the current state, with the next
-sequence number, in one ``pwrite``, then ``fdatasync``.  The file's size and blocks
-never change after creation (the zeros were written, not ``fallocate``'d, so no
-unwritten extent has to be converted), so ``fdatasync`` flushes that data block
-and the device cache and has no metadata to commit.  ``commit`` returns the
-decision only after ``fdatasync`` returned; the service releases a signature only
-from that decision, so every signature that leaves is durable first (S1).  If
-``pwrite`` or ``fdatasync`` fails, ``commit`` raises :class:`StateError`, the
-in-memory mark does not move, nothing is released, and the next write re-creates
-the whole file through the rename path rather than trusting the descriptor.
+**A commit** writes the new state twice, mirrored: first over the slot with the
+lower sequence number (next sequence number), ``fdatasync``; then over the other slot
+(the number after that), ``fdatasync``.  The file's size and blocks never change
+after creation (the zeros were written, not ``fallocate``'d, so no unwritten extent
+has to be converted), so ``fdatasync`` flushes those data blocks and the device
+cache and has no metadata to commit.  ``commit`` returns the decision only after
+both ``fdatasync`` calls returned; the service releases a signature only from that
+decision, so every signature that leaves is durable first (S1), and after every
+completed commit **both** slots hold the released state.  If ``pwrite`` or
+``fdatasync`` fails, ``commit`` raises :class:`StateError`, the in-memory mark does
+not move, nothing is released, and the next write re-creates the whole file through
+the rename path rather than trusting the descriptor.
 
 **Loading** reads both slots; a slot is valid if its magic, format, length and
-SHA-256 check out, and the valid slot with the higher sequence number wins.  A
-crash during a commit can only damage the slot being written, which is not the
-one holding the current state; the torn commit never returned, so no signature
-was released on it, and the other slot still holds the last state that was
-released — the store falls back to it.  Both slots invalid (or a corrupted
-header) is a :class:`StateError`: the signer refuses to start rather than start
-from zero.  Sequence numbers are 64-bit (58 million years at 10,000 commits/s);
-reaching the maximum raises :class:`StateError` instead of wrapping.
+SHA-256 check out, and the valid slot with the higher sequence number wins.  Because
+every completed commit leaves the released state in both slots, losing either slot
+— a write torn by a crash, or a block that rots later — never loses a state whose
+signature was released: a crash during the first write leaves the previous
+(released) state in the other slot, and the torn decision was never released; a
+crash between the writes or during the second leaves the new state in the first
+slot.  (A single ping-pong write would be torn-write safe but would silently fall
+back one decision if the newest slot rotted after its signature had left.)  Both
+slots invalid (or a corrupted header) is a :class:`StateError`: the signer refuses
+to start rather than start from zero.  Sequence numbers are 64-bit; reaching the
+maximum raises :class:`StateError` instead of wrapping.
 
 A state file in the previous format (plain JSON, rewritten through a temporary
 file on every commit) is still read, and converted to this format atomically
@@ -279,19 +284,23 @@ class LocalStore(SignStore):
             self._create(payload)
             return
         seq = self._seq + 1
-        if seq > MAX_SEQ:
+        if seq + 1 > MAX_SEQ:
             raise StateError(f"{self.path}: slot sequence number exhausted")
-        slot = 1 - self._cur
-        buf = encode_slot(seq, payload, self._slot_size)
+        # Mirrored: the new state goes to the older slot first, then over the newer one,
+        # each made durable before the next step, so that after every completed commit
+        # BOTH slots hold the state that may be released.
+        first = 1 - self._cur
         try:
-            _write_all(self._fd, buf, HEADER_SIZE + slot * self._slot_size)
-            os.fdatasync(self._fd)
+            for i, slot in enumerate((first, self._cur)):
+                buf = encode_slot(seq + i, payload, self._slot_size)
+                _write_all(self._fd, buf, HEADER_SIZE + slot * self._slot_size)
+                os.fdatasync(self._fd)
         except OSError as e:
             # What reached the disk is unknown: re-create the file on the next write.
             self._drop_fd()
             raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
-        self._seq = seq
-        self._cur = slot
+        self._seq = seq + 1
+        # self._cur (the slot with the highest sequence number) is unchanged.
 
     def _create(self, payload: bytes) -> None:
         """Write a new state file holding ``payload`` and rename it over the old one."""
@@ -305,8 +314,10 @@ class LocalStore(SignStore):
             )
         image = bytearray(HEADER_SIZE + 2 * slot_size)
         image[:FILE_HEADER_LEN] = file_header(slot_size)
-        first = encode_slot(1, payload, slot_size)
-        image[HEADER_SIZE : HEADER_SIZE + len(first)] = first
+        for i in (0, 1):  # both slots hold the state from the start
+            slot = encode_slot(1 + i, payload, slot_size)
+            off = HEADER_SIZE + i * slot_size
+            image[off : off + len(slot)] = slot
         self._drop_fd()
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -332,8 +343,8 @@ class LocalStore(SignStore):
             raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
         self._fd = fd
         self._slot_size = slot_size
-        self._seq = 1
-        self._cur = 0
+        self._seq = 2
+        self._cur = 1
 
     def _drop_fd(self) -> None:
         fd, self._fd = self._fd, -1

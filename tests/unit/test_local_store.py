@@ -57,7 +57,7 @@ def test_every_accept_is_synced_before_commit_returns(tmp_path, monkeypatch) -> 
     renames = _count(monkeypatch, "replace")
     for h in range(1, 6):
         assert s.commit_sync("c", r(h)).verdict == Verdict.ACCEPT
-        assert len(datasyncs) == h  # one fdatasync per accepted decision, nothing else
+        assert len(datasyncs) == 2 * h  # two mirrored fdatasyncs per decision, nothing else
     assert fsyncs == [] and renames == []
     datasyncs.clear()
     s.commit_sync("c", r(5))  # identical retry: nothing new to persist
@@ -78,7 +78,7 @@ def test_commit_returns_only_after_its_slot_is_synced(tmp_path, monkeypatch) -> 
 
     monkeypatch.setattr(os, "fdatasync", check)
     s.commit_sync("c", r(7))
-    assert seen == [r(7)]
+    assert seen == [r(7), r(7)]  # durable from the first sync on; the second mirrors it
 
 
 def test_write_failure_refuses(tmp_path, monkeypatch) -> None:
@@ -180,11 +180,11 @@ def test_file_layout_and_size_never_change(tmp_path) -> None:
     for h in range(1, 8):
         s.commit_sync("c", r(h))
         assert p.stat().st_size == size and p.stat().st_ino == inode
-    # The two slots alternate; the newer holds the last record, the older the one before.
+    # Mirrored: after every completed commit both slots hold the last record.
     seqs = sorted(_slots(p), key=lambda x: x[0])
-    assert [x[0] for x in seqs] == [7, 8]  # creation wrote seq 1
+    assert [x[0] for x in seqs] == [15, 16]  # creation wrote 1 and 2, each commit 2 more
     assert json.loads(seqs[1][1])["chains"]["c"] == record_to_json(r(7))
-    assert json.loads(seqs[0][1])["chains"]["c"] == record_to_json(r(6))
+    assert json.loads(seqs[0][1])["chains"]["c"] == record_to_json(r(7))
     # The payload is the old file's JSON, compact.
     assert b" " not in seqs[1][1] and b"\n" not in seqs[1][1]
     assert oct(p.stat().st_mode & 0o777) == "0o600"
@@ -208,8 +208,8 @@ def test_torn_newest_slot_falls_back_to_the_previous_state(tmp_path, torn) -> No
     q = tmp_path / "copy.json"
     q.write_bytes(p.read_bytes())
     LocalStore(q).commit_sync("c", big(7))
-    target = 1 - _newest(p)
-    assert _newest(q) == target
+    target = 1 - _newest(p)  # the first of the two mirrored writes goes here
+    assert json.loads(_slots(q)[target][1])["chains"]["c"] == record_to_json(big(7))
     off = _slot_offset(p, target)
     new_slot = q.read_bytes()[off : off + local.SLOT_SIZE]
     used = local.SLOT_PAYLOAD_OFFSET + len(_slots(q)[target][1])
@@ -242,19 +242,38 @@ def test_torn_tail_of_newest_slot_falls_back(tmp_path) -> None:
     assert LocalStore(p).last("c") == big(6)
 
 
-def test_corrupt_newest_slot_falls_back(tmp_path) -> None:
+@pytest.mark.parametrize("which", ["newest", "older"])
+def test_a_rotten_slot_loses_no_released_state(tmp_path, which) -> None:
+    """A block that rots after its commit returned (its signature may have left) must not
+    take the mark back: the mirror holds the same state."""
     p = tmp_path / "state.json"
     s = LocalStore(p)
     s.commit_sync("c", r(5))
     s.commit_sync("c", r(6))
-    newest = _newest(p)
+    slot = _newest(p) if which == "newest" else 1 - _newest(p)
     # A flipped bit in the sequence number (covered by the checksum, so it cannot make
-    # an old slot look newer), then in the payload.
-    off = _slot_offset(p, newest)
+    # an old slot look newer).
+    off = _slot_offset(p, slot)
     raw = bytearray(p.read_bytes())
     raw[off + 8] ^= 0x01
     p.write_bytes(raw)
-    assert LocalStore(p).last("c") == r(5)
+    assert LocalStore(p).last("c") == r(6)
+
+
+def test_crash_during_the_second_mirrored_write_keeps_the_new_state(tmp_path) -> None:
+    p = tmp_path / "state.json"
+    s = LocalStore(p)
+    s.commit_sync("c", big(5))
+    s.commit_sync("c", big(6))
+    q = tmp_path / "copy.json"
+    q.write_bytes(p.read_bytes())
+    LocalStore(q).commit_sync("c", big(7))
+    first, second = 1 - _newest(p), _newest(p)
+    done = q.read_bytes()
+    off1, off2 = _slot_offset(p, first), _slot_offset(p, second)
+    _overwrite(p, off1, done[off1 : off1 + local.SLOT_SIZE])  # the first write completed
+    _overwrite(p, off2, done[off2 : off2 + 100])  # the second was torn
+    assert LocalStore(p).last("c") == big(7)
 
 
 def test_both_slots_corrupt_refuses_to_start(tmp_path) -> None:
@@ -313,12 +332,12 @@ def test_sequence_is_64_bit_and_never_wraps(tmp_path) -> None:
     LocalStore(p).commit_sync("c", r(5))
     # A file whose newest slot is near the end of the 64-bit range (and past 2**32).
     payload = json.dumps({"version": 1, "chains": {"c": record_to_json(r(6))}}).encode()
-    big = local.MAX_SEQ - 1
+    big = local.MAX_SEQ - 2
     other = 1 - _newest(p)
     _overwrite(p, _slot_offset(p, other), bytes(local.encode_slot(big, payload, local.SLOT_SIZE)))
     s = LocalStore(p)
     assert s.last("c") == r(6)
-    assert s.commit_sync("c", r(7)).verdict == Verdict.ACCEPT  # seq 2**64 - 1
+    assert s.commit_sync("c", r(7)).verdict == Verdict.ACCEPT  # seqs 2**64 - 2, 2**64 - 1
     assert max(x[0] for x in _slots(p)) == local.MAX_SEQ
     assert LocalStore(p).last("c") == r(7)
     with pytest.raises(StateError, match="exhausted"):  # never wraps to 0
@@ -351,7 +370,7 @@ def test_migrates_the_previous_json_format(tmp_path, monkeypatch) -> None:
     assert oct(p.stat().st_mode & 0o777) == "0o600"
     assert not (tmp_path / ".state.json.tmp").exists()
     s.commit_sync("b", r(11))
-    assert len(renames) == 1 and len(datasyncs) == 1  # from then on: the slots
+    assert len(renames) == 1 and len(datasyncs) == 2  # from then on: the mirrored slots
     again = LocalStore(p)
     assert again.all() == {"a": s.last("a"), "b": r(11)}
 
