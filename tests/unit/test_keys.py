@@ -546,11 +546,39 @@ def test_key_file_missing_or_not_a_file(tmp_path: Path) -> None:
         keys.load_key_file(d, "dsa")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_key_file_unreadable(tmp_path: Path) -> None:
-    path = _write(tmp_path / "k", _b64(h(ED["seed_hex"])), 0o000)
-    with pytest.raises(KeyFileError, match="cannot be read"):
-        keys.load_key_file(path, "ed25519")
+    if os.geteuid() != 0:
+        path = _write(tmp_path / "k", _b64(h(ED["seed_hex"])), 0o000)
+        with pytest.raises(KeyFileError, match="cannot be read"):
+            keys.load_key_file(path, "ed25519")
+        return
+    # Root reads any file: check it as an unprivileged user (nobody) in a forked child
+    # (a fork, not an exec: the interpreter under /root is not reachable for nobody).
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o755)
+        path = _write(Path(d) / "k", _b64(h(ED["seed_hex"])), 0o000)
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop privileges, try, report, exit without cleanup
+            try:
+                os.close(rfd)
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    keys.load_key_file(path, "ed25519")
+                    out = "loaded"
+                except KeyFileError as e:
+                    out = str(e)
+                os.write(wfd, out.encode())
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as f:
+            text = f.read().decode()
+        os.waitpid(pid, 0)
+    assert "cannot be read" in text, text
 
 
 def test_errors_are_nebula_errors() -> None:
