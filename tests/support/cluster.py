@@ -161,12 +161,31 @@ class ProcCluster:
         signing: str | None = None,
         metrics: bool = False,
         node_env: Callable[[int], Mapping[str, str]] | None = None,
+        raft_extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """``node_env(node_id)``: extra environment variables for that node's process."""
+        """``node_env(node_id)``: extra environment variables for that node's process;
+        ``raft_extra``: more ``[raft]`` keys for every node (e.g. ``dynamic_membership``)."""
         self.base = Path(base)
         self.n = n
         self.key = key
         self.chain_id = chain_id
+        self._node_args: dict[str, Any] = {
+            "chain_id": chain_id,
+            "version": version,
+            "key": key,
+            "connections": connections,
+            "persist": "raft",
+            "log_level": "debug",
+            "signing": signing,
+        }
+        self._raft_common: dict[str, Any] = {
+            "data_path": "./raft_data",
+            "commit_timeout": commit_timeout,
+            "election_timeout_min": 0.4,
+            "election_timeout_max": 0.8,
+            **(raft_extra or {}),
+        }
+        self._node_env = node_env
         self.ports = free_ports(n)
         self.proxies: dict[tuple[int, int], Proxy] = {}
         if proxied:
@@ -175,7 +194,7 @@ class ProcCluster:
                 for j in range(1, n + 1):
                     if i != j:
                         self.proxies[(i, j)] = Proxy(next(pp), self.ports[j - 1])
-        secret = secrets.token_hex(32).encode()
+        secret = self.secret = secrets.token_hex(32).encode()
         self.dirs: list[NodeDir] = []
         self.metrics_ports = free_ports(n) if metrics else []
         for i in range(1, n + 1):
@@ -186,32 +205,24 @@ class ProcCluster:
             raft = {
                 "node_id": i,
                 "bind_addr": f"127.0.0.1:{self.ports[i - 1]}",
-                "data_path": "./raft_data",
-                "commit_timeout": commit_timeout,
-                "election_timeout_min": 0.4,
-                "election_timeout_max": 0.8,
+                **self._raft_common,
                 "peers": peers,
             }
             self.dirs.append(
                 write_node_dir(
                     self.base / f"node{i}",
-                    chain_id=chain_id,
-                    version=version,
-                    key=key,
-                    connections=connections,
-                    persist="raft",
+                    **self._node_args,
                     raft=raft,
                     secret=secret,
-                    log_level="debug",
                     extra=extra
                     + (
                         f'\n[metrics]\nlisten = "127.0.0.1:{self.metrics_ports[i - 1]}"\n'
                         if metrics
                         else ""
                     ),
-                    signing=signing,
                 )
             )
+        self._extra = extra
         self.nodes = {
             d.node_id: NebulaNode(
                 d.config_path,
@@ -224,6 +235,41 @@ class ProcCluster:
         self._sockets = {
             d.node_id: admin.socket_path(load_config(d.config_path)) for d in self.dirs
         }
+
+    def add_node(self) -> NodeDir:
+        """Write (not start) the directory of node ``n + 1`` for a membership change.
+
+        Same key, cluster secret and settings as the others, an empty Raft data
+        directory, and ``peers`` listing every node written so far plus itself (what
+        ``nebula cluster add`` expects). Only for clusters without proxies.
+        """
+        if self.proxies:
+            raise NebulaError("add_node does not wire proxies; use proxied=False")
+        self.n += 1
+        i = self.n
+        self.ports += free_ports(1)
+        raft = {
+            "node_id": i,
+            "bind_addr": f"127.0.0.1:{self.ports[i - 1]}",
+            **self._raft_common,
+            "peers": {j: f"127.0.0.1:{self.ports[j - 1]}" for j in range(1, i + 1)},
+        }
+        d = write_node_dir(
+            self.base / f"node{i}",
+            **self._node_args,
+            raft=raft,
+            secret=self.secret,
+            extra=self._extra,
+        )
+        self.dirs.append(d)
+        self.nodes[i] = NebulaNode(
+            d.config_path,
+            log_path=d.log_path,
+            cwd=d.home,
+            env=self._node_env(i) if self._node_env is not None else None,
+        )
+        self._sockets[i] = admin.socket_path(load_config(d.config_path))
+        return d
 
     def start(self) -> ProcCluster:
         for p in self.proxies.values():
