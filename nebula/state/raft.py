@@ -36,8 +36,12 @@ up nowhere else.  They bring in the durable journal, the event-loop poller and
 :class:`_TransportCipher` - ChaCha20-Poly1305 keyed from the cluster secret in
 place of Fernet (same interface, ~10x cheaper per message, 35 % lower commit
 latency measured).  Everything else goes through pysyncobj's public parameters
-(``transportClass``, ``serializer``, ``SyncObjConf``).  The version is pinned and
-checked at import.
+(``transportClass``, ``serializer``, ``SyncObjConf``), except one override of a
+private method: the transport's connections are :class:`_BoundedConnection`, which
+drops a peer announcing a negative frame length or one above 64 KiB before its
+first message authenticated (16 MiB after) instead of buffering it - pysyncobj
+would buffer up to 2 GiB from anyone who reaches the Raft port.  The version is
+pinned and checked at import.
 
 Identity.  pysyncobj identifies a member by its address string.  Nebula members are
 identified by their node id (``nebula-node-<id>``) and dial whatever address is
@@ -124,6 +128,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjException, repli
 from pysyncobj.journal import Journal  # noqa: E402
 from pysyncobj.node import Node, TCPNode  # noqa: E402
 from pysyncobj.poller import POLL_EVENT_TYPE, Poller  # noqa: E402
+from pysyncobj.tcp_connection import TcpConnection  # noqa: E402
 from pysyncobj.transport import TCPTransport  # noqa: E402
 from pysyncobj.version import VERSION as _PS_MODULE_VERSION  # noqa: E402
 
@@ -872,12 +877,80 @@ class _LoopNotifier:
         self._poller._kick()
 
 
+#: pysyncobj frames every message as a native int32 length + that many bytes.
+_FRAME_LEN = struct.Struct("i")
+#: Largest frame accepted before the peer has proven it holds the cluster secret (the
+#: handshake messages are a 32-byte key and a node id, under 200 bytes on the wire).
+MAX_FRAME_UNAUTHENTICATED = 1 << 16
+#: Largest frame accepted from an authenticated peer.  The largest legitimate one is
+#: an AppendEntries batch: pysyncobj fills it until the commands reach 64 KiB
+#: (``appendEntriesBatchSizeBytes``), so its last command may add up to the journal's
+#: 1 MiB limit, plus pickle/zlib/AEAD overhead: ~1.2 MiB.  A single larger entry and
+#: snapshots are sent in 64 KiB chunks.
+MAX_FRAME = 1 << 24
+
+
+class _BoundedConnection(TcpConnection):
+    """pysyncobj's TcpConnection refusing oversized frames before buffering them.
+
+    pysyncobj reads a frame's int32 length and then buffers that many bytes before it
+    decrypts (authenticates) anything, so a peer without the secret could make a
+    node buffer up to 2 GiB per connection.  This class checks the length of the
+    frame at the head of the read buffer after every ``recv``: a negative one, one
+    above :data:`MAX_FRAME_UNAUTHENTICATED` before the peer's first message decrypted,
+    or above :data:`MAX_FRAME` after, drops the connection.  It also stops reading as
+    soon as a complete frame is buffered (the event loop is level-triggered, the rest
+    is read after that frame is parsed), so the frame at the head is always the next
+    one to parse and at most one frame plus one ``recv`` is ever buffered.
+
+    Installed on every connection of :class:`_DurableTransport` (outgoing ones in
+    ``addNode``, accepted ones in ``_onNewIncomingConnection``, before any byte is
+    read) by setting ``__class__``: it adds no state, only overrides the private
+    read step of the pinned pysyncobj version.
+    """
+
+    def _TcpConnection__processRead(self) -> bool:
+        if not super()._TcpConnection__processRead():  # type: ignore[misc]
+            return False
+        buf = self._TcpConnection__readBuffer  # type: ignore[attr-defined]
+        if len(buf) < 4:
+            return True
+        (length,) = _FRAME_LEN.unpack_from(buf)
+        limit = MAX_FRAME if self.sendRandKey else MAX_FRAME_UNAUTHENTICATED
+        if not 0 <= length <= limit:
+            logger.warning(
+                "raft transport: dropping a connection that announced a %d-byte frame (limit %d%s)",
+                length,
+                limit,
+                "" if self.sendRandKey else " before authentication",
+            )
+            self.disconnect()
+            return False
+        return len(buf) - 4 < length
+
+
+def _bound(conn: Any) -> None:
+    if type(conn) is TcpConnection:
+        conn.__class__ = _BoundedConnection
+
+
 class _DurableTransport(TCPTransport):
-    """pysyncobj's TCP transport with the journal flushed before acknowledgements."""
+    """pysyncobj's TCP transport with the journal flushed before acknowledgements and
+    frame lengths bounded (:class:`_BoundedConnection`)."""
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self.heard: dict[Node, float] = {}
         super().__init__(syncObj, selfNode, otherNodes)
+
+    def addNode(self, node: Any) -> None:
+        super().addNode(node)
+        conn = self._connections.get(node)
+        if conn is not None:
+            _bound(conn)
+
+    def _onNewIncomingConnection(self, conn: Any) -> None:
+        _bound(conn)
+        super()._onNewIncomingConnection(conn)
 
     def send(self, node: Any, message: Any) -> bool:
         if type(message) is not dict or message.get("type") != "append_entries":
