@@ -151,3 +151,21 @@ def test_the_bound_depends_on_authentication(authenticated: bool) -> None:
         finally:
             a.close()
             b.close()
+
+
+def test_frames_are_uncompressed_and_versioned() -> None:
+    """NB2 tokens carry the bare pickle; an NB1 (zlib) token of an older node is refused."""
+    import pickle
+    import zlib
+
+    from nebula.state.raft import _TransportCipher
+
+    secret = b"nebula-test-cluster-secret-0123"
+    a, b = _TransportCipher(secret), _TransportCipher(secret)
+    msg = {"type": "append_entries", "entries": [(b"\x00" * 200, 7, 2)]}
+    token = a.encrypt_at_time(pickle.dumps(msg, 5), 1)
+    assert token[:3] == b"NB2"
+    assert pickle.loads(b.decrypt(token)) == msg
+    old = b"NB1" + a.encrypt_at_time(zlib.compress(pickle.dumps(msg, 2), 3), 2)[3:]
+    with pytest.raises(ValueError, match="mixed versions"):
+        b.decrypt(old)
