@@ -56,7 +56,12 @@ pysyncobj on the asyncio/uvloop event loop: its sockets are registered on the lo
 thread without locks.  ``driver="thread"`` ("pattern A") keeps pysyncobj's tick
 thread and hands results to the loop with ``call_soon_threadsafe``; on a busy 2-core
 machine it measured somewhat lower latency, because the waiting coroutine resumes
-while the tick thread is still sending the commit index to the followers.
+while the tick thread is still sending the commit index to the followers.  With
+either driver the transport skips the entry-less AppendEntries pysyncobj sends to a
+follower right after every commit when that follower got one less than a heartbeat
+interval ago (half the messages per commit); followers learn the commit index from
+the next AppendEntries or heartbeat, so their applied state may trail the leader's
+by about a heartbeat interval - authority stays with the leader's barrier.
 
 Safety (S2, S3).  The leader answers with the Decision returned by the state
 machine for the committed entry.  Timeouts, lost quorum and any failure reason raise
@@ -994,6 +999,7 @@ class _DurableTransport(TCPTransport):
 
     def __init__(self, syncObj: Any, selfNode: Any, otherNodes: Any) -> None:
         self.heard: dict[Node, float] = {}
+        self._ae_sent: dict[Node, float] = {}
         super().__init__(syncObj, selfNode, otherNodes)
 
     def addNode(self, node: Any) -> None:
@@ -1011,6 +1017,20 @@ class _DurableTransport(TCPTransport):
             # next_node_idx (AppendEntries ack), votes, forwarded-command replies:
             # nothing that vouches for our log may leave before the log is durable.
             self._syncObj._nb_sync()
+        elif message.get("entries") == []:
+            # An AppendEntries without entries only carries the commit index (and
+            # serves as heartbeat).  pysyncobj sends one to every follower right after
+            # each commit, which doubles the messages per commit; skip it when this
+            # follower got an AppendEntries less than a heartbeat interval ago.  The
+            # next entry or heartbeat carries the commit index, and a follower still
+            # hears from the leader at least every ~2 heartbeat intervals (elections
+            # need more than 3).
+            now = time.monotonic()
+            if now - self._ae_sent.get(node, -1e9) < self._syncObj.conf.appendEntriesPeriod:
+                return True
+            self._ae_sent[node] = now
+        else:
+            self._ae_sent[node] = time.monotonic()
         return super().send(node, message)
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:

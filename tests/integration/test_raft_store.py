@@ -379,6 +379,47 @@ def test_commit_semantics_and_fail_closed(tmp_path: Path, driver: str) -> None:
     run(go())
 
 
+@pytest.mark.parametrize("driver", ["loop", "thread"])
+def test_commit_only_append_entries_are_coalesced_but_followers_catch_up(
+    tmp_path: Path, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pysyncobj follows every commit with an entry-less AppendEntries to each follower;
+    the transport skips it when that follower got one less than a heartbeat ago, and
+    the followers still learn the final commit index from the next heartbeat."""
+    sent: list[tuple[bool, int]] = []
+    parent_send = raft.TCPTransport.send
+
+    def counting(self: Any, node: Any, message: Any) -> bool:
+        if type(message) is dict and message.get("type") == "append_entries":
+            sent.append((bool(message.get("entries")), id(self)))
+        return parent_send(self, node, message)
+
+    monkeypatch.setattr(raft.TCPTransport, "send", counting)
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, common={"driver": driver}) as (stores, _):
+            leader = await leader_of(stores)
+            lt = id(leader._obj.nb_transport())
+            await asyncio.sleep(0.1)
+            sent.clear()
+            n = 40
+            for h in range(1, n + 1):
+                assert (await leader.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
+            mine = [with_entries for with_entries, t in sent if t == lt]
+            # 2 followers x n entries; without coalescing there would be as many
+            # entry-less ones again (plus a few heartbeats).
+            assert sum(mine) >= 2 * n
+            assert len(mine) - sum(mine) < n, (len(mine), sum(mine))
+            deadline = time.monotonic() + 1.0
+            target = leader.status()["commit_index"]
+            while any(s.status()["applied_index"] < target for s in stores):
+                assert time.monotonic() < deadline, [s.status()["applied_index"] for s in stores]
+                await asyncio.sleep(0.01)
+            assert all(s.last(CHAIN) == rec(n, b"b%d" % n) for s in stores)
+
+    run(go())
+
+
 def test_a_timed_out_commit_releases_nothing_even_if_it_commits_later(tmp_path: Path) -> None:
     async def go() -> None:
         async with local_cluster(tmp_path, proxied=True, common={"commit_timeout": 0.15}) as (
@@ -849,7 +890,12 @@ def test_dynamic_membership_add_and_remove_keep_raft_data(cluster_factory) -> No
         c.kill(i)
     c.start(members=[0, 1, 2])
     leader = c.wait_leader()
-    assert all(st["members"] == [0, 1, 2] for st in c.statuses().values())
+    # Followers apply the replayed membership once they learn the new leader's commit
+    # index (with its next AppendEntries or heartbeat).
+    deadline = time.monotonic() + 5.0
+    while not all(st["members"] == [0, 1, 2] for st in c.statuses().values()):
+        assert time.monotonic() < deadline, c.statuses()
+        time.sleep(0.05)
     assert leader.commit(30, b"other")["verdict"] == "REFUSE"
     assert leader.commit(31, b"b31")["verdict"] == "ACCEPT"
     converge(c, Auditor(lambda: [*c.nodes.values(), *c.retired]).check())
