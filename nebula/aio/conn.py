@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from nebula import proto
+from nebula.aio.session import READ_CHUNK, PlainSession, secret_handshake
 from nebula.config import Endpoint
-from nebula.crypto.secretconn import Handshake, Identity
+from nebula.crypto.secretconn import Identity
 from nebula.errors import ConfigError, NebulaError, ProtocolError
 from nebula.metrics import Metrics
 from nebula.service import SigningService
@@ -30,20 +31,6 @@ if TYPE_CHECKING:
     from prometheus_client import Counter
 
 log = logging.getLogger("nebula.conn")
-
-READ_CHUNK = 1 << 16
-
-
-class _Plain:
-    """The no-encryption session used on unix sockets."""
-
-    @staticmethod
-    def seal(data: bytes) -> bytes:
-        return data
-
-    @staticmethod
-    def feed(data: bytes) -> bytes:
-        return data
 
 
 class Dialer:
@@ -183,17 +170,8 @@ class Dialer:
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         if self.endpoint.scheme == "unix":
-            return _Plain()
-        hs = Handshake(self.identity)
-        writer.write(hs.initial_bytes())
-        while not hs.done:
-            data = await reader.read(READ_CHUNK)
-            if not data:
-                raise ProtocolError(f"{self.endpoint} closed the connection during the handshake")
-            out = hs.receive(data)
-            if out:
-                writer.write(out)
-        return hs.session()
+            return PlainSession()
+        return await secret_handshake(reader, writer, self.identity, str(self.endpoint))
 
     async def _serve(self, reader, writer, session) -> None:
         framer = proto.DelimitedReader(proto.MAX_REQUEST_SIZE)

@@ -16,21 +16,11 @@ import socket
 import time
 
 from nebula import proto
-from nebula.crypto.secretconn import Handshake
+from nebula.aio.session import PlainSession, secret_handshake
 from nebula.errors import ProtocolError
 from nebula.types import Request, Response, WireFamily
 
 _CHUNK = 1 << 16
-
-
-class _Plain:
-    @staticmethod
-    def seal(data: bytes) -> bytes:
-        return data
-
-    @staticmethod
-    def feed(data: bytes) -> bytes:
-        return data
 
 
 class SignerConnection:
@@ -118,7 +108,7 @@ class PrivvalListener:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if self.address.startswith("unix://"):
-                session = _Plain()
+                session = PlainSession()
             else:
                 session = await asyncio.wait_for(
                     self._handshake(reader, writer), self.handshake_timeout
@@ -131,16 +121,7 @@ class PrivvalListener:
         await self._conns.put(conn)
 
     async def _handshake(self, reader, writer):
-        hs = Handshake(self.identity_seed)
-        writer.write(hs.initial_bytes())
-        while not hs.done:
-            data = await reader.read(_CHUNK)
-            if not data:
-                raise ProtocolError("signer closed during handshake")
-            out = hs.receive(data)
-            if out:
-                writer.write(out)
-        return hs.session()
+        return await secret_handshake(reader, writer, self.identity_seed, "signer")
 
     async def accept(self, timeout: float = 10.0) -> SignerConnection:
         """The next signer connection (waits for one)."""

@@ -16,6 +16,7 @@ import struct
 import time
 
 from nebula import proto
+from nebula.aio.session import PlainSession
 from nebula.crypto.secretconn import Handshake
 from nebula.errors import ConfigError, ProtocolError
 from nebula.types import Request, Response, WireFamily
@@ -23,18 +24,6 @@ from nebula.types import Request, Response, WireFamily
 _CHUNK = 1 << 16
 
 __all__ = ["BlockingListener", "ValidatorConnection"]
-
-
-class _Plain:
-    """The no-encryption session of a unix socket."""
-
-    @staticmethod
-    def seal(data: bytes) -> bytes:
-        return data
-
-    @staticmethod
-    def feed(data: bytes) -> bytes:
-        return data
 
 
 class ValidatorConnection:
@@ -167,7 +156,7 @@ class BlockingListener:
         conn.settimeout(self.handshake_timeout)
         if self.scheme == "unix":
             conn.settimeout(None)
-            return ValidatorConnection(conn, _Plain(), self.family)
+            return ValidatorConnection(conn, PlainSession(), self.family)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t0 = time.perf_counter()
         hs = Handshake(self.identity_seed)
