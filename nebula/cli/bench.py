@@ -1,9 +1,11 @@
 """``nebula bench``: signing round trips measured end to end, as a validator sees them.
 
-Two modes:
+Three modes:
 
 * ``--local N`` starts N local ``nebula start`` processes (1: ``persist = "local"``;
   3 or 5: a Raft cluster) in a temporary directory, benches them and stops them.
+* ``--floor`` runs no Nebula: it measures the cheapest loopback and durable round
+  trips the machine allows (:mod:`nebula.bench.floor`), the floor under the others.
 * ``--listen ADDR`` (or ``-c CONFIG``, whose first connection address is listened on)
   benches a Nebula that is already running and dials that address.  Give its metrics
   endpoint(s) with ``--metrics host:port`` (taken from the config when it has
@@ -44,6 +46,11 @@ def register(subparsers: Any) -> None:
     target.add_argument(
         "--listen", metavar="ADDR",
         help="tcp://127.0.0.1:PORT or unix:///path: listen there for a running Nebula",
+    )  # fmt: skip
+    target.add_argument(
+        "--floor", action="store_true",
+        help="no Nebula: measure the cheapest loopback and durable round trips this "
+        "machine allows (1 node, 3 and 5 nodes), the floor under --local runs",
     )  # fmt: skip
     target.add_argument(
         "-c", "--config", help="a running Nebula's config (chain id, version, address, metrics)"
@@ -152,11 +159,35 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _cmd_floor(args: argparse.Namespace) -> int:
+    from nebula.bench import floor
+
+    if args.requests < 1 or args.warmup < 0:
+        raise ConfigError("--requests must be >= 1 and --warmup >= 0")
+    setup = floor.machine_setup(args.workdir, args.requests, args.warmup)
+    quiet = args.json or args.no_progress or not sys.stderr.isatty()
+
+    def progress(name: str) -> None:
+        if not quiet:
+            print(f"floor: {name} ...", file=sys.stderr)
+
+    results = floor.run_floor(args.requests, args.warmup, args.workdir, progress=progress)
+    if args.json:
+        print(json.dumps(floor.floor_json(results, setup), indent=2))
+    else:
+        print(floor.format_floor(results, setup))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nebula.bench import runner, stats
     from nebula.bench.client import BlockingListener
     from nebula.bench.report import print_report, to_json, write_histogram
 
+    if args.floor:
+        if args.local is not None or args.listen or args.config:
+            raise ConfigError("--floor runs no Nebula: give it without --local/--listen/-c")
+        return _cmd_floor(args)
     if args.local is not None and (args.listen or args.config):
         raise ConfigError("give either --local N or --listen/-c, not both")
     if args.local is None and not (args.listen or args.config):

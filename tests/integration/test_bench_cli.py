@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -236,3 +237,56 @@ def test_histogram_png(tmp_path) -> None:
     rtts = [0.0004 + 0.00001 * (i % 50) for i in range(300)] + [0.05]  # one far outlier
     assert write_histogram(_result_with(rtts), tmp_path / "h.png", "t") is None
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _floor(tmp_path, *extra: str, env: dict[str, str] | None = None) -> dict:
+    p = subprocess.run(
+        [sys.executable, "-m", "nebula.cli.main", "bench", "--floor", "--requests", "150",
+         "--warmup", "10", "--workdir", str(tmp_path), "--json", *extra],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+        stdin=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)
+
+
+_FLOOR_SCENARIOS = {
+    "loopback": (0, 0),
+    "1 node, 1 fdatasync": (0, 1),
+    "1 node, 2 fdatasyncs": (0, 2),
+    "3 nodes, majority durable": (2, 1),
+    "5 nodes, majority durable": (4, 1),
+}
+
+
+def test_bench_floor_json(tmp_path) -> None:
+    d = _floor(tmp_path)
+    assert d["setup"]["mode"] == "floor" and d["setup"]["requests"] == 150
+    assert set(d["scenarios"]) == set(_FLOOR_SCENARIOS)
+    for name, (followers, syncs) in _FLOOR_SCENARIOS.items():
+        sc = d["scenarios"][name]
+        assert (sc["followers"], sc["fdatasyncs_per_node"]) == (followers, syncs)
+        _check_latency(sc["latency_ms"], 150)
+        assert sc["throughput_rps"] > 0
+    assert list(tmp_path.iterdir()) == []  # the scratch files are removed
+
+
+def test_bench_floor_scenarios_really_sync(tmp_path) -> None:
+    """With every fdatasync slowed by 4 ms (fault hook), each scenario's latency shows
+    exactly the durable writes it claims on its critical path: none for loopback, one for
+    a single sync and for a majority of nodes, two in sequence for the mirrored file."""
+    from tests.support.chaos import FAULTS_PATH
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "fsync_delay_ms").write_text("4")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=FAULTS_PATH, NEBULA_FAULTS_DIR=str(faults))
+    d = _floor(work, env=env)
+    p50 = {name: sc["latency_ms"]["p50"] for name, sc in d["scenarios"].items()}
+    assert p50["loopback"] < 4.0, p50
+    for name in ("1 node, 1 fdatasync", "3 nodes, majority durable", "5 nodes, majority durable"):
+        assert 4.0 <= p50[name] < 8.0, (name, p50)
+    assert p50["1 node, 2 fdatasyncs"] >= 8.0, p50
+    assert (faults / "active").exists()  # the hook announced itself

@@ -1,0 +1,350 @@
+"""``nebula bench --floor``: the cheapest round trips this machine allows, without Nebula.
+
+A signer's latency has a part no signer code can remove: waking the processes that
+take part (over loopback, on however many cores there are) and making the decision
+durable on the disk under the state.  This module measures that part with the same
+I/O stack Nebula runs on, and none of Nebula's work, so that ``nebula bench`` numbers
+can be read against it:
+
+* the client is a blocking socket with ``TCP_NODELAY``, timed from ``sendall`` until
+  the whole answer is read (as :mod:`nebula.bench.client` does);
+* every server is a separate process running a uvloop event loop, one connection per
+  peer, ``TCP_NODELAY``;
+* a durable write is one ``pwrite`` of a 4 KiB block that was written and fsync'ed
+  before the run, then ``fdatasync`` (as the local state file and the Raft journal do).
+
+Scenarios (one request in flight, ``REQUEST_SIZE``-byte requests and answers):
+
+``loopback``
+    The server echoes.  Two process wake-ups and the loopback: the transport floor.
+``1 node, 1 fdatasync``
+    The server makes the request durable once before answering (a single durable
+    write per decision, the least S1 allows).
+``1 node, 2 fdatasyncs``
+    Two durable writes in sequence (what ``persist = "local"`` does: mirrored slots).
+``N nodes, majority durable``
+    The leader forwards the request to its N-1 followers, then writes and syncs its
+    own copy; each follower writes and syncs, then acknowledges; the leader answers
+    once its own copy and enough acknowledgements make a majority durable.  This is
+    the message and sync pattern of one Raft commit (AppendEntries, fdatasync on every
+    member, acknowledgements), without Raft's bookkeeping.
+
+Nothing is encoded, encrypted, guarded, signed or replicated by Raft here, so a
+scenario's numbers are a floor for the matching Nebula setup on the same machine, not
+an estimate of it.  The disk is shared by every process (all nodes on one machine),
+as it is in ``nebula bench --local``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nebula.bench.stats import Summary, summarize
+from nebula.errors import NebulaError
+
+__all__ = ["REQUEST_SIZE", "SCENARIOS", "Scenario", "format_floor", "run_floor"]
+
+REQUEST_SIZE = 200
+"""Bytes per request and per answer (a SignVoteRequest for a v1.0 vote is ~150-250)."""
+BLOCK = 4096
+_SEQ = struct.Struct("<Q")
+_STARTUP_TIMEOUT = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    followers: int  # 0: the server answers alone
+    syncs: int  # durable writes per request on every node that takes part
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("loopback", 0, 0),
+    Scenario("1 node, 1 fdatasync", 0, 1),
+    Scenario("1 node, 2 fdatasyncs", 0, 2),
+    Scenario("3 nodes, majority durable", 2, 1),
+    Scenario("5 nodes, majority durable", 4, 1),
+)
+
+
+# ---- the server processes ------------------------------------------------------------
+
+
+def _durable_file(directory: str, name: str) -> int:
+    """A file whose first block is written and synced, so later fdatasyncs flush data only."""
+    fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.pwrite(fd, bytes(BLOCK), 0)
+    os.fsync(fd)
+    return fd
+
+
+def _nodelay(transport: Any) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _serve(
+    directory: str,
+    syncs: int,
+    follower_ports: list[int],
+    majority: int,
+) -> None:
+    """One server process.
+
+    ``majority`` 0: a follower (acknowledges each request with its sequence number
+    after its durable writes); otherwise it answers with the request once
+    ``majority`` nodes, itself included, have made it durable.
+    """
+    import asyncio
+
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fd = _durable_file(directory, f"node-{os.getpid()}") if syncs else -1
+        block = bytearray(BLOCK)
+
+        def persist(msg: bytes) -> None:
+            block[: len(msg)] = msg
+            for _ in range(syncs):
+                os.pwrite(fd, block, 0)
+                os.fdatasync(fd)
+
+        # The leader's links to its followers and the acknowledgements they send.
+        acks: dict[int, int] = {}
+        waiting: dict[int, tuple[Any, bytes]] = {}  # seq -> (client transport, answer)
+        need = majority - (1 if syncs else 0)  # this node's own copy counts
+
+        class Ack(asyncio.Protocol):
+            def __init__(self) -> None:
+                self.buf = b""
+
+            def data_received(self, data: bytes) -> None:
+                self.buf += data
+                while len(self.buf) >= _SEQ.size:
+                    (seq,) = _SEQ.unpack_from(self.buf)
+                    self.buf = self.buf[_SEQ.size :]
+                    n = acks.get(seq, 0) + 1
+                    acks[seq] = n
+                    if n >= need and seq in waiting:
+                        answer(seq)
+
+        def answer(seq: int) -> None:
+            client, msg = waiting.pop(seq)
+            acks.pop(seq, None)
+            acks.pop(seq - 1, None)  # late acknowledgements of the previous request
+            client.write(msg)
+
+        links = []
+        for port in follower_ports:
+            t, _ = await loop.create_connection(Ack, "127.0.0.1", port)
+            _nodelay(t)
+            links.append(t)
+
+        class Peer(asyncio.Protocol):
+            """A client (or, on a follower, the leader): fixed-size requests."""
+
+            def connection_made(self, transport: Any) -> None:
+                self.t = transport
+                self.buf = b""
+                _nodelay(transport)
+
+            def data_received(self, data: bytes) -> None:
+                self.buf += data
+                while len(self.buf) >= REQUEST_SIZE:
+                    msg, self.buf = self.buf[:REQUEST_SIZE], self.buf[REQUEST_SIZE:]
+                    if links:
+                        self.lead(msg)
+                    else:
+                        if fd >= 0:
+                            persist(msg)
+                        # a follower acknowledges with the sequence number; a lone server echoes
+                        self.t.write(msg[: _SEQ.size] if majority == 0 else msg)
+
+            def lead(self, msg: bytes) -> None:
+                (seq,) = _SEQ.unpack_from(msg)
+                waiting[seq] = (self.t, msg)
+                for link in links:
+                    link.write(msg)
+                if fd >= 0:
+                    persist(msg)  # the leader's own copy, while the followers write theirs
+                if acks.get(seq, 0) >= need:  # acknowledged while this node synced
+                    answer(seq)
+                # else the acknowledgement that completes the majority answers
+
+        server = await loop.create_server(Peer, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# ---- the client ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class FloorResult:
+    scenario: Scenario
+    latency: Summary
+    throughput_rps: float
+
+
+def _measure(port: int, requests: int, warmup: int) -> tuple[list[float], float]:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    pad = os.urandom(REQUEST_SIZE - _SEQ.size)
+    times: list[float] = []
+    view = memoryview(bytearray(REQUEST_SIZE))
+    try:
+        t_start = 0.0
+        for i in range(warmup + requests):
+            if i == warmup:
+                t_start = time.perf_counter()
+            msg = _SEQ.pack(i + 1) + pad
+            t0 = time.perf_counter()
+            sock.sendall(msg)
+            got = 0
+            while got < REQUEST_SIZE:
+                n = sock.recv_into(view[got:])
+                if n == 0:
+                    raise NebulaError("floor server closed the connection")
+                got += n
+            t1 = time.perf_counter()
+            if view[:8] != msg[:8]:
+                raise NebulaError("floor server answered out of order")
+            if i >= warmup:
+                times.append(t1 - t0)
+        elapsed = time.perf_counter() - t_start
+    finally:
+        sock.close()
+    return times, elapsed
+
+
+def _start_server(directory: str, syncs: int, followers: list[int], majority: int) -> tuple:
+    """A server process (``python -m nebula.bench.floor``); returns (process, port)."""
+    cmd = [
+        sys.executable, "-m", "nebula.bench.floor", directory, str(syncs), str(majority),
+        ",".join(map(str, followers)),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    # the package this module came from, whether installed or run from a checkout
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], _STARTUP_TIMEOUT)
+    line = proc.stdout.readline() if ready else b""
+    if not line.strip().isdigit():
+        proc.kill()
+        proc.wait()
+        raise NebulaError(f"a floor server did not start (exit status {proc.poll()})")
+    return proc, int(line)
+
+
+def run_scenario(scenario: Scenario, directory: str, requests: int, warmup: int) -> FloorResult:
+    procs: list[subprocess.Popen] = []
+    try:
+        followers = []
+        for _ in range(scenario.followers):
+            proc, port = _start_server(directory, scenario.syncs, [], 0)
+            procs.append(proc)
+            followers.append(port)
+        majority = (scenario.followers + 1) // 2 + 1 if scenario.followers else 1
+        proc, leader = _start_server(directory, scenario.syncs, followers, majority)
+        procs.append(proc)
+        times, elapsed = _measure(leader, requests, warmup)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+    return FloorResult(scenario, summarize(times), requests / elapsed if elapsed > 0 else 0.0)
+
+
+def run_floor(
+    requests: int = 3000,
+    warmup: int = 300,
+    parent: str | os.PathLike[str] | None = None,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
+    progress: Callable[[str], None] | None = None,
+) -> list[FloorResult]:
+    """Run every scenario in a temporary directory under ``parent`` (the disk measured)."""
+    if requests < 1 or warmup < 0:
+        raise NebulaError("requests must be >= 1 and warmup >= 0")
+    directory = tempfile.mkdtemp(prefix="nebula-floor-", dir=os.fspath(parent) if parent else None)
+    try:
+        out = []
+        for sc in scenarios:
+            if progress is not None:
+                progress(sc.name)
+            out.append(run_scenario(sc, directory, requests, warmup))
+        return out
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def floor_json(results: list[FloorResult], setup: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "setup": setup,
+        "request_size": REQUEST_SIZE,
+        "scenarios": {
+            r.scenario.name: {
+                "followers": r.scenario.followers,
+                "fdatasyncs_per_node": r.scenario.syncs,
+                "latency_ms": {k: round(v, 4) for k, v in r.latency.as_dict().items()},
+                "throughput_rps": round(r.throughput_rps, 1),
+            }
+            for r in results
+        },
+    }
+
+
+def format_floor(results: list[FloorResult], setup: dict[str, Any]) -> str:
+    head = f"{'scenario':<28} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'req/s':>8}"
+    lines = [
+        f"floor of this machine ({setup.get('workdir')}), {setup.get('requests')} requests "
+        f"of {REQUEST_SIZE} bytes, ms:",
+        head,
+        "-" * len(head),
+    ]
+    for r in results:
+        s = r.latency
+        lines.append(
+            f"{r.scenario.name:<28} {s.p50:8.3f} {s.p90:8.3f} {s.p99:8.3f} {s.max:8.3f} "
+            f"{r.throughput_rps:8.0f}"
+        )
+    lines.append(
+        "No signing, encoding, encryption or Raft: Nebula's matching setup cannot be faster."
+    )
+    return "\n".join(lines)
+
+
+def machine_setup(parent: str | os.PathLike[str] | None, requests: int, warmup: int) -> dict:
+    return {
+        "mode": "floor",
+        "workdir": str(Path(parent) if parent else Path(tempfile.gettempdir())),
+        "requests": requests,
+        "warmup": warmup,
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+if __name__ == "__main__":  # a server process of run_scenario
+    _d, _syncs, _majority, _followers = sys.argv[1:5]
+    _serve(_d, int(_syncs), [int(p) for p in _followers.split(",") if p], int(_majority))
