@@ -61,7 +61,12 @@ either driver the transport skips the entry-less AppendEntries pysyncobj sends t
 follower right after every commit when that follower got one less than a heartbeat
 interval ago (half the messages per commit); followers learn the commit index from
 the next AppendEntries or heartbeat, so their applied state may trail the leader's
-by about a heartbeat interval - authority stays with the leader's barrier.
+by about a heartbeat interval - authority stays with the leader's barrier.  The
+transport also keeps pysyncobj from moving a follower's next index back when an
+acknowledgement of an older AppendEntries arrives after newer entries went out on
+the same connection, so every entry is sent to every follower once (it used to go
+to the slower follower 1-3 times); a follower that really misses entries rejects
+the next AppendEntries and pysyncobj's reset takes over.
 
 Safety (S2, S3).  The leader answers with the Decision returned by the state
 machine for the committed entry.  Timeouts, lost quorum and any failure reason raise
@@ -1035,6 +1040,25 @@ class _DurableTransport(TCPTransport):
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         self.heard[node] = time.monotonic()
+        if (
+            type(message) is dict
+            and message.get("type") == "next_node_idx"
+            and message.get("success")
+            and not message.get("reset")
+        ):
+            # An acknowledgement of an older AppendEntries: pysyncobj would set the
+            # follower's next index back to just after it - behind entries already
+            # sent on the same connection - and send those entries again on the next
+            # tick.  With one commit in flight this resent every entry to the slower
+            # follower 1-3 times (extra messages, acks and CPU on both sides).  Keep
+            # the next index where it was; it is only a hint: a follower missing
+            # entries rejects the next AppendEntries and its reset moves it back.
+            next_index = self._syncObj._SyncObj__raftNextIndex
+            before = next_index.get(node)
+            super()._onMessageReceived(node, message)
+            if before is not None and next_index.get(node, before) < before:
+                next_index[node] = before
+            return
         super()._onMessageReceived(node, message)
 
 

@@ -12,6 +12,7 @@ Three layers:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -416,6 +417,41 @@ def test_commit_only_append_entries_are_coalesced_but_followers_catch_up(
                 assert time.monotonic() < deadline, [s.status()["applied_index"] for s in stores]
                 await asyncio.sleep(0.01)
             assert all(s.last(CHAIN) == rec(n, b"b%d" % n) for s in stores)
+
+    run(go())
+
+
+@pytest.mark.parametrize("driver", ["loop", "thread"])
+def test_entries_are_sent_once_per_follower(
+    tmp_path: Path, driver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one commit in flight, the slower follower's acknowledgement of entry k
+    arrives after entry k+1 went out; pysyncobj would move that follower's next index
+    back and send k+1 again (every entry 1-3 times).  Each entry goes out once."""
+    sent: collections.Counter[tuple[int, int]] = collections.Counter()
+    parent_send = raft.TCPTransport.send
+
+    def counting(self: Any, node: Any, message: Any) -> bool:
+        if type(message) is dict and message.get("type") == "append_entries":
+            for entry in message.get("entries") or ():
+                sent[(id(node), entry[1])] += 1
+        return parent_send(self, node, message)
+
+    monkeypatch.setattr(raft.TCPTransport, "send", counting)
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, common={"driver": driver}) as (stores, _):
+            leader = await leader_of(stores)
+            await asyncio.sleep(0.1)
+            sent.clear()
+            n = 60
+            for h in range(1, n + 1):
+                assert (await leader.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
+            assert len(sent) == 2 * n  # every entry reached both followers
+            resent = sum(c - 1 for c in sent.values())
+            assert resent == 0, f"{resent} entries sent again"
+            journals = [s.status()["journal"] for s in stores]
+            assert all(j["reused"] == 0 for j in journals), journals
 
     run(go())
 
