@@ -99,7 +99,6 @@ __all__ = [
 ]
 
 
-
 @pytest.fixture
 def local_chains(tmp_path: Path) -> Iterator[Callable[..., LocalChain]]:
     """Factory fixture: ``make(version, **LocalChain.create kwargs) -> started LocalChain``.
