@@ -89,6 +89,20 @@ class LocalSigners:
             raise
         return self
 
+    def processes(self) -> list[tuple[str, int, str | None]]:
+        """(label, pid, metrics target) of every running node, for CPU accounting.
+
+        The target tells a Raft member's role (``nebula_raft_role``); a single node
+        has none."""
+        raft = self.nodes_count > 1
+        return [
+            (f"node {i}", node.pid, target if raft else None)
+            for i, (node, target) in enumerate(
+                zip(self.nodes, self.metrics_targets, strict=True), start=1
+            )
+            if node.alive()
+        ]
+
     def log_tails(self, n: int = 1500) -> str:
         return "\n".join(f"--- {node.config_path}:\n{node.log_tail(n)}" for node in self.nodes)
 

@@ -104,6 +104,18 @@ def to_json(res: BenchResult, setup: dict[str, Any]) -> dict[str, Any]:
             if res.handshakes
             else None
         ),
+        "cpu_ms_per_request": (
+            {
+                label: {
+                    "role": c["role"],
+                    "user": round(c["user_ms"], 4),
+                    "system": round(c["system_ms"], 4),
+                    "total": round(c["user_ms"] + c["system_ms"], 4),
+                }
+                for label, c in res.cpu.items()
+            }
+            or None
+        ),
         "latency_ms": {"all": overall, **per_kind},
         "phases_mean_ms": _phase_rows(res),
         "phases_note": res.phases_note,
@@ -158,6 +170,17 @@ def print_report(res: BenchResult, setup: dict[str, Any], *, file: Any = None) -
         console.print(pt)
     elif res.phases_note:
         console.print(f"[dim]{res.phases_note}[/dim]")
+
+    cpu = data["cpu_ms_per_request"]
+    if cpu:
+        ct = Table(
+            title="CPU time per request (ms, from /proc; 10 ms clock ticks)", title_justify="left"
+        )
+        for c in ("process", "role", "user", "system", "total"):
+            ct.add_column(c, justify="left" if c in ("process", "role") else "right")
+        for label, c in cpu.items():
+            ct.add_row(label, c["role"], _fmt(c["user"]), _fmt(c["system"]), _fmt(c["total"]))
+        console.print(ct)
 
     summary = (
         f"throughput {data['throughput_rps']:,.0f} req/s, "

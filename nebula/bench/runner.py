@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from nebula import proto
 from nebula.bench import stats
@@ -41,6 +43,9 @@ class RunOptions:
     max_reconnects: int = 3
     metrics_targets: Sequence[str] = ()
     handshakes: int = 0  # extra reconnections after the run, to time the handshake
+    #: (label, pid, metrics target or None) of the signer processes whose CPU time per
+    #: timed request is reported (local runs); the bench client itself is always added
+    processes: Sequence[tuple[str, int, str | None]] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,6 +66,8 @@ class BenchResult:
     signatures_verified: int = 0
     phases: dict[str, dict[str, float]] | None = None
     phases_note: str = ""
+    #: label -> {"role", "user_ms", "system_ms"}: CPU time per timed request
+    cpu: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def add_error(self, text: str, *, warmup: bool = False) -> None:
         if warmup:
@@ -160,6 +167,10 @@ def _time_handshakes(listener: BlockingListener, opts: RunOptions, res: BenchRes
         c.close()
 
 
+_ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+_CLIENT = "bench client"
+
+
 def run(
     listener: BlockingListener,
     opts: RunOptions,
@@ -238,7 +249,10 @@ def run(
         before = after = None
         if opts.metrics_targets:
             before = stats.scrape(opts.metrics_targets)
+        procs = [*opts.processes, (_CLIENT, os.getpid(), None)]
+        cpu_before = [stats.cpu_seconds(pid) for _, pid, _ in procs]
         msgs, rtts, duration = send_all(timed, len(warm))
+        cpu_after = [stats.cpu_seconds(pid) for _, pid, _ in procs]
         if opts.metrics_targets:
             after = stats.scrape(opts.metrics_targets)
         if progress is not None:
@@ -260,6 +274,19 @@ def run(
         res.signatures_verified += n
         if err:
             res.add_error(err)
+    roles = after.raft_roles if after is not None else {}
+    for (label, _, target), b, a in zip(procs, cpu_before, cpu_after, strict=True):
+        if a is None or b is None or not timed:
+            continue
+        if label == _CLIENT:
+            role = "validator"
+        else:  # a Raft member reports nebula_raft_role; a single node does not count
+            role = _ROLE_NAMES.get(roles.get(target, -1), "signer") if target else "signer"
+        res.cpu[label] = {
+            "role": role,
+            "user_ms": (a[0] - b[0]) * 1000.0 / len(timed),
+            "system_ms": (a[1] - b[1]) * 1000.0 / len(timed),
+        }
     if before is not None and after is not None:
         res.phases = stats.phase_means(before, after)
         if res.reconnects:

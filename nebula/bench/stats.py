@@ -17,6 +17,7 @@ from nebula.errors import NebulaError
 __all__ = [
     "PhaseSnapshot",
     "Summary",
+    "cpu_seconds",
     "parse_phase_histograms",
     "percentile",
     "phase_means",
@@ -97,11 +98,25 @@ def probe_fdatasync(directory: str | os.PathLike[str], n: int = 200) -> Summary:
     return summarize(times)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """(user, system) CPU seconds a process has used so far; None where there is no
+    ``/proc`` or the process is gone.  Clock-tick resolution (usually 10 ms)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # ---- Prometheus ------------------------------------------------------------------------
 
 _PHASE_LINE = re.compile(
     r'^nebula_sign_phase_seconds_(sum|count)\{phase="([a-z_]+)"\}\s+([0-9.eE+-]+|NaN)\s*$'
 )
+_ROLE_LINE = re.compile(r"^nebula_raft_role\s+([0-9.eE+-]+)\s*$")
 _HEIGHT_LINE = re.compile(r'^nebula_last_signed_height\{chain_id="(.*)"\}\s+([0-9.eE+-]+)\s*$')
 
 
@@ -112,6 +127,8 @@ class PhaseSnapshot:
     sums: dict[str, float] = dataclasses.field(default_factory=dict)
     counts: dict[str, float] = dataclasses.field(default_factory=dict)
     last_heights: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``nebula_raft_role`` per scraped target (0 follower, 1 candidate, 2 leader)
+    raft_roles: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, other: PhaseSnapshot) -> None:
         for k, v in other.sums.items():
@@ -120,6 +137,7 @@ class PhaseSnapshot:
             self.counts[k] = self.counts.get(k, 0.0) + v
         for k, h in other.last_heights.items():
             self.last_heights[k] = max(h, self.last_heights.get(k, 0))
+        self.raft_roles.update(other.raft_roles)
 
 
 def parse_phase_histograms(text: str) -> PhaseSnapshot:
@@ -133,6 +151,10 @@ def parse_phase_histograms(text: str) -> PhaseSnapshot:
         m = _HEIGHT_LINE.match(line)
         if m is not None:
             snap.last_heights[m.group(1)] = int(float(m.group(2)))
+            continue
+        m = _ROLE_LINE.match(line)
+        if m is not None:
+            snap.raft_roles[""] = int(float(m.group(1)))
     return snap
 
 
@@ -151,7 +173,11 @@ def scrape(targets: Sequence[str], timeout: float = 5.0) -> PhaseSnapshot:
                 text = r.read().decode("utf-8", "replace")
         except (urllib.error.URLError, OSError) as e:
             raise NebulaError(f"cannot scrape {url}: {e}") from None
-        total.add(parse_phase_histograms(text))
+        snap = parse_phase_histograms(text)
+        role = snap.raft_roles.pop("", None)
+        if role is not None:
+            snap.raft_roles[t] = role
+        total.add(snap)
     return total
 
 

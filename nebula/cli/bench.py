@@ -198,7 +198,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar, update = _progress(show_progress, args.requests + args.warmup)
 
-    def run(address: str, targets: list[str]) -> runner.BenchResult:
+    def run(
+        address: str, targets: list[str], processes: list[tuple[str, int, str | None]] | None = None
+    ) -> runner.BenchResult:
         listener = BlockingListener(address, family)
         listener.start()
         opts = runner.RunOptions(
@@ -212,6 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             accept_timeout=args.accept_timeout,
             metrics_targets=targets,
             handshakes=args.handshakes,
+            processes=processes or [],
         )
         try:
             if bar is not None:
@@ -248,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         setup["disk_fdatasync_ms"] = {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)}
         with signers:
             try:
-                res = run(signers.listen_address, signers.metrics_targets)
+                res = run(signers.listen_address, signers.metrics_targets, signers.processes())
             except (NebulaError, OSError) as e:
                 raise NebulaError(f"{e}\n{signers.log_tails()}") from None
             if res.pub_key != signers.key.public_key:

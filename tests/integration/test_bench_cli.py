@@ -67,6 +67,14 @@ def test_bench_local_single_node_json() -> None:
     assert d["handshake_ms"] > 0
     hs = d["handshakes_ms"]
     assert hs["count"] == 3 and 0 < hs["min"] <= hs["p50"] <= hs["max"]
+    cpu = d["cpu_ms_per_request"]
+    assert set(cpu) == {"node 1", "bench client"}, cpu
+    assert cpu["node 1"]["role"] == "signer" and cpu["bench client"]["role"] == "validator"
+    for c in cpu.values():
+        assert c["user"] >= 0 and c["system"] >= 0
+        assert c["total"] == pytest.approx(c["user"] + c["system"], abs=1e-3)
+    # the signer decodes, signs (Ed25519, ~40 us) and syncs every request: not free
+    assert cpu["node 1"]["total"] > 0.02
     ph = d["phases_mean_ms"]
     assert ph is not None, d["phases_note"]
     for name in ("receive_decode", "guard", "sign", "replicate", "encode_send", "total"):
@@ -76,6 +84,20 @@ def test_bench_local_single_node_json() -> None:
     assert ph["network_framing"] == pytest.approx(lat["all"]["mean"] - ph["total"], abs=2e-3)
 
 
+def test_bench_local_cluster_reports_cpu_per_member_role() -> None:
+    p = _bench("--local", "3", "--requests", "300", "--warmup", "20", "--handshakes", "0", "--json")
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    assert d["errors"] == 0 and d["setup"]["persist"] == "raft"
+    cpu = d["cpu_ms_per_request"]
+    assert set(cpu) == {"node 1", "node 2", "node 3", "bench client"}, cpu
+    roles = sorted(c["role"] for label, c in cpu.items() if label != "bench client")
+    assert roles == ["follower", "follower", "leader"], cpu
+    leader = next(c for c in cpu.values() if c["role"] == "leader")
+    # the leader also signs, frames and answers: it works more per request than a follower
+    assert leader["total"] > max(c["total"] for c in cpu.values() if c["role"] == "follower")
+
+
 def test_bench_v0_34_unix_table_output() -> None:
     """The human report over a unix socket in the oldest family (no extensions)."""
     p = _bench("--local", "1", "--requests", "60", "--warmup", "0", "--version", "v0_34",
@@ -83,6 +105,7 @@ def test_bench_v0_34_unix_table_output() -> None:
     assert p.returncode == 0, p.stderr[-3000:]
     out = p.stdout
     assert "precommit" in out and "replicate" in out and "network + framing" in out
+    assert "CPU time per request" in out and "bench client" in out
     assert "0 errors: every signature verified" in out
     assert "re-dials" not in out  # no handshake on a unix socket
 
