@@ -8,12 +8,16 @@ asyncio server on the daemon's event loop (no thread), bound to ``metrics.listen
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("nebula.metrics")
 
@@ -24,20 +28,75 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 PHASES = ("receive_decode", "guard", "sign", "replicate", "encode_send", "total")
+
+
+class LoopHistogram:
+    """A histogram observed only from the event loop thread: plain counts, no lock.
+
+    ``prometheus_client.Histogram.observe`` takes a lock per bucket and sum update
+    (~4 µs); the signing path observes seven of them per request.  This costs a
+    bisect and two additions, and is exposed in the same text format (``_bucket``
+    with ``le``, ``_count``, ``_sum``) by :class:`_LoopHistograms` at scrape time,
+    which also runs on the loop.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class _LoopHistograms:
+    """Collector exposing one histogram family made of :class:`LoopHistogram` series."""
+
+    def __init__(self, name: str, doc: str, label: str | None, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.label, self.bounds = name, doc, label, bounds
+        self.series: dict[str, LoopHistogram] = {}
+        self._les = [floatToGoString(b) for b in (*bounds, math.inf)]
+
+    def child(self, key: str = "") -> LoopHistogram:
+        h = self.series.get(key)
+        if h is None:
+            h = self.series[key] = LoopHistogram(self.bounds)
+        return h
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(
+            self.name, self.doc, labels=[self.label] if self.label else None
+        )
+        for key, h in self.series.items():
+            cum, buckets = 0, []
+            for le, c in zip(self._les, h.counts, strict=True):
+                cum += c
+                buckets.append((le, cum))
+            fam.add_metric([key] if self.label else [], buckets, h.sum)
+        yield fam
+
+
 ROLE_VALUES = {"follower": 0, "candidate": 1, "leader": 2}
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.phase_seconds = Histogram(
+        self.phase_seconds = _LoopHistograms(
             "nebula_sign_phase_seconds",
             "Time spent per phase of a signing request",
-            ["phase"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            "phase",
+            _LATENCY_BUCKETS,
         )
-        self._phase = {p: self.phase_seconds.labels(p) for p in PHASES}
+        self._phase = {p: self.phase_seconds.child(p) for p in PHASES}
+        r.register(self.phase_seconds)
         self.requests = Counter(
             "nebula_requests_total", "privval requests received", ["type"], registry=r
         )
@@ -69,12 +128,14 @@ class Metrics:
         self.raft_leader = Gauge(
             "nebula_raft_leader_id", "Node id of the current Raft leader (0 = unknown)", registry=r
         )
-        self.raft_commit_seconds = Histogram(
+        self._raft_commit = _LoopHistograms(
             "nebula_raft_commit_seconds",
             "Time from proposing a signing decision to its commit",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            None,
+            _LATENCY_BUCKETS,
         )
+        self.raft_commit_seconds = self._raft_commit.child()
+        r.register(self._raft_commit)
         self.connections = Gauge(
             "nebula_validator_connections", "Open validator connections", registry=r
         )
