@@ -814,6 +814,25 @@ class _PeerNode(TCPNode):
     def __init__(self, node_id: int, address: str) -> None:
         super().__init__(address)
         self._id = _ident(node_id)
+        self._nb_hash = hash(self._id)
+
+    def __hash__(self) -> int:
+        # pysyncobj keys its per-node dicts and sets by Node and hashes a node ~70 times
+        # per commit on the leader; Node.__hash__ is hash(self.id) through a property
+        # (~9 % of the leader's CPU).  Same value, computed once; equality is still
+        # Node.__eq__ (same id).
+        return self._nb_hash
+
+    # Membership-change log entries carry pickled nodes.  str hashes differ between
+    # processes (hash randomisation), so the cached hash never travels with a node.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_nb_hash", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_nb_hash"] = hash(self._id)
 
     @property
     def address(self) -> str:
@@ -835,6 +854,7 @@ class _LoopPoller(Poller):
     def __init__(self, loop: asyncio.AbstractEventLoop, kick: Callable[[], None]) -> None:
         self._loop = loop
         self._kick = kick
+        self.delivered = [0, 0]
         self._cbs: dict[int, Callable[[int, int], None]] = {}
         self._masks: dict[int, int] = {}
 
@@ -865,12 +885,19 @@ class _LoopPoller(Poller):
 
     def _dispatch(self, descr: int, event: int) -> None:
         cb = self._cbs.get(descr)
+        #: set by _DurableTransport while ``cb`` delivers messages: (received, quiet)
+        self.delivered = [0, 0]
         if cb is not None:
             try:
                 cb(descr, event)
             except Exception:
                 logger.exception("raft transport callback failed")
-        self._kick()
+        received, quiet = self.delivered
+        if received == 0 or quiet < received:
+            self._kick()
+        # else: only acknowledgements that cannot move the commit index (the slower
+        # follower's ack of an entry already committed) - a tick would find nothing to
+        # do; the next proposal, message or the 20 ms timer tick runs one.
 
     def poll(self, timeout: float) -> None:
         """The event loop does the waiting."""
@@ -1040,6 +1067,18 @@ class _DurableTransport(TCPTransport):
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         self.heard[node] = time.monotonic()
+        delivered = getattr(self._syncObj._nb_poller, "delivered", None)
+        if delivered is not None:
+            delivered[0] += 1
+            if (
+                type(message) is dict
+                and message.get("type") == "next_node_idx"
+                and message.get("success")
+                and not message.get("reset")
+                and type(message.get("next_node_idx")) is int
+                and message["next_node_idx"] - 1 <= self._syncObj._SyncObj__raftCommitIndex
+            ):
+                delivered[1] += 1
         if (
             type(message) is dict
             and message.get("type") == "next_node_idx"
@@ -1072,10 +1111,12 @@ class _SignSyncObj(SyncObj):
         self_node: _PeerNode,
         others: list[_PeerNode],
         conf: Any,
+        poller: _LoopPoller | None = None,
     ) -> None:
         # Set before SyncObj.__init__, which creates the transport.
         self._nb_sm = sm
         self._nb_sync = sync
+        self._nb_poller = poller  # the loop driver's poller (None: pysyncobj's own)
         super().__init__(self_node, others, conf, transportClass=_DurableTransport)
 
     @replicated
@@ -1418,14 +1459,17 @@ class RaftStore(SignStore):
             return journal
 
         poller_factory = None
+        poller: _LoopPoller | None = None
         if self.driver == "loop":
-            self._poller = _LoopPoller(self._loop, self._kick)
-            poller_factory = lambda _type: self._poller  # noqa: E731
+            poller = self._poller = _LoopPoller(self._loop, self._kick)
+            poller_factory = lambda _type: poller  # noqa: E731
 
         others = [n for pid, n in self._nodes.items() if pid != self.node_id]
         try:
             with _patched(journal_factory, poller_factory):
-                obj = _SignSyncObj(self._sm, self._sync_journal, self._self_node, others, conf)
+                obj = _SignSyncObj(
+                    self._sm, self._sync_journal, self._self_node, others, conf, poller
+                )
         except SyncObjException as e:
             raise ConfigError(
                 f"raft: cannot listen on {bind_addr} ({e.errorCode}); is the address in use?"
@@ -1604,13 +1648,20 @@ class RaftStore(SignStore):
 
     def _quorum_recent(self) -> bool:
         """This node plus the peers heard from within the quorum window are a majority."""
-        now = time.monotonic()
-        heard = self._obj.nb_transport().heard
-        try:
-            others = self._obj.otherNodes
-        except RuntimeError:  # driver="thread": membership changing right now
-            return False
-        alive = 1 + sum(1 for n in others if now - heard.get(n, -1e9) < self._quorum_window)
+        obj = self._obj
+        if self.driver == "loop":
+            others = obj._SyncObj__otherNodes  # same thread as pysyncobj: no copy needed
+        else:
+            try:
+                others = obj.otherNodes
+            except RuntimeError:  # driver="thread": membership changing right now
+                return False
+        heard = obj.nb_transport().heard
+        since = time.monotonic() - self._quorum_window
+        alive = 1
+        for n in others:
+            if heard.get(n, -1e9) > since:
+                alive += 1
         return alive * 2 > len(others) + 1
 
     def is_authoritative(self) -> bool:

@@ -968,3 +968,15 @@ def test_a_journal_io_error_takes_the_node_out_and_the_cluster_continues(
             assert (await new.commit(CHAIN, rec(3, b"b3"))).verdict == Verdict.ACCEPT
 
     run(go())
+
+
+def test_peer_node_hash_is_recomputed_in_the_process_that_unpickles_it() -> None:
+    """Membership entries carry pickled nodes between processes whose str hashes
+    differ; a node must hash (and so be found in pysyncobj's sets) by the local hash."""
+    import pickle
+
+    node = raft._PeerNode(7, "127.0.0.1:26001")
+    node.__dict__["_nb_hash"] = hash(node.id) ^ 0x5A5A  # as if hashed by another process
+    copy = pickle.loads(pickle.dumps(node))
+    assert copy == raft._PeerNode(7, "127.0.0.1:1") and hash(copy) == hash("nebula-node-7")
+    assert copy in {raft._PeerNode(7, "10.0.0.1:26001")}
