@@ -52,7 +52,9 @@ configured for a peer, so a member may be reached through a proxy or a NAT.
 Driving (dependencies.md §1d).  ``driver="loop"`` (default, "pattern B") runs
 pysyncobj on the asyncio/uvloop event loop: its sockets are registered on the loop,
 ``doTick`` runs whenever a socket or a proposal needs it and on a 20 ms timer
-(heartbeats, elections), and the state machine and callbacks run on the loop
+(heartbeats, elections) - except after a message that was only an acknowledgement
+of an entry already committed (the slower follower's), which leaves a tick nothing
+to do - and the state machine and callbacks run on the loop
 thread without locks.  ``driver="thread"`` ("pattern A") keeps pysyncobj's tick
 thread and hands results to the loop with ``call_soon_threadsafe``; on a busy 2-core
 machine it measured somewhat lower latency, because the waiting coroutine resumes
