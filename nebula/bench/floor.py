@@ -286,7 +286,12 @@ def run_floor(
     """Run every scenario in a temporary directory under ``parent`` (the disk measured)."""
     if requests < 1 or warmup < 0:
         raise NebulaError("requests must be >= 1 and warmup >= 0")
-    directory = tempfile.mkdtemp(prefix="nebula-floor-", dir=os.fspath(parent) if parent else None)
+    try:
+        directory = tempfile.mkdtemp(
+            prefix="nebula-floor-", dir=os.fspath(parent) if parent else None
+        )
+    except OSError as e:
+        raise NebulaError(f"cannot create the floor's scratch directory: {e}") from None
     try:
         out = []
         for sc in scenarios:

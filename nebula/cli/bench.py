@@ -179,8 +179,15 @@ def _cmd_floor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_workdir(args: argparse.Namespace) -> None:
+    if args.workdir and not Path(args.workdir).is_dir():
+        raise ConfigError(f"--workdir {args.workdir}: not an existing directory")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nebula.bench import runner, stats
+
+    _check_workdir(args)
     from nebula.bench.client import BlockingListener
     from nebula.bench.report import print_report, to_json, write_histogram
 

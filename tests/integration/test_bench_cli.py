@@ -146,6 +146,15 @@ def test_bench_needs_a_target() -> None:
     assert "--local N" in p.stderr
 
 
+@pytest.mark.parametrize("target", [["--floor"], ["--local", "1"]])
+def test_bench_refuses_a_missing_workdir(tmp_path, target: list[str]) -> None:
+    p = _bench(*target, "--workdir", str(tmp_path / "missing"), "--requests", "10")
+    assert p.returncode == 2
+    assert "not an existing directory" in p.stderr and "Traceback" not in p.stderr
+    p = _bench("--floor", "--local", "1")
+    assert p.returncode == 2 and "--floor runs no Nebula" in p.stderr
+
+
 # ---- the arithmetic behind the report --------------------------------------------------
 
 
