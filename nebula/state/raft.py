@@ -1069,38 +1069,34 @@ class _DurableTransport(TCPTransport):
 
     def _onMessageReceived(self, node: Any, message: Any) -> None:
         self.heard[node] = time.monotonic()
-        delivered = getattr(self._syncObj._nb_poller, "delivered", None)
-        if delivered is not None:
-            delivered[0] += 1
-            if (
-                type(message) is dict
-                and message.get("type") == "next_node_idx"
-                and message.get("success")
-                and not message.get("reset")
-                and type(message.get("next_node_idx")) is int
-                and message["next_node_idx"] - 1 <= self._syncObj._SyncObj__raftCommitIndex
-            ):
-                delivered[1] += 1
-        if (
+        obj = self._syncObj
+        ack = (
             type(message) is dict
             and message.get("type") == "next_node_idx"
             and message.get("success")
             and not message.get("reset")
-        ):
-            # An acknowledgement of an older AppendEntries: pysyncobj would set the
-            # follower's next index back to just after it - behind entries already
-            # sent on the same connection - and send those entries again on the next
-            # tick.  With one commit in flight this resent every entry to the slower
-            # follower 1-3 times (extra messages, acks and CPU on both sides).  Keep
-            # the next index where it was; it is only a hint: a follower missing
-            # entries rejects the next AppendEntries and its reset moves it back.
-            next_index = self._syncObj._SyncObj__raftNextIndex
-            before = next_index.get(node)
+        )
+        delivered = getattr(obj._nb_poller, "delivered", None)
+        if delivered is not None:  # the loop driver's poller counts what it delivered
+            delivered[0] += 1
+            acked = message.get("next_node_idx") if ack else None
+            if type(acked) is int and acked - 1 <= obj._SyncObj__raftCommitIndex:
+                delivered[1] += 1  # acknowledges an entry already committed: no tick
+        if not ack:
             super()._onMessageReceived(node, message)
-            if before is not None and next_index.get(node, before) < before:
-                next_index[node] = before
             return
+        # An acknowledgement of an older AppendEntries: pysyncobj would set the
+        # follower's next index back to just after it - behind entries already sent on
+        # the same connection - and send those entries again on the next tick.  With
+        # one commit in flight this resent every entry to the slower follower 1-3 times
+        # (extra messages, acks and CPU on both sides).  Keep the next index where it
+        # was; it is only a hint: a follower missing entries rejects the next
+        # AppendEntries and its reset moves it back.
+        next_index = obj._SyncObj__raftNextIndex
+        before = next_index.get(node)
         super()._onMessageReceived(node, message)
+        if before is not None and next_index.get(node, before) < before:
+            next_index[node] = before
 
 
 class _SignSyncObj(SyncObj):
