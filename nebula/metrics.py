@@ -51,10 +51,6 @@ class LoopHistogram:
         self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
 
 class _LoopHistograms:
     """Collector exposing one histogram family made of :class:`LoopHistogram` series."""

@@ -54,7 +54,17 @@ from typing import Any
 from nebula.bench.stats import Summary, summarize
 from nebula.errors import NebulaError
 
-__all__ = ["REQUEST_SIZE", "SCENARIOS", "Scenario", "format_floor", "run_floor"]
+__all__ = [
+    "REQUEST_SIZE",
+    "SCENARIOS",
+    "FloorResult",
+    "Scenario",
+    "floor_json",
+    "format_floor",
+    "machine_setup",
+    "run_floor",
+    "run_scenario",
+]
 
 REQUEST_SIZE = 200
 """Bytes per request and per answer (a SignVoteRequest for a v1.0 vote is ~150-250)."""

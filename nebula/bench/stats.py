@@ -140,7 +140,8 @@ class PhaseSnapshot:
         self.raft_roles.update(other.raft_roles)
 
 
-def parse_phase_histograms(text: str) -> PhaseSnapshot:
+def parse_phase_histograms(text: str, target: str = "") -> PhaseSnapshot:
+    """The phase histograms (and ``nebula_raft_role``, keyed by ``target``) of a scrape."""
     snap = PhaseSnapshot()
     for line in text.splitlines():
         m = _PHASE_LINE.match(line)
@@ -154,7 +155,7 @@ def parse_phase_histograms(text: str) -> PhaseSnapshot:
             continue
         m = _ROLE_LINE.match(line)
         if m is not None:
-            snap.raft_roles[""] = int(float(m.group(1)))
+            snap.raft_roles[target] = int(float(m.group(1)))
     return snap
 
 
@@ -173,11 +174,7 @@ def scrape(targets: Sequence[str], timeout: float = 5.0) -> PhaseSnapshot:
                 text = r.read().decode("utf-8", "replace")
         except (urllib.error.URLError, OSError) as e:
             raise NebulaError(f"cannot scrape {url}: {e}") from None
-        snap = parse_phase_histograms(text)
-        role = snap.raft_roles.pop("", None)
-        if role is not None:
-            snap.raft_roles[t] = role
-        total.add(snap)
+        total.add(parse_phase_histograms(text, t))
     return total
 
 

@@ -887,14 +887,14 @@ class _LoopPoller(Poller):
 
     def _dispatch(self, descr: int, event: int) -> None:
         cb = self._cbs.get(descr)
-        #: set by _DurableTransport while ``cb`` delivers messages: (received, quiet)
-        self.delivered = [0, 0]
+        delivered = self.delivered  # counted by _DurableTransport: [received, quiet]
+        delivered[0] = delivered[1] = 0
         if cb is not None:
             try:
                 cb(descr, event)
             except Exception:
                 logger.exception("raft transport callback failed")
-        received, quiet = self.delivered
+        received, quiet = delivered
         if received == 0 or quiet < received:
             self._kick()
         # else: only acknowledgements that cannot move the commit index (the slower
