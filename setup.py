@@ -1,4 +1,7 @@
-"""Build the Cython kernels in nebula/_fast/.
+"""Build the Cython kernels in nebula/_fast/ and the Raft core (Rust, pyo3) in rust/.
+
+The Raft core ``nebula.raft._core`` wraps tikv's raft-rs; it is always built (cargo
+must be on PATH; the crates come from the Rust crate registry on the first build).
 
 Every kernel has a pure-Python twin; nebula._fast picks the compiled one when it
 imports and the pure one when NEBULA_PURE=1 is set.  Set NEBULA_NO_EXT=1 to
@@ -33,4 +36,16 @@ if os.environ.get("NEBULA_NO_EXT") != "1":
         },
     )
 
-setup(ext_modules=ext_modules)
+from setuptools_rust import Binding, RustExtension  # noqa: E402
+
+rust_extensions = [
+    RustExtension(
+        "nebula.raft._core",
+        path="rust/Cargo.toml",
+        binding=Binding.PyO3,
+        py_limited_api="auto",
+        debug=False,
+    )
+]
+
+setup(ext_modules=ext_modules, rust_extensions=rust_extensions)

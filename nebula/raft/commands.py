@@ -1,0 +1,125 @@
+"""Versioned log commands and snapshot data of the sign state machine (no pickle).
+
+A log command (the data of a normal Raft entry)::
+
+    version u8 = 1 | op u8 | chain (u16 length + bytes) | height u64 | round u32 | step u8
+    | sign_bytes, signature, ext_sign_bytes, ext_signature (each u32 length + bytes)
+
+``op`` 1 = SIGN (check-and-set through the guard), 2 = RAISE (an import: only ever raises
+the mark).  Snapshot data::
+
+    b"NBSM" | version u8 = 1 | count u32 | count x (chain, height, round, step, 4 byte strings)
+
+Compatibility rule (rolling upgrades, written down in docs/raft.md too): a release decodes
+every version it ever wrote.  A release that adds a command version or op (a) still
+*writes* the old version while any member may run the previous release, and (b) switches
+only when the operator raises ``raft.command_version`` after every member runs it.  A
+committed entry a member cannot decode stops that member (fail closed) rather than
+letting its state diverge.  Transport frames carry their own version in the handshake.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+
+from nebula.errors import StateError
+from nebula.guard import SignRecord
+
+VERSION = 1
+OP_SIGN = 1
+OP_RAISE = 2
+
+_HEAD = struct.Struct("<BB")
+_HRS = struct.Struct("<QIB")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_SNAP_MAGIC = b"NBSM"
+_MAX_CHAIN = 50  # CometBFT's chain-id limit
+
+Command = tuple[int, bytes, SignRecord]
+
+
+def _record_bytes(chain: bytes, rec: SignRecord) -> bytes:
+    if len(chain) > 0xFFFF:
+        raise StateError("chain id too long")
+    parts = [_U16.pack(len(chain)), chain, _HRS.pack(rec.height, rec.round, rec.step)]
+    for b in (rec.sign_bytes, rec.signature, rec.ext_sign_bytes, rec.ext_signature):
+        parts.append(_U32.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def _read_record(buf: memoryview, off: int) -> tuple[bytes, SignRecord, int]:
+    (n,) = _U16.unpack_from(buf, off)
+    off += 2
+    chain = bytes(buf[off : off + n])
+    if len(chain) != n:
+        raise StateError("truncated chain id")
+    off += n
+    h, r, s = _HRS.unpack_from(buf, off)
+    off += _HRS.size
+    if s > 3:
+        raise StateError(f"step {s} out of range")
+    fields = []
+    for _ in range(4):
+        (m,) = _U32.unpack_from(buf, off)
+        off += 4
+        b = bytes(buf[off : off + m])
+        if len(b) != m:
+            raise StateError("truncated field")
+        fields.append(b)
+        off += m
+    return chain, SignRecord(h, r, s, fields[0], fields[1], fields[2], fields[3]), off
+
+
+def encode_command(op: int, chain: bytes, rec: SignRecord) -> bytes:
+    if op not in (OP_SIGN, OP_RAISE):
+        raise ValueError(f"unknown op {op}")
+    return _HEAD.pack(VERSION, op) + _record_bytes(chain, rec)
+
+
+def decode_command(data: bytes) -> Command:
+    """(op, chain, record); StateError for anything this release cannot read."""
+    buf = memoryview(data)
+    try:
+        version, op = _HEAD.unpack_from(buf, 0)
+        if version != VERSION:
+            raise StateError(f"log command version {version} is not known to this release")
+        if op not in (OP_SIGN, OP_RAISE):
+            raise StateError(f"log command op {op} is not known to this release")
+        chain, rec, off = _read_record(buf, _HEAD.size)
+    except struct.error as e:
+        raise StateError(f"malformed log command: {e}") from None
+    if off != len(buf):
+        raise StateError("malformed log command: trailing bytes")
+    return op, chain, rec
+
+
+def encode_states(states: Mapping[bytes, SignRecord]) -> bytes:
+    parts = [_SNAP_MAGIC, bytes([VERSION]), _U32.pack(len(states))]
+    for chain in sorted(states):
+        parts.append(_record_bytes(chain, states[chain]))
+    return b"".join(parts)
+
+
+def decode_states(data: bytes) -> dict[bytes, SignRecord]:
+    buf = memoryview(data)
+    if bytes(buf[:4]) != _SNAP_MAGIC:
+        raise StateError("snapshot data: bad magic")
+    if len(buf) < 9 or buf[4] != VERSION:
+        raise StateError(f"snapshot data version {buf[4] if len(buf) > 4 else '?'} unknown")
+    try:
+        (count,) = _U32.unpack_from(buf, 5)
+        off = 9
+        out: dict[bytes, SignRecord] = {}
+        for _ in range(count):
+            chain, rec, off = _read_record(buf, off)
+            if chain in out:
+                raise StateError("snapshot data: duplicate chain")
+            out[chain] = rec
+    except struct.error as e:
+        raise StateError(f"malformed snapshot data: {e}") from None
+    if off != len(buf):
+        raise StateError("malformed snapshot data: trailing bytes")
+    return out

@@ -1,0 +1,446 @@
+"""The Ready loop: raft-rs's ``RawNode`` driven the way it is meant to be (design.md §4).
+
+:class:`RaftNode` owns a :class:`nebula.raft._core.Node`, the durable
+:class:`~nebula.raft.storage.RaftLog` and a :class:`StateMachine`.  It does no I/O of
+its own besides the log: messages leave through the injected ``send`` callable, time
+arrives as :meth:`tick` calls, and messages arrive through :meth:`receive`.  The event
+loop (``nebula.state.raft``) and the deterministic simulation (``tests/sim``) drive the
+same class.
+
+One pass of :meth:`process`, per Ready:
+
+1. send ``messages`` - raft-rs puts only messages there that vouch for nothing unpersisted
+   (the leader's appends and heartbeats: its own copy counts only after step 3);
+2. a snapshot from the leader: durable, then the state machine restores it;
+3. ``entries`` and ``hard_state`` appended to the log and **fdatasync'ed** (one sync per
+   Ready, so everything that arrived together shares it: group commit);
+4. committed entries applied in order through the state machine; a waiting proposal is
+   resolved by its (term, index): the entry at that index must carry that term, otherwise
+   the proposal was replaced and resolves as lost (nothing is released, S3);
+5. ``advance()``: raft-rs learns the Ready is durable; ``persisted_messages`` (votes, append
+   acknowledgements) and the LightReady's messages leave only now; the LightReady's
+   committed entries are applied; ``advance_apply()``.
+
+Leadership.  A leader is *authoritative* once the first entry of its term (the empty entry
+raft-rs appends on election) is applied: every entry committed by earlier leaders is then
+in its state machine (S2, S4).  Losing leadership fails every waiting proposal (the entry
+may still commit under the next leader; its decision then stands in the state machine and a
+retried request gets it from there - no second signature is possible).
+
+Snapshots.  Every ``snapshot_entries`` applied entries the state machine's bytes become a
+snapshot (durable first), and the log before it is dropped.  A follower too far behind
+gets the snapshot from the leader.  The high-water mark lives in the state machine, so the
+snapshot carries it (S4).
+
+The piggyback hook (threshold signing): ``on_send(to, msg_type, payload) -> payload`` and
+``on_receive(peer, payload)`` see every message; :func:`nebula.raft._core.message_info` and
+``message_with_context`` read and set a message's ``context`` field (a follower's signature
+share on its append acknowledgement, read by the leader).
+
+Failure.  Any storage error, a raft-rs panic, or a committed entry the state machine cannot
+decode stops the node for good (``fatal``): it then sends nothing and answers nothing -
+fail closed; the operator restarts it after fixing the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from nebula.errors import NotLeader, ReplicationError, StateError
+from nebula.raft import _core
+from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot
+
+log = logging.getLogger("nebula.raft")
+
+FOLLOWER, CANDIDATE, LEADER, PRECANDIDATE = 0, 1, 2, 3
+ROLE_NAMES = {FOLLOWER: "follower", CANDIDATE: "candidate", LEADER: "leader", PRECANDIDATE: "pre-candidate"}
+
+ENTRY_NORMAL, ENTRY_CONF_CHANGE = 0, 1
+CONF_ADD, CONF_REMOVE, CONF_ADD_LEARNER = 0, 1, 2
+
+# Callback of a proposal: (result, None) once applied, or (None, exception) when lost.
+Resolver = Callable[[Any, BaseException | None], None]
+
+
+class StateMachine(Protocol):
+    """What the node applies committed entries to (deterministic, no I/O)."""
+
+    def apply(self, index: int, data: bytes) -> Any:
+        """Apply one committed normal entry; the return value resolves its proposal."""
+
+    def snapshot_data(self) -> bytes:
+        """The whole state, for a snapshot at the last applied index."""
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot's."""
+
+
+class RaftNode:
+    """One member's Raft node (see the module docstring).
+
+    * ``peers``: the voters when the cluster is bootstrapped (ignored once the log holds a
+      snapshot); ``join=True``: this node is being added to a running cluster - it starts
+      with no conf state and waits for the leader's snapshot.
+    * ``election_tick`` / ``heartbeat_tick``: in ticks; ``min/max_election_tick``: the
+      randomized election timeout range (0 = raft-rs's ``[e, 2e)``).
+    * ``snapshot_entries``: applied entries between snapshots.
+    * ``on_role``: called with (role, leader_id, term) on every soft-state change;
+      ``on_authority``: called with True/False when this node gains/loses authority;
+      ``on_membership``: called with (change, node_id, context, voters) after a conf change.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        log: RaftLog,
+        state_machine: StateMachine,
+        send: Callable[[int, bytes], bool],
+        *,
+        peers: Iterable[int] = (),
+        join: bool = False,
+        election_tick: int = 10,
+        heartbeat_tick: int = 2,
+        min_election_tick: int = 0,
+        max_election_tick: int = 0,
+        pre_vote: bool = True,
+        check_quorum: bool = True,
+        max_inflight_msgs: int = 256,
+        snapshot_entries: int = 1000,
+        on_role: Callable[[int, int, int], None] | None = None,
+        on_authority: Callable[[bool], None] | None = None,
+        on_membership: Callable[[int, int, bytes, list[int]], None] | None = None,
+        on_send: Callable[[int, int, bytes], bytes] | None = None,
+        on_receive: Callable[[int, bytes], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.id = node_id
+        self._log = log
+        self._sm = state_machine
+        self._send = send
+        self._snapshot_entries = max(2, int(snapshot_entries))
+        self._on_role = on_role
+        self._on_authority = on_authority
+        self._on_membership = on_membership
+        self._on_send = on_send
+        self._on_receive = on_receive
+        self._clock = clock
+        self._pending: dict[int, tuple[int, Resolver]] = {}
+        self._snap_reports: list[tuple[int, bool]] = []
+        self.fatal: str | None = None
+        self.role = FOLLOWER
+        self.leader_id = 0
+        self._leader_ready_index = 0  # authority once applied >= this, in _leader_term
+        self._leader_term = -1
+        self._authoritative = False
+        self.syncs = 0
+        self.applied = 0
+
+        loaded = log.load()
+        snap = loaded.snapshot
+        hs = loaded.hard_state
+        if snap is None and not loaded.entries and hs == HardState(0, 0, 0) and not join:
+            voters = tuple(sorted(set(peers)))
+            if node_id not in voters:
+                raise StateError(
+                    f"raft node {node_id}: bootstrapping a cluster whose voters {list(voters)} "
+                    "do not include this node (a new member joins with join = true)"
+                )
+            # Bootstrap: every founding member writes the same snapshot (index 1, term 1,
+            # the initial voters, the empty state), so a member added later learns the
+            # founding membership from the leader's snapshot.
+            snap = Snapshot(1, 1, voters, (), state_machine.snapshot_data())
+            log.save_snapshot(snap)
+            log.append([], HardState(1, 0, 1))
+            log.sync()
+            hs = HardState(1, 0, 1)
+            loaded = log.load()
+        if snap is not None:
+            state_machine.restore(snap.data)
+            self.applied = snap.index
+        self._core = _core.Node(
+            node_id,
+            election_tick=election_tick,
+            heartbeat_tick=heartbeat_tick,
+            min_election_tick=min_election_tick,
+            max_election_tick=max_election_tick,
+            pre_vote=pre_vote,
+            check_quorum=check_quorum,
+            max_inflight_msgs=max_inflight_msgs,
+            applied=self.applied,
+            hard_state=tuple(hs),
+            snapshot=None if snap is None else tuple(snap),
+            entries=[tuple(e) for e in loaded.entries],
+        )
+        self._snap_index = 0 if snap is None else snap.index
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if self.fatal is None:
+            self._core.tick()
+
+    def receive(self, peer: int, payload: bytes) -> None:
+        """A message from ``peer`` (authenticated by the transport)."""
+        if self.fatal is not None:
+            return
+        if self._on_receive is not None:
+            self._on_receive(peer, payload)
+        try:
+            self._core.step_from(peer, payload)
+        except _core.RaftError as e:
+            # A message from a removed member, a stale response, or a malformed one: raft-rs
+            # refuses it without changing state.
+            log.debug("raft node %d: message from %d ignored: %s", self.id, peer, e)
+
+    def propose(self, data: bytes, resolve: Resolver) -> tuple[int, int]:
+        """Propose ``data``; ``resolve`` gets the state machine's result once the entry is
+        applied, or an exception when the outcome is lost.  Returns (term, index)."""
+        self._check_leader()
+        try:
+            term, index = self._core.propose(b"", data)
+        except _core.ProposalDropped:
+            raise NotLeader(f"raft node {self.id}: proposal dropped (leadership changing)") from None
+        self._pending[index] = (term, resolve)
+        return term, index
+
+    def propose_conf_change(self, change: int, node_id: int, context: bytes, resolve: Resolver) -> tuple[int, int]:
+        self._check_leader()
+        try:
+            term, index = self._core.propose_conf_change(change, node_id, context)
+        except _core.ProposalDropped:
+            raise NotLeader(f"raft node {self.id}: conf change dropped") from None
+        self._pending[index] = (term, resolve)
+        return term, index
+
+    def transfer_leader(self, to: int) -> None:
+        self._check_leader()
+        self._core.transfer_leader(to)
+
+    def campaign(self) -> None:
+        if self.fatal is None:
+            self._core.campaign()
+
+    def _check_leader(self) -> None:
+        if self.fatal is not None:
+            raise StateError(self.fatal)
+        if self.role != LEADER:
+            leader = self.leader_id
+            raise NotLeader(
+                f"node {self.id} is not the Raft leader"
+                + (f" (leader: node {leader})" if leader else " (no leader)")
+            )
+
+    # -- the Ready loop ----------------------------------------------------------------
+
+    def process(self) -> None:
+        """Handle every Ready raft-rs has (call after any input)."""
+        if self.fatal is not None:
+            return
+        try:
+            self._process()
+        except BaseException as e:  # includes pyo3's PanicException
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            self.fail(f"raft node {self.id} stopped: {type(e).__name__}: {e}")
+
+    def _process(self) -> None:
+        core = self._core
+        while True:
+            rd = core.ready()
+            if rd is None:
+                break
+            _number, ss, hs, snap, entries, msgs, committed, pmsgs, must_sync = rd
+            if ss is not None:
+                self._soft_state(ss[0], ss[1])
+            if msgs:
+                self._transmit(msgs)
+            if snap is not None:
+                s = Snapshot(snap[0], snap[1], tuple(snap[2]), tuple(snap[3]), snap[4])
+                self._log.apply_snapshot(s)
+                self._sm.restore(s.data)
+                self._snap_index = s.index
+                self.applied = s.index
+                self._fail_pending_up_to(s.index)
+            if entries or hs is not None:
+                self._log.append(
+                    [Entry(*e) for e in entries], None if hs is None else HardState(*hs)
+                )
+            if entries or hs is not None or must_sync:
+                self._log.sync()
+                self.syncs += 1
+            if committed:
+                self._apply(committed)
+            _commit, lmsgs, lcommitted = core.advance()
+            if pmsgs:
+                self._transmit(pmsgs)
+            if lmsgs:
+                self._transmit(lmsgs)
+            if lcommitted:
+                self._apply(lcommitted)
+            core.advance_apply()
+            if self._snap_reports:
+                for to, ok in self._snap_reports:
+                    core.report_snapshot(to, ok)
+                self._snap_reports.clear()
+        self._check_authority()
+        if self.applied - self._snap_index >= self._snapshot_entries:
+            self._take_snapshot()
+
+    def _transmit(self, msgs: list[tuple[int, int, bytes]]) -> None:
+        on_send = self._on_send
+        for to, mtype, payload in msgs:
+            if on_send is not None:
+                payload = on_send(to, mtype, payload)
+            ok = self._send(to, payload)
+            if mtype == _core.MSG_SNAPSHOT:
+                self._snap_reports.append((to, ok))
+
+    def _apply(self, entries: list[tuple[int, int, int, bytes, bytes]]) -> None:
+        pending = self._pending
+        for index, term, etype, data, _ctx in entries:
+            if index <= self.applied:
+                continue  # already in the state machine (a snapshot covered it)
+            result: Any = None
+            err: BaseException | None = None
+            if etype == ENTRY_NORMAL:
+                if data:
+                    try:
+                        result = self._sm.apply(index, data)
+                    except StateError:
+                        raise
+                    except Exception as e:
+                        raise StateError(
+                            f"raft node {self.id}: committed entry {index} cannot be applied: {e}"
+                        ) from e
+            elif etype == ENTRY_CONF_CHANGE:
+                if data:
+                    change, node_id, context, voters, _learners = self._core.apply_conf_change(data)
+                    result = (change, node_id, voters)
+                    if self._on_membership is not None:
+                        self._on_membership(change, node_id, context, voters)
+            else:
+                raise StateError(f"raft node {self.id}: unsupported entry type {etype} at {index}")
+            self.applied = index
+            waiter = pending.pop(index, None) if pending else None
+            if waiter is not None:
+                wterm, resolve = waiter
+                if wterm != term:
+                    resolve(None, ReplicationError(
+                        f"raft proposal at index {index} was replaced (term {wterm} -> {term})"
+                    ))
+                else:
+                    resolve(result, err)
+
+    def _fail_pending_up_to(self, index: int) -> None:
+        for i in [i for i in self._pending if i <= index]:
+            _, resolve = self._pending.pop(i)
+            resolve(None, ReplicationError("raft proposal outcome unknown (snapshot installed)"))
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """Resolve every waiting proposal with ``exc`` (nothing is released)."""
+        pending, self._pending = self._pending, {}
+        for _, resolve in pending.values():
+            resolve(None, exc)
+
+    def _soft_state(self, leader_id: int, role: int) -> None:
+        was = self.role
+        self.role = role
+        self.leader_id = leader_id
+        term = self._core.term
+        if role == LEADER and was != LEADER:
+            # The empty entry raft-rs appended on election is the last one now.
+            self._leader_ready_index = self._core.last_index
+            self._leader_term = term
+            log.info("raft node %d won the election (term %d)", self.id, term)
+        elif was == LEADER and role != LEADER:
+            log.info("raft node %d stepped down (term %d, leader now %s)", self.id, term, leader_id or "none")
+            self.fail_pending(NotLeader(f"node {self.id} lost Raft leadership"))
+        if self._on_role is not None:
+            self._on_role(role, leader_id, term)
+
+    def _check_authority(self) -> None:
+        auth = self.authoritative
+        if auth != self._authoritative:
+            self._authoritative = auth
+            log.info(
+                "raft node %d %s (term %d)",
+                self.id,
+                "is the leader" if auth else "is no longer the leader",
+                self._core.term,
+            )
+            if self._on_authority is not None:
+                self._on_authority(auth)
+
+    @property
+    def authoritative(self) -> bool:
+        """Leader of the current term with the first entry of its term applied."""
+        return (
+            self.fatal is None
+            and self.role == LEADER
+            and self._core.role == LEADER
+            and self._leader_term == self._core.term
+            and self.applied >= self._leader_ready_index
+        )
+
+    def _take_snapshot(self) -> None:
+        index = self.applied
+        data = self._sm.snapshot_data()
+        idx, term, voters, learners = self._core.compact(index, data)
+        self._log.save_snapshot(Snapshot(idx, term, tuple(voters), tuple(learners), data))
+        self._snap_index = idx
+
+    def snapshot_now(self) -> None:
+        """Take a snapshot at the applied index now (operator ``compact``)."""
+        if self.fatal is not None:
+            raise StateError(self.fatal)
+        if self.applied > self._snap_index:
+            try:
+                self._take_snapshot()
+            except BaseException as e:
+                self.fail(f"raft node {self.id} stopped: snapshot failed: {e}")
+                raise StateError(self.fatal or str(e)) from e
+
+    def fail(self, reason: str) -> None:
+        """Stop for good (fail closed)."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("%s; this node no longer takes part in the cluster", reason)
+            self.role = FOLLOWER
+            self.fail_pending(StateError(reason))
+            self._check_authority()
+
+    # -- introspection -----------------------------------------------------------------
+
+    @property
+    def term(self) -> int:
+        return self._core.term
+
+    @property
+    def commit_index(self) -> int:
+        return self._core.commit_index
+
+    @property
+    def last_index(self) -> int:
+        return self._core.last_index
+
+    @property
+    def snapshot_index(self) -> int:
+        return self._snap_index
+
+    @property
+    def voters(self) -> list[int]:
+        return list(self._core.voters)
+
+    @property
+    def lead_transferee(self) -> int | None:
+        return self._core.lead_transferee
+
+    def progress(self) -> Mapping[int, tuple[int, int, int, bool]]:
+        """On the leader: {id: (matched, next_index, state, recent_active)}."""
+        return self._core.progress()
+
+    def term_at(self, index: int) -> int | None:
+        return self._core.term_at(index)
