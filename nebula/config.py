@@ -18,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from nebula.errors import ConfigError
+from nebula.raft.timing import TIMING_BOUNDS, check_timing
 from nebula.types import WireFamily
 
 LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
@@ -57,12 +58,24 @@ class RaftConfig(_Strict):
     peers: list[RaftPeer] = msgspec.field(default_factory=list)
     # File with the cluster secret (required when persist = "raft"; mode 0600).
     secret_path: str | None = None
+    # Raft timing, seconds (bounds and tick rounding: nebula/raft/timing.py).
     commit_timeout: float = 1.0
-    election_timeout_min: float = 0.4
-    election_timeout_max: float = 0.8
+    tick_interval: float = 0.05
+    heartbeat_interval: float = 0.05
+    election_timeout_min: float = 0.3
+    election_timeout_max: float = 0.6
+    connection_retry: float = 0.1
+    handshake_timeout: float = 2.0
+    # Inbound Raft connections that have not authenticated yet, at most (more are closed).
+    max_unauthenticated: int = 64
+    # Applied entries between snapshots (the log before a snapshot is dropped).
+    snapshot_entries: int = 1000
     # Allow `nebula cluster add|remove` (must be the same on every member; membership then
     # lives in the Raft log rather than in `peers`).
     dynamic_membership: bool = False
+    # This node is being added to a running cluster (`nebula cluster add`): it starts with
+    # no membership and takes the leader's snapshot.  Only for a first start.
+    join: bool = False
 
 
 class NativeSigning(_Strict):
@@ -313,12 +326,24 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
         for i, peer in enumerate(r.peers):
             parse_hostport(peer.addr, f"{p}: raft.peers[{i}].addr")
         parse_hostport(r.bind_addr, f"{p}: raft.bind_addr")
-        if not 0 < r.commit_timeout < 4.0:
-            raise ConfigError(f"{p}: raft.commit_timeout must be in (0, 4) seconds")
-        if not 0 < r.election_timeout_min < r.election_timeout_max:
-            raise ConfigError(
-                f"{p}: raft.election_timeout_min must be > 0 and < raft.election_timeout_max"
-            )
+        check_timing(
+            tick_interval=r.tick_interval,
+            heartbeat_interval=r.heartbeat_interval,
+            election_timeout_min=r.election_timeout_min,
+            election_timeout_max=r.election_timeout_max,
+            where=f"{p}: raft",
+        )
+        for key in ("commit_timeout", "connection_retry", "handshake_timeout"):
+            lo, hi = TIMING_BOUNDS[key]
+            v = getattr(r, key)
+            if not lo <= v <= hi:  # NaN too
+                raise ConfigError(f"{p}: raft.{key} must be in [{lo:g}, {hi:g}] seconds")
+        if not 1 <= r.max_unauthenticated <= 10_000:
+            raise ConfigError(f"{p}: raft.max_unauthenticated must be in [1, 10000]")
+        if not 2 <= r.snapshot_entries <= 10_000_000:
+            raise ConfigError(f"{p}: raft.snapshot_entries must be in [2, 10000000]")
+        if any(i <= 0 for i in ids):
+            raise ConfigError(f"{p}: raft node ids must be positive")
 
     if cfg.metrics.listen:
         host, _ = parse_hostport(cfg.metrics.listen, f"{p}: metrics.listen")
@@ -377,9 +402,16 @@ data_path = "./raft_data"
 # initial_state_path = "./priv_validator_state.json"
 secret_path = "./cluster_secret"   # required for raft; 0600; the same on every member
 commit_timeout = 1.0               # seconds; a decision not committed by then is refused
-election_timeout_min = 0.4
-election_timeout_max = 0.8
+tick_interval = 0.05               # seconds per Raft tick
+heartbeat_interval = 0.05          # leader heartbeats
+election_timeout_min = 0.3         # a follower that hears no leader for a random time in
+election_timeout_max = 0.6         #   [min, max) starts an election: roughly the failover time
+connection_retry = 0.1             # first reconnect delay to a peer (doubles up to 1 s)
+handshake_timeout = 2.0            # an inbound Raft connection must authenticate within this
+max_unauthenticated = 64           # concurrent unauthenticated inbound connections, at most
+snapshot_entries = 1000            # applied entries between snapshots (log compaction)
 dynamic_membership = false         # true allows `nebula cluster add|remove` (same on all)
+# join = true                      # only on a new member's first start (`nebula cluster add`)
 [[raft.peers]]
 id = 1
 addr = "127.0.0.1:8080"

@@ -96,9 +96,16 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
         secret=secret,
         initial=_initial(cfg, r.initial_state_path or raw.initial_state_path),
         commit_timeout=r.commit_timeout,
+        tick_interval=r.tick_interval,
+        heartbeat_interval=r.heartbeat_interval,
         election_timeout_min=r.election_timeout_min,
         election_timeout_max=r.election_timeout_max,
+        connection_retry=r.connection_retry,
+        handshake_timeout=r.handshake_timeout,
+        max_unauthenticated=r.max_unauthenticated,
+        snapshot_entries=r.snapshot_entries,
         dynamic_membership=r.dynamic_membership,
+        join=r.join,
         loop=loop,
     )
 
@@ -126,6 +133,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.backend = make_backend(cfg)
         self.store = make_store(cfg, loop)
+        await self.store.start()
         self.metrics = Metrics()
         self.service = SigningService(
             raw.chain_id, cfg.family, self.backend, self.store, metrics=self.metrics

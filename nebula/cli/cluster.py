@@ -25,16 +25,30 @@ def _query(cfg_path: str, cmd: str, **args: Any) -> Any:
     return admin.request(admin.socket_path(cfg), cmd, **args)
 
 
-def _statuses(paths: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for p in paths:
-        try:
-            st = _query(p, "status")
-            st["config"] = p
-        except NebulaError as e:
-            st = {"config": p, "role": "down", "error": str(e)}
-        out.append(st)
-    return out
+STATUS_TIMEOUT = 2.0  # seconds per member; members are asked concurrently
+
+
+def _status_of(path: str, timeout: float) -> dict[str, Any]:
+    try:
+        st = _query(path, "status", timeout=timeout)
+        st["config"] = path
+    except NebulaError as e:
+        st = {"config": path, "role": "down", "error": str(e)}
+    except TimeoutError:
+        # A paused (SIGSTOP) or wedged member accepts the connection and never answers.
+        st = {"config": path, "role": "unreachable", "error": f"no answer within {timeout:g}s"}
+    except OSError as e:
+        st = {"config": path, "role": "unreachable", "error": str(e)}
+    return st
+
+
+def _statuses(paths: list[str], timeout: float = STATUS_TIMEOUT) -> list[dict[str, Any]]:
+    """Every member's status, asked concurrently: the whole call takes at most about
+    ``timeout`` however many members are down or paused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+        return list(pool.map(lambda p: _status_of(p, timeout), paths))
 
 
 def _fmt_state(st: dict[str, Any]) -> str:
@@ -45,11 +59,15 @@ def _fmt_state(st: dict[str, Any]) -> str:
     return ", ".join(parts) or "-"
 
 
+def _reachable(s: dict[str, Any]) -> bool:
+    return s.get("role") not in ("down", "unreachable")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    sts = _statuses(args.config)
+    sts = _statuses(args.config, args.timeout)
     if args.json:
         print(json.dumps(sts, indent=2, default=str))
-        return 0 if all(s.get("role") != "down" for s in sts) else 1
+        return 0 if all(_reachable(s) for s in sts) else 1
     from rich.console import Console
     from rich.table import Table
 
@@ -58,8 +76,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "validators", "last signed (h/r/step)"):  # fmt: skip
         t.add_column(col)
     for s in sts:
-        if s.get("role") == "down":
-            t.add_row(s["config"], "[red]down[/red]", "", "", "", "", "", "", s.get("error", ""))
+        if not _reachable(s):
+            t.add_row(
+                s["config"], f"[red]{s['role']}[/red]", "", "", "", "", "", "", s.get("error", "")
+            )
             continue
         vals = s.get("validators") or []
         conn = sum(1 for v in vals if v.get("connected"))
@@ -77,7 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             _fmt_state(s),
         )
     Console(width=None if sys.stdout.isatty() else 160).print(t)
-    return 0 if all(s.get("role") != "down" for s in sts) else 1
+    return 0 if all(_reachable(s) for s in sts) else 1
 
 
 def _find_leader(paths: list[str]) -> str:
@@ -134,6 +154,13 @@ def register(sub: Any) -> None:
         help="a node's config (repeat for every member)",
     )
     s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=STATUS_TIMEOUT,
+        help="seconds to wait for each member (asked concurrently); a paused member "
+        "shows as unreachable",
+    )
     s.set_defaults(func=cmd_status)
 
     lead = sub.add_parser("leader", help="Raft leadership").add_subparsers(

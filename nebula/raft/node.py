@@ -12,8 +12,10 @@ One pass of :meth:`process`, per Ready:
 1. send ``messages`` - raft-rs puts only messages there that vouch for nothing unpersisted
    (the leader's appends and heartbeats: its own copy counts only after step 3);
 2. a snapshot from the leader: durable, then the state machine restores it;
-3. ``entries`` and ``hard_state`` appended to the log and **fdatasync'ed** (one sync per
-   Ready, so everything that arrived together shares it: group commit);
+3. ``entries`` and ``hard_state`` appended to the log and **fdatasync'ed** when raft-rs says
+   ``must_sync`` (new entries, or a new term or vote; a change of the commit index alone
+   rides on a later sync).  One sync per Ready, so everything that arrived together
+   shares it: group commit;
 4. committed entries applied in order through the state machine; a waiting proposal is
    resolved by its (term, index): the entry at that index must carry that term, otherwise
    the proposal was replaced and resolves as lost (nothing is released, S3);
@@ -268,7 +270,10 @@ class RaftNode:
                 self._log.append(
                     [Entry(*e) for e in entries], None if hs is None else HardState(*hs)
                 )
-            if entries or hs is not None or must_sync:
+            if must_sync:
+                # raft-rs sets must_sync when entries or the term/vote changed; a hard
+                # state whose only change is the commit index may ride on a later sync
+                # (a commit index lost in a crash is learned again from the leader).
                 self._log.sync()
                 self.syncs += 1
             if committed:

@@ -32,6 +32,9 @@ class SignStore(ABC):
         unknown (timeout, lost quorum, I/O error): the caller must release nothing.
         """
 
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Begin serving (a replicated store binds its port here)."""
+
     def is_authoritative(self) -> bool:
         """True if this node may answer validators now (always for a local store)."""
         return True

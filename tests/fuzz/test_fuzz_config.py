@@ -360,8 +360,11 @@ def check_loaded(cfg: config.LoadedConfig, path: Path = CONFIG_PATH) -> None:
         ids = [p.id for p in r.peers]
         assert r.node_id in ids and len(set(ids)) == len(ids)
         assert len({p.addr for p in r.peers}) == len(r.peers)
-        assert 0 < r.commit_timeout < 4.0
-        assert 0 < r.election_timeout_min < r.election_timeout_max
+        assert 0.01 <= r.commit_timeout <= 4.0
+        ticks = [
+            round(x / r.tick_interval) for x in (r.election_timeout_min, r.election_timeout_max)
+        ]
+        assert max(1, round(r.heartbeat_interval / r.tick_interval)) < ticks[0] < ticks[1]
 
 
 def load_text(text: str) -> tuple[str, Any]:

@@ -82,6 +82,7 @@ async def _serve(cfg: dict[str, Any]) -> None:
         loop=loop,
         **cfg.get("store", {}),
     )
+    await store.start()
     store.on_role_change(lambda leader: _emit({"event": "role", "leader": leader}))
     done = asyncio.Event()
 
@@ -352,9 +353,9 @@ class NodeProcess:
 class Cluster:
     """``n`` raftnode processes on 127.0.0.1, optionally with a proxy on every link.
 
-    With ``proxies=True`` node ``i`` dials node ``j`` through ``proxy[(i, j)]``; the
-    single TCP connection pysyncobj keeps per pair runs through one of the two, so
-    :meth:`isolate` cuts both.
+    Node ids are 1..n (raft-rs reserves 0).  With ``proxies=True`` node ``i`` dials node
+    ``j`` through ``proxy[(i, j)]`` (each member sends on its own outbound connection),
+    so :meth:`isolate` cuts both directions.
     """
 
     def __init__(
@@ -379,18 +380,18 @@ class Cluster:
         self.store = {
             "election_timeout_min": 0.3,
             "election_timeout_max": 0.6,
-            "leader_fallback_timeout": 1.0,
-            "connection_retry": 0.2,
+            "connection_retry": 0.1,
             **(store or {}),
         }
         self.initial = initial
-        self.ports = free_ports(n)
+        self.ids = list(range(1, n + 1))
+        self.ports = dict(zip(self.ids, free_ports(n), strict=True))
         self.proxies: dict[tuple[int, int], Proxy] = {}
         if proxies:
             pp = free_ports(n * (n - 1))
             k = 0
-            for i in range(n):
-                for j in range(n):
+            for i in self.ids:
+                for j in self.ids:
                     if i != j:
                         self.proxies[(i, j)] = Proxy(pp[k], self.ports[j]).start()
                         k += 1
@@ -399,7 +400,7 @@ class Cluster:
 
     def peers_of(self, i: int, members: list[int] | None = None) -> dict[str, str]:
         out = {}
-        for j in range(self.n) if members is None else members:
+        for j in self.ids if members is None else members:
             if j == i or (i, j) not in self.proxies:
                 out[str(j)] = f"127.0.0.1:{self.ports[j]}"
             else:
@@ -422,7 +423,7 @@ class Cluster:
         self, i: int | None = None, wait: bool = True, members: list[int] | None = None
     ) -> None:
         """Start node ``i`` (or all); ``members`` limits the peers it is configured with."""
-        ids = (range(self.n) if members is None else members) if i is None else [i]
+        ids = (self.ids if members is None else members) if i is None else [i]
         for k in ids:
             if k in self.nodes:
                 self.retired.append(self.nodes.pop(k))
