@@ -83,6 +83,7 @@ class ExclusiveLock:
     """
 
     def __init__(self, path: str | Path, what: str) -> None:
+        self._fd: int | None = None
         self.path = Path(path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -106,7 +107,7 @@ class ExclusiveLock:
             pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
             pass  # the lock is what matters; the pid is only for the message
-        self._fd: int | None = fd
+        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:

@@ -9,6 +9,10 @@ A log command (the data of a normal Raft entry)::
 the mark).  Snapshot data::
 
     b"NBSM" | version u8 = 1 | count u32 | count x (chain, height, round, step, 4 byte strings)
+    | members u32 | members x (node id u64, address u16 length + bytes)
+
+(the members section: the Raft addresses of members added with ``nebula cluster add``,
+so a restarted member can reach them without editing its config).
 
 Compatibility rule (rolling upgrades, written down in docs/raft.md too): a release decodes
 every version it ever wrote.  A release that adds a command version or op (a) still
@@ -35,7 +39,6 @@ _HRS = struct.Struct("<QIB")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _SNAP_MAGIC = b"NBSM"
-_MAX_CHAIN = 50  # CometBFT's chain-id limit
 
 Command = tuple[int, bytes, SignRecord]
 
@@ -96,14 +99,25 @@ def decode_command(data: bytes) -> Command:
     return op, chain, rec
 
 
-def encode_states(states: Mapping[bytes, SignRecord]) -> bytes:
+_U64 = struct.Struct("<Q")
+
+
+def encode_states(
+    states: Mapping[bytes, SignRecord], members: Mapping[int, str] | None = None
+) -> bytes:
     parts = [_SNAP_MAGIC, bytes([VERSION]), _U32.pack(len(states))]
     for chain in sorted(states):
         parts.append(_record_bytes(chain, states[chain]))
+    members = members or {}
+    parts.append(_U32.pack(len(members)))
+    for nid in sorted(members):
+        addr = members[nid].encode()
+        parts += [_U64.pack(nid), _U16.pack(len(addr)), addr]
     return b"".join(parts)
 
 
-def decode_states(data: bytes) -> dict[bytes, SignRecord]:
+def decode_states(data: bytes) -> tuple[dict[bytes, SignRecord], dict[int, str]]:
+    """(states per chain, member addresses) of snapshot data."""
     buf = memoryview(data)
     if bytes(buf[:4]) != _SNAP_MAGIC:
         raise StateError("snapshot data: bad magic")
@@ -118,8 +132,20 @@ def decode_states(data: bytes) -> dict[bytes, SignRecord]:
             if chain in out:
                 raise StateError("snapshot data: duplicate chain")
             out[chain] = rec
-    except struct.error as e:
+        members: dict[int, str] = {}
+        (count,) = _U32.unpack_from(buf, off)
+        off += 4
+        for _ in range(count):
+            (nid,) = _U64.unpack_from(buf, off)
+            (n,) = _U16.unpack_from(buf, off + 8)
+            off += 10
+            addr = bytes(buf[off : off + n])
+            if len(addr) != n:
+                raise StateError("snapshot data: truncated member address")
+            off += n
+            members[nid] = addr.decode()
+    except (struct.error, UnicodeDecodeError) as e:
         raise StateError(f"malformed snapshot data: {e}") from None
     if off != len(buf):
         raise StateError("malformed snapshot data: trailing bytes")
-    return out
+    return out, members

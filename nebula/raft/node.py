@@ -29,8 +29,10 @@ in its state machine (S2, S4).  Losing leadership fails every waiting proposal (
 may still commit under the next leader; its decision then stands in the state machine and a
 retried request gets it from there - no second signature is possible).
 
-Snapshots.  Every ``snapshot_entries`` applied entries the state machine's bytes become a
-snapshot (durable first), and the log before it is dropped.  A follower too far behind
+Snapshots.  Every ``snapshot_entries`` applied entries, and after every membership change
+(raft-rs refuses a snapshot whose conf state does not name the receiver, so a new member
+needs one taken after it was added), the state machine's bytes become a snapshot (durable
+first), and the log before it is dropped.  A follower too far behind
 gets the snapshot from the leader.  The high-water mark lives in the state machine, so the
 snapshot carries it (S4).
 
@@ -58,7 +60,12 @@ from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot
 log = logging.getLogger("nebula.raft")
 
 FOLLOWER, CANDIDATE, LEADER, PRECANDIDATE = 0, 1, 2, 3
-ROLE_NAMES = {FOLLOWER: "follower", CANDIDATE: "candidate", LEADER: "leader", PRECANDIDATE: "pre-candidate"}
+ROLE_NAMES = {
+    FOLLOWER: "follower",
+    CANDIDATE: "candidate",
+    LEADER: "leader",
+    PRECANDIDATE: "pre-candidate",
+}
 
 ENTRY_NORMAL, ENTRY_CONF_CHANGE = 0, 1
 CONF_ADD, CONF_REMOVE, CONF_ADD_LEARNER = 0, 1, 2
@@ -139,6 +146,7 @@ class RaftNode:
         self._authoritative = False
         self.syncs = 0
         self.applied = 0
+        self._snapshot_due = False
 
         loaded = log.load()
         snap = loaded.snapshot
@@ -204,11 +212,15 @@ class RaftNode:
         try:
             term, index = self._core.propose(b"", data)
         except _core.ProposalDropped:
-            raise NotLeader(f"raft node {self.id}: proposal dropped (leadership changing)") from None
+            raise NotLeader(
+                f"raft node {self.id}: proposal dropped (leadership changing)"
+            ) from None
         self._pending[index] = (term, resolve)
         return term, index
 
-    def propose_conf_change(self, change: int, node_id: int, context: bytes, resolve: Resolver) -> tuple[int, int]:
+    def propose_conf_change(
+        self, change: int, node_id: int, context: bytes, resolve: Resolver
+    ) -> tuple[int, int]:
         self._check_leader()
         try:
             term, index = self._core.propose_conf_change(change, node_id, context)
@@ -291,7 +303,10 @@ class RaftNode:
                     core.report_snapshot(to, ok)
                 self._snap_reports.clear()
         self._check_authority()
-        if self.applied - self._snap_index >= self._snapshot_entries:
+        if self.applied > self._snap_index and (
+            self._snapshot_due or self.applied - self._snap_index >= self._snapshot_entries
+        ):
+            self._snapshot_due = False
             self._take_snapshot()
 
     def _transmit(self, msgs: list[tuple[int, int, bytes]]) -> None:
@@ -324,6 +339,9 @@ class RaftNode:
                 if data:
                     change, node_id, context, voters, _learners = self._core.apply_conf_change(data)
                     result = (change, node_id, voters)
+                    # raft-rs refuses a snapshot whose conf state does not name the
+                    # receiver: snapshot now, so a member just added gets one with itself.
+                    self._snapshot_due = True
                     if self._on_membership is not None:
                         self._on_membership(change, node_id, context, voters)
             else:
@@ -333,9 +351,12 @@ class RaftNode:
             if waiter is not None:
                 wterm, resolve = waiter
                 if wterm != term:
-                    resolve(None, ReplicationError(
-                        f"raft proposal at index {index} was replaced (term {wterm} -> {term})"
-                    ))
+                    resolve(
+                        None,
+                        ReplicationError(
+                            f"raft proposal at index {index} was replaced (term {wterm} -> {term})"
+                        ),
+                    )
                 else:
                     resolve(result, err)
 
@@ -361,7 +382,12 @@ class RaftNode:
             self._leader_term = term
             log.info("raft node %d won the election (term %d)", self.id, term)
         elif was == LEADER and role != LEADER:
-            log.info("raft node %d stepped down (term %d, leader now %s)", self.id, term, leader_id or "none")
+            log.info(
+                "raft node %d stepped down (term %d, leader now %s)",
+                self.id,
+                term,
+                leader_id or "none",
+            )
             self.fail_pending(NotLeader(f"node {self.id} lost Raft leadership"))
         if self._on_role is not None:
             self._on_role(role, leader_id, term)

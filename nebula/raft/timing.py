@@ -64,7 +64,6 @@ def check_timing(
     return hb, emin, emax
 
 
-
 DEFAULTS: dict[str, float] = {
     "tick_interval": 0.05,
     "heartbeat_interval": 0.05,

@@ -49,6 +49,7 @@ logger = logging.getLogger("nebula.raft")
 
 __all__ = ["RaftStore", "SignStateMachine"]
 
+
 def _parse_addr(addr: str, what: str) -> tuple[str, int]:
     if not isinstance(addr, str) or ":" not in addr:
         raise ConfigError(f"{what}: expected host:port, got {addr!r}")
@@ -70,6 +71,10 @@ class SignStateMachine:
 
     def __init__(self) -> None:
         self.states: dict[bytes, SignRecord] = {}
+        # Raft addresses of members added at run time (conf-change contexts), carried by
+        # snapshots so a restarted member can reach them.
+        self.members: dict[int, str] = {}
+        self.on_restore: Callable[[], None] | None = None
 
     def apply(self, index: int, data: bytes) -> Decision | bool:
         op, chain, rec = commands.decode_command(data)
@@ -86,10 +91,12 @@ class SignStateMachine:
         return False
 
     def snapshot_data(self) -> bytes:
-        return commands.encode_states(self.states)
+        return commands.encode_states(self.states, self.members)
 
     def restore(self, data: bytes) -> None:
-        self.states = commands.decode_states(data)
+        self.states, self.members = commands.decode_states(data)
+        if self.on_restore is not None:
+            self.on_restore()
 
 
 # ---- the store -------------------------------------------------------------------------
@@ -173,6 +180,7 @@ class RaftStore(SignStore):
         self.dynamic_membership = dynamic_membership
         self._loop = loop
         self._addrs: dict[int, str] = dict(peers)
+        self._config_peers = frozenset(peers)
         self._tick_interval = float(tick_interval)
         self._quorum_window = float(election_timeout_min)
         self._closed = False
@@ -195,10 +203,12 @@ class RaftStore(SignStore):
                 f"{self.data_path}: holds Raft data of the pysyncobj-based release ({', '.join(old)}), "
                 "which this release cannot read.  Migrate: with the old release running, "
                 "`nebula state export -c <config> > state.json`; stop every member; move the old "
-                "raft data directories away; set raft.initial_state_path = \"state.json\" on "
+                'raft data directories away; set raft.initial_state_path = "state.json" on '
                 "every member; start the new release"
             )
-        self._lock = ExclusiveLock(self.data_path / "raft.lock", f"raft data directory {self.data_path}")
+        self._lock = ExclusiveLock(
+            self.data_path / "raft.lock", f"raft data directory {self.data_path}"
+        )
         try:
             self._sm = SignStateMachine()
             self._log = RaftLog(self.data_path / "log")
@@ -231,10 +241,23 @@ class RaftStore(SignStore):
         except BaseException:
             self._lock.release()
             raise
+        # Members added at run time and known from the durable snapshot: reachable too
+        # (the config's own peer list wins for the ids it names).
+        self._learn_addresses()
+        self._sm.on_restore = self._learn_addresses
         for chain_id, rec in (initial or {}).items():
             if rec is not None:
                 self._imports[chain_id.encode()] = rec
         self._drop_satisfied_imports()
+
+    def _learn_addresses(self) -> None:
+        changed = False
+        for nid, addr in self._sm.members.items():
+            if nid not in self._config_peers and self._addrs.get(nid) != addr:
+                self._addrs[nid] = addr
+                changed = True
+        if changed:
+            self._transport.set_peers({p: a for p, a in self._addrs.items() if p != self.node_id})
 
     async def start(self) -> None:
         """Bind the Raft port and start ticking."""
@@ -293,9 +316,16 @@ class RaftStore(SignStore):
                 self._loop.call_soon(cb, auth)
 
     def _on_membership(self, change: int, node_id: int, context: bytes, voters: list[int]) -> None:
+        # Runs while the conf-change entry is applied, on every member alike: the address
+        # book in the state machine stays deterministic and snapshots carry it.
         if change == CONF_ADD and context:
             with contextlib.suppress(UnicodeDecodeError):
-                self._addrs[node_id] = context.decode()
+                addr = context.decode()
+                self._sm.members[node_id] = addr
+                if node_id not in self._config_peers:
+                    self._addrs[node_id] = addr
+        elif change == CONF_REMOVE:
+            self._sm.members.pop(node_id, None)
         members = set(voters)
         self._transport.set_peers(
             {p: a for p, a in self._addrs.items() if p in members and p != self.node_id}
@@ -383,7 +413,9 @@ class RaftStore(SignStore):
         return {c.decode(errors="replace"): r for c, r in self._sm.states.items()}
 
     async def commit(self, chain_id: str, record: SignRecord) -> Decision:
-        res = await self._propose(commands.encode_command(commands.OP_SIGN, chain_id.encode(), record))
+        res = await self._propose(
+            commands.encode_command(commands.OP_SIGN, chain_id.encode(), record)
+        )
         if not isinstance(res, Decision):
             raise StateError(f"raft state machine returned {type(res).__name__}")
         return res
@@ -391,7 +423,9 @@ class RaftStore(SignStore):
     async def raise_to(self, chain_id: str, record: SignRecord) -> bool:
         """Import a sign state through the log: it only ever raises the mark (S4)."""
         return bool(
-            await self._propose(commands.encode_command(commands.OP_RAISE, chain_id.encode(), record))
+            await self._propose(
+                commands.encode_command(commands.OP_RAISE, chain_id.encode(), record)
+            )
         )
 
     async def _propose(self, data: bytes) -> Any:
@@ -438,7 +472,9 @@ class RaftStore(SignStore):
                 "last_heard_s": None if t is None else round(now - t, 3),
                 "matched": None if pr is None else pr[0],
             }
-        role = "stopped" if self._closed or node.fatal else ROLE_NAMES.get(node.role, str(node.role))
+        role = (
+            "stopped" if self._closed or node.fatal else ROLE_NAMES.get(node.role, str(node.role))
+        )
         return {
             "node_id": self.node_id,
             "role": role,
@@ -545,9 +581,7 @@ class RaftStore(SignStore):
         if node_id in self._node.voters:
             raise ConfigError(f"raft: node {node_id} is already a member")
         self._addrs[node_id] = address
-        self._transport.set_peers(
-            {p: a for p, a in self._addrs.items() if p != self.node_id}
-        )
+        self._transport.set_peers({p: a for p, a in self._addrs.items() if p != self.node_id})
         await self._conf_change(CONF_ADD, node_id, address.encode())
 
     async def remove_member(self, node_id: int) -> None:

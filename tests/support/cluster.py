@@ -240,8 +240,8 @@ class ProcCluster:
         """Write (not start) the directory of node ``n + 1`` for a membership change.
 
         Same key, cluster secret and settings as the others, an empty Raft data
-        directory, and ``peers`` listing every node written so far plus itself (what
-        ``nebula cluster add`` expects). Only for clusters without proxies.
+        directory, ``join = true`` and ``peers`` listing every node written so far plus
+        itself (what ``nebula cluster add`` expects). Only for clusters without proxies.
         """
         if self.proxies:
             raise NebulaError("add_node does not wire proxies; use proxied=False")
@@ -252,6 +252,7 @@ class ProcCluster:
             "node_id": i,
             "bind_addr": f"127.0.0.1:{self.ports[i - 1]}",
             **self._raft_common,
+            "join": True,  # a new member waits for the leader's snapshot
             "peers": {j: f"127.0.0.1:{self.ports[j - 1]}" for j in range(1, i + 1)},
         }
         d = write_node_dir(
