@@ -95,6 +95,9 @@ class RaftNode:
       with no conf state and waits for the leader's snapshot.
     * ``election_tick`` / ``heartbeat_tick``: in ticks; ``min/max_election_tick``: the
       randomized election timeout range (0 = raft-rs's ``[e, 2e)``).
+    * ``skip_bcast_commit``: followers learn a new commit index from the next append or
+      heartbeat instead of an extra message per commit (half the messages; their applied
+      state trails the leader's by at most a heartbeat - the leader's state decides).
     * ``snapshot_entries``: applied entries between snapshots.
     * ``on_role``: called with (role, leader_id, term) on every soft-state change;
       ``on_authority``: called with True/False when this node gains/loses authority;
@@ -117,6 +120,7 @@ class RaftNode:
         pre_vote: bool = True,
         check_quorum: bool = True,
         max_inflight_msgs: int = 256,
+        skip_bcast_commit: bool = True,
         snapshot_entries: int = 1000,
         on_role: Callable[[int, int, int], None] | None = None,
         on_authority: Callable[[bool], None] | None = None,
@@ -179,6 +183,7 @@ class RaftNode:
             pre_vote=pre_vote,
             check_quorum=check_quorum,
             max_inflight_msgs=max_inflight_msgs,
+            skip_bcast_commit=skip_bcast_commit,
             applied=self.applied,
             hard_state=tuple(hs),
             snapshot=None if snap is None else tuple(snap),
@@ -442,6 +447,11 @@ class RaftNode:
             self.role = FOLLOWER
             self.fail_pending(StateError(reason))
             self._check_authority()
+
+    def close(self) -> None:
+        """Resolve every waiting proposal as lost and close the log."""
+        self.fail_pending(ReplicationError(f"raft node {self.id} closed"))
+        self._log.close()
 
     # -- introspection -----------------------------------------------------------------
 

@@ -258,13 +258,15 @@ impl Node {
     /// context) after the snapshot, contiguous.  ``applied`` is the index the state machine
     /// holds already (the snapshot's).  ``min/max_election_tick`` bound the randomized
     /// election timeout (``[min, max)``; 0 = raft-rs's defaults ``[e, 2e)``).
+    /// ``skip_bcast_commit``: do not send an entry-less append to every follower just to
+    /// move its commit index (followers learn it from the next append or heartbeat).
     #[new]
     #[pyo3(signature = (
         id, *, election_tick = 10, heartbeat_tick = 1, min_election_tick = 0,
         max_election_tick = 0, pre_vote = true, check_quorum = true,
         max_size_per_msg = 1 << 20, max_inflight_msgs = 256, applied = 0,
         hard_state = (0, 0, 0), snapshot = None, voters = Vec::new(), learners = Vec::new(),
-        entries = Vec::new(), max_committed_size_per_ready = 0
+        entries = Vec::new(), max_committed_size_per_ready = 0, skip_bcast_commit = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -284,6 +286,7 @@ impl Node {
         learners: Vec<u64>,
         entries: Vec<InEntry>,
         max_committed_size_per_ready: u64,
+        skip_bcast_commit: bool,
     ) -> PyResult<Self> {
         let mut store = Store::default();
         match snapshot {
@@ -317,6 +320,7 @@ impl Node {
         cfg.max_size_per_msg = max_size_per_msg;
         cfg.max_inflight_msgs = max_inflight_msgs;
         cfg.applied = cmp::min(applied, store.hs.commit);
+        cfg.skip_bcast_commit = skip_bcast_commit;
         if max_committed_size_per_ready > 0 {
             cfg.max_committed_size_per_ready = max_committed_size_per_ready;
         }
