@@ -38,12 +38,18 @@ class LocalSigners:
         parent: Path | None = None,
         keep: bool = False,
         log_level: str = "info",
+        persist: str | None = None,
     ) -> None:
         if nodes not in NODE_COUNTS:
             raise ConfigError(f"--local takes 1, 3 or 5 nodes, got {nodes}")
         if transport not in ("tcp", "unix"):
             raise ConfigError(f"transport must be tcp or unix, got {transport!r}")
+        if persist not in (None, "local", "raft"):
+            raise ConfigError(f'persist must be "local" or "raft", got {persist!r}')
+        if persist == "local" and nodes != 1:
+            raise ConfigError('persist = "local" is for one node only')
         self.nodes_count = nodes
+        self._persist = persist
         self.chain_id = chain_id
         self.version = version
         self.transport = transport
@@ -62,7 +68,8 @@ class LocalSigners:
 
     @property
     def persist(self) -> str:
-        return "local" if self.nodes_count == 1 else "raft"
+        """``local`` for one node unless asked otherwise (``raft``: a one-member cluster)."""
+        return self._persist or ("local" if self.nodes_count == 1 else "raft")
 
     def start(self) -> LocalSigners:
         dirs = write_cluster(
@@ -72,6 +79,7 @@ class LocalSigners:
             version=self.version,
             key=self.key,
             connections=[self.listen_address],
+            persist=self.persist,
             log_level=self.log_level,
         )
         ports = free_ports(len(dirs))
@@ -94,7 +102,7 @@ class LocalSigners:
 
         The target tells a Raft member's role (``nebula_raft_role``); a single node
         has none."""
-        raft = self.nodes_count > 1
+        raft = self.persist == "raft"
         return [
             (f"node {i}", node.pid, target if raft else None)
             for i, (node, target) in enumerate(

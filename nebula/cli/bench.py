@@ -69,6 +69,12 @@ def register(subparsers: Any) -> None:
     w.add_argument("--chain-id", help="default: the config's, else bench-chain")
     w.add_argument("--transport", choices=["tcp", "unix"], default="tcp", help="for --local")
     w.add_argument(
+        "--persist",
+        choices=["local", "raft"],
+        help="for --local: the sign store (default: local for 1 node, raft for 3/5; "
+        "--local 1 --persist raft is a one-member Raft cluster)",
+    )
+    w.add_argument(
         "--key-type", choices=["ed25519", "secp256k1", "bls12381"], default="ed25519",
         help="consensus key of the local nodes (--local)",
     )  # fmt: skip
@@ -246,6 +252,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             key_type=args.key_type,
             keep=args.keep,
             parent=Path(args.workdir) if args.workdir else None,
+            persist=args.persist,
         )
         setup: dict[str, Any] = {
             "mode": f"local {args.local} node{'s' if args.local > 1 else ''}",
