@@ -63,6 +63,15 @@ def _parse_addr(addr: str, what: str) -> tuple[str, int]:
     return host, port
 
 
+def _expire(fut: asyncio.Future, timeout: float) -> None:
+    if not fut.done():
+        # The entry may still commit later; its decision then stands in the state
+        # machine, and nothing is released for it here.
+        fut.set_result(
+            (None, ReplicationError(f"raft commit timed out after {timeout:g}s (outcome unknown)"))
+        )
+
+
 # ---- the state machine -----------------------------------------------------------------
 
 
@@ -439,14 +448,13 @@ class RaftStore(SignStore):
 
         self._node.propose(data, resolve)  # NotLeader / StateError propagate: nothing proposed
         self._kick()
+        # The deadline resolves the future first; a late apply then finds it done and
+        # releases nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)
+        expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
         try:
-            result, err = await asyncio.wait_for(fut, self.commit_timeout)
-        except TimeoutError:
-            # The entry may still commit later; its decision then stands in the state
-            # machine, and nothing is released for it here (S3).
-            raise ReplicationError(
-                f"raft commit timed out after {self.commit_timeout:g}s (outcome unknown)"
-            ) from None
+            result, err = await fut
+        finally:
+            expiry.cancel()
         if err is not None:
             raise err
         return result
