@@ -13,8 +13,8 @@ One pass of :meth:`process`, per Ready:
    (the leader's appends and heartbeats: its own copy counts only after step 3);
 2. a snapshot from the leader: durable, then the state machine restores it;
 3. ``entries`` and ``hard_state`` appended to the log and **fdatasync'ed** when raft-rs says
-   ``must_sync`` (new entries, or a new term or vote; a change of the commit index alone
-   rides on a later sync).  One sync per Ready, so everything that arrived together
+   ``must_sync`` (new entries, or a new term or vote; a hard state whose only change is the
+   commit index is neither written nor synced then: it rides with the next write).  One sync per Ready, so everything that arrived together
    shares it: group commit;
 4. committed entries applied in order through the state machine; a waiting proposal is
    resolved by its (term, index): the entry at that index must carry that term, otherwise
@@ -151,6 +151,7 @@ class RaftNode:
         self.syncs = 0
         self.applied = 0
         self._snapshot_due = False
+        self._pending_hs: HardState | None = None
 
         loaded = log.load()
         snap = loaded.snapshot
@@ -279,14 +280,21 @@ class RaftNode:
             if snap is not None:
                 s = Snapshot(snap[0], snap[1], tuple(snap[2]), tuple(snap[3]), snap[4])
                 self._log.apply_snapshot(s)
+                self._pending_hs = None
                 self._sm.restore(s.data)
                 self._snap_index = s.index
                 self.applied = s.index
                 self._fail_pending_up_to(s.index)
-            if entries or hs is not None:
-                self._log.append(
-                    [Entry(*e) for e in entries], None if hs is None else HardState(*hs)
-                )
+            if entries or must_sync:
+                if hs is None:
+                    hs_out, self._pending_hs = self._pending_hs, None
+                else:
+                    hs_out, self._pending_hs = HardState(*hs), None
+                self._log.append([Entry(*e) for e in entries], hs_out)
+            elif hs is not None:
+                # Only the commit index moved: no write now, it rides with the next one
+                # (a commit index lost in a crash is learned again from the leader).
+                self._pending_hs = HardState(*hs)
             if must_sync:
                 # raft-rs sets must_sync when entries or the term/vote changed; a hard
                 # state whose only change is the commit index may ride on a later sync
@@ -451,6 +459,13 @@ class RaftNode:
     def close(self) -> None:
         """Resolve every waiting proposal as lost and close the log."""
         self.fail_pending(ReplicationError(f"raft node {self.id} closed"))
+        if self._pending_hs is not None and self.fatal is None:
+            try:
+                self._log.append([], self._pending_hs)
+                self._log.sync()
+            except (StateError, ValueError) as e:
+                log.warning("raft node %d: last commit index not saved: %s", self.id, e)
+        self._pending_hs = None
         self._log.close()
 
     # -- introspection -----------------------------------------------------------------

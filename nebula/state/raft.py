@@ -618,5 +618,5 @@ class RaftStore(SignStore):
         try:
             await self._transport.close()
         finally:
-            self._log.close()
+            self._node.close()
             self._lock.release()
