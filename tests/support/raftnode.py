@@ -13,7 +13,7 @@ request is handled as its own task (so requests may overlap) and answered with o
 line ``{"id": n, ...}`` on stdout.  Unsolicited lines ``{"event": ...}`` report role
 changes.  Ops: ``commit`` (chain, h, r, s, sb, sig[, esb, esig] hex), ``status``,
 ``transfer`` (to), ``compact``, ``add_member`` / ``remove_member``, ``bench`` (n, chain,
-start), ``close``.  Errors come back as ``{"id": n, "error": "<class>", "message": ...}``.
+start), ``transport`` (the transport's listener and per-peer counters), ``close``.  Errors come back as ``{"id": n, "error": "<class>", "message": ...}``.
 
 The harness (:class:`NodeProcess`, :class:`Cluster`) starts such processes for the
 integration tests and the benchmark; every process it starts is killed by pid on
@@ -61,6 +61,24 @@ def _record_json(rec: Any) -> dict[str, Any] | None:
     }
 
 
+def _install_faults(faults_dir: str) -> None:
+    """While ``<faults_dir>/fdatasync_eio`` exists, ``os.fdatasync`` fails with EIO (a disk
+    that lost a write).  The check is a stat per call: test processes only.  (The
+    slow-disk and clock hooks of ``tests/support/faults/sitecustomize.py`` are enabled
+    by ``PYTHONPATH`` + ``NEBULA_FAULTS_DIR``; they cannot make a call fail.)"""
+    import errno
+
+    flag = os.path.join(faults_dir, "fdatasync_eio")
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        if os.path.exists(flag):
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real(fd)
+
+    os.fdatasync = fdatasync
+
+
 async def _serve(cfg: dict[str, Any]) -> None:
     import logging
 
@@ -68,6 +86,8 @@ async def _serve(cfg: dict[str, Any]) -> None:
     from nebula.state.base import record_from_json
     from nebula.state.raft import RaftStore
 
+    if cfg.get("faults"):
+        _install_faults(cfg["faults"])
     loop = asyncio.get_running_loop()
     initial = {
         c: record_from_json(v, f"initial[{c}]") for c, v in (cfg.get("initial") or {}).items()
@@ -147,6 +167,9 @@ async def _serve(cfg: dict[str, Any]) -> None:
                 out = {}
             elif op == "bench":
                 out = await bench(req)
+            elif op == "transport":
+                tr = store._transport
+                out = {"listener": tr.listener_stats(), "peers": tr.stats()}
             elif op == "close":
                 await store.close()
                 done.set()
@@ -218,10 +241,21 @@ class NodeDead(RuntimeError):
     """The node process exited or its control channel closed."""
 
 
-class NodeProcess:
-    """A ``raftnode`` child process and its line-based control channel."""
+def _limit_nofile(n: int) -> Any:
+    def apply() -> None:  # runs in the child between fork and exec
+        import resource
 
-    def __init__(self, cfg: dict[str, Any], log_path: Path) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    return apply
+
+
+class NodeProcess:
+    """A ``raftnode`` child process and its line-based control channel.
+
+    ``nofile``: the child's RLIMIT_NOFILE (soft and hard), set before it execs."""
+
+    def __init__(self, cfg: dict[str, Any], log_path: Path, nofile: int | None = None) -> None:
         self.cfg = cfg
         self.node_id = int(cfg["node_id"])
         self.log_path = log_path
@@ -240,6 +274,7 @@ class NodeProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
+            preexec_fn=None if nofile is None else _limit_nofile(nofile),
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *_pythonpath()])},
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -350,12 +385,62 @@ class NodeProcess:
         self._log.close()
 
 
+class Auditor:
+    """Every decision that left the store, per (chain, height, round, step).
+
+    Released = ACCEPT or SAME/SAME_TIMESTAMP (the stored signature handed out again).
+    :meth:`check` fails on two different signatures (or sign bytes) for one HRS and
+    returns ``{hrs: sign_bytes}``.  ``nodes`` (a callable returning node processes) adds
+    every commit answer those processes gave, including ones nobody waited for any
+    more; :meth:`record` adds one decision seen in-process.
+    """
+
+    RELEASED = ("ACCEPT", "SAME", "SAME_TIMESTAMP")
+
+    def __init__(self, nodes: Any = None) -> None:
+        self._nodes = nodes
+        self._own: list[tuple[tuple[str, int, int, int], bytes, bytes]] = []
+
+    def record(self, chain: str, verdict: str, rec: Any) -> None:
+        """An in-process decision (``rec``: the SignRecord the store returned)."""
+        if verdict in self.RELEASED and rec is not None:
+            key = (chain, rec.height, rec.round, rec.step)
+            self._own.append((key, bytes(rec.sign_bytes), bytes(rec.signature)))
+
+    def released(self) -> dict[tuple[str, int, int, int], set[tuple[bytes, bytes]]]:
+        out: dict[tuple[str, int, int, int], set[tuple[bytes, bytes]]] = {}
+        for key, sb, sig in self._own:
+            out.setdefault(key, set()).add((sb, sig))
+        for p in self._nodes() if self._nodes is not None else ():
+            for resp in list(p.responses):
+                if resp.get("verdict") in self.RELEASED and resp.get("record"):
+                    r = resp["record"]
+                    key = (resp["chain"], r["h"], r["r"], r["s"])
+                    out.setdefault(key, set()).add(
+                        (bytes.fromhex(r["sb"]), bytes.fromhex(r["sig"]))
+                    )
+        return out
+
+    def check(self) -> dict[tuple[str, int, int, int], bytes]:
+        released = self.released()
+        conflicts = {
+            k: sorted(v)
+            for k, v in released.items()
+            if len({sig for _, sig in v}) > 1 or len({sb for sb, _ in v}) > 1
+        }
+        assert not conflicts, f"conflicting signatures released for one HRS: {conflicts}"
+        return {k: next(iter(v))[0] for k, v in released.items()}
+
+
 class Cluster:
     """``n`` raftnode processes on 127.0.0.1, optionally with a proxy on every link.
 
     Node ids are 1..n (raft-rs reserves 0).  With ``proxies=True`` node ``i`` dials node
     ``j`` through ``proxy[(i, j)]`` (each member sends on its own outbound connection),
-    so :meth:`isolate` cuts both directions.
+    so :meth:`isolate` cuts both directions.  ``proxies`` may also be a proxy class with
+    :class:`~tests.support.proxy.Proxy`'s interface (``tests.support.frameproxy.FrameProxy``).
+    ``nofile``: RLIMIT_NOFILE per node id (descriptor pressure).  ``faults=True``: node
+    ``i`` watches ``base/faults/node<i>/`` (see :func:`_install_faults`; :meth:`fault`).
     """
 
     def __init__(
@@ -363,11 +448,13 @@ class Cluster:
         base: Path,
         n: int,
         *,
-        proxies: bool = False,
+        proxies: bool | type = False,
         store: dict[str, Any] | None = None,
         secret: bytes = b"nebula-test-cluster-secret-0123",
         loop: str = "uvloop",
         initial: dict[str, Any] | None = None,
+        nofile: dict[int, int] | None = None,
+        faults: bool = False,
     ) -> None:
         from tests.support.ports import free_ports
         from tests.support.proxy import Proxy
@@ -384,16 +471,19 @@ class Cluster:
             **(store or {}),
         }
         self.initial = initial
+        self.nofile = dict(nofile or {})
+        self.faults_dir: Path | None = base / "faults" if faults else None
         self.ids = list(range(1, n + 1))
         self.ports = dict(zip(self.ids, free_ports(n), strict=True))
-        self.proxies: dict[tuple[int, int], Proxy] = {}
+        self.proxies: dict[tuple[int, int], Any] = {}
+        proxy_cls = proxies if isinstance(proxies, type) else Proxy
         if proxies:
             pp = free_ports(n * (n - 1))
             k = 0
             for i in self.ids:
                 for j in self.ids:
                     if i != j:
-                        self.proxies[(i, j)] = Proxy(pp[k], self.ports[j]).start()
+                        self.proxies[(i, j)] = proxy_cls(pp[k], self.ports[j]).start()
                         k += 1
         self.nodes: dict[int, NodeProcess] = {}
         self.retired: list[NodeProcess] = []
@@ -407,27 +497,39 @@ class Cluster:
                 out[str(j)] = f"127.0.0.1:{self.proxies[(i, j)].listen_port}"
         return out
 
-    def config(self, i: int, members: list[int] | None = None) -> dict[str, Any]:
-        return {
+    def config(
+        self, i: int, members: list[int] | None = None, store: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        cfg = {
             "node_id": i,
             "bind": f"127.0.0.1:{self.ports[i]}",
             "peers": self.peers_of(i, members),
             "data": str(self.base / f"node{i}"),
             "secret": self.secret.hex(),
             "loop": self.loop,
-            "store": self.store,
+            "store": {**self.store, **(store or {})},
             "initial": self.initial,
         }
+        if self.faults_dir is not None:
+            cfg["faults"] = str(self.faults_dir / f"node{i}")
+        return cfg
 
     def start(
-        self, i: int | None = None, wait: bool = True, members: list[int] | None = None
+        self,
+        i: int | None = None,
+        wait: bool = True,
+        members: list[int] | None = None,
+        store: dict[str, Any] | None = None,
     ) -> None:
-        """Start node ``i`` (or all); ``members`` limits the peers it is configured with."""
+        """Start node ``i`` (or all); ``members`` limits the peers it is configured with;
+        ``store`` adds RaftStore keyword arguments for this start (``join=True``)."""
         ids = (self.ids if members is None else members) if i is None else [i]
         for k in ids:
             if k in self.nodes:
                 self.retired.append(self.nodes.pop(k))
-            self.nodes[k] = NodeProcess(self.config(k, members), self.base / f"node{k}.log")
+            self.nodes[k] = NodeProcess(
+                self.config(k, members, store), self.base / f"node{k}.log", self.nofile.get(k)
+            )
         if wait:
             for k in ids:
                 self.nodes[k].wait_ready()
@@ -464,6 +566,17 @@ class Cluster:
     def heal(self) -> None:
         for px in self.proxies.values():
             px.heal()
+
+    def fault(self, i: int, name: str, on: bool = True) -> None:
+        """Switch fault ``name`` (``fdatasync_eio``) of node ``i`` on or off."""
+        if self.faults_dir is None:
+            raise RuntimeError("cluster made without faults=True")
+        path = self.faults_dir / f"node{i}" / name
+        if on:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("1")
+        else:
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         for p in [*self.nodes.values(), *self.retired]:
