@@ -1,20 +1,24 @@
-"""The Raft-replicated sign store (nebula.state.raft) on real sockets and processes.
+"""The Raft-replicated sign store (nebula.state.raft, raft-rs underneath) on real sockets.
 
-Three layers:
+Two layers:
 
-* the journal and snapshot formats (in-process, no network);
 * in-process clusters (several RaftStores on one event loop, real TCP on 127.0.0.1):
-  durability ordering, commit semantics, timeouts, imports, leadership transfer;
-* clusters of real processes (tests/support/raftnode.py) with SIGKILL, SIGSTOP and
-  a fault-injecting proxy on every link, audited for conflicting signatures.
+  refusals to start, commit semantics, fail closed, timeouts, concurrent conflicting
+  commits, imports, leadership transfer;
+* clusters of real processes (tests/support/raftnode.py) with SIGKILL, SIGSTOP, a
+  fault-injecting proxy on every link and an injected fdatasync error.
+
+Every decision that leaves a store goes through an auditor that fails on two different
+signatures for one (chain, height, round, step).  The storage and transport layers have
+their own tests (tests/unit/test_raft_storage.py, tests/integration/test_raft_transport.py);
+the stale-frame, snapshot catch-up and flooding attacks are in test_raft_attacks.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import os
+import gc
 import signal
 import threading
 import time
@@ -26,21 +30,17 @@ import pytest
 
 from nebula.errors import ConfigError, DoubleSignRefused, NotLeader, ReplicationError, StateError
 from nebula.guard import SignRecord, Verdict
-from nebula.state import raft
-from nebula.state.raft import DurableJournal, RaftStore, decode_snapshot, encode_snapshot
+from nebula.state.raft import RaftStore
 from tests.support.ports import free_ports
 from tests.support.proxy import Proxy
-from tests.support.raftnode import Cluster, NodeDead, NodeProcess
+from tests.support.raftnode import Auditor, Cluster, NodeDead, NodeProcess
+
+pytestmark = pytest.mark.timeout(120)
 
 SECRET = b"nebula-test-cluster-secret-0123"
 CHAIN = "test-chain"
-# Lenient enough for a loaded 2-core CI machine (event-loop stalls of 300 ms seen).
-FAST = {
-    "election_timeout_min": 0.4,
-    "election_timeout_max": 0.8,
-    "leader_fallback_timeout": 1.0,
-    "connection_retry": 0.2,
-}
+# Lenient enough for a loaded 2-core machine (event-loop stalls of 300 ms seen).
+FAST = {"election_timeout_min": 0.4, "election_timeout_max": 0.8, "connection_retry": 0.1}
 
 
 def rec(h: int, sb: bytes, r: int = 0, s: int = 2) -> SignRecord:
@@ -51,161 +51,27 @@ def run(coro: Any, timeout: float = 60.0) -> Any:
     async def bounded() -> Any:
         return await asyncio.wait_for(coro, timeout)
 
-    return asyncio.run(bounded())
-
-
-# ---- journal and snapshot formats ------------------------------------------------------
-
-
-def test_journal_roundtrip_reopen_and_meta(tmp_path: Path) -> None:
-    p = tmp_path / "raft.journal"
-    j = DurableJournal(p)
-    j.add(b"\x01", 1, 0)
-    j.add(b"\x00cmd-a", 2, 1)
-    j.add(b"\x00cmd-b", 3, 1)
-    assert j.dirty and j.durable_index == 0
-    j.sync()
-    with pytest.raises(StateError, match="vote record is lost"):
-        DurableJournal(p)  # entries of term 1 but no term/vote record: refuse
-    assert not j.dirty and j.durable_index == 3 and j.sync_count == 1
-    j.setCurrentTerm(4, "nebula-node-2")
-    j.setRaftCommitIndex(3)
-    j._destroy()
-
-    j2 = DurableJournal(p)
-    assert list(j2[:]) == [(b"\x01", 1, 0), (b"\x00cmd-a", 2, 1), (b"\x00cmd-b", 3, 1)]
-    assert (j2.getCurrentTerm(), j2.getVotedForNodeId()) == (4, "nebula-node-2")
-    assert j2.getRaftCommitIndex() == 3
-    # compaction keeps the suffix, durably
-    j2.deleteEntriesTo(1)
-    j2._destroy()
-    assert [e[1] for e in DurableJournal(p)[:]] == [2, 3]
-
-
-def test_journal_reappend_of_held_entries_is_free_and_conflicts_truncate(tmp_path: Path) -> None:
-    p = tmp_path / "raft.journal"
-    j = DurableJournal(p)
-    j.setCurrentTerm(2, None)
-    for i, c in enumerate([b"\x01", b"a", b"b", b"c"], start=1):
-        j.add(c, i, 1)
-    j.sync()
-    syncs = j.sync_count
-
-    # What a pysyncobj follower does on an overlapping AppendEntries: delete after
-    # prevLogIdx and append the same entries again.  Nothing is rewritten.
-    j.deleteEntriesFrom(1)
-    assert len(j) == 1
-    j.add(b"a", 2, 1)
-    j.add(b"b", 3, 1)
-    assert j.reused == 2 and not j.dirty and j.durable_index == 3
-    assert j.sync_count == syncs
-    # ... and an entry that was not re-sent stays on disk: after a crash the node
-    # holds exactly what it held before that AppendEntries.
-    assert DurableJournal(p, snapshot_head=None)[-1] == (b"c", 4, 1)
-
-    # A real conflict (different term at index 3) truncates durably first.
-    j.deleteEntriesFrom(2)
-    j.add(b"b2", 3, 2)
-    j.sync()
-    j._destroy()
-    assert list(DurableJournal(p)[:]) == [(b"\x01", 1, 1), (b"a", 2, 1), (b"b2", 3, 2)]
-
-
-def test_journal_torn_tail_is_discarded_but_corruption_refuses(tmp_path: Path) -> None:
-    p = tmp_path / "raft.journal"
-    j = DurableJournal(p)
-    j.setCurrentTerm(1, None)
-    for i in range(1, 6):
-        j.add(b"entry-%d" % i, i, 1)
-    j.sync()
-    end = j._end
-    j._destroy()  # records synced_end in the header
-
-    # A crash in the middle of writing record 6: a partial record after the last one.
-    fd = os.open(p, os.O_RDWR)
-    os.pwrite(fd, DurableJournal._encode(b"entry-6", 6, 1)[:15], end)
-    os.close(fd)
-    j = DurableJournal(p)
-    assert [e[1] for e in j[:]] == [1, 2, 3, 4, 5]
-    j.add(b"entry-6", 6, 1)
-    j.sync()
-    j._destroy()
-    assert [e[1] for e in DurableJournal(p)[:]] == [1, 2, 3, 4, 5, 6]
-
-    # A flipped byte in a record below the synced mark: refuse to start.
-    fd = os.open(p, os.O_RDWR)
-    os.pwrite(fd, b"X", raft._J_HEADER_SIZE + raft._J_REC.size + 2)
-    os.close(fd)
-    with pytest.raises(StateError, match="corrupted"):
-        DurableJournal(p)
-
-
-def test_snapshot_codec_is_checked_and_carries_only_plain_data(tmp_path: Path) -> None:
-    states = {b"chain-a": rec(7, b"sb7"), b"chain-b": SignRecord(3, 1, 3, b"x", b"y", b"e", b"f")}
-    raw = encode_snapshot(states, (b"\x00c", 9, 2), (b"\x01", 8, 2), [["nebula-node-0", "h:1"]])
-    got, last, prev, cluster = decode_snapshot(raw, "mem")
-    assert got == states and last == (b"\x00c", 9, 2) and prev == (b"\x01", 8, 2)
-    assert cluster == [("nebula-node-0", "h:1")]
-    assert b"pickle" not in raw and raw.startswith(b"{")
-    bad = bytearray(raw)
-    bad[raw.index(b"7")] = ord("8")  # a tampered height
-    with pytest.raises(StateError, match="checksum"):
-        decode_snapshot(bytes(bad), "mem")
-
-
-def test_state_machine_rejects_non_plain_arguments() -> None:
-    sm = raft._SignStateMachine()
-    d = sm.sign(b"c", 1, 0, 2, b"sb", b"sig", b"", b"")
-    assert d.verdict == Verdict.ACCEPT
-    for bad in [("c", 2, 0, 2, b"sb", b"sig", b"", b""), (b"c", True, 0, 2, b"s", b"s", b"", b"")]:
-        assert sm.sign(*bad).verdict == Verdict.REFUSE
-    assert sm.sign(b"c", 2, 0, 9, b"sb", b"sig", b"", b"").verdict == Verdict.REFUSE
-    assert sm.states[b"c"].height == 1
-    assert not sm.raise_to(b"c", 1, 0, 1, b"", b"", b"", b"")  # lower: ignored
-    assert sm.raise_to(b"c", 5, 0, 0, b"", b"", b"", b"")
-    assert sm.states[b"c"].height == 5
-
-
-def test_version_pin_is_enforced(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(raft.importlib.metadata, "version", lambda name: "0.3.18")
-    with pytest.raises(ConfigError, match=r"pinned to pysyncobj==0\.3\.17"):
-        raft._check_pysyncobj_version()
+    try:
+        return asyncio.run(bounded())
+    finally:
+        # Closed stores sit in reference cycles; free them here, on the thread that made
+        # them (see test_a_closed_store_can_be_freed_on_any_thread).
+        gc.collect()
 
 
 # ---- in-process clusters ---------------------------------------------------------------
 
 
-def test_refuses_to_start_without_a_secret_or_on_unsafe_state(tmp_path: Path) -> None:
-    async def go() -> None:
-        (port,) = free_ports(1)
-        peers = {0: f"127.0.0.1:{port}"}
-        for secret in (b"", None, b"short"):
-            with pytest.raises(ConfigError, match="secret"):
-                RaftStore(0, peers[0], peers, tmp_path / "d", secret)  # type: ignore[arg-type]
-        # nothing was started: the port is still free and no journal was written
-        assert not (tmp_path / "d" / "raft.journal").exists()
-        # one process per data directory
-        store = RaftStore(0, peers[0], peers, tmp_path / "d", SECRET)
-        try:
-            with pytest.raises(StateError, match="in use"):
-                RaftStore(0, peers[0], peers, tmp_path / "d", SECRET)
-        finally:
-            await store.close()
-        # a corrupted snapshot: refuse to start rather than forget the high-water mark
-        snap = tmp_path / "d" / "raft.snapshot"
-        snap.write_bytes(
-            encode_snapshot({b"c": rec(5, b"x")}, (b"\x01", 3, 1), (b"\x01", 2, 1), [])
-        )
-        snap.write_bytes(snap.read_bytes().replace(b'"c"', b'"d"', 1).replace(b"63", b"64", 1))
-        with pytest.raises(StateError, match="checksum"):
-            RaftStore(0, peers[0], peers, tmp_path / "d", SECRET)
-        # bad configuration is a ConfigError, not a crash
-        with pytest.raises(ConfigError, match="peers must include"):
-            RaftStore(5, peers[0], peers, tmp_path / "e", SECRET)
-        with pytest.raises(ConfigError, match="timeouts"):
-            RaftStore(0, peers[0], peers, tmp_path / "e", SECRET, election_timeout_min=0.1)
+class Audited:
+    """``commit`` through a store, recording every released decision."""
 
-    run(go())
+    def __init__(self) -> None:
+        self.auditor = Auditor()
+
+    async def commit(self, store: RaftStore, r: SignRecord, chain: str = CHAIN) -> Any:
+        d = await store.commit(chain, r)
+        self.auditor.record(chain, d.verdict.name, d.record)
+        return d
 
 
 @contextlib.asynccontextmanager
@@ -217,33 +83,35 @@ async def local_cluster(
     common: dict[str, Any] | None = None,
     per_node: dict[int, dict[str, Any]] | None = None,
 ) -> AsyncIterator[tuple[list[RaftStore], dict[tuple[int, int], Proxy]]]:
-    ports = free_ports(n)
+    """``n`` started stores, ids 1..n; with ``proxied`` node i dials j through a proxy."""
+    ids = list(range(1, n + 1))
+    ports = dict(zip(ids, free_ports(n), strict=True))
     proxies: dict[tuple[int, int], Proxy] = {}
     if proxied:
         pp = iter(free_ports(n * (n - 1)))
-        for i in range(n):
-            for j in range(n):
+        for i in ids:
+            for j in ids:
                 if i != j:
                     proxies[(i, j)] = Proxy(next(pp), ports[j]).start()
     loop = asyncio.get_running_loop()
     stores: list[RaftStore] = []
     try:
-        for i in range(n):
+        for i in ids:
             peers = {
                 j: f"127.0.0.1:{proxies[(i, j)].listen_port if (i, j) in proxies else ports[j]}"
-                for j in range(n)
+                for j in ids
             }
-            stores.append(
-                RaftStore(
-                    i,
-                    f"127.0.0.1:{ports[i]}",
-                    peers,
-                    base / f"n{i}",
-                    SECRET,
-                    loop=loop,
-                    **{**FAST, **(common or {}), **(per_node or {}).get(i, {})},
-                )
+            store = RaftStore(
+                i,
+                f"127.0.0.1:{ports[i]}",
+                peers,
+                base / f"n{i}",
+                SECRET,
+                loop=loop,
+                **{**FAST, **(common or {}), **(per_node or {}).get(i, {})},
             )
+            stores.append(store)
+            await store.start()
         yield stores, proxies
     finally:
         for s in stores:
@@ -262,330 +130,350 @@ async def leader_of(stores: list[RaftStore], timeout: float = 10.0) -> RaftStore
     raise TimeoutError("no leader")
 
 
-@pytest.mark.parametrize("driver", ["loop", "thread"])
-def test_every_entry_is_durable_before_it_is_acknowledged_or_applied(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, driver: str
+async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_refuses_to_start_without_a_secret_with_bad_ids_or_on_unsafe_state(
+    tmp_path: Path,
 ) -> None:
-    """The S1 ordering, checked at the two points where it matters:
-
-    * a follower's AppendEntries acknowledgement (``next_node_idx``) for index i is
-      sent only when its journal has index i on stable storage;
-    * a node applies (and the leader answers for) index i only when i is durable on it.
-
-    Plus: the fsyncs really happen (os.fdatasync is counted), and the checks catch a
-    journal that does not sync (negative control).
-    """
-    violations: list[str] = []
-    by_obj: dict[int, RaftStore] = {}
-    fdatasyncs: dict[int, int] = {}
-    real_fdatasync = os.fdatasync
-
-    def counting_fdatasync(fd: int) -> None:
-        fdatasyncs[fd] = fdatasyncs.get(fd, 0) + 1
-        real_fdatasync(fd)
-
-    # Observed where the bytes leave: pysyncobj's TCPTransport.send, which the
-    # durable transport calls after its own checks.
-    real_send = raft.TCPTransport.send
-
-    def checked_send(self: Any, node: Any, message: Any) -> bool:
-        store = by_obj.get(id(self._syncObj))
-        if store is not None and message.get("type") == "next_node_idx" and message["success"]:
-            acked = message["next_node_idx"] - 1
-            if store._journal.durable_index < acked:
-                violations.append(f"node {store.node_id} acked {acked} before it was durable")
-        return real_send(self, node, message)
-
-    real_sign = raft._SignStateMachine.sign
-
-    def checked_sign(self: Any, *args: Any) -> Any:
-        store = next(s for s in by_obj.values() if s._sm is self)
-        index = store._obj.raftLastApplied + 1
-        if store._journal.durable_index < index:
-            violations.append(f"node {store.node_id} applied {index} before it was durable")
-        return real_sign(self, *args)
-
-    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
-    monkeypatch.setattr(raft.TCPTransport, "send", checked_send)
-    monkeypatch.setattr(raft._SignStateMachine, "sign", checked_sign)
-
-    async def go(base: Path, n_commits: int, break_sync: bool) -> tuple[list[str], list[int]]:
-        violations.clear()
-        async with local_cluster(base, common={"driver": driver}) as (stores, _):
-            by_obj.clear()
-            by_obj.update({id(s._obj): s for s in stores})
-            leader = await leader_of(stores)
-            if break_sync:
-                for s in stores:  # negative control: a journal that never syncs
-                    s._journal.sync = lambda: None  # type: ignore[method-assign]
-            before = {s.node_id: fdatasyncs.get(s._journal._fd, 0) for s in stores}
-            for h in range(1, n_commits + 1):
-                d = await leader.commit(CHAIN, rec(h, b"d%d" % h))
-                assert d.verdict == Verdict.ACCEPT
-            await asyncio.sleep(0.3)  # followers apply the last entries
-            synced = [fdatasyncs.get(s._journal._fd, 0) - before[s.node_id] for s in stores]
-            return list(violations), synced
-
-    found, synced = run(go(tmp_path / "ok", 30, False))
-    assert found == []
-    assert all(n >= 30 for n in synced), synced  # one fdatasync per entry on every node
-    found, _ = run(go(tmp_path / "broken", 5, True))
-    assert any("acked" in v for v in found) and any("applied" in v for v in found)
-
-
-@pytest.mark.parametrize("driver", ["loop", "thread"])
-def test_commit_semantics_and_fail_closed(tmp_path: Path, driver: str) -> None:
     async def go() -> None:
-        async with local_cluster(tmp_path, common={"driver": driver}) as (stores, _):
+        (port,) = free_ports(1)
+        addr = f"127.0.0.1:{port}"
+        peers = {1: addr}
+        d = tmp_path / "d"
+        for secret in (b"", None, b"short", "a-str-secret-of-32-characters!!"):
+            with pytest.raises(ConfigError, match="secret"):
+                RaftStore(1, addr, peers, d, secret)  # type: ignore[arg-type]
+        for nid in (0, -1, True, "1", 1.0):
+            with pytest.raises(ConfigError, match="node_id must be a positive int"):
+                RaftStore(nid, addr, {nid: addr}, d, SECRET)  # type: ignore[arg-type]
+        with pytest.raises(ConfigError, match="peer ids must be positive"):
+            RaftStore(1, addr, {1: addr, 0: "127.0.0.1:1"}, d, SECRET)
+        with pytest.raises(ConfigError, match="peers must include"):
+            RaftStore(5, addr, peers, d, SECRET)
+        with pytest.raises(ConfigError, match=r"bad port|expected host:port"):
+            RaftStore(1, addr, {1: addr, 2: "127.0.0.1"}, d, SECRET)
+        with pytest.raises(ConfigError, match="election_timeout_min"):
+            RaftStore(1, addr, peers, d, SECRET, election_timeout_min=0.05)
+        with pytest.raises(ConfigError, match="commit_timeout"):
+            RaftStore(1, addr, peers, d, SECRET, commit_timeout=0)
+        # nothing was created by a refused configuration
+        assert not d.exists()
+
+        # A data directory of the pysyncobj-based release: refused, naming the migration.
+        old = tmp_path / "old"
+        old.mkdir()
+        (old / "raft.journal").write_bytes(b"\x00" * 64)
+        with pytest.raises(StateError) as ei:
+            RaftStore(1, addr, peers, old, SECRET)
+        msg = str(ei.value)
+        assert (
+            "nebula state export" in msg and "initial_state_path" in msg and "raft.journal" in msg
+        )
+
+        # One process per data directory; a healthy store with a mark to lose.
+        store = RaftStore(1, addr, peers, d, SECRET)
+        await store.start()
+        try:
+            with pytest.raises(StateError, match="in use"):
+                RaftStore(1, addr, peers, d, SECRET)
+            for h in range(1, 11):
+                assert (await store.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
+            store.compact()
+            for h in range(11, 16):
+                assert (await store.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
+        finally:
+            await store.close()
+        snap, log = d / "log" / "raft.snap", d / "log" / "raft.log"
+        assert snap.exists() and log.exists()
+
+        def flip(path: Path, offset: int) -> bytes:
+            raw = bytearray(path.read_bytes())
+            orig = bytes(raw)
+            raw[offset] ^= 0x40
+            path.write_bytes(bytes(raw))
+            return orig
+
+        # A bit flipped in the snapshot (which carries the high-water mark): refuse.
+        good = flip(snap, len(snap.read_bytes()) - 10)
+        with pytest.raises(StateError, match="checksum"):
+            RaftStore(1, addr, peers, d, SECRET)
+        snap.write_bytes(good)
+        # A bit flipped in a synced log record: refuse (not "torn tail, discard").
+        good = flip(log, 64 + 12)
+        with pytest.raises(StateError, match="below the synced mark"):
+            RaftStore(1, addr, peers, d, SECRET)
+        log.write_bytes(good)
+        # Repaired: it starts (the refusals released the directory lock) with its mark.
+        store = RaftStore(1, addr, peers, d, SECRET)
+        await store.start()
+        try:
+            await until(store.is_authoritative, 5, "one-member store leads")
+            assert store.last(CHAIN) == rec(15, b"b15")
+            assert (await store.commit(CHAIN, rec(12, b"b12"))).verdict == Verdict.REFUSE
+        finally:
+            await store.close()
+
+    run(go())
+
+
+def test_commit_semantics_and_fail_closed(tmp_path: Path) -> None:
+    a = Audited()
+
+    async def go() -> None:
+        async with local_cluster(tmp_path) as (stores, _):
             leader = await leader_of(stores)
             follower = next(s for s in stores if s is not leader)
-            d = await leader.commit(CHAIN, rec(10, b"block-10"))
+            d = await a.commit(leader, rec(10, b"block-10"))
             assert d.verdict == Verdict.ACCEPT and d.record == rec(10, b"block-10")
-            # same HRS, same bytes: the stored signature comes back
-            d = await leader.commit(CHAIN, SignRecord(10, 0, 2, b"block-10", b"other-sig"))
+            # same HRS, same bytes: the stored signature comes back, not the new one
+            d = await a.commit(leader, SignRecord(10, 0, 2, b"block-10", b"other-sig"))
             assert d.verdict == Verdict.SAME and d.record.signature == b"sig:block-10"
             # same HRS, different bytes; and a regression: refused by the state machine
-            d = await leader.commit(CHAIN, rec(10, b"evil-10"))
-            assert d.verdict == Verdict.REFUSE
-            d = await leader.commit(CHAIN, rec(9, b"block-9"))
+            d = await a.commit(leader, rec(10, b"evil-10"))
+            assert d.verdict == Verdict.REFUSE and isinstance(d.error, DoubleSignRefused)
+            d = await a.commit(leader, rec(9, b"block-9"))
             assert d.verdict == Verdict.REFUSE
             assert leader.last(CHAIN) == rec(10, b"block-10")
             # followers hold the replicated state and refuse to decide
-            await asyncio.sleep(0.2)
-            assert follower.last(CHAIN) == rec(10, b"block-10")
+            await until(lambda: follower.last(CHAIN) == rec(10, b"block-10"), 3, "replicated")
             assert not follower.is_authoritative()
             with pytest.raises(NotLeader):
                 await follower.commit(CHAIN, rec(11, b"block-11"))
-            # status is complete
+            with pytest.raises(NotLeader):
+                await follower.raise_to(CHAIN, SignRecord(11, 0, 0))
             st = leader.status()
             assert st["role"] == "leader" and st["authoritative"] and st["has_quorum"]
-            assert st["leader_id"] == leader.node_id and set(st["peers"]) == {0, 1, 2} - {
-                leader.node_id
-            }
+            assert st["leader_id"] == leader.node_id and st["members"] == [1, 2, 3]
+            assert set(st["peers"]) == {1, 2, 3} - {leader.node_id}
             assert st["chains"][CHAIN]["height"] == "10" and st["journal"]["syncs"] > 0
-            # lost quorum: both followers gone -> the leader refuses, then steps down
+            assert st["fatal"] is None and st["commit_index"] == st["applied_index"]
+            # lost quorum: both followers gone -> nothing is decided, then it steps down
             for s in stores:
                 if s is not leader:
                     await s.close()
-            with pytest.raises(ReplicationError):
-                await leader.commit(CHAIN, rec(11, b"block-11"))
-            deadline = time.monotonic() + 3
-            while leader.status()["role"] == "leader" and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert leader.status()["role"] != "leader"  # leader_fallback_timeout
+            with pytest.raises((ReplicationError, NotLeader)):
+                await a.commit(leader, rec(11, b"block-11"))
+            await until(lambda: leader.status()["role"] != "leader", 3, "steps down")
+            assert not leader.is_authoritative()
             with pytest.raises((NotLeader, ReplicationError)):
-                await leader.commit(CHAIN, rec(11, b"block-11"))
+                await a.commit(leader, rec(11, b"block-11"))
             assert leader.last(CHAIN).height == 10
+            await leader.close()
+            with pytest.raises(ReplicationError, match="not running"):
+                await leader.commit(CHAIN, rec(12, b"block-12"))
 
     run(go())
-
-
-@pytest.mark.parametrize("driver", ["loop", "thread"])
-def test_commit_only_append_entries_are_coalesced_but_followers_catch_up(
-    tmp_path: Path, driver: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """pysyncobj follows every commit with an entry-less AppendEntries to each follower;
-    the transport skips it when that follower got one less than a heartbeat ago, and
-    the followers still learn the final commit index from the next heartbeat."""
-    sent: list[tuple[bool, int]] = []
-    parent_send = raft.TCPTransport.send
-
-    def counting(self: Any, node: Any, message: Any) -> bool:
-        if type(message) is dict and message.get("type") == "append_entries":
-            sent.append((bool(message.get("entries")), id(self)))
-        return parent_send(self, node, message)
-
-    monkeypatch.setattr(raft.TCPTransport, "send", counting)
-
-    async def go() -> None:
-        async with local_cluster(tmp_path, common={"driver": driver}) as (stores, _):
-            leader = await leader_of(stores)
-            lt = id(leader._obj.nb_transport())
-            await asyncio.sleep(0.1)
-            sent.clear()
-            n = 40
-            for h in range(1, n + 1):
-                assert (await leader.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
-            mine = [with_entries for with_entries, t in sent if t == lt]
-            # 2 followers x n entries; without coalescing there would be as many
-            # entry-less ones again (plus a few heartbeats).
-            assert sum(mine) >= 2 * n
-            assert len(mine) - sum(mine) < n, (len(mine), sum(mine))
-            deadline = time.monotonic() + 1.0
-            target = leader.status()["commit_index"]
-            while any(s.status()["applied_index"] < target for s in stores):
-                assert time.monotonic() < deadline, [s.status()["applied_index"] for s in stores]
-                await asyncio.sleep(0.01)
-            assert all(s.last(CHAIN) == rec(n, b"b%d" % n) for s in stores)
-
-    run(go())
-
-
-@pytest.mark.parametrize("driver", ["loop", "thread"])
-def test_entries_are_sent_once_per_follower(
-    tmp_path: Path, driver: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With one commit in flight, the slower follower's acknowledgement of entry k
-    arrives after entry k+1 went out; pysyncobj would move that follower's next index
-    back and send k+1 again (every entry 1-3 times).  Each entry goes out once."""
-    sent: collections.Counter[tuple[int, int]] = collections.Counter()
-    parent_send = raft.TCPTransport.send
-
-    def counting(self: Any, node: Any, message: Any) -> bool:
-        if type(message) is dict and message.get("type") == "append_entries":
-            for entry in message.get("entries") or ():
-                sent[(id(node), entry[1])] += 1
-        return parent_send(self, node, message)
-
-    monkeypatch.setattr(raft.TCPTransport, "send", counting)
-
-    async def go() -> None:
-        async with local_cluster(tmp_path, common={"driver": driver}) as (stores, _):
-            leader = await leader_of(stores)
-            await asyncio.sleep(0.1)
-            sent.clear()
-            n = 60
-            for h in range(1, n + 1):
-                assert (await leader.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
-            assert len(sent) == 2 * n  # every entry reached both followers
-            resent = sum(c - 1 for c in sent.values())
-            assert resent == 0, f"{resent} entries sent again"
-            journals = [s.status()["journal"] for s in stores]
-            assert all(j["reused"] == 0 for j in journals), journals
-
-    run(go())
+    released = a.auditor.check()
+    assert set(released) == {(CHAIN, 10, 0, 2)}
 
 
 def test_a_timed_out_commit_releases_nothing_even_if_it_commits_later(tmp_path: Path) -> None:
+    a = Audited()
+
     async def go() -> None:
         async with local_cluster(tmp_path, proxied=True, common={"commit_timeout": 0.15}) as (
             stores,
             proxies,
         ):
             leader = await leader_of(stores)
-            assert (await leader.commit(CHAIN, rec(1, b"b1"))).verdict == Verdict.ACCEPT
+            assert (await a.commit(leader, rec(1, b"b1"))).verdict == Verdict.ACCEPT
             for px in proxies.values():
                 px.delay(250)
             with pytest.raises(ReplicationError, match="outcome unknown"):
-                await leader.commit(CHAIN, rec(2, b"b2"))
+                await a.commit(leader, rec(2, b"b2"))
             # The proposal did commit later; the caller never saw it.
-            deadline = time.monotonic() + 3
-            while leader.last(CHAIN).height != 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert leader.last(CHAIN) == rec(2, b"b2")
+            await until(lambda: leader.last(CHAIN) == rec(2, b"b2"), 3, "late commit")
             for px in proxies.values():
                 px.heal()
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)  # what the proxies still hold (delayed) drains
             leader = await leader_of(stores)
             # A retry with a different message for that HRS is refused (no double
             # sign); the identical message gets the stored signature back.
-            assert (await leader.commit(CHAIN, rec(2, b"b2-other"))).verdict == Verdict.REFUSE
-            d = await leader.commit(CHAIN, rec(2, b"b2"))
+            assert (await a.commit(leader, rec(2, b"b2-other"))).verdict == Verdict.REFUSE
+            d = await a.commit(leader, rec(2, b"b2"))
             assert d.verdict == Verdict.SAME and d.record == rec(2, b"b2")
 
     run(go())
+    released = a.auditor.check()
+    assert released[(CHAIN, 2, 0, 2)] == b"b2"
 
 
 def test_two_concurrent_conflicting_commits_exactly_one_accept(tmp_path: Path) -> None:
+    a = Audited()
+
     async def go() -> None:
         async with local_cluster(tmp_path) as (stores, _):
             leader = await leader_of(stores)
             for h in range(1, 21):
-                a, b = await asyncio.gather(
-                    leader.commit(CHAIN, rec(h, b"A%d" % h)),
-                    leader.commit(CHAIN, rec(h, b"B%d" % h)),
+                x, y = await asyncio.gather(
+                    a.commit(leader, rec(h, b"A%d" % h)), a.commit(leader, rec(h, b"B%d" % h))
                 )
-                verdicts = sorted([a.verdict, b.verdict])
-                assert verdicts == [Verdict.ACCEPT, Verdict.REFUSE], (h, a, b)
-                winner, loser = (a, b) if a.verdict == Verdict.ACCEPT else (b, a)
+                assert sorted([x.verdict, y.verdict]) == [Verdict.ACCEPT, Verdict.REFUSE], (h, x, y)
+                winner, loser = (x, y) if x.verdict == Verdict.ACCEPT else (y, x)
                 assert isinstance(loser.error, DoubleSignRefused), loser
                 assert leader.last(CHAIN) == winner.record
 
     run(go())
+    assert len(a.auditor.check()) == 20
 
 
 def test_initial_state_only_raises_the_mark_and_reaches_every_node(tmp_path: Path) -> None:
+    a = Audited()
+    imported = {CHAIN: SignRecord(100, 2, 3, b"old-signer", b"old-sig")}
+
     async def go() -> None:
-        imported = {CHAIN: SignRecord(100, 2, 3, b"old-signer", b"old-sig")}
-        # Only node 2 is given the priv_validator_state import.
-        async with local_cluster(tmp_path, per_node={2: {"initial": imported}}) as (stores, _):
+        async with local_cluster(tmp_path, common={"initial": imported}) as (stores, _):
             leader = await leader_of(stores)
-            deadline = time.monotonic() + 5
-            while not all(s.last(CHAIN) for s in stores) and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            assert all(s.last(CHAIN) == imported[CHAIN] for s in stores)
-            assert (await leader.commit(CHAIN, rec(100, b"x", r=2, s=2))).verdict == Verdict.REFUSE
-            assert (await leader.commit(CHAIN, rec(101, b"b101"))).verdict == Verdict.ACCEPT
+            await until(lambda: all(s.last(CHAIN) == imported[CHAIN] for s in stores), 5, "import")
+            assert (await a.commit(leader, rec(100, b"x", r=2, s=2))).verdict == Verdict.REFUSE
+            assert (await a.commit(leader, rec(101, b"b101"))).verdict == Verdict.ACCEPT
             # The runtime import (daemon admin "import") goes through the log too.
             assert not await leader.raise_to(CHAIN, SignRecord(50, 0, 3, b"", b""))
             assert await leader.raise_to(CHAIN, SignRecord(200, 0, 1, b"", b""))
-            assert (await leader.commit(CHAIN, rec(200, b"b200", s=1))).verdict == Verdict.REFUSE
-            assert (await leader.commit(CHAIN, rec(200, b"b200", s=2))).verdict == Verdict.ACCEPT
-            follower = next(s for s in stores if s is not leader)
-            with pytest.raises(NotLeader):
-                await follower.raise_to(CHAIN, SignRecord(300, 0, 1, b"", b""))
-        # Restarting with an older import changes nothing.
+            assert (await a.commit(leader, rec(200, b"b200", s=1))).verdict == Verdict.REFUSE
+            assert (await a.commit(leader, rec(200, b"b200", s=2))).verdict == Verdict.ACCEPT
+            await until(lambda: all(s.last(CHAIN) == rec(200, b"b200") for s in stores), 3, "all")
+        # Restarting every node with an older import changes nothing.
         older = {CHAIN: SignRecord(90, 0, 3, b"older", b"sig")}
         async with local_cluster(tmp_path, common={"initial": older}) as (stores, _):
             await leader_of(stores)
             await asyncio.sleep(0.5)
             assert all(s.last(CHAIN) == rec(200, b"b200") for s in stores)
+        # ... and a higher one raises the mark on every node, through the log.
+        higher = {CHAIN: SignRecord(300, 0, 1, b"", b"")}
+        async with local_cluster(tmp_path, common={"initial": higher}) as (stores, _):
+            leader = await leader_of(stores)
+            await until(lambda: all(s.last(CHAIN).height == 300 for s in stores), 5, "raised")
+            assert (await a.commit(leader, rec(299, b"b299"))).verdict == Verdict.REFUSE
 
     run(go())
+    a.auditor.check()
 
 
 def test_leadership_transfer_and_role_callbacks(tmp_path: Path) -> None:
+    a = Audited()
+
     async def go() -> None:
         async with local_cluster(tmp_path) as (stores, _):
             events: list[tuple[int, bool]] = []
             for s in stores:
                 s.on_role_change(lambda leader, nid=s.node_id: events.append((nid, leader)))
             old = await leader_of(stores)
-            await old.commit(CHAIN, rec(1, b"b1"))
+            await until(lambda: (old.node_id, True) in events, 2, "leader callback")
+            await a.commit(old, rec(1, b"b1"))
             target = next(s for s in stores if s is not old)
             assert await old.transfer_leadership(target.node_id) == target.node_id
             new = await leader_of(stores)
             assert new is target and not old.is_authoritative()
-            want = {(old.node_id, False), (target.node_id, True)}
-            deadline = time.monotonic() + 1
-            while not want <= set(events) and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert want <= set(events), events
-            assert (await new.commit(CHAIN, rec(2, b"b2"))).verdict == Verdict.ACCEPT
+            await until(
+                lambda: {(old.node_id, False), (target.node_id, True)} <= set(events),
+                2,
+                f"role callbacks (got {events})",
+            )
+            assert (await a.commit(new, rec(2, b"b2"))).verdict == Verdict.ACCEPT
+            with pytest.raises(NotLeader):
+                await old.commit(CHAIN, rec(3, b"b3"))
             with pytest.raises(NotLeader):
                 await old.transfer_leadership(None)
             # automatic target
-            assert await new.transfer_leadership(None) != new.node_id
+            third = await new.transfer_leadership(None)
+            assert third != new.node_id
+            leader = await leader_of(stores)
+            assert leader.node_id == third
             with pytest.raises(ConfigError):
-                await (await leader_of(stores)).transfer_leadership(99)
+                await leader.transfer_leadership(99)
+            with pytest.raises(ConfigError):
+                await leader.transfer_leadership(leader.node_id)
+            # never to a member that is gone: the transfer fails, leadership stays
+            gone = next(s for s in stores if s is not leader)
+            await gone.close()
+            with pytest.raises(ReplicationError, match="did not complete"):
+                await leader.transfer_leadership(gone.node_id, timeout=1.0)
+            assert leader.is_authoritative()
+            assert (await a.commit(leader, rec(3, b"b3"))).verdict == Verdict.ACCEPT
 
     run(go())
+    a.auditor.check()
+
+
+def test_a_one_member_cluster_commits_without_waiting_for_a_timer(tmp_path: Path) -> None:
+    tick = 0.1
+    n = 200
+
+    async def go() -> tuple[float, float]:
+        (port,) = free_ports(1)
+        addr = f"127.0.0.1:{port}"
+        store = RaftStore(
+            1, addr, {1: addr}, tmp_path / "one", SECRET, tick_interval=tick,
+            heartbeat_interval=tick, election_timeout_min=10 * tick, election_timeout_max=20 * tick,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        await store.start()
+        try:
+            await until(store.is_authoritative, 5, "one-member leader")
+            elected = time.monotonic() - t0
+            assert elected < 10 * tick, f"elected after {elected:.3f}s (an election timeout)"
+            lat = []
+            t_all = time.perf_counter()
+            for h in range(1, n + 1):
+                t = time.perf_counter()
+                d = await store.commit(CHAIN, rec(h, b"b%d" % h))
+                lat.append(time.perf_counter() - t)
+                assert d.verdict == Verdict.ACCEPT
+            total = time.perf_counter() - t_all
+            assert store.status()["journal"]["syncs"] >= n  # each one fsync'ed
+        finally:
+            await store.close()
+        lat.sort()
+        return lat[n // 2], total
+
+    p50, total = run(go())
+    print(f"\none-member cluster: p50 {p50 * 1e3:.3f} ms, {n} commits in {total:.3f}s")
+    # Waiting for the tick timer would cost ~tick/2 per commit (10 s for all of them).
+    assert p50 < tick / 10, f"p50 {p50 * 1e3:.1f} ms: waits for the {tick * 1e3:.0f} ms tick?"
+    assert total < n * tick / 10, f"{n} commits took {total:.2f}s"
+
+
+def test_a_closed_store_can_be_freed_on_any_thread(tmp_path: Path) -> None:
+    """Found while writing these tests (bug, open): a closed RaftStore is only freed by
+    the cyclic garbage collector (store <-> node callbacks), which runs on whichever
+    thread allocates at that moment; the pyo3 ``_core.Node`` is ``unsendable``, so a
+    collection on another thread raises "_core::Node is unsendable, but is being dropped
+    on another thread" (unraisable) and leaks the node.  Seen as a
+    PytestUnraisableExceptionWarning in a later test's harness thread.  Expected: close()
+    releases the core on the loop thread, or the core is Send."""
+    import sys
+
+    errors: list[str] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: errors.append(repr(u.exc_value))
+    gc.disable()
+    try:
+
+        async def make_and_close() -> None:
+            (port,) = free_ports(1)
+            addr = f"127.0.0.1:{port}"
+            store = RaftStore(1, addr, {1: addr}, tmp_path / "d", SECRET)
+            await store.start()
+            await store.close()
+
+        asyncio.run(make_and_close())
+        collector = threading.Thread(target=gc.collect)
+        collector.start()
+        collector.join(10)
+    finally:
+        gc.enable()
+        sys.unraisablehook = hook
+    assert errors == []
 
 
 # ---- process clusters ------------------------------------------------------------------
-
-
-class Auditor:
-    """Every signature that left the cluster, per HRS: never two different messages."""
-
-    def __init__(self, nodes: Callable[[], list[NodeProcess]]) -> None:
-        self._nodes = nodes
-
-    def released(self) -> dict[tuple[str, int, int, int], set[bytes]]:
-        out: dict[tuple[str, int, int, int], set[bytes]] = {}
-        for p in self._nodes():
-            for resp in p.responses:
-                if resp["verdict"] in ("ACCEPT", "SAME", "SAME_TIMESTAMP"):
-                    r = resp["record"]
-                    key = (resp["chain"], r["h"], r["r"], r["s"])
-                    out.setdefault(key, set()).add(bytes.fromhex(r["sb"]))
-        return out
-
-    def check(self) -> dict[tuple[str, int, int, int], bytes]:
-        released = self.released()
-        conflicts = {k: v for k, v in released.items() if len(v) > 1}
-        assert not conflicts, f"conflicting signatures released: {conflicts}"
-        return {k: next(iter(v)) for k, v in released.items()}
 
 
 class Driver(threading.Thread):
@@ -666,6 +554,10 @@ def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
         c.close()
 
 
+def audit(c: Cluster) -> dict[tuple[str, int, int, int], bytes]:
+    return Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
+
+
 def converge(cluster: Cluster, released: dict, timeout: float = 10.0) -> None:
     """Every live node ends with the highest released record for the chain."""
     top = max((k for k in released if k[0] == CHAIN), key=lambda k: k[1:])
@@ -701,9 +593,12 @@ def test_leader_sigkill_during_continuous_commits(cluster_factory) -> None:  # t
         # (an answer the dead leader gave just before dying may be recorded late)
         assert all(nid != first.node_id for _, nid, t in drv.accepted if t > t_dead + 0.2)
         failover = others[0][2] - t_kill
+        # it comes back as a follower and catches up
+        c.start(first.node_id)
+        drv.wait_for(10, timeout=15)
     finally:
         drv.stop()
-    released = Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
+    released = audit(c)
     heights = {k[1] for k in released}
     # A height may be missing from what was released only if an attempt at it was
     # in flight when the leader died (committed, never answered): the retry with
@@ -711,7 +606,8 @@ def test_leader_sigkill_during_continuous_commits(cluster_factory) -> None:  # t
     skipped = set(range(1, max(heights) + 1)) - heights
     assert len(skipped) <= 1 and skipped <= set(drv.refused), (skipped, drv.refused)
     converge(c, released)
-    assert failover < 6.0, f"failover took {failover:.2f}s"
+    print(f"\nfailover (SIGKILL -> next commit): {failover:.2f}s")
+    assert failover < 5.0, f"failover took {failover:.2f}s"
 
 
 def test_leader_sigstop_then_sigcont(cluster_factory) -> None:  # type: ignore[no-untyped-def]
@@ -736,23 +632,30 @@ def test_leader_sigstop_then_sigcont(cluster_factory) -> None:  # type: ignore[n
         )
         sender.start()
         drv.wait_for(20, timeout=20)
+        second = c.wait_leader(exclude={first.node_id})
+        before = second.status()
         first.signal(signal.SIGCONT)
         drv.wait_for(10, timeout=15)
         sender.join(12)
+        time.sleep(1.0)  # several election timeouts of the woken node
+        after = second.status()
     finally:
         drv.stop()
         first.signal(signal.SIGCONT)
     assert any(nid != first.node_id and t > t_stop for _, nid, t in drv.accepted)
+    # PreVote + CheckQuorum: the woken node learns the new term and follows; it does not
+    # depose the new leader, and the term does not keep climbing.
+    assert after["role"] == "leader" and after["term"] == before["term"], (before, after)
+    st = first.status()
+    assert st["role"] == "follower" and not st["authoritative"]
+    assert st["term"] == after["term"] and st["leader_id"] == second.node_id
     # The paused node answered after it woke up - and whatever it answered, nothing
     # conflicting left the cluster.
     assert late and isinstance(late[0], dict), late
-    time.sleep(0.5)
-    released = Auditor(lambda: [*c.nodes.values()]).check()
+    released = audit(c)
     if late[0].get("verdict") == "ACCEPT":
         assert released[(CHAIN, h, 0, 2)] == b"from-the-paused-leader"
     converge(c, released)
-    st = first.status()
-    assert st["role"] == "follower" and not st["authoritative"]
 
 
 def _try(fn: Callable[[], Any]) -> Any:
@@ -779,19 +682,19 @@ def test_partitioned_leader_commits_nothing_and_majority_continues(cluster_facto
     assert new.commit(6, b"majority-6")["verdict"] == "ACCEPT"
     for h in range(7, 12):
         assert new.commit(h, b"majority-%d" % h)["verdict"] == "ACCEPT"
-    # ... and it stepped down by itself (leader_fallback_timeout)
+    # ... and it stepped down by itself (CheckQuorum)
     deadline = t_cut + 6
     while old.status()["role"] == "leader" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert old.status()["role"] != "leader"
     assert "error" in old.commit(12, b"isolated-12", timeout=5)
     c.heal()
-    released = Auditor(lambda: list(c.nodes.values())).check()
+    released = audit(c)
     assert released[(CHAIN, 6, 0, 2)] == b"majority-6"
     converge(c, released, timeout=20)
     leader = c.wait_leader()
     assert leader.commit(12, b"after-heal-12")["verdict"] == "ACCEPT"
-    Auditor(lambda: list(c.nodes.values())).check()
+    assert not any(sb.startswith(b"isolated") for sb in audit(c).values())
 
 
 def test_full_cluster_restart_keeps_state(cluster_factory) -> None:  # type: ignore[no-untyped-def]
@@ -815,37 +718,42 @@ def test_full_cluster_restart_keeps_state(cluster_factory) -> None:  # type: ign
         assert next(r for r in out if r["verdict"] == "REFUSE")["refusal"] == "DoubleSignRefused"
     for h in range(31, 36):
         assert leader.commit(h, b"C%d" % h)["verdict"] == "REFUSE"
-    for i in range(3):
+    for i in c.ids:
         c.kill(i)
     c.start()
     leader = c.wait_leader()
-    released = Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
+    released = audit(c)
     assert leader.status()["chains"][CHAIN]["height"] == "35"
     assert leader.commit(35, b"conflict-35")["verdict"] == "REFUSE"
     assert leader.commit(29, b"b29")["verdict"] == "REFUSE"
     assert leader.commit(35, released[(CHAIN, 35, 0, 2)])["verdict"] == "SAME"
     assert leader.commit(36, b"b36")["verdict"] == "ACCEPT"
-    converge(c, Auditor(lambda: [*c.nodes.values(), *c.retired]).check())
+    converge(c, audit(c))
 
 
 def test_compaction_snapshot_install_and_restart_keep_the_high_water_mark(cluster_factory) -> None:  # type: ignore[no-untyped-def]
-    c = cluster_factory(3, store={"log_compaction_entries": 20})
+    c = cluster_factory(3, store={"snapshot_entries": 20})
     c.start()
     leader = c.wait_leader()
     lagging = next(p for p in c.nodes.values() if p is not leader)
+    behind = lagging.status()["last_index"]
     lagging.kill()
     for h in range(1, 101):
         assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
     st = leader.status()
-    assert st["journal"]["entries"] < 40 and st["journal"]["first_index"] > 50
-    assert (c.base / f"node{leader.node_id}" / "raft.snapshot").exists()
+    assert st["journal"]["entries"] < 40 and st["journal"]["first_index"] > behind + 50, st
+    assert st["snapshot_index"] > behind + 50
     # The lagging node comes back behind the leader's first log entry: it can only
     # catch up from the snapshot.
     c.start(lagging.node_id)
-    released = Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
+    released = audit(c)
     converge(c, released, timeout=15)
-    # Whole cluster down and up again: the mark survives snapshots and compaction.
-    for i in range(3):
+    lst = c.nodes[lagging.node_id].status()
+    assert lst["snapshot_index"] > behind + 50 and lst["fatal"] is None, lst
+    # An operator compaction on a follower, then the whole cluster down and up again:
+    # the mark survives snapshots and compaction.
+    assert "error" not in c.nodes[lagging.node_id].request("compact")
+    for i in c.ids:
         c.kill(i)
     c.start()
     leader = c.wait_leader()
@@ -853,7 +761,8 @@ def test_compaction_snapshot_install_and_restart_keep_the_high_water_mark(cluste
     assert leader.commit(100, b"conflict")["verdict"] == "REFUSE"
     assert leader.commit(60, b"b60")["verdict"] == "REFUSE"
     assert leader.commit(101, b"b101")["verdict"] == "ACCEPT"
-    converge(c, Auditor(lambda: [*c.nodes.values(), *c.retired]).check())
+    converge(c, audit(c))
+    assert all(st["chains"][CHAIN]["height"] == "101" for st in c.statuses().values())
 
 
 def test_five_node_cluster_survives_two_failures_not_three(cluster_factory) -> None:  # type: ignore[no-untyped-def]
@@ -887,96 +796,105 @@ def test_five_node_cluster_survives_two_failures_not_three(cluster_factory) -> N
     else:
         assert r21["verdict"] == "ACCEPT"
     assert leader.commit(22, b"b22")["verdict"] == "ACCEPT"
-    released = Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
+    released = audit(c)
     assert not any(sb.startswith(b"no-quorum") for sb in released.values())
     converge(c, released, timeout=15)
 
 
-def test_dynamic_membership_add_and_remove_keep_raft_data(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+def test_dynamic_membership_add_and_remove(cluster_factory) -> None:  # type: ignore[no-untyped-def]
     c = cluster_factory(4, store={"dynamic_membership": True})
-    c.start(members=[0, 1, 2])
+    c.start(members=[1, 2, 3])
     leader = c.wait_leader()
     for h in range(1, 11):
         assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
-    # The new node starts empty, configured with the whole new membership.
-    c.start(3, members=[0, 1, 2, 3])
-    assert "error" not in leader.request("add_member", node=3, addr=f"127.0.0.1:{c.ports[3]}")
+    # The new node starts empty with join=True, configured with the new membership.
+    c.start(4, members=[1, 2, 3, 4], store={"join": True})
+    assert c.nodes[4].status()["role"] == "follower"
+    assert "error" not in leader.request("add_member", node=4, addr=f"127.0.0.1:{c.ports[4]}")
+    r = leader.request("add_member", node=4, addr=f"127.0.0.1:{c.ports[4]}")
+    assert r.get("error") == "ConfigError", r  # already a member
     for h in range(11, 21):
         assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
-    released = Auditor(lambda: list(c.nodes.values())).check()
+    released = audit(c)
     converge(c, released)
-    assert all(st["members"] == [0, 1, 2, 3] for st in c.statuses().values())
-    # An old member restarted with its old static config learns the change from
-    # its own journal.
-    old = next(i for i in (0, 1, 2) if i != leader.node_id)
-    c.kill(old)
-    c.start(old, members=[0, 1, 2])
-    converge(c, released)
-    assert c.statuses()[old]["members"] == [0, 1, 2, 3]
-    leader = c.wait_leader()
-    if leader.node_id == 3:
-        leader.request("transfer", to=0)
-        leader = c.wait_leader(exclude={3})
-    assert "error" not in leader.request("remove_member", node=3)
-    for h in range(21, 31):
-        assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
-    c.kill(3)
-    # Full restart with the original configs: state and membership come from the log.
-    for i in (0, 1, 2):
+    assert all(st["members"] == [1, 2, 3, 4] for st in c.statuses().values())
+    # The new member counts in the majority: with a founder down, 4 is needed.
+    down = [i for i in (1, 2, 3) if i != leader.node_id][:1]
+    for i in down:
         c.kill(i)
-    c.start(members=[0, 1, 2])
+    assert leader.commit(21, b"b21")["verdict"] == "ACCEPT"
+    # An old member restarted with its old static config learns the change from its log.
+    for i in down:
+        c.start(i, members=[1, 2, 3])
+    converge(c, audit(c))
+    assert all(c.statuses()[i]["members"] == [1, 2, 3, 4] for i in down)
+    # It can lead: move leadership to the new node, commit through it.
+    if leader.node_id != 4:
+        assert leader.request("transfer", to=4, timeout=10).get("leader") == 4
     leader = c.wait_leader()
-    # Followers apply the replayed membership once they learn the new leader's commit
-    # index (with its next AppendEntries or heartbeat).
-    deadline = time.monotonic() + 5.0
-    while not all(st["members"] == [0, 1, 2] for st in c.statuses().values()):
+    assert leader.node_id == 4
+    assert leader.commit(22, b"b22")["verdict"] == "ACCEPT"
+    # Remove it again (not the leader itself: hand leadership back first).
+    r = leader.request("remove_member", node=4)
+    assert r.get("error") == "ConfigError", r
+    assert leader.request("transfer", to=1, timeout=10).get("leader") == 1
+    leader = c.wait_leader(exclude={4})
+    assert "error" not in leader.request("remove_member", node=4)
+    for h in range(23, 31):
+        assert leader.commit(h, b"b%d" % h)["verdict"] == "ACCEPT"
+    deadline = time.monotonic() + 5
+    while not all(st["members"] == [1, 2, 3] for nid, st in c.statuses().items() if nid != 4):
+        assert time.monotonic() < deadline, c.statuses()
+        time.sleep(0.05)
+    # the removed node decides nothing any more
+    assert "error" in c.nodes[4].commit(31, b"from-the-removed-node", timeout=3)
+    c.kill(4)
+    # Full restart with the original configs: state and membership come from the log.
+    for i in (1, 2, 3):
+        c.kill(i)
+    c.start(members=[1, 2, 3])
+    leader = c.wait_leader()
+    deadline = time.monotonic() + 5
+    while not all(st["members"] == [1, 2, 3] for st in c.statuses().values()):
         assert time.monotonic() < deadline, c.statuses()
         time.sleep(0.05)
     assert leader.commit(30, b"other")["verdict"] == "REFUSE"
     assert leader.commit(31, b"b31")["verdict"] == "ACCEPT"
-    converge(c, Auditor(lambda: [*c.nodes.values(), *c.retired]).check())
+    converge(c, audit(c))
 
 
-def test_a_journal_io_error_takes_the_node_out_and_the_cluster_continues(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    async def go() -> None:
-        async with local_cluster(tmp_path) as (stores, _):
-            leader = await leader_of(stores)
-            assert (await leader.commit(CHAIN, rec(1, b"b1"))).verdict == Verdict.ACCEPT
-            broken_fd = leader._journal._fd
-            real = os.fdatasync
-
-            def failing(fd: int) -> None:
-                if fd == broken_fd:
-                    raise OSError(5, "Input/output error")
-                real(fd)
-
-            monkeypatch.setattr(os, "fdatasync", failing)
-            with pytest.raises((StateError, ReplicationError)):
-                await leader.commit(CHAIN, rec(2, b"b2"))
-            with pytest.raises(StateError, match="I/O error"):
-                await leader.commit(CHAIN, rec(2, b"b2"))
-            st = leader.status()
-            assert st["role"] == "stopped" and st["fatal"] and not leader.is_authoritative()
-            others = [s for s in stores if s is not leader]
-            new = await leader_of(others)
-            d = await new.commit(CHAIN, rec(2, b"b2-new"))
-            # b2 may have been replicated before the leader's own fsync failed; either
-            # way exactly one message holds height 2 and nothing conflicting left.
-            assert d.verdict in (Verdict.ACCEPT, Verdict.REFUSE)
-            assert (await new.commit(CHAIN, rec(3, b"b3"))).verdict == Verdict.ACCEPT
-
-    run(go())
-
-
-def test_peer_node_hash_is_recomputed_in_the_process_that_unpickles_it() -> None:
-    """Membership entries carry pickled nodes between processes whose str hashes
-    differ; a node must hash (and so be found in pysyncobj's sets) by the local hash."""
-    import pickle
-
-    node = raft._PeerNode(7, "127.0.0.1:26001")
-    node.__dict__["_nb_hash"] = hash(node.id) ^ 0x5A5A  # as if hashed by another process
-    copy = pickle.loads(pickle.dumps(node))
-    assert copy == raft._PeerNode(7, "127.0.0.1:1") and hash(copy) == hash("nebula-node-7")
-    assert copy in {raft._PeerNode(7, "10.0.0.1:26001")}
+def test_a_log_io_error_takes_the_node_out_and_the_cluster_continues(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    c = cluster_factory(3, faults=True)
+    c.start()
+    leader = c.wait_leader()
+    assert leader.commit(1, b"b1")["verdict"] == "ACCEPT"
+    c.fault(leader.node_id, "fdatasync_eio")
+    r = leader.commit(2, b"b2", timeout=5)
+    assert r.get("error") in ("StateError", "ReplicationError", "NotLeader"), r
+    st = leader.status()
+    assert st["role"] == "stopped" and st["fatal"] and not st["authoritative"], st
+    # Fail closed for good: the disk "recovers", the node stays out until restarted.
+    c.fault(leader.node_id, "fdatasync_eio", on=False)
+    r = leader.commit(2, b"b2-again", timeout=5)
+    assert r.get("error") == "StateError", r
+    others = c.wait_leader(exclude={leader.node_id}, timeout=10)
+    d = others.commit(2, b"b2-new")
+    # b2 may have been replicated before the leader's own fsync failed (then the new
+    # leader commits it and refuses b2-new); either way one message holds height 2.
+    assert d["verdict"] in ("ACCEPT", "REFUSE"), d
+    assert others.commit(3, b"b3")["verdict"] == "ACCEPT"
+    assert leader.status()["role"] == "stopped"
+    # Leadership is never handed to a member that failed closed.
+    r = others.request("transfer", to=leader.node_id, timeout=10)
+    assert r.get("error") == "ReplicationError", r
+    assert c.wait_leader() is others
+    assert others.commit(4, b"b4")["verdict"] == "ACCEPT"
+    # The operator restarts it: it catches up.
+    c.kill(leader.node_id)
+    c.start(leader.node_id)
+    released = audit(c)
+    # nothing the failed node was asked went out; height 2 went out once at most
+    want = b"b2-new" if d["verdict"] == "ACCEPT" else None
+    assert released.get((CHAIN, 2, 0, 2)) == want, released
+    converge(c, released)
+    assert c.nodes[leader.node_id].status()["fatal"] is None
