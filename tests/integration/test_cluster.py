@@ -307,45 +307,61 @@ class _Evil:
 
 
 def test_raft_port_never_accepts_an_unauthenticated_peer(tmp_path) -> None:
+    """Pickles (what pysyncobj's port unpickled), garbage and a wrong secret, sent to the
+    Raft transport of every member: nothing runs, every connection is refused, the
+    cluster keeps signing."""
     import pickle
-    import socket
     import struct
     import zlib
 
-    from nebula.state.raft import _TransportCipher
+    from tests.support.frameproxy import hello_bytes, raw_exchange
 
     _key, addrs, cluster, auditor = _setup(tmp_path, 3)
     marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Evil(str(marker)))
+    assert b"system" in evil  # a real exploit: loading it would create the marker
 
-    def attack(port: int) -> None:
-        payloads = [
-            zlib.compress(pickle.dumps(_Evil(str(marker))), 3),  # pysyncobj without a password
-            _TransportCipher(b"not-the-cluster-secret-0123456789").encrypt_at_time(
-                zlib.compress(pickle.dumps(_Evil(str(marker))), 3), int(time.monotonic())
-            ),  # a well-formed token under the wrong secret
-            os.urandom(300),
-        ]
-        for data in payloads:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(struct.pack("i", len(data)) + data)
-                s.settimeout(3)
-                try:
-                    while s.recv(4096):
-                        pass
-                except (TimeoutError, ConnectionResetError):
-                    pass
+    def attack(me: int, port: int) -> list[str]:
+        peer = 1 if me != 1 else 2
+        hello = hello_bytes(peer, me, os.urandom(32))
+        wrong = b"not-the-cluster-secret-0123456789"
+        exchanges = {
+            # pysyncobj's wire: i32 length + zlib(pickle), no password
+            "pysyncobj pickle": raw_exchange(
+                port, hello=struct.pack("i", len(z := zlib.compress(evil, 3))) + z
+            ),
+            "bare pickle": raw_exchange(port, hello=evil),
+            # a good hello, then the pickle where the authenticator belongs
+            "pickle as a frame": raw_exchange(
+                port, hello=hello, then=[struct.pack(">I", len(evil)) + evil]
+            ),
+            # the pickle sealed under a wrong secret, after a wrong authenticator
+            "pickle under a wrong secret": raw_exchange(
+                port, hello=hello, secret=wrong, ids=(peer, me),
+                then=[("auth",), ("frame", b"\x01" + evil)],
+            ),
+            "garbage": raw_exchange(port, hello=os.urandom(300)),
+        }  # fmt: skip
+        kept_open = [what for what, ex in exchanges.items() if not ex.closed]
+        # nothing but the listener's nonce ever comes back
+        talked = [what for what, ex in exchanges.items() if len(ex.received) not in (0, 32)]
+        return kept_open + talked
 
     async def main() -> None:
         with cluster:
             async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
                 await _sign_heights(d, 1, 3)
                 loop = asyncio.get_running_loop()
-                for port in cluster.ports:
-                    await loop.run_in_executor(None, attack, port)
+                for me, port in enumerate(cluster.ports, start=1):
+                    bad = await loop.run_in_executor(None, attack, me, port)
+                    assert bad == [], f"node {me}: not refused: {bad}"
                 await _sign_heights(d, 4, 3)  # the cluster did not notice
                 for nid in cluster.nodes:
                     assert cluster.nodes[nid].alive()
+                    st = cluster.status(nid)
+                    assert st is not None
 
     asyncio.run(main())
     auditor.check()
+    assert auditor.count >= 12
     assert not marker.exists(), "an unauthenticated peer got code executed"
