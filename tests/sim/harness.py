@@ -19,7 +19,10 @@ one ``random.Random(seed)``:
   unsynced writes dropped, kept, cut to a prefix or torn page by page), crash it *inside* a
   Ready (a MemFS crash point on one of its next file operations), an I/O error on its next
   ``fdatasync``/``pwrite``/``fsync`` (it fails closed), restart it later from its MemFS,
-  pause/resume it, partition/heal, transfer leadership, force a campaign;
+  pause/resume it, partition/heal, transfer leadership, force a campaign; membership
+  changes on the leader (``nebula cluster add``: a new machine started with
+  ``join=True`` and added as a voter; with ``removals``, ``cluster remove`` of a voter
+  other than the leader, the removed machine then stopped);
 * **clients** propose SIGN commands for a small space of (chain, height, round, step) with
   sign bytes unique to each attempt, so a second decision at one HRS is a conflict the
   guard must refuse; some retry an earlier attempt with identical bytes.
@@ -44,7 +47,7 @@ Invariants checked on every seed (:class:`Violation` names the seed and a replay
    point or an injected I/O error);
 5. liveness after the storm: every partition healed, every member resumed and
    restarted, the network reliable: within the calm phase a leader is authoritative, a
-   new decision commits and is released, and every member applies it.
+   new decision commits and is released, and every voter applies it.
 
 Run one seed verbosely: ``python -m tests.sim.harness --seed 42 --nodes 5 --trace``.
 """
@@ -67,7 +70,7 @@ from typing import Any
 from nebula.errors import NebulaError, NotLeader, StateError
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import _core, commands
-from nebula.raft.node import LEADER, RaftNode
+from nebula.raft.node import CONF_ADD, CONF_REMOVE, LEADER, RaftNode
 from nebula.raft.storage import RaftLog
 from nebula.state.raft import SignStateMachine
 from tests.support.memfs import CrashPoint, MemFS
@@ -104,9 +107,14 @@ class Profile:
     snapshot_entries: int = 8
     prealloc: int = 0
     election_ticks: tuple[int, int] = (8, 14)
+    # Membership changes remove voters too, not only add them (off by default: a leader
+    # that applies its own removal panics or blocks the cluster, test_bug_removed_leader).
+    removals: bool = False
 
 
-def draw_profile(rng: random.Random, nodes: int, *, long: bool = False) -> Profile:
+def draw_profile(
+    rng: random.Random, nodes: int, *, long: bool = False, removals: bool = False
+) -> Profile:
     """Fault rates for one seed: some seeds calm, some a storm (from the seed's rng)."""
     scale = 5 if long else 1
     return Profile(
@@ -122,6 +130,7 @@ def draw_profile(rng: random.Random, nodes: int, *, long: bool = False) -> Profi
         propose_every=rng.choice((8, 20, 50)),
         snapshot_entries=rng.choice((2, 3, 5, 8, 13, 20)),
         prealloc=rng.choice((0, 0, 4096)),
+        removals=removals,
     )
 
 
@@ -163,13 +172,18 @@ class Member:
         "fs",
         "id",
         "incarnation",
+        "joiner",
         "node",
         "paused",
+        "removed",
         "sm",
     )
 
-    def __init__(self, node_id: int, fs: MemFS) -> None:
+    def __init__(self, node_id: int, fs: MemFS, *, joiner: bool = False) -> None:
         self.id = node_id
+        # Added to the running cluster (``join=True``): not a voter until the leader says so.
+        self.joiner = joiner
+        self.removed = False  # removed from the cluster and decommissioned
         self.fs = fs
         self.node: RaftNode | None = None
         self.sm: RecordingStateMachine | None = None
@@ -190,6 +204,7 @@ class Simulation:
         *,
         nodes: int = 3,
         long: bool = False,
+        removals: bool = False,
         state_machine: StateMachineFactory = RecordingStateMachine,
         log_factory: LogFactory = default_log,
         fs_factory: Callable[[], MemFS] = MemFS,
@@ -198,7 +213,9 @@ class Simulation:
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.profile = profile if profile is not None else draw_profile(self.rng, nodes, long=long)
+        if profile is None:
+            profile = draw_profile(self.rng, nodes, long=long, removals=removals)
+        self.profile = profile
         self.long = long
         self._make_sm = state_machine
         self._make_log = log_factory
@@ -209,8 +226,9 @@ class Simulation:
         self._hash = hashlib.blake2b(digest_size=16)
         self._recent: collections.deque[tuple] = collections.deque(maxlen=80)
         self._print_trace = trace
+        self._make_fs = fs_factory
         self.members = {i: Member(i, fs_factory()) for i in range(1, self.profile.nodes + 1)}
-        self.ids = tuple(self.members)
+        self.ids = tuple(self.members)  # the founding members
         # network state
         self._cut: set[tuple[int, int]] = set()  # (src, dst) pairs that drop messages
         self.storm = True
@@ -258,7 +276,7 @@ class Simulation:
             f"simulation invariant violated: {what}",
             f"seed {self.seed}, {p.nodes} nodes{' (long mode)' if self.long else ''}, at t={self.now}",
             f"profile: {p}",
-            "replay: " + replay_command(self.seed, p.nodes, self.long),
+            "replay: " + replay_command(self.seed, p.nodes, self.long, p.removals),
             "last events (t, what, ...):",
         ]
         lines += [f"  {e!r}"[:300] for e in self._recent]
@@ -354,15 +372,24 @@ class Simulation:
         (refused: not the leader)."""
         return self._propose(self.members[node_id], chain, rec)
 
+    def kick(self, node_id: int) -> None:
+        """Process ``node_id``'s Ready now (after a scripted call into its node)."""
+        self._kick(self.members[node_id])
+
     def deliver_now(self, src: int, dst: int, payload: bytes) -> None:
         self._at(self.now, _DELIVER, src, dst, payload)
 
     def isolate(self, node_id: int) -> None:
         """Cut every link to and from ``node_id`` (added to any cut already in place)."""
-        for other in self.ids:
+        for other in self.members:
             if other != node_id:
                 self._cut |= {(node_id, other), (other, node_id)}
         self._note("isolate", node_id)
+
+    def cut(self, src: int, dst: int) -> None:
+        """Drop every message from ``src`` to ``dst`` (one way) until :meth:`heal`."""
+        self._cut.add((src, dst))
+        self._note("cut", src, dst)
 
     def heal(self) -> None:
         self._cut = set()
@@ -394,7 +421,9 @@ class Simulation:
                 log,
                 sm,
                 self._sender(m.id, inc),
-                peers=self.ids,
+                # A member added later keeps ``join = true`` in its config for good.
+                peers=self.ids if m.id in self.ids else (),
+                join=m.id not in self.ids,
                 election_tick=e,
                 heartbeat_tick=HEARTBEAT_TICK,
                 min_election_tick=e,
@@ -471,6 +500,14 @@ class Simulation:
         elif "injected into" in reason:
             self._note("io-error", m.id, reason)
             self.stats["injected_io_errors"] += 1
+        elif node.voters and m.id not in node.voters:
+            # Removed from the cluster, then stopped: failing closed is what it should do.
+            self._note("removed-member-stopped", m.id, reason)
+            m.removed = True
+            m.node = None
+            m.sm = None
+            m.incarnation += 1
+            return
         else:
             self.fail(f"node {m.id} failed: {reason}")
         self._power_loss(m)
@@ -570,8 +607,8 @@ class Simulation:
         if (src, dst) in self._cut:
             self.stats["msgs_cut"] += 1
             return
-        m = self.members[dst]
-        if m.node is None:
+        m = self.members.get(dst)
+        if m is None or m.node is None:
             return
         if m.paused:
             m.backlog.append((src, payload))
@@ -584,7 +621,7 @@ class Simulation:
 
     def _restart(self, node_id: int, inc: int) -> None:
         m = self.members[node_id]
-        if m.node is None and m.incarnation == inc:
+        if m.node is None and m.incarnation == inc and not m.removed:
             if self.storm and self.rng.random() < 0.15:
                 # Another power loss during recovery (torn tail truncated, interrupted
                 # snapshot step completed, the recovered log synced...).
@@ -768,8 +805,7 @@ class Simulation:
 
     def _fault(self) -> None:
         rng = self.rng
-        ms = list(self.members.values())
-        up = [m for m in ms if m.node is not None]
+        up = [m for m in self.members.values() if m.node is not None]
         kind = rng.choices(
             (
                 "crash",
@@ -782,8 +818,9 @@ class Simulation:
                 "heal",
                 "transfer",
                 "campaign",
+                "reconfig",
             ),
-            weights=(4, 3, 1, 3, 3, 3, 1, 3, 2, 1),
+            weights=(4, 3, 1, 3, 3, 3, 1, 3, 2, 1, 2),
         )[0]
         if kind == "crash" and up:
             m = rng.choice(up)
@@ -811,15 +848,15 @@ class Simulation:
             if cands:
                 self._resume(rng.choice(cands))
         elif kind == "partition":
-            ids = list(self.ids)
+            ids = self._current()
             rng.shuffle(ids)
             k = rng.randint(1, len(ids) // 2)
             side = set(ids[:k])
-            self._cut = {(a, b) for a in self.ids for b in self.ids if (a in side) != (b in side)}
+            self._cut = {(a, b) for a in ids for b in ids if (a in side) != (b in side)}
             self._note("fault", kind, sorted(side))
             self.stats["partitions"] += 1
         elif kind == "one_way":
-            a, b = rng.sample(self.ids, 2)
+            a, b = rng.sample(self._current(), 2)
             self._cut.add((a, b))
             self._note("fault", kind, a, b)
         elif kind == "heal":
@@ -831,7 +868,7 @@ class Simulation:
             ]
             if leaders:
                 m = rng.choice(leaders)
-                to = rng.choice([i for i in self.ids if i != m.id])
+                to = rng.choice([i for i in self._current() if i != m.id])
                 node = m.node
                 assert node is not None
                 self._note("fault", kind, m.id, to)
@@ -839,7 +876,16 @@ class Simulation:
                 self.stats["transfers"] += 1
                 self._kick(m)
         elif kind == "campaign":
-            cands = [m for m in up if not m.paused and m.node is not None and m.node.role != LEADER]
+            # Only a member of its own configuration (RaftStore campaigns only as the one
+            # member of a one-member cluster; raft-rs panics on a campaign outside it).
+            cands = [
+                m
+                for m in up
+                if not m.paused
+                and m.node is not None
+                and m.node.role != LEADER
+                and m.id in m.node.voters
+            ]
             if cands:
                 m = rng.choice(cands)
                 node = m.node
@@ -847,6 +893,70 @@ class Simulation:
                 self._note("fault", kind, m.id)
                 self._guard(m, "campaign", node.campaign)
                 self._kick(m)
+
+        elif kind == "reconfig":
+            self._reconfig()
+
+    def _current(self) -> list[int]:
+        """Ids of the members not decommissioned."""
+        return [i for i, m in self.members.items() if not m.removed]
+
+    def _reconfig(self) -> None:
+        """``nebula cluster remove`` / ``add`` on the authoritative leader: remove a voter
+        other than the leader, or add a new member (a fresh machine with a new id and an
+        empty disk, started with ``join=True`` first).  Members the leader no longer
+        counts are decommissioned; joiners it counts become members."""
+        rng = self.rng
+        lead = self.leader()
+        if lead is None or lead.node is None:
+            return
+        voters = set(lead.node.voters)
+        for m in self.members.values():
+            if m.id in voters:
+                if m.joiner:
+                    self.stats["members_joined"] += 1
+                m.joiner = False
+            elif not m.joiner and not m.removed:
+                m.removed = True  # the removal committed: the operator stops the machine
+                if m.node is not None:
+                    self._note("decommission", m.id)
+                    m.node = None
+                    m.sm = None
+                    m.incarnation += 1
+                self.stats["members_removed"] += 1
+        n = self.profile.nodes
+        joiners = [m for m in self.members.values() if m.joiner and not m.removed]
+        removable = self.profile.removals and len(voters) > max(2, n - 1)
+        if removable and (len(voters) >= n + 2 or rng.random() < 0.5):
+            victim = rng.choice(sorted(voters - {lead.id}))
+            change, target = CONF_REMOVE, victim
+        elif len(voters) >= n + 2:
+            return
+        elif joiners:
+            change, target = CONF_ADD, joiners[0].id
+        else:
+            new = Member(max(self.members) + 1, self._make_fs(), joiner=True)
+            self.members[new.id] = new
+            self._note("new-member", new.id)
+            self.stats["members_started_to_join"] += 1
+            self._start(new)
+            change, target = CONF_ADD, new.id
+        node = lead.node
+
+        def resolve(result: Any, err: BaseException | None) -> None:
+            self._note("conf-change-resolved", lead.id, change, target, result, repr(err))
+
+        self._note("conf-change", lead.id, change, target)
+        try:
+            self._guard(
+                lead,
+                "propose_conf_change",
+                lambda: node.propose_conf_change(change, target, b"", resolve),
+            )
+        except (NotLeader, StateError):
+            return
+        self.stats["conf_changes"] += 1
+        self._kick(lead)
 
     def _resume(self, m: Member) -> None:
         m.paused = False
@@ -866,7 +976,7 @@ class Simulation:
         for m in self.members.values():
             m.fs.crash_at = None
             m.fs._fail.clear()  # injected I/O errors not yet fired
-            if m.node is None:
+            if m.node is None and not m.removed:
                 self._start(m)
             elif m.paused:
                 self._resume(m)
@@ -876,7 +986,7 @@ class Simulation:
         released; then the run ends as soon as every member has applied it."""
         self._at(self.now + 5 * TICK, _LIVENESS)
         if self._liveness_released:
-            if all(self._has_liveness(m) for m in self.members.values()):
+            if all(self._has_liveness(m) for m in self._voter_members()):
                 self._done = True
             return
         leader = self.leader()
@@ -891,6 +1001,13 @@ class Simulation:
         if self._propose(leader, LIVENESS_CHAIN, self._liveness) is not None:
             self.stats["liveness_attempts"] += 1
 
+    def _voter_members(self) -> list[Member]:
+        """The members the authoritative leader counts (all of them without a leader)."""
+        lead = self.leader()
+        if lead is None or lead.node is None:
+            return [m for m in self.members.values() if not m.removed]
+        return [self.members[i] for i in lead.node.voters]
+
     def _has_liveness(self, m: Member) -> bool:
         cur = None if m.sm is None else m.sm.states.get(LIVENESS_CHAIN)
         return cur is not None and cur.height == LIVENESS_HEIGHT
@@ -901,24 +1018,27 @@ class Simulation:
                 f"liveness: no decision committed within {self.profile.calm} units of calm "
                 "(every member up and connected, a reliable network)"
             )
-        for m in self.members.values():
+        for m in self._voter_members():
             if m.node is None or m.sm is None:
                 self.fail(f"liveness: node {m.id} is down at the end of the calm phase")
             assert m.node is not None and m.sm is not None
             if not self._has_liveness(m):
                 cur = m.sm.states.get(LIVENESS_CHAIN)
                 self.fail(f"liveness: node {m.id} has not applied the calm phase's decision: {cur}")
-            if m.node.authoritative:
+        for m in self.members.values():
+            if m.node is not None and m.node.authoritative:
                 self._check_leader_state(m, m.node.term, None)
 
 
-def replay_command(seed: int, nodes: int, long: bool = False) -> str:
-    env = "NEBULA_SIM_LONG=1 " if long else ""
-    return f"{env}python -m tests.sim.harness --seed {seed} --nodes {nodes} --trace"
+def replay_command(seed: int, nodes: int, long: bool = False, removals: bool = False) -> str:
+    flags = (" --long" if long else "") + (" --removals" if removals else "")
+    return f"python -m tests.sim.harness --seed {seed} --nodes {nodes}{flags} --trace"
 
 
-def run_seed(seed: int, nodes: int, *, long: bool = False, **kw: Any) -> dict[str, Any]:
-    return Simulation(seed, nodes=nodes, long=long, **kw).run()
+def run_seed(
+    seed: int, nodes: int, *, long: bool = False, removals: bool = False, **kw: Any
+) -> dict[str, Any]:
+    return Simulation(seed, nodes=nodes, long=long, removals=removals, **kw).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -926,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--long", action="store_true")
+    ap.add_argument("--removals", action="store_true", help="membership changes remove too")
     ap.add_argument("--trace", action="store_true", help="print every event")
     args = ap.parse_args(argv)
     if args.trace:
@@ -933,7 +1054,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logging.disable(logging.CRITICAL)
     try:
-        out = run_seed(args.seed, args.nodes, long=args.long, trace=args.trace)
+        out = run_seed(
+            args.seed, args.nodes, long=args.long, removals=args.removals, trace=args.trace
+        )
     except Violation as v:
         print(v, file=sys.stderr)
         return 1

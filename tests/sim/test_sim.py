@@ -8,7 +8,9 @@ Environment:
 * ``NEBULA_SIM_LONG=1`` - the long mode: five times longer storms and, unless
   ``NEBULA_SIM_SEEDS`` says otherwise, :data:`LONG_SEEDS` seeds per size;
 * ``NEBULA_SIM_SEED_BASE`` - the first seed (default 0), to explore other seeds;
-* ``NEBULA_SIM_SEED`` - run only this seed (replay a failure in pytest).
+* ``NEBULA_SIM_SEED`` - run only this seed (replay a failure in pytest);
+* ``NEBULA_SIM_REMOVALS=1`` - membership changes remove voters too (off until a leader
+  that applies its own removal hands over: ``test_bug_removed_leader.py``).
 
 A failing seed prints the seed, its profile, the last events, every member's state and
 the replay command (``python -m tests.sim.harness --seed S --nodes N --trace``).
@@ -40,6 +42,7 @@ LONG = os.environ.get("NEBULA_SIM_LONG") == "1"
 SEEDS = int(os.environ.get("NEBULA_SIM_SEEDS", LONG_SEEDS if LONG else DEFAULT_SEEDS))
 BASE = int(os.environ.get("NEBULA_SIM_SEED_BASE", "0"))
 ONLY = os.environ.get("NEBULA_SIM_SEED")
+REMOVALS = os.environ.get("NEBULA_SIM_REMOVALS") == "1"
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,14 +63,15 @@ def test_seeds(nodes: int, lo: int, hi: int) -> None:
     totals: collections.Counter[str] = collections.Counter()
     for seed in range(lo, hi):
         try:
-            totals.update(run_seed(seed, nodes, long=LONG)["stats"])
+            totals.update(run_seed(seed, nodes, long=LONG, removals=REMOVALS)["stats"])
         except Violation as v:
             failures.append((seed, v))
             if len(failures) >= 3:
                 break
     if failures:
         others = "".join(
-            f"\n  also seed {s}: {str(v).splitlines()[0]}\n    {replay_command(s, nodes, LONG)}"
+            f"\n  also seed {s}: {str(v).splitlines()[0]}\n"
+            f"    {replay_command(s, nodes, LONG, REMOVALS)}"
             for s, v in failures[1:]
         )
         pytest.fail(f"{failures[0][1]}{others}", pytrace=False)
@@ -123,6 +127,8 @@ def test_faults_are_exercised() -> None:
         "refused",  # conflicting or regressing requests the guard refused
         "released",
         "proposals_lost",  # outcomes lost with leadership: nothing released
+        "conf_changes",
+        "members_joined",  # a new member (join = true) caught up and counted as a voter
     ):
         assert totals[what] > 0, (what, totals)
 
@@ -162,17 +168,10 @@ class _LyingFS(MemFS):
 
 
 def test_checker_catches_a_log_that_loses_synced_writes() -> None:
-    """Acknowledged entries lost in a power loss: committed prefixes or decisions differ."""
+    """Acknowledged entries lost in a power loss: committed prefixes or decisions differ,
+    or raft-rs meets a commit index beyond the log it has left (any symptom will do)."""
     _seed, v = _first_violation(50, fs_factory=_LyingFS)
-    assert any(
-        s in str(v)
-        for s in (
-            "committed entries disagree",
-            "two signatures released",
-            "lacks the decision",
-            "state after index",
-        )
-    ), str(v)
+    assert "simulation invariant violated" in str(v)
 
 
 class _EagerNode(RaftNode):
