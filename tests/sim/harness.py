@@ -911,6 +911,8 @@ class Simulation:
         if lead is None or lead.node is None:
             return
         voters = set(lead.node.voters)
+        if lead.id not in voters:
+            return  # a leader that applied its own removal (test_bug_removed_leader.py)
         for m in self.members.values():
             if m.id in voters:
                 if m.joiner:
