@@ -16,9 +16,9 @@ write").  Two things move the commit index without refreshing ``_pending_hs``:
 The next append (the next client request) then carries the stale ``_pending_hs``
 (commit 3) and ``RaftLog.append`` refuses it: ``ValueError: raft hard state (2, 3, 3)
 goes back from (2, 3, 4)``; the leader stops for good (``fatal``) - after a routine
-``nebula cluster remove`` under load.  In the randomized sweep with removals on
-(``NEBULA_SIM_REMOVALS=1``) 6 of the first 140 five-node seeds hit it when every other
-fault is a membership change.
+``nebula cluster remove`` under load.  In the randomized sweep with removals on:
+``python -m tests.sim.harness --seed 211 --nodes 3 --removals`` (as of the commit that
+added this file's harness fix; traces change with the code).
 
 Fix that would do: fold the LightReady's commit index into ``_pending_hs`` (or write
 ``max`` of it and the log's commit), and drop ``_pending_hs`` when a snapshot covers it.

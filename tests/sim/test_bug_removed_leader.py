@@ -17,6 +17,10 @@ without a ``Progress`` of its own:
   CheckQuorum keeps it and nobody campaigns) while raft-rs drops every proposal on a
   leader outside its configuration - the cluster signs nothing until an operator acts.
 
+In the randomized sweep with removals on: ``python -m tests.sim.harness --seed 591
+--nodes 3 --removals`` and ``--seed 1398 --nodes 5 --removals`` (panics; traces change
+with the code).
+
 What the tests expect: nothing escapes the nodes, and the two remaining members go on
 signing.  Fixes that would do: in the binding, step down when a conf change removes the
 leader (``become_follower``, like etcd's ``StepDownOnRemoval``), or in ``RaftNode`` fail
