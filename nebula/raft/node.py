@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 from nebula.errors import NotLeader, ReplicationError, StateError
 from nebula.raft import _core
-from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot
+from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot, SnapshotNotSaved
 
 log = logging.getLogger("nebula.raft")
 
@@ -68,6 +68,12 @@ ROLE_NAMES = {
 }
 
 ENTRY_NORMAL, ENTRY_CONF_CHANGE = 0, 1
+
+
+class _Stopped(Exception):
+    """Unwinds the Ready loop after :meth:`RaftNode.fail` (nothing more may be sent)."""
+
+
 CONF_ADD, CONF_REMOVE, CONF_ADD_LEARNER = 0, 1, 2
 
 # Callback of a proposal: (result, None) once applied, or (None, exception) when lost.
@@ -152,6 +158,7 @@ class RaftNode:
         self.applied = 0
         self._snapshot_due = False
         self._pending_hs: HardState | None = None
+        self._snapshot_retry_at = 0
 
         loaded = log.load()
         snap = loaded.snapshot
@@ -210,6 +217,10 @@ class RaftNode:
             # A message from a removed member, a stale response, or a malformed one: raft-rs
             # refuses it without changing state.
             log.debug("raft node %d: message from %d ignored: %s", self.id, peer, e)
+        except BaseException as e:  # a raft-rs panic: fail closed, as process() does
+            if isinstance(e, KeyboardInterrupt | SystemExit):
+                raise
+            self.fail(f"raft node {self.id} stopped: {type(e).__name__}: {e}")
 
     def propose(self, data: bytes, resolve: Resolver) -> tuple[int, int]:
         """Propose ``data``; ``resolve`` gets the state machine's result once the entry is
@@ -240,7 +251,7 @@ class RaftNode:
         self._core.transfer_leader(to)
 
     def campaign(self) -> None:
-        if self.fatal is None:
+        if self.fatal is None and self.id in self._core.voters:
             self._core.campaign()
 
     def _check_leader(self) -> None:
@@ -261,6 +272,8 @@ class RaftNode:
             return
         try:
             self._process()
+        except _Stopped:
+            pass
         except BaseException as e:  # includes pyo3's PanicException
             if isinstance(e, KeyboardInterrupt | SystemExit):
                 raise
@@ -290,6 +303,12 @@ class RaftNode:
                     hs_out, self._pending_hs = self._pending_hs, None
                 else:
                     hs_out, self._pending_hs = HardState(*hs), None
+                if hs_out is not None:
+                    # A snapshot (after a conf change) may have moved the log's commit
+                    # past a deferred hard state: the commit index never goes back.
+                    floor = self._log.hard_state.commit
+                    if hs_out.commit < floor:
+                        hs_out = hs_out._replace(commit=floor)
                 self._log.append([Entry(*e) for e in entries], hs_out)
             elif hs is not None:
                 # Only the commit index moved: no write now, it rides with the next one
@@ -316,11 +335,18 @@ class RaftNode:
                     core.report_snapshot(to, ok)
                 self._snap_reports.clear()
         self._check_authority()
-        if self.applied > self._snap_index and (
-            self._snapshot_due or self.applied - self._snap_index >= self._snapshot_entries
+        if (
+            self.applied > self._snap_index
+            and (self._snapshot_due or self.applied - self._snap_index >= self._snapshot_entries)
+            and self.applied >= self._snapshot_retry_at
         ):
             self._snapshot_due = False
-            self._take_snapshot()
+            try:
+                self._take_snapshot()
+            except SnapshotNotSaved:
+                # A transient error (EMFILE, ENOSPC) before anything changed on disk: the
+                # log holds every entry still; try again after some more entries.
+                self._snapshot_retry_at = self.applied + max(1, self._snapshot_entries // 10)
 
     def _transmit(self, msgs: list[tuple[int, int, bytes]]) -> None:
         on_send = self._on_send
@@ -333,6 +359,7 @@ class RaftNode:
 
     def _apply(self, entries: list[tuple[int, int, int, bytes, bytes]]) -> None:
         pending = self._pending
+        removed = False
         for index, term, etype, data, _ctx in entries:
             if index <= self.applied:
                 continue  # already in the state machine (a snapshot covered it)
@@ -352,6 +379,10 @@ class RaftNode:
                 if data:
                     change, node_id, context, voters, _learners = self._core.apply_conf_change(data)
                     result = (change, node_id, voters)
+                    if voters and self.id not in voters:
+                        # This member was removed (possibly while it led: raft-rs 0.7
+                        # would keep such a leader in place, dropping every proposal).
+                        removed = True
                     # raft-rs refuses a snapshot whose conf state does not name the
                     # receiver: snapshot now, so a member just added gets one with itself.
                     self._snapshot_due = True
@@ -372,6 +403,12 @@ class RaftNode:
                     )
                 else:
                     resolve(result, err)
+        if removed:
+            self.fail(
+                f"raft node {self.id} was removed from the cluster; it takes no further "
+                "part (start it again with join = true and an empty data directory to re-add it)"
+            )
+            raise _Stopped
 
     def _fail_pending_up_to(self, index: int) -> None:
         for i in [i for i in self._pending if i <= index]:
@@ -432,9 +469,15 @@ class RaftNode:
     def _take_snapshot(self) -> None:
         index = self.applied
         data = self._sm.snapshot_data()
-        idx, term, voters, learners = self._core.compact(index, data)
-        self._log.save_snapshot(Snapshot(idx, term, tuple(voters), tuple(learners), data))
-        self._snap_index = idx
+        term = self._core.term_at(index)
+        if term is None:
+            raise StateError(f"raft node {self.id}: no term for applied index {index}")
+        # Durable first; only then does the in-memory log drop what the snapshot covers.
+        self._log.save_snapshot(
+            Snapshot(index, term, tuple(self._core.voters), tuple(self._core.learners), data)
+        )
+        self._core.compact(index, data)
+        self._snap_index = index
 
     def snapshot_now(self) -> None:
         """Take a snapshot at the applied index now (operator ``compact``)."""
@@ -443,6 +486,8 @@ class RaftNode:
         if self.applied > self._snap_index:
             try:
                 self._take_snapshot()
+            except SnapshotNotSaved:
+                raise  # nothing changed; the log is usable and the node goes on
             except BaseException as e:
                 self.fail(f"raft node {self.id} stopped: snapshot failed: {e}")
                 raise StateError(self.fatal or str(e)) from e

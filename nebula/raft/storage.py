@@ -147,6 +147,7 @@ vote changes within a term (a second vote in one term would let two leaders win 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -204,6 +205,19 @@ _SNAP_HEAD = struct.Struct("<8sHHIQQIIQ")  # 48 bytes
 _KIND_BYTE = re.compile(rb"[\x01\x02]")
 _NONZERO = re.compile(rb"[^\x00]")
 _ZEROS = bytes(1 << 20)
+
+
+# Errors that say "not now" rather than "this disk is failing": a local snapshot that
+# hits one of these is retried later; anything else (EIO above all) fails closed.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EAGAIN}
+)
+
+
+class SnapshotNotSaved(StateError):
+    """A local snapshot could not be written, and nothing changed on disk that matters:
+    the log still holds every entry and the previous snapshot stays valid.  The log stays
+    usable; the caller may try again later (a transient error such as EMFILE or ENOSPC)."""
 
 
 class Entry(NamedTuple):
@@ -286,13 +300,23 @@ class FileSystem(Protocol):
 
     def fsync_dir(self, path: str) -> None: ...
 
+    def forget_dir(self, path: str) -> None:
+        """Release what fsync_dir keeps for ``path`` (the log is closed)."""
+
     def read_file(self, path: str) -> bytes: ...
 
     def write_file_durably(self, path: str, data: bytes) -> None: ...
 
 
 class OsFileSystem:
-    """The real file system (the durable-write steps of :mod:`nebula.durable`)."""
+    """The real file system (the durable-write steps of :mod:`nebula.durable`).
+
+    A directory that was fsync'ed once keeps its descriptor until :meth:`forget_dir`:
+    the fsync after a rename then needs no new descriptor, so a descriptor shortage
+    (EMFILE under a connection flood) cannot strand a rename half-durable."""
+
+    def __init__(self) -> None:
+        self._dir_fds: dict[str, int] = {}
 
     def makedirs(self, path: str, mode: int) -> None:
         if os.path.isdir(path):
@@ -348,7 +372,17 @@ class OsFileSystem:
         os.unlink(path)
 
     def fsync_dir(self, path: str) -> None:
-        durable.fsync_dir(path)
+        key = os.path.abspath(path)
+        fd = self._dir_fds.get(key)
+        if fd is None:
+            fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._dir_fds[key] = fd
+        os.fsync(fd)
+
+    def forget_dir(self, path: str) -> None:
+        fd = self._dir_fds.pop(os.path.abspath(path), None)
+        if fd is not None:
+            os.close(fd)
 
     def read_file(self, path: str) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -358,7 +392,15 @@ class OsFileSystem:
             os.close(fd)
 
     def write_file_durably(self, path: str, data: bytes) -> None:
-        durable.write_file_durably(path, data, 0o600)
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            durable.pwrite_all(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        self.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 OS_FS: FileSystem = OsFileSystem()
@@ -870,7 +912,18 @@ class RaftLog:
             )
         keep = self._entries[snap.index - self._base_index :] if t is not None else []
         self.sync()
-        self._store_snapshot(snap, 0, keep)
+        # Until the new log file is renamed into place, a failure leaves the old snapshot
+        # and the whole log valid on disk (a newer raft.snap over an older log base is a
+        # state the loader accepts): the log stays usable and the snapshot can be retried.
+        try:
+            self._fs.write_file_durably(self._snap_path, encode_snapshot(snap, 0))
+        except OSError as e:
+            if e.errno not in _TRANSIENT_ERRNOS:
+                raise self._fail("snapshot write", e) from e
+            log.warning("raft log %s: snapshot not saved (will retry): %s", self._dir, e)
+            raise SnapshotNotSaved(f"{self._snap_path}: snapshot not saved: {e}") from e
+        self._snap = snap
+        self._install_snapshot_log(snap, keep, False, retryable=True)
 
     def apply_snapshot(self, snap: Snapshot) -> None:
         """Install a snapshot received from the leader: it replaces the whole log (every
@@ -893,20 +946,35 @@ class RaftLog:
         self._snap = snap
         self._install_snapshot_log(snap, keep, bool(flags & SNAP_REPLACES_LOG))
 
-    def _install_snapshot_log(self, snap: Snapshot, keep: list[Entry], replaces: bool) -> None:
+    def _install_snapshot_log(
+        self, snap: Snapshot, keep: list[Entry], replaces: bool, retryable: bool = False
+    ) -> None:
         # A snapshot holds committed state only; one from the leader replaces everything
         # (raft-rs installs it only beyond its commit index), like raft-rs's MemStorage.
         commit = snap.index if replaces else max(self._hs.commit, snap.index)
-        self._rewrite(snap.index, snap.term, keep, self._hs._replace(commit=commit))
+        self._rewrite(
+            snap.index, snap.term, keep, self._hs._replace(commit=commit), retryable=retryable
+        )
 
-    def _rewrite(self, base_index: int, base_term: int, keep: list[Entry], hs: HardState) -> None:
-        """Replace raft.log durably: header, one batch (``keep`` and ``hs``), zeros."""
+    def _rewrite(
+        self,
+        base_index: int,
+        base_term: int,
+        keep: list[Entry],
+        hs: HardState,
+        retryable: bool = False,
+    ) -> None:
+        """Replace raft.log durably: header, one batch (``keep`` and ``hs``), zeros.
+
+        ``retryable``: a failure before the rename leaves the old log in place and usable
+        (SnapshotNotSaved); after the rename nothing but failing closed is safe."""
         fs = self._fs
         tmp = self._path + ".tmp"
         rec = encode_batch(HEADER_SIZE, keep, hs)
         end = HEADER_SIZE + len(rec)
         alloc = -(-(end + self._prealloc) // 4096) * 4096 if self._prealloc else end
         fd = -1
+        renamed = False
         try:
             fd = fs.open(tmp, create=True)
             fs.truncate(fd, 0)
@@ -918,6 +986,7 @@ class RaftLog:
                 off += k
             fs.fsync(fd)
             fs.replace(tmp, self._path)
+            renamed = True
             fs.fsync_dir(self._dir)
         except OSError as e:
             if fd >= 0:
@@ -925,6 +994,9 @@ class RaftLog:
                     fs.close(fd)
                 except OSError:
                     pass
+            if retryable and not renamed and e.errno in _TRANSIENT_ERRNOS:
+                log.warning("raft log %s: compaction not done (will retry): %s", self._dir, e)
+                raise SnapshotNotSaved(f"{self._path}: log compaction not done: {e}") from e
             raise self._fail("log rewrite", e) from e
         old, self._fd = self._fd, fd
         if old >= 0:
@@ -1017,6 +1089,9 @@ class RaftLog:
             except OSError:
                 pass
             self._fd = -1
+        forget = getattr(self._fs, "forget_dir", None)
+        if forget is not None:
+            forget(self._dir)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

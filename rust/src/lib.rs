@@ -242,7 +242,7 @@ fn parse_message(raw: &[u8]) -> PyResult<Message> {
 // ---- the node ---------------------------------------------------------------------------
 
 /// A raft-rs `RawNode` over an in-memory mirror of the durable log.
-#[pyclass(unsendable, module = "nebula.raft._core")]
+#[pyclass(module = "nebula.raft._core")]
 struct Node {
     raw: RawNode<Store>,
     pending: Option<raft::Ready>,

@@ -1,4 +1,4 @@
-"""Bug found by the simulation (membership changes): the leader fails closed after a
+"""Regression (found by the simulation, fixed in nebula/raft/node.py) (membership changes): the leader fails closed after a
 removal that moves the commit index when it is applied.
 
 ``RaftNode._process`` keeps a hard state that only moves the commit index in
@@ -27,8 +27,6 @@ Nothing unsafe happens (the node fails closed); the cluster loses its leader.
 
 from __future__ import annotations
 
-import pytest
-
 from nebula.guard import SignRecord
 from nebula.raft import _core
 from nebula.raft.node import CONF_REMOVE
@@ -40,13 +38,6 @@ CALM4 = Profile(
 )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: RaftNode writes a stale deferred commit-only hard state after a conf "
-    "change moved the commit index (LightReady commit dropped); RaftLog refuses it and "
-    "the leader fails closed",
-)
 def test_leader_survives_a_removal_that_moves_the_commit_index() -> None:
     sim = Simulation(0, CALM4)
     sim.start()

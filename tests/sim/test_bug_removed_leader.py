@@ -1,4 +1,4 @@
-"""Bug found by the simulation (membership changes): a leader that applies its own removal
+"""Regression (found by the simulation, fixed in nebula/raft/node.py) (membership changes): a leader that applies its own removal
 keeps leading.
 
 ``nebula cluster remove X`` on leader L appends the removal of X.  The entry reaches X, L
@@ -43,12 +43,6 @@ CALM = Profile(
 )  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: a leader that applies its own removal keeps leading "
-    "(panic in raft-rs maybe_commit escapes RaftNode.receive; idle, it blocks the cluster)",
-)
 @pytest.mark.parametrize("in_flight", [True, False], ids=["proposal-in-flight", "idle"])
 def test_a_leader_that_applies_its_own_removal_hands_over(in_flight: bool) -> None:
     sim = Simulation(0, CALM)

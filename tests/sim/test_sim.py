@@ -9,8 +9,8 @@ Environment:
   ``NEBULA_SIM_SEEDS`` says otherwise, :data:`LONG_SEEDS` seeds per size;
 * ``NEBULA_SIM_SEED_BASE`` - the first seed (default 0), to explore other seeds;
 * ``NEBULA_SIM_SEED`` - run only this seed (replay a failure in pytest);
-* ``NEBULA_SIM_REMOVALS=1`` - membership changes remove voters too (off until a leader
-  that applies its own removal hands over: ``test_bug_removed_leader.py``).
+* ``NEBULA_SIM_REMOVALS=0`` - membership changes only add members (by default they also
+  remove voters, the leader included: ``test_bug_removed_leader.py``).
 
 A failing seed prints the seed, its profile, the last events, every member's state and
 the replay command (``python -m tests.sim.harness --seed S --nodes N --trace``).
@@ -42,7 +42,7 @@ LONG = os.environ.get("NEBULA_SIM_LONG") == "1"
 SEEDS = int(os.environ.get("NEBULA_SIM_SEEDS", LONG_SEEDS if LONG else DEFAULT_SEEDS))
 BASE = int(os.environ.get("NEBULA_SIM_SEED_BASE", "0"))
 ONLY = os.environ.get("NEBULA_SIM_SEED")
-REMOVALS = os.environ.get("NEBULA_SIM_REMOVALS") == "1"
+REMOVALS = os.environ.get("NEBULA_SIM_REMOVALS", "1") == "1"
 ROOT = Path(__file__).resolve().parents[2]
 
 
