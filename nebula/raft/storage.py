@@ -143,6 +143,11 @@ further call: the node fails closed and is restarted by the operator.  Calls tha
 the Raft contract raise ``ValueError`` and write nothing: a gap, replacing a committed or
 compacted entry, an older snapshot, a hard state whose term or commit goes back or whose
 vote changes within a term (a second vote in one term would let two leaders win it).
+One exception: a *local* snapshot (``save_snapshot``) that meets a transient error
+(EMFILE, ENFILE, ENOMEM, ENOSPC, EDQUOT, EAGAIN) before the new log is renamed into place
+raises :class:`SnapshotNotSaved` and leaves the log usable - nothing that matters changed
+on disk, and the caller tries again later.  Directories keep the descriptor of their
+first fsync, so the fsync after a rename never needs a new descriptor.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from nebula.raft.storage import (
     Loaded,
     RaftLog,
     Snapshot,
+    SnapshotNotSaved,
 )
 from tests.support.memfs import MODES, CrashPoint, MemFS
 
@@ -603,6 +604,47 @@ def test_other_io_errors_fail_closed(op: str) -> None:
     log = RaftLog("/r", fs=fs)
     loaded = log.load()
     assert loaded.entries in ([E(1)], []) and loaded.hard_state.commit == 1
+    log.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "nth"),
+    [("open", 1), ("pwrite", 1), ("replace", 1), ("open", 2), ("pwrite", 2)],
+    ids=["snap-open", "snap-write", "snap-rename", "log-open", "log-write"],
+)
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENOSPC])
+def test_a_local_snapshot_that_hits_a_transient_error_is_retried(
+    op: str, nth: int, err: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE (a connection flood) or ENOSPC before the new log is renamed into place
+    (the nth call of ``op`` during save_snapshot): nothing that matters changed on disk,
+    the log stays usable and a later snapshot succeeds.  After the rename nothing but
+    failing closed is safe (test_other_io_errors_fail_closed)."""
+    fs = MemFS()
+    log = RaftLog("/r", fs=fs, segment_prealloc=PREALLOC)
+    log.append([E(1), E(2), E(3)], HardState(1, 1, 3))
+    log.sync()
+    real = getattr(fs, op)
+    calls = [0]
+
+    def flaky(*a: object, **kw: object) -> object:
+        calls[0] += 1
+        if calls[0] == nth:
+            raise OSError(err, os.strerror(err))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fs, op, flaky)
+    with pytest.raises(SnapshotNotSaved):
+        log.save_snapshot(Snapshot(2, 1, (1,), (), b"s"))
+    monkeypatch.setattr(fs, op, real)
+    # Still usable, nothing lost; the retry succeeds.
+    log.append([E(4)], HardState(1, 1, 4))
+    log.sync()
+    log.save_snapshot(Snapshot(3, 1, (1,), (), b"s3"))
+    assert log.load() == Loaded(HardState(1, 1, 4), Snapshot(3, 1, (1,), (), b"s3"), [E(4)])
+    log.close()
+    log = RaftLog("/r", fs=fs)
+    assert log.load() == Loaded(HardState(1, 1, 4), Snapshot(3, 1, (1,), (), b"s3"), [E(4)])
     log.close()
 
 
