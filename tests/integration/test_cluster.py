@@ -7,8 +7,11 @@ fails on any two different signatures for one (chain, height, round, step).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -84,6 +87,24 @@ def test_leader_sigstop_then_sigcont(tmp_path) -> None:
                     h = await _sign_heights(d, h, 5)
                     new = await cluster.wait_leader(exclude={leader})
                     assert new != leader
+                    # `nebula status` over every member answers although one is paused:
+                    # members are asked at once, each with its own deadline.
+                    cfgs = [a for dd in cluster.dirs for a in ("-c", str(dd.config_path))]
+                    t0 = time.monotonic()
+                    r = await asyncio.to_thread(
+                        subprocess.run,
+                        [sys.executable, "-m", "nebula.cli.main", "status", "--json",
+                         "--timeout", "1", *cfgs],
+                        capture_output=True, text=True, timeout=30,
+                    )  # fmt: skip
+                    took = time.monotonic() - t0
+                    sts = {s["config"]: s for s in json.loads(r.stdout)}
+                    paused = str(next(x for x in cluster.dirs if x.node_id == leader).config_path)
+                    assert sts[paused]["role"] == "unreachable", sts[paused]
+                    assert r.returncode == 1  # not every member answered
+                    assert sum(s["role"] == "leader" for s in sts.values()) == 1
+                    # bounded: one 1 s deadline (asked concurrently) plus process start-up
+                    assert took < 10, took
                 finally:
                     cluster.nodes[leader].signal(signal.SIGCONT)
                 # The old leader wakes up: it must step down and sign nothing.
