@@ -24,6 +24,10 @@
 //! reports; a panic inside raft-rs surfaces as pyo3's `PanicException`, which the node
 //! loop treats as fatal (fail closed).
 
+// protobuf 2 messages are built field by field from Default (their cached-size and
+// unknown-field members make struct literals noisy).
+#![allow(clippy::field_reassign_with_default)]
+
 use std::cmp;
 
 use protobuf::Message as PbMessage;
@@ -40,8 +44,18 @@ use raft::{
     Storage, StorageError,
 };
 
-create_exception!(_core, RaftError, PyException, "raft-rs refused an operation.");
-create_exception!(_core, ProposalDropped, RaftError, "The proposal was dropped (not leader, transfer in progress, ...).");
+create_exception!(
+    _core,
+    RaftError,
+    PyException,
+    "raft-rs refused an operation."
+);
+create_exception!(
+    _core,
+    ProposalDropped,
+    RaftError,
+    "The proposal was dropped (not leader, transfer in progress, ...)."
+);
 
 fn raft_err(e: RaftErr) -> PyErr {
     match e {
@@ -85,7 +99,9 @@ impl Store {
         Ok(self.entries[(idx - self.first()) as usize].term)
     }
     fn append(&mut self, ents: Vec<Entry>) -> PyResult<()> {
-        let Some(head) = ents.first() else { return Ok(()) };
+        let Some(head) = ents.first() else {
+            return Ok(());
+        };
         let first = head.index;
         if first < self.first() {
             return Err(RaftError::new_err(format!(
@@ -164,6 +180,8 @@ type PyEntry<'py> = (u64, u64, i32, Bound<'py, PyBytes>, Bound<'py, PyBytes>);
 type InEntry = (u64, u64, i32, Vec<u8>, Vec<u8>);
 type PySnap<'py> = (u64, u64, Vec<u64>, Vec<u64>, Bound<'py, PyBytes>);
 type InSnap = (u64, u64, Vec<u64>, Vec<u64>, Vec<u8>);
+/// (change, node_id, context, voters, learners) of an applied conf change.
+type PyConfChange<'py> = (i32, u64, Bound<'py, PyBytes>, Vec<u64>, Vec<u64>);
 
 fn entry_out<'py>(py: Python<'py>, e: &Entry) -> PyEntry<'py> {
     (
@@ -215,7 +233,10 @@ fn snap_out<'py>(py: Python<'py>, s: &Snapshot) -> PySnap<'py> {
     )
 }
 
-fn messages_out<'py>(py: Python<'py>, msgs: Vec<Message>) -> PyResult<Vec<(u64, i32, Bound<'py, PyBytes>)>> {
+fn messages_out<'py>(
+    py: Python<'py>,
+    msgs: Vec<Message>,
+) -> PyResult<Vec<(u64, i32, Bound<'py, PyBytes>)>> {
     msgs.iter()
         .map(|m| {
             let raw = m
@@ -236,7 +257,8 @@ fn role_code(r: StateRole) -> u8 {
 }
 
 fn parse_message(raw: &[u8]) -> PyResult<Message> {
-    Message::parse_from_bytes(raw).map_err(|e| RaftError::new_err(format!("malformed message: {e}")))
+    Message::parse_from_bytes(raw)
+        .map_err(|e| RaftError::new_err(format!("malformed message: {e}")))
 }
 
 // ---- the node ---------------------------------------------------------------------------
@@ -296,7 +318,10 @@ impl Node {
                 store.cs.learners = learners;
             }
         }
-        let ents = entries.into_iter().map(entry_in).collect::<PyResult<Vec<_>>>()?;
+        let ents = entries
+            .into_iter()
+            .map(entry_in)
+            .collect::<PyResult<Vec<_>>>()?;
         store.append(ents)?;
         let (term, vote, commit) = hard_state;
         store.hs.term = cmp::max(store.hs.term, term);
@@ -357,23 +382,38 @@ impl Node {
 
     /// Propose adding (change 0), removing (1) or adding as a learner (2) ``node_id``;
     /// ``context`` travels with the entry (the new member's address).  Returns (term, index).
-    fn propose_conf_change(&mut self, change: i32, node_id: u64, context: Vec<u8>) -> PyResult<(u64, u64)> {
+    fn propose_conf_change(
+        &mut self,
+        change: i32,
+        node_id: u64,
+        context: Vec<u8>,
+    ) -> PyResult<(u64, u64)> {
         let mut cc = ConfChange::default();
         cc.set_change_type(match change {
             0 => ConfChangeType::AddNode,
             1 => ConfChangeType::RemoveNode,
             2 => ConfChangeType::AddLearnerNode,
-            c => return Err(PyValueError::new_err(format!("unknown conf change type {c}"))),
+            c => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown conf change type {c}"
+                )))
+            }
         });
         cc.node_id = node_id;
         cc.context = context.clone().into();
-        self.raw.propose_conf_change(context, cc).map_err(raft_err)?;
+        self.raw
+            .propose_conf_change(context, cc)
+            .map_err(raft_err)?;
         Ok((self.raw.raft.term, self.raw.raft.raft_log.last_index()))
     }
 
     /// Apply a committed conf-change entry's data; returns (change, node_id, context,
     /// voters, learners).
-    fn apply_conf_change<'py>(&mut self, py: Python<'py>, data: &[u8]) -> PyResult<(i32, u64, Bound<'py, PyBytes>, Vec<u64>, Vec<u64>)> {
+    fn apply_conf_change<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &[u8],
+    ) -> PyResult<PyConfChange<'py>> {
         let cc = ConfChange::parse_from_bytes(data)
             .map_err(|e| RaftError::new_err(format!("malformed conf change: {e}")))?;
         let cs = self.raw.apply_conf_change(&cc).map_err(raft_err)?;
@@ -383,7 +423,13 @@ impl Node {
             ConfChangeType::RemoveNode => 1,
             ConfChangeType::AddLearnerNode => 2,
         };
-        Ok((change, cc.node_id, PyBytes::new(py, &cc.context), cs.voters, cs.learners))
+        Ok((
+            change,
+            cc.node_id,
+            PyBytes::new(py, &cc.context),
+            cs.voters,
+            cs.learners,
+        ))
     }
 
     fn campaign(&mut self) -> PyResult<()> {
@@ -399,7 +445,14 @@ impl Node {
     }
 
     fn report_snapshot(&mut self, id: u64, ok: bool) {
-        self.raw.report_snapshot(id, if ok { SnapshotStatus::Finish } else { SnapshotStatus::Failure });
+        self.raw.report_snapshot(
+            id,
+            if ok {
+                SnapshotStatus::Finish
+            } else {
+                SnapshotStatus::Failure
+            },
+        );
     }
 
     fn has_ready(&self) -> bool {
@@ -428,10 +481,23 @@ impl Node {
         };
         let entries: Vec<PyEntry> = rd.entries().iter().map(|e| entry_out(py, e)).collect();
         let msgs = messages_out(py, rd.take_messages())?;
-        let committed: Vec<PyEntry> =
-            rd.take_committed_entries().iter().map(|e| entry_out(py, e)).collect();
+        let committed: Vec<PyEntry> = rd
+            .take_committed_entries()
+            .iter()
+            .map(|e| entry_out(py, e))
+            .collect();
         let pmsgs = messages_out(py, rd.take_persisted_messages())?;
-        let out = (rd.number(), ss, hs, snap, entries, msgs, committed, pmsgs, rd.must_sync());
+        let out = (
+            rd.number(),
+            ss,
+            hs,
+            snap,
+            entries,
+            msgs,
+            committed,
+            pmsgs,
+            rd.must_sync(),
+        );
         self.pending = Some(rd);
         Ok(Some(out.into_pyobject(py)?.into_any().unbind()))
     }
@@ -439,7 +505,14 @@ impl Node {
     /// The pending Ready is durable: take it into the in-memory log and let raft-rs go
     /// on.  Returns (commit_index or None, messages, committed_entries) of the LightReady.
     #[allow(clippy::type_complexity)]
-    fn advance<'py>(&mut self, py: Python<'py>) -> PyResult<(Option<u64>, Vec<(u64, i32, Bound<'py, PyBytes>)>, Vec<PyEntry<'py>>)> {
+    fn advance<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> PyResult<(
+        Option<u64>,
+        Vec<(u64, i32, Bound<'py, PyBytes>)>,
+        Vec<PyEntry<'py>>,
+    )> {
         let Some(mut rd) = self.pending.take() else {
             return Err(RaftError::new_err("advance() without a pending ready()"));
         };
@@ -459,7 +532,11 @@ impl Node {
             store.hs.commit = cmp::max(store.hs.commit, c);
         }
         let msgs = messages_out(py, light.take_messages())?;
-        let committed = light.take_committed_entries().iter().map(|e| entry_out(py, e)).collect();
+        let committed = light
+            .take_committed_entries()
+            .iter()
+            .map(|e| entry_out(py, e))
+            .collect();
         Ok((light.commit_index(), msgs, committed))
     }
 
@@ -474,7 +551,9 @@ impl Node {
     fn compact(&mut self, index: u64, data: Vec<u8>) -> PyResult<(u64, u64, Vec<u64>, Vec<u64>)> {
         let applied = self.raw.raft.raft_log.applied;
         if index > applied {
-            return Err(RaftError::new_err(format!("compact to {index} beyond applied {applied}")));
+            return Err(RaftError::new_err(format!(
+                "compact to {index} beyond applied {applied}"
+            )));
         }
         let cs = self.raw.raft.prs().conf().to_conf_state();
         let store = self.raw.mut_store();
@@ -591,7 +670,21 @@ impl Node {
 /// encoded message: what a hook needs to read without a full decode in Python.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-fn message_info<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<(i32, u64, u64, u64, u64, u64, u64, bool, usize, Bound<'py, PyBytes>)> {
+fn message_info<'py>(
+    py: Python<'py>,
+    raw: &[u8],
+) -> PyResult<(
+    i32,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+    bool,
+    usize,
+    Bound<'py, PyBytes>,
+)> {
     let m = parse_message(raw)?;
     Ok((
         m.get_msg_type() as i32,
@@ -610,26 +703,43 @@ fn message_info<'py>(py: Python<'py>, raw: &[u8]) -> PyResult<(i32, u64, u64, u6
 /// The message with its ``context`` field replaced (the hook for piggybacked data, e.g. a
 /// follower's signature share on its append acknowledgement).
 #[pyfunction]
-fn message_with_context<'py>(py: Python<'py>, raw: &[u8], context: Vec<u8>) -> PyResult<Bound<'py, PyBytes>> {
+fn message_with_context<'py>(
+    py: Python<'py>,
+    raw: &[u8],
+    context: Vec<u8>,
+) -> PyResult<Bound<'py, PyBytes>> {
     let mut m = parse_message(raw)?;
     m.context = context.into();
-    let out = m.write_to_bytes().map_err(|e| RaftError::new_err(format!("encode message: {e}")))?;
+    let out = m
+        .write_to_bytes()
+        .map_err(|e| RaftError::new_err(format!("encode message: {e}")))?;
     Ok(PyBytes::new(py, &out))
 }
 
 /// Encode a ConfChange (what a conf-change entry holds) - for tests and tools.
 #[pyfunction]
-fn encode_conf_change<'py>(py: Python<'py>, change: i32, node_id: u64, context: Vec<u8>) -> PyResult<Bound<'py, PyBytes>> {
+fn encode_conf_change<'py>(
+    py: Python<'py>,
+    change: i32,
+    node_id: u64,
+    context: Vec<u8>,
+) -> PyResult<Bound<'py, PyBytes>> {
     let mut cc = ConfChange::default();
     cc.set_change_type(match change {
         0 => ConfChangeType::AddNode,
         1 => ConfChangeType::RemoveNode,
         2 => ConfChangeType::AddLearnerNode,
-        c => return Err(PyValueError::new_err(format!("unknown conf change type {c}"))),
+        c => {
+            return Err(PyValueError::new_err(format!(
+                "unknown conf change type {c}"
+            )))
+        }
     });
     cc.node_id = node_id;
     cc.context = context.into();
-    let out = cc.write_to_bytes().map_err(|e| RaftError::new_err(format!("encode: {e}")))?;
+    let out = cc
+        .write_to_bytes()
+        .map_err(|e| RaftError::new_err(format!("encode: {e}")))?;
     Ok(PyBytes::new(py, &out))
 }
 
@@ -646,7 +756,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MSG_APPEND", MessageType::MsgAppend as i32)?;
     m.add("MSG_APPEND_RESPONSE", MessageType::MsgAppendResponse as i32)?;
     m.add("MSG_HEARTBEAT", MessageType::MsgHeartbeat as i32)?;
-    m.add("MSG_HEARTBEAT_RESPONSE", MessageType::MsgHeartbeatResponse as i32)?;
+    m.add(
+        "MSG_HEARTBEAT_RESPONSE",
+        MessageType::MsgHeartbeatResponse as i32,
+    )?;
     m.add("MSG_TIMEOUT_NOW", MessageType::MsgTimeoutNow as i32)?;
     Ok(())
 }
