@@ -247,6 +247,18 @@ fn messages_out<'py>(
         .collect()
 }
 
+/// 0 add, 1 remove, 2 add as learner (the codes Python uses).
+fn change_type(code: i32) -> PyResult<ConfChangeType> {
+    match code {
+        0 => Ok(ConfChangeType::AddNode),
+        1 => Ok(ConfChangeType::RemoveNode),
+        2 => Ok(ConfChangeType::AddLearnerNode),
+        c => Err(PyValueError::new_err(format!(
+            "unknown conf change type {c}"
+        ))),
+    }
+}
+
 fn role_code(r: StateRole) -> u8 {
     match r {
         StateRole::Follower => 0,
@@ -389,16 +401,7 @@ impl Node {
         context: Vec<u8>,
     ) -> PyResult<(u64, u64)> {
         let mut cc = ConfChange::default();
-        cc.set_change_type(match change {
-            0 => ConfChangeType::AddNode,
-            1 => ConfChangeType::RemoveNode,
-            2 => ConfChangeType::AddLearnerNode,
-            c => {
-                return Err(PyValueError::new_err(format!(
-                    "unknown conf change type {c}"
-                )))
-            }
-        });
+        cc.set_change_type(change_type(change)?);
         cc.node_id = node_id;
         cc.context = context.clone().into();
         self.raw
@@ -725,16 +728,7 @@ fn encode_conf_change<'py>(
     context: Vec<u8>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let mut cc = ConfChange::default();
-    cc.set_change_type(match change {
-        0 => ConfChangeType::AddNode,
-        1 => ConfChangeType::RemoveNode,
-        2 => ConfChangeType::AddLearnerNode,
-        c => {
-            return Err(PyValueError::new_err(format!(
-                "unknown conf change type {c}"
-            )))
-        }
-    });
+    cc.set_change_type(change_type(change)?);
     cc.node_id = node_id;
     cc.context = context.into();
     let out = cc

@@ -23,37 +23,18 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nebula.raft.transport import MAGIC
+from tests.integration.conftest import audit
 from tests.support.frameproxy import FrameProxy, hello_bytes, raw_exchange
-from tests.support.raftnode import Auditor, Cluster, NodeDead, NodeProcess
+from tests.support.raftnode import Cluster, NodeDead, NodeProcess
 
 pytestmark = pytest.mark.timeout(150)
 
 CHAIN = "test-chain"
-FAST = {"election_timeout_min": 0.4, "election_timeout_max": 0.8, "connection_retry": 0.1}
-
-
-@pytest.fixture
-def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
-    made: list[Cluster] = []
-
-    def make(n: int = 3, **kw: Any) -> Cluster:
-        c = Cluster(tmp_path / f"c{len(made)}", n, store={**FAST, **kw.pop("store", {})}, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-def audit(c: Cluster) -> dict[tuple[str, int, int, int], bytes]:
-    return Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
 
 
 def wait(cond: Any, timeout: float, what: str, every: float = 0.02) -> Any:

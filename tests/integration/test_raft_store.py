@@ -31,6 +31,7 @@ import pytest
 from nebula.errors import ConfigError, DoubleSignRefused, NotLeader, ReplicationError, StateError
 from nebula.guard import SignRecord, Verdict
 from nebula.state.raft import RaftStore
+from tests.integration.conftest import FAST, audit
 from tests.support.ports import free_ports
 from tests.support.proxy import Proxy
 from tests.support.raftnode import Auditor, Cluster, NodeDead, NodeProcess
@@ -40,7 +41,6 @@ pytestmark = pytest.mark.timeout(120)
 SECRET = b"nebula-test-cluster-secret-0123"
 CHAIN = "test-chain"
 # Lenient enough for a loaded 2-core machine (event-loop stalls of 300 ms seen).
-FAST = {"election_timeout_min": 0.4, "election_timeout_max": 0.8, "connection_retry": 0.1}
 
 
 def rec(h: int, sb: bytes, r: int = 0, s: int = 2) -> SignRecord:
@@ -538,24 +538,6 @@ class Driver(threading.Thread):
         self.done.set()
         self.join(10)
         assert not self.errors, self.errors
-
-
-@pytest.fixture
-def cluster_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
-    made: list[Cluster] = []
-
-    def make(n: int = 3, **kw: Any) -> Cluster:
-        c = Cluster(tmp_path / f"c{len(made)}", n, store={**FAST, **kw.pop("store", {})}, **kw)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
-def audit(c: Cluster) -> dict[tuple[str, int, int, int], bytes]:
-    return Auditor(lambda: [*c.nodes.values(), *c.retired]).check()
 
 
 def converge(cluster: Cluster, released: dict, timeout: float = 10.0) -> None:

@@ -42,13 +42,10 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from nebula.raft.transport import AUTH_PLAINTEXT, HELLO_LEN, MAGIC, derive_key
+from tests.support.proxy import BLACKHOLE, DROP, PASS, ThreadedServer
 
 NONCE_LEN = 32
 _LEN = struct.Struct(">I")
-
-PASS = "pass"
-DROP = "drop"
-BLACKHOLE = "blackhole"
 
 
 @dataclass(eq=False)
@@ -96,46 +93,20 @@ class Release:
     closed_after: bool  # the target closed the connection within the wait
 
 
-class FrameProxy:
+class FrameProxy(ThreadedServer):
+    thread_name = "frameproxy"
+
     def __init__(self, listen_port: int, target_port: int, host: str = "127.0.0.1") -> None:
-        self.listen_port = listen_port
-        self.target_port = target_port
-        self.host = host
+        super().__init__(listen_port, target_port, host)
         self._mode = PASS
         self._conns: list[ProxiedConnection] = []
         self._hold: HeldFrame | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._thread: threading.Thread | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self.accepted = 0
 
     # -- public API (any thread) -------------------------------------------------------
 
     @property
     def connections(self) -> list[ProxiedConnection]:
         return list(self._conns)
-
-    def start(self) -> FrameProxy:
-        self._thread = threading.Thread(
-            target=self._run, name=f"frameproxy-{self.listen_port}", daemon=True
-        )
-        self._thread.start()
-        self._started.wait(10)
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        loop = self._loop
-        if loop is None or self._thread is None:
-            return
-        with contextlib.suppress(RuntimeError, TimeoutError):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(5)
-            loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(5)
-        self._loop = None
 
     def cut(self) -> None:
         """Close every connection (both sides) and reset new ones."""
@@ -196,40 +167,6 @@ class FrameProxy:
 
     # -- loop side ---------------------------------------------------------------------
 
-    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        if self._loop is None:
-            raise RuntimeError("proxy not started")
-
-        async def run() -> None:
-            fn(*args)
-
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result(5)
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(
-                asyncio.start_server(self._accept, self.host, self.listen_port, reuse_address=True)
-            )
-        except BaseException as e:
-            self._error = e
-            self._started.set()
-            loop.close()
-            return
-        self._started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for c in self._conns:
-            c.abort()
-        self._conns.clear()
-
     def _set_mode(self, mode: str) -> None:
         self._mode = mode
         if mode == DROP:
@@ -244,14 +181,6 @@ class FrameProxy:
             for c in [c for c in self._conns if c.tainted and not c.dialer_closed]:
                 c.abort()
                 self._conns.remove(c)
-
-    @staticmethod
-    def _reset(writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1

@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any, Self
 
 PASS = "pass"
 DROP = "drop"
@@ -41,14 +42,18 @@ class _Conn:
             t.cancel()
 
 
-class Proxy:
+class ThreadedServer:
+    """An asyncio TCP server on a loop of its own in a daemon thread (the proxies'
+    shared machinery).  Subclasses provide ``_accept(reader, writer)`` and keep their
+    connections, each with ``abort()``, in ``self._conns``."""
+
+    thread_name = "server"
+
     def __init__(self, listen_port: int, target_port: int, host: str = "127.0.0.1") -> None:
         self.listen_port = listen_port
         self.target_port = target_port
         self.host = host
-        self._mode = PASS
-        self._delay = 0.0
-        self._conns: set[_Conn] = set()
+        self._conns: Any = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._thread: threading.Thread | None = None
@@ -56,15 +61,9 @@ class Proxy:
         self._error: BaseException | None = None
         self.accepted = 0
 
-    # -- public API (any thread) -------------------------------------------------------
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    def start(self) -> Proxy:
+    def start(self) -> Self:
         self._thread = threading.Thread(
-            target=self._run, name=f"proxy-{self.listen_port}", daemon=True
+            target=self._run, name=f"{self.thread_name}-{self.listen_port}", daemon=True
         )
         self._thread.start()
         self._started.wait(10)
@@ -72,29 +71,27 @@ class Proxy:
             raise self._error
         return self
 
-    def cut(self) -> None:
-        self._call(self._set_mode, DROP, None)
-
-    def blackhole(self) -> None:
-        self._call(self._set_mode, BLACKHOLE, None)
-
-    def heal(self) -> None:
-        self._call(self._set_mode, PASS, 0.0)
-
-    def delay(self, ms: float) -> None:
-        self._call(self._set_mode, PASS, ms / 1000.0)
-
     def stop(self) -> None:
         loop = self._loop
         if loop is None or self._thread is None:
             return
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, TimeoutError):
             asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(5)
             loop.call_soon_threadsafe(loop.stop)
         self._thread.join(5)
         self._loop = None
 
-    # -- loop side ---------------------------------------------------------------------
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _reset(writer: asyncio.StreamWriter) -> None:
+        """Close with a reset (RST), as a refused connection looks to the dialer."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
 
     def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         if self._loop is None:
@@ -130,6 +127,36 @@ class Proxy:
             c.abort()
         self._conns.clear()
 
+
+class Proxy(ThreadedServer):
+    thread_name = "proxy"
+
+    def __init__(self, listen_port: int, target_port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(listen_port, target_port, host)
+        self._mode = PASS
+        self._delay = 0.0
+        self._conns: set[_Conn] = set()
+
+    # -- public API (any thread) -------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def cut(self) -> None:
+        self._call(self._set_mode, DROP, None)
+
+    def blackhole(self) -> None:
+        self._call(self._set_mode, BLACKHOLE, None)
+
+    def heal(self) -> None:
+        self._call(self._set_mode, PASS, 0.0)
+
+    def delay(self, ms: float) -> None:
+        self._call(self._set_mode, PASS, ms / 1000.0)
+
+    # -- loop side ---------------------------------------------------------------------
+
     def _set_mode(self, mode: str, delay: float | None) -> None:
         self._mode = mode
         if delay is not None:
@@ -145,14 +172,6 @@ class Proxy:
             for c in [c for c in self._conns if c.tainted]:
                 c.abort()
                 self._conns.discard(c)
-
-    @staticmethod
-    def _reset(writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
