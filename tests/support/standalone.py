@@ -61,11 +61,8 @@ class OutsideRepoAudit:
         dirs = _dirs_every_machine_has() if allowed is None else list(allowed)
         # A place that holds the repository itself (a checkout in the temporary
         # directory) would exempt everything beside it: it exempts nothing.
-        self.allowed = (self.repo,) + tuple(
-            r
-            for r in (os.path.realpath(d) for d in dirs if d)
-            if not self._under(self.repo, r)
-        )
+        roots = (os.path.realpath(d) for d in dirs if d)
+        self.allowed = (self.repo, *(r for r in roots if not self._under(self.repo, r)))
         self.violations: list[str] = []
 
     @staticmethod

@@ -27,7 +27,9 @@ def test_only_paths_beside_the_repository_are_outside(tmp_path: Path) -> None:
     assert not audit.outside("/etc/hostname")  # not beside the repository at all
     assert audit.outside(tmp_path / "work" / "shared" / "vectors" / "sign_bytes.json")
     assert audit.outside(repo / ".." / "shared" / "x")  # `..` is resolved
-    assert audit.outside(os.fsencode(tmp_path / "work" / "nebula-old" / "x"))  # a prefix is not inside
+    assert audit.outside(
+        os.fsencode(tmp_path / "work" / "nebula-old" / "x")
+    )  # a prefix is not inside
     # A symlink inside the repository that points beside it is outside.
     (repo / "tests" / "vectors" / "link").symlink_to(tmp_path / "work" / "shared" / "vectors")
     assert audit.outside(repo / "tests" / "vectors" / "link" / "sign_bytes.json")
@@ -71,7 +73,9 @@ def test_session_fails_when_a_test_reads_beside_the_checkout(
         "    with contextlib.suppress(Exception):\n"
         "        (HERE.parent.parent / 'shared' / 'v.json').read_text()\n"
     )
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
+    )
     monkeypatch.chdir(checkout)
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", str(checkout / "tests"))
     result.assert_outcomes(passed=2, failed=1)
