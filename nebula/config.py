@@ -18,6 +18,7 @@ from typing import Literal
 import msgspec
 
 from nebula.errors import ConfigError
+from nebula.state.base import check_commit_timeout
 from nebula.types import WireFamily
 
 LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
@@ -313,8 +314,7 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
         for i, peer in enumerate(r.peers):
             parse_hostport(peer.addr, f"{p}: raft.peers[{i}].addr")
         parse_hostport(r.bind_addr, f"{p}: raft.bind_addr")
-        if not 0 < r.commit_timeout < 4.0:
-            raise ConfigError(f"{p}: raft.commit_timeout must be in (0, 4) seconds")
+        check_commit_timeout(r.commit_timeout, f"{p}: raft.commit_timeout")
         if not 0 < r.election_timeout_min < r.election_timeout_max:
             raise ConfigError(
                 f"{p}: raft.election_timeout_min must be > 0 and < raft.election_timeout_max"

@@ -94,7 +94,7 @@ class SigningService:
         self.on_refused = on_refused
         self.last_phases = Phases()
         self.metrics = metrics
-        self._replicated = hasattr(store, "transfer_leadership")
+        self._replicated = store.replicated
 
     # ---- dispatch --------------------------------------------------------------------
 

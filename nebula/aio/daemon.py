@@ -134,7 +134,7 @@ class Daemon:
             self.metrics.last_height.labels(chain_id).set(rec.height)
             self.metrics.last_round.labels(chain_id).set(rec.round)
             self.metrics.last_step.labels(chain_id).set(rec.step)
-        if hasattr(self.store, "status"):
+        if self.store.replicated:
             self._bg.add(loop.create_task(self._raft_gauges(), name="raft gauges"))
         if raw.metrics.listen:
             host, port = parse_hostport(raw.metrics.listen, "metrics.listen")
@@ -180,13 +180,9 @@ class Daemon:
             },
         )
         await self.admin.start()
-        on_role = getattr(self.store, "on_role_change", None)
-        if on_role is None:
+        self.store.on_role_change(self._dial)
+        if self.store.is_authoritative():
             self._dial(True)
-        else:
-            on_role(self._dial)
-            if self.store.is_authoritative():
-                self._dial(True)
 
     def _dial(self, leader: bool) -> None:
         if leader:
@@ -206,7 +202,7 @@ class Daemon:
         assert m is not None and store is not None
         while True:
             try:
-                st = store.status()  # type: ignore[attr-defined]
+                st = store.status()
                 m.raft_role.set(ROLE_VALUES.get(st.get("role", ""), 0))
                 m.raft_term.set(st.get("term") or 0)
                 m.raft_leader.set(st.get("leader_id") or 0)
@@ -220,18 +216,7 @@ class Daemon:
         raw = self.cfg.raw
         store = self.store
         assert store is not None and self.backend is not None
-        node: dict[str, Any]
-        st = getattr(store, "status", None)
-        if st is not None:
-            node = st()
-        else:
-            node = {
-                "role": "standalone",
-                "authoritative": True,
-                "chains": {
-                    c: record_to_json(r) for c, r in _known_states(store, raw.chain_id).items()
-                },
-            }
+        node = store.status()
         node["validators"] = [
             {"address": str(d.endpoint), "connected": d.connected, "connects": d.connects}
             for d in self.dialers
@@ -256,33 +241,24 @@ class Daemon:
         chain_id = str(req.get("chain_id") or self.cfg.raw.chain_id)
         rec = record_from_json(req.get("state"), "imported state")
         if rec is not None:
-            raise_to = getattr(store, "raise_to", None)
-            if raise_to is None:
-                raise ConfigError("this store cannot import state while running")
-            await raise_to(chain_id, rec)
+            await store.raise_to(chain_id, rec)
         cur = store.last(chain_id)
         return record_to_json(cur) if cur is not None else None
 
     async def _admin_transfer(self, req: dict[str, Any]) -> dict[str, Any]:
-        fn = getattr(self.store, "transfer_leadership", None)
-        if fn is None:
-            raise ConfigError("leadership transfer needs persist = 'raft'")
+        assert self.store is not None
         to = req.get("to")
-        new = await fn(int(to) if to is not None else None)
+        new = await self.store.transfer_leadership(int(to) if to is not None else None)
         return {"leader_id": new}
 
     async def _admin_add_member(self, req: dict[str, Any]) -> dict[str, Any]:
-        fn = getattr(self.store, "add_member", None)
-        if fn is None:
-            raise ConfigError("membership changes need persist = 'raft'")
-        await fn(int(req["id"]), str(req["addr"]))
+        assert self.store is not None
+        await self.store.add_member(int(req["id"]), str(req["addr"]))
         return {"members": self.status().get("members")}
 
     async def _admin_remove_member(self, req: dict[str, Any]) -> dict[str, Any]:
-        fn = getattr(self.store, "remove_member", None)
-        if fn is None:
-            raise ConfigError("membership changes need persist = 'raft'")
-        await fn(int(req["id"]))
+        assert self.store is not None
+        await self.store.remove_member(int(req["id"]))
         return {"members": self.status().get("members")}
 
     def ready(self) -> tuple[bool, str]:
@@ -290,10 +266,9 @@ class Daemon:
         store = self.store
         if store is None:
             return False, "starting"
-        status = getattr(store, "status", None)
-        if status is None:
+        if not store.replicated:
             return True, "ready: local store"
-        st = status()
+        st = store.status()
         if store.is_authoritative():
             return True, f"ready: leader with quorum (term {st.get('term')})"
         leader = st.get("leader_id")

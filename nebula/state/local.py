@@ -67,7 +67,7 @@ from pathlib import Path
 
 from nebula.errors import StateError
 from nebula.guard import Decision, SignRecord, Verdict, apply
-from nebula.state.base import SignStore, record_from_json, record_to_json
+from nebula.state.base import SingleNodeStore, record_from_json, record_to_json
 
 FORMAT_VERSION = 1
 """Version of the JSON payload (the whole file in the previous format)."""
@@ -152,7 +152,9 @@ def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
         offset += n
 
 
-class LocalStore(SignStore):
+class LocalStore(SingleNodeStore):
+    """The ``persist = "local"`` store (see the module docstring)."""
+
     def __init__(self, path: str | Path, initial: dict[str, SignRecord | None] | None = None):
         self.path = Path(path)
         self._dir = self.path.parent
@@ -377,20 +379,21 @@ class LocalStore(SignStore):
             self._states = states
         return decision
 
-    async def raise_to(self, chain_id: str, rec: SignRecord) -> None:
-        self.force_import(chain_id, rec)
+    async def raise_to(self, chain_id: str, record: SignRecord) -> bool:
+        return self.force_import(chain_id, record)
 
-    def force_import(self, chain_id: str, rec: SignRecord | None) -> None:
-        """Raise the high-water mark to ``rec`` (never lowers it)."""
+    def force_import(self, chain_id: str, rec: SignRecord | None) -> bool:
+        """Raise the high-water mark to ``rec`` (never lowers it); True if it moved."""
         if rec is None:
-            return
+            return False
         cur = self._states.get(chain_id)
         if cur is not None and rec.hrs <= cur.hrs:
-            return
+            return False
         states = dict(self._states)
         states[chain_id] = rec
         self._write(states)
         self._states = states
+        return True
 
     async def close(self) -> None:
         self._closed = True

@@ -415,3 +415,28 @@ def test_closed_store_refuses_to_write(tmp_path) -> None:
     asyncio.run(s.close())
     with pytest.raises(StateError, match="closed"):
         s.commit_sync("c", r(1))
+
+
+def test_single_node_store_capabilities(tmp_path) -> None:
+    """What every store offers, as a single-node store offers it."""
+    from nebula.errors import ConfigError
+
+    s = LocalStore(tmp_path / "state.json")
+    assert s.replicated is False and s.is_authoritative()
+    calls: list[bool] = []
+    remove = s.on_role_change(calls.append)
+    remove()
+    assert calls == []
+    assert asyncio.run(s.raise_to("c", r(4))) is True
+    assert asyncio.run(s.raise_to("c", r(3))) is False
+    st = s.status()
+    assert st["role"] == "standalone" and st["authoritative"] is True
+    assert st["chains"] == {"c": record_to_json(r(4))}
+    for call in (
+        s.transfer_leadership(),
+        s.add_member(4, "127.0.0.1:1"),
+        s.remove_member(4),
+    ):
+        with pytest.raises(ConfigError, match="needs persist = 'raft'"):
+            asyncio.run(call)
+    s.compact()
