@@ -73,7 +73,10 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
 
         state_path = cfg.resolve(raw.state_path)
         assert state_path is not None
-        return LocalStore(state_path, _initial(cfg, raw.initial_state_path))
+        store = LocalStore(state_path, _initial(cfg, raw.initial_state_path))
+        if store.last(raw.chain_id) is None:
+            _warn_starting_from_zero(cfg, state_path, store.created)
+        return store
     from nebula.crypto.keys import check_private_file
     from nebula.state.raft import RaftStore
 
@@ -100,6 +103,25 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
         election_timeout_max=r.election_timeout_max,
         dynamic_membership=r.dynamic_membership,
         loop=loop,
+    )
+
+
+def _warn_starting_from_zero(cfg: LoadedConfig, state_path: Path, created: bool) -> None:
+    """A first start has no mark: say so loudly, with the fix, before anything is signed."""
+    chain = cfg.raw.chain_id
+    where = f"new state file {state_path}" if created else f"state file {state_path}"
+    log.warning(
+        "NO SIGN STATE for chain %s (%s): double-sign protection starts at height/round/step "
+        "0/0/0. If this key has signed on %s before (another signer, an older state file), "
+        "stop now and import its last state: set initial_state_path = "
+        '"priv_validator_state.json" in %s and restart, or run `nebula state import -c %s '
+        "priv_validator_state.json` (an import only ever raises the mark).",
+        chain,
+        where,
+        chain,
+        cfg.path,
+        cfg.path,
+        extra={"event": "no_sign_state", "chain_id": chain, "state_path": str(state_path)},
     )
 
 

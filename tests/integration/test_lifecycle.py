@@ -1,4 +1,5 @@
-"""A `nebula start` process's life: one per state file. Real processes, real sockets."""
+"""A `nebula start` process's life: one per state file, its first start. Real processes,
+real sockets."""
 
 from __future__ import annotations
 
@@ -80,6 +81,32 @@ def test_second_start_on_one_state_file_is_refused(tmp_path: Path) -> None:
             assert r.error is None
             assert key.verify(proto.vote_sign_bytes(CHAIN, vote(6)), r.vote.signature)
             assert "NO SIGN STATE" not in log  # the refused one never looked at the state
+        await lst.close()
+
+    asyncio.run(main())
+
+
+def test_first_start_says_signing_starts_at_zero_and_how_to_fix_it(tmp_path: Path) -> None:
+    key = generate("ed25519")
+    (port,) = free_ports(1)
+    addr = f"tcp://127.0.0.1:{port}"
+
+    async def main() -> None:
+        lst = PrivvalListener(addr, WireFamily.V0_38)
+        await lst.start()
+        neb = _node(tmp_path, key, addr)
+        with neb:
+            conn = await lst.accept(timeout=20)
+            text = neb.log_text()
+            assert f"NO SIGN STATE for chain {CHAIN}" in text
+            assert "0/0/0" in text and "initial_state_path" in text
+            assert "nebula state import" in text
+            assert (await conn.request(SignVoteRequest(vote(3), CHAIN))).error is None
+        # Started again with a mark: no warning.
+        log_size = len(neb.log_text())
+        with neb:
+            await lst.accept(timeout=20)
+            assert "NO SIGN STATE" not in neb.log_text()[log_size:]
         await lst.close()
 
     asyncio.run(main())
