@@ -263,30 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.set_defaults(func=cmd_state_import)
 
-    try:
-        from nebula.cli import cluster
+    # Every subcommand is part of the CLI: a module that fails to import is an error
+    # here, never a subcommand that silently vanishes.
+    from nebula.cli import bench, cluster, demo, vault
 
-        cluster.register(sub)
-    except ImportError:
-        pass
-    try:
-        from nebula.cli import vault
-
-        vault.register(sub)
-    except ImportError:
-        pass
-    try:
-        from nebula.cli import demo
-
-        demo.register(sub)
-    except ImportError:
-        pass
-    try:
-        from nebula.cli import bench
-
-        bench.register(sub)
-    except ImportError:
-        pass
+    cluster.register(sub)
+    vault.register(sub)
+    demo.register(sub)
+    bench.register(sub)
     return p
 
 
