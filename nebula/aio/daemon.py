@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nebula import __version__
+from nebula.aio import sdnotify
 from nebula.aio.admin import AdminServer, socket_path
 from nebula.aio.conn import Dialer, load_or_make_identity
 from nebula.backends.base import Backend
@@ -309,22 +310,30 @@ class Daemon:
         await self._stop.wait()
 
     async def close(self) -> None:
+        """Stop in the order that keeps the state safe: validators first (no new request
+        is read; a decision in flight is either durable or was never answered), then
+        the store (files closed, lock released), then the local endpoints."""
         for task in list(self._bg):
             task.cancel()
-        if self.admin is not None:
-            await self.admin.close()
-        if self.health is not None:
-            await self.health.close()
         for dialer in self.dialers:
             await dialer.stop()
         if self.store is not None:
             await self.store.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.health is not None:
+            await self.health.close()
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.close()
 
 
 async def serve(cfg: LoadedConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly (the process exits 0).
+
+    Under systemd (``Type=notify``) it sends ``READY=1`` once it serves and
+    ``STOPPING=1`` when it begins to stop (:mod:`nebula.aio.sdnotify`).
+    """
     daemon = Daemon(cfg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -332,10 +341,13 @@ async def serve(cfg: LoadedConfig) -> None:
             loop.add_signal_handler(sig, daemon.request_stop)
     try:
         await daemon.start()
+        sdnotify.notify("READY=1", f"STATUS=serving chain {cfg.raw.chain_id}")
         await daemon.wait()
-        log.info("stopping")
+        log.info("stopping: closing validator connections and the sign state")
     finally:
+        sdnotify.notify("STOPPING=1")
         await daemon.close()
+    log.info("stopped cleanly")
 
 
 def run(cfg: LoadedConfig) -> None:

@@ -1,15 +1,23 @@
-"""A `nebula start` process's life: one per state file, its first start. Real processes,
-real sockets."""
+"""A `nebula start` process's life: one per state file, its first start, systemd's
+readiness protocol and a clean stop on SIGTERM. Real processes, real sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import time
 from pathlib import Path
+
+import pytest
 
 from nebula import proto
 from nebula.aio.validator_side import PrivvalListener
 from nebula.crypto.keys import generate
 from nebula.devnet.cluster import NebulaNode
+from nebula.guard import SignRecord
+from nebula.state.local import LocalStore, read_states
 from nebula.types import (
     BlockID,
     PartSetHeader,
@@ -108,5 +116,80 @@ def test_first_start_says_signing_starts_at_zero_and_how_to_fix_it(tmp_path: Pat
             await lst.accept(timeout=20)
             assert "NO SIGN STATE" not in neb.log_text()[log_size:]
         await lst.close()
+
+    asyncio.run(main())
+
+
+def _notify_socket(tmp_path: Path, kind: str) -> tuple[socket.socket, str]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if kind == "abstract":
+        name = f"nebula-test-notify-{os.getpid()}-{time.monotonic_ns()}"
+        s.bind(b"\0" + name.encode())
+        return s, "@" + name
+    path = tmp_path / "notify.sock"
+    s.bind(str(path))
+    return s, str(path)
+
+
+def _recv_until(s: socket.socket, needle: str, timeout: float) -> list[str]:
+    """Datagrams received until one contains ``needle`` (AssertionError on timeout)."""
+    got: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            got.append(s.recv(4096).decode())
+        except TimeoutError:
+            break
+        if any(needle in line for line in got[-1].split("\n")):
+            return got
+    raise AssertionError(f"{needle!r} not received; got {got}")
+
+
+@pytest.mark.parametrize("kind", ["path", "abstract"])
+def test_systemd_notify_and_clean_stop_on_sigterm(tmp_path: Path, kind: str) -> None:
+    key = generate("ed25519")
+    (port,) = free_ports(1)
+    addr = f"tcp://127.0.0.1:{port}"
+    notify, address = _notify_socket(tmp_path, kind)
+
+    async def main() -> None:
+        lst = PrivvalListener(addr, WireFamily.V0_38)
+        await lst.start()
+        neb = _node(tmp_path, key, addr)
+        neb.env["NOTIFY_SOCKET"] = address
+        neb.start()
+        try:
+            ready = await asyncio.to_thread(_recv_until, notify, "READY=1", 60)
+            assert "STOPPING=1" not in "".join(ready)
+            assert f"STATUS=serving chain {CHAIN}" in "".join(ready)
+            conn = await lst.accept(timeout=20)
+            last = None
+            for h in range(1, 11):
+                r = await conn.request(SignVoteRequest(vote(h), CHAIN))
+                assert r.error is None
+                last = r.vote.signature
+            neb.signal(signal.SIGTERM)
+            stopping = await asyncio.to_thread(_recv_until, notify, "STOPPING=1", 30)
+            assert "READY=1" not in "".join(stopping)
+            rc = await asyncio.to_thread(_wait_exit, neb, 30)
+            assert rc == 0, neb.log_tail()
+            # The validator connection was closed by the signer.
+            assert await asyncio.wait_for(conn.reader.read(1 << 16), 10) == b""
+        finally:
+            neb.stop()
+            notify.close()
+            await lst.close()
+        assert "stopped cleanly" in neb.log_text()
+        # The state is intact and durable: the last signed vote, with its signature.
+        state = neb.home / "state.json"
+        rec = read_states(state)[CHAIN]
+        assert (rec.height, rec.round, rec.step) == (10, 0, 2) and rec.signature == last
+        assert rec == SignRecord(
+            10, 0, 2, proto.vote_sign_bytes(CHAIN, vote(10)), last, rec.ext_sign_bytes, b""
+        )
+        # Lock released and admin socket removed: the next start can take over.
+        LocalStore(state).close_sync()
+        assert not (neb.home / "state.json.admin" / "admin.sock").exists()
 
     asyncio.run(main())
