@@ -158,7 +158,7 @@ class Daemon:
             self.metrics.last_round.labels(chain_id).set(rec.round)
             self.metrics.last_step.labels(chain_id).set(rec.step)
         if self.store.replicated:
-            self._bg.add(loop.create_task(self._raft_gauges(), name="raft gauges"))
+            self.metrics.before_expose = self._update_raft_gauges
         if raw.metrics.listen:
             host, port = parse_hostport(raw.metrics.listen, "metrics.listen")
             self.health = HealthServer(self.metrics, host, port, self.ready)
@@ -219,19 +219,14 @@ class Daemon:
                 self._bg.add(task)  # keep a reference until it is done
                 task.add_done_callback(self._bg.discard)
 
-    async def _raft_gauges(self) -> None:
-        """Keep the Raft role/term/leader gauges current (cheap: once a second)."""
+    def _update_raft_gauges(self) -> None:
+        """The Raft role/term/leader gauges, read from the store as /metrics is scraped."""
         m, store = self.metrics, self.store
         assert m is not None and store is not None
-        while True:
-            try:
-                st = store.status()
-                m.raft_role.set(ROLE_VALUES.get(st.get("role", ""), 0))
-                m.raft_term.set(st.get("term") or 0)
-                m.raft_leader.set(st.get("leader_id") or 0)
-            except Exception:
-                log.debug("raft status for metrics failed", exc_info=True)
-            await asyncio.sleep(1.0)
+        st = store.status()
+        m.raft_role.set(ROLE_VALUES.get(st.get("role", ""), 0))
+        m.raft_term.set(st.get("term") or 0)
+        m.raft_leader.set(st.get("leader_id") or 0)
 
     # ---- admin commands (nebula status / leader transfer / state / cluster) ------------
 
