@@ -14,14 +14,19 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nebula import __version__
 from nebula.aio import sdnotify
 from nebula.aio.admin import AdminServer, socket_path
 from nebula.aio.conn import Dialer, load_or_make_identity
 from nebula.backends.base import Backend
-from nebula.config import LoadedConfig, parse_hostport
+from nebula.config import (
+    LoadedConfig,
+    VaultSignerPluginSigning,
+    VaultTransitSigning,
+    parse_hostport,
+)
 from nebula.errors import ConfigError
 from nebula.guard import SignRecord
 from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
@@ -32,6 +37,9 @@ from nebula.state.base import (
     record_from_json,
     record_to_json,
 )
+
+if TYPE_CHECKING:
+    from nebula.backends._vault_common import VaultSettings
 
 log = logging.getLogger("nebula.daemon")
 
@@ -54,10 +62,49 @@ def make_backend(cfg: LoadedConfig) -> Backend:
     if raw.signing_mode == "vault_transit":
         from nebula.backends.vault_transit import VaultTransitBackend
 
-        return VaultTransitBackend.from_config(cfg)
+        t = raw.signing.vault_transit
+        if t is None:
+            raise ConfigError(f"{cfg.path}: missing [signing.vault_transit]")
+        return VaultTransitBackend.connect(
+            _vault_settings(cfg, t, "vault_transit"), version=raw.version
+        )
     from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
+    from nebula.crypto.keys import BLS_DEFAULT_DST
 
-    return VaultSignerPluginBackend.from_config(cfg)
+    p = raw.signing.vault_signer_plugin
+    if p is None:
+        raise ConfigError(f"{cfg.path}: missing [signing.vault_signer_plugin]")
+    dst = BLS_DEFAULT_DST
+    if p.bls_dst:
+        try:
+            dst = p.bls_dst.encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{cfg.path}: signing.vault_signer_plugin.bls_dst must be ASCII"
+            ) from None
+    return VaultSignerPluginBackend.connect(
+        _vault_settings(cfg, p, "vault_signer_plugin"), version=raw.version, bls_dst=dst
+    )
+
+
+def _vault_settings(
+    cfg: LoadedConfig, section: VaultTransitSigning | VaultSignerPluginSigning, mode: str
+) -> VaultSettings:
+    """Plain, validated Vault settings from a ``[signing.<mode>]`` section (token read)."""
+    from nebula.backends._vault_common import VaultSettings, load_token
+
+    where = f"{cfg.path}: signing.{mode}"
+    ca_cert = cfg.resolve(section.ca_cert)
+    return VaultSettings.create(
+        section.address,
+        section.mount,
+        section.key_name,
+        load_token(cfg.resolve(section.token_path), section.token_env, where=where),
+        ca_cert=str(ca_cert) if ca_cert is not None else None,
+        insecure_skip_verify=section.insecure_skip_verify,
+        timeout=section.timeout,
+        where=where,
+    )
 
 
 def _initial(cfg: LoadedConfig, path: str | None) -> dict[str, SignRecord | None]:

@@ -157,9 +157,10 @@ def test_token_from_environment_variable(bao: OpenBao, tmp_path: Path, monkeypat
     cfg = config.loads(text, tmp_path / "nebula.toml")
     monkeypatch.delenv("NEBULA_TEST_BAO_TOKEN", raising=False)
     with pytest.raises(ConfigError, match="NEBULA_TEST_BAO_TOKEN"):
-        VaultTransitBackend.from_config(cfg)
+        make_backend(cfg)
     monkeypatch.setenv("NEBULA_TEST_BAO_TOKEN", bao.root_token)
-    backend = VaultTransitBackend.from_config(cfg)
+    backend = make_backend(cfg)
+    assert isinstance(backend, VaultTransitBackend)
     assert backend.public_key == read_transit_key(transit_settings(bao)).public_key
 
 
