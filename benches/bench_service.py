@@ -29,7 +29,7 @@ from nebula.bench.workload import Item, plan
 from nebula.crypto import keys
 from nebula.guard import Decision, SignRecord, apply
 from nebula.service import SigningService
-from nebula.state.base import SignStore
+from nebula.state.base import SignStore, SingleNodeStore
 from nebula.state.local import LocalStore
 from nebula.types import SignedProposalResponse, SignedVoteResponse, WireFamily
 
@@ -39,7 +39,7 @@ ROUNDS = 2000
 WARMUP = 200
 
 
-class MemoryStore(SignStore):
+class MemoryStore(SingleNodeStore):
     """The local store's decision without the file: guard.apply on a dict."""
 
     def __init__(self) -> None:
@@ -47,6 +47,16 @@ class MemoryStore(SignStore):
 
     def last(self, chain_id: str) -> SignRecord | None:
         return self._states.get(chain_id)
+
+    def all(self) -> dict[str, SignRecord]:
+        return dict(self._states)
+
+    async def raise_to(self, chain_id: str, record: SignRecord) -> bool:
+        cur = self._states.get(chain_id)
+        if cur is not None and record.hrs <= cur.hrs:
+            return False
+        self._states[chain_id] = record
+        return True
 
     async def commit(self, chain_id: str, record: SignRecord) -> Decision:
         new, decision = apply(self._states.get(chain_id), record)

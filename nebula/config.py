@@ -19,6 +19,7 @@ import msgspec
 
 from nebula.errors import ConfigError
 from nebula.raft.timing import TIMING_BOUNDS, check_timing
+from nebula.state.base import check_commit_timeout
 from nebula.types import WireFamily
 
 LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
@@ -326,6 +327,7 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
         for i, peer in enumerate(r.peers):
             parse_hostport(peer.addr, f"{p}: raft.peers[{i}].addr")
         parse_hostport(r.bind_addr, f"{p}: raft.bind_addr")
+        check_commit_timeout(r.commit_timeout, f"{p}: raft.commit_timeout")
         check_timing(
             tick_interval=r.tick_interval,
             heartbeat_interval=r.heartbeat_interval,
@@ -333,7 +335,7 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
             election_timeout_max=r.election_timeout_max,
             where=f"{p}: raft",
         )
-        for key in ("commit_timeout", "connection_retry", "handshake_timeout"):
+        for key in ("connection_retry", "handshake_timeout"):
             lo, hi = TIMING_BOUNDS[key]
             v = getattr(r, key)
             if not lo <= v <= hi:  # NaN too

@@ -3,8 +3,9 @@
 * :func:`pwrite_all` - ``pwrite`` until every byte is written; a call that writes
   nothing is an I/O error, never an endless loop.
 * :func:`fsync_dir` - make a rename or a new directory entry durable.
-* :func:`write_file_durably` - a file replaced atomically: temporary file in the same
-  directory, ``fsync``, ``rename`` over the target, ``fsync`` of the directory.
+* :func:`write_file_durably` - a file created or replaced atomically: a fresh temporary
+  file in the same directory, ``fsync``, ``rename`` (or ``link``) onto the target,
+  ``fsync`` of the directory.
 * :func:`read_all` - read a descriptor from offset 0 to its end.
 * :class:`ExclusiveLock` - an ``flock`` held for the life of the process on a lock
   file, with the holder's pid written into it so a refusal can name the holder.
@@ -14,6 +15,7 @@ Nothing here decides what is written; callers own their formats.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -54,23 +56,50 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: str | Path, data: bytes | bytearray, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably.
+def write_file_durably(
+    path: str | Path, data: bytes | bytearray, mode: int = 0o600, *, overwrite: bool = True
+) -> None:
+    """Create or replace ``path`` with ``data``, atomically and durably.
 
-    The data goes to ``<path>.tmp`` (created with ``mode``), is fsync'ed, renamed over
-    ``path``, and the directory is fsync'ed.  After a crash at any point ``path`` holds
-    either the old content or the new one, never a mix.
+    The data goes to a fresh temporary file in the same directory (``O_EXCL``, exactly
+    ``mode`` whatever the umask), is fsync'ed, and is then renamed over ``path``
+    (``overwrite=True``) or hard-linked to it, which fails with :class:`FileExistsError`
+    if ``path`` exists (``overwrite=False``; on a filesystem without hard links, an
+    exclusive create in place).  The directory is fsync'ed last.  After a crash at any
+    point ``path`` holds the old content or the new one, never a mix.  Raises OSError.
     """
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
+        _write_new(tmp, data, mode)
+        if overwrite:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                raise
+            except OSError:
+                _write_new(p, data, mode)  # no hard links here
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(p.parent)
+
+
+def _write_new(path: Path, data: bytes | bytearray, mode: int) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, fsync'ed; removed on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask can only clear bits; make the mode exact
         pwrite_all(fd, data, 0)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
-    os.replace(tmp, p)
-    fsync_dir(p.parent)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 class ExclusiveLock:
@@ -85,6 +114,7 @@ class ExclusiveLock:
     def __init__(self, path: str | Path, what: str) -> None:
         self._fd: int | None = None
         self.path = Path(path)
+        self._fd: int | None = None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -97,9 +127,10 @@ class ExclusiveLock:
             except OSError:
                 holder = "unknown"
             os.close(fd)
+            by = "another process" if holder != str(os.getpid()) else "this process already"
             raise StateError(
-                f"{what} is in use by another process (pid {holder}; lock file {self.path}): "
-                "two signers on one state would each keep their own mark - stop the other "
+                f"{what} is in use by {by} (pid {holder}; lock file {self.path}): two "
+                "signers on one state would each keep their own mark - stop the other "
                 "process first"
             ) from None
         try:

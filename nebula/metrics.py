@@ -117,6 +117,9 @@ class Metrics:
             ["chain_id"],
             registry=r,
         )
+        #: Called before every exposition (the Raft gauges are read from the store
+        #: then, so a scrape never shows a role older than the scrape).
+        self.before_expose: Callable[[], None] | None = None
         self.raft_role = Gauge(
             "nebula_raft_role", "Raft role (0 follower, 1 candidate, 2 leader)", registry=r
         )
@@ -175,6 +178,11 @@ class Metrics:
         s.set(step)
 
     def expose(self) -> bytes:
+        if self.before_expose is not None:
+            try:
+                self.before_expose()
+            except Exception:
+                log.warning("refreshing gauges for /metrics failed", exc_info=True)
         return generate_latest(self.registry)
 
 

@@ -56,6 +56,7 @@ from nebula.types import (
     Step,
     Vote,
     WireFamily,
+    extension_signature_required,
 )
 
 log = logging.getLogger("nebula.signer")
@@ -94,7 +95,7 @@ class SigningService:
         self.on_refused = on_refused
         self.last_phases = Phases()
         self.metrics = metrics
-        self._replicated = hasattr(store, "transfer_leadership")
+        self._replicated = store.replicated
 
     # ---- dispatch --------------------------------------------------------------------
 
@@ -151,13 +152,7 @@ class SigningService:
                 raise InvalidRequest(
                     "unexpected vote extension - extensions are only allowed in non-nil precommits"
                 )
-            if self.family is WireFamily.V0_34:
-                need_ext = False
-            elif self.family is WireFamily.V0_38:
-                # v0.38.0-v0.38.10 require it on every non-nil precommit (protocol.md §8).
-                need_ext = is_non_nil_precommit
-            else:
-                need_ext = is_non_nil_precommit and not req.skip_extension_signing
+            need_ext = extension_signature_required(self.family, req)
             sign_bytes = proto.vote_sign_bytes(req.chain_id, vote)
             ext_bytes = proto.vote_extension_sign_bytes(req.chain_id, vote) if need_ext else b""
             rec, ts = await self._decide(hrs, sign_bytes, ext_bytes)

@@ -181,3 +181,21 @@ Request = PubKeyRequest | SignVoteRequest | SignProposalRequest | PingRequest | 
 Response = (
     PubKeyResponse | SignedVoteResponse | SignedProposalResponse | PingResponse | SignBytesResponse
 )
+
+
+def extension_signature_required(family: WireFamily, req: SignVoteRequest) -> bool:
+    """Whether the signer must sign the vote's extension (protocol.md §8).
+
+    The one place this rule is written (the protobuf kernels, the signing service and
+    the bench workload ask here): only a non-nil precommit, only from v0.38 on; on the
+    v0.38 line every one (v0.38.0-v0.38.10 require it and the line has no way to say
+    otherwise); on v1.0 unless the node set ``skip_extension_signing``.
+    """
+    vote = req.vote
+    if (
+        family is WireFamily.V0_34
+        or vote.type != SignedMsgType.PRECOMMIT
+        or vote.block_id.is_zero()
+    ):
+        return False
+    return not (family is WireFamily.V1_0 and req.skip_extension_signing)

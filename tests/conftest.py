@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from nebula import _fast
+from tests.support.standalone import OutsideRepoAudit
+
+#: Every ``open`` of a file beside the checkout fails, and so does the session: a clone of
+#: the repository alone must pass its own tests (tests/support/standalone.py).
+_AUDIT = OutsideRepoAudit(Path(__file__).resolve().parent.parent).install()
 
 #: Skips that lose no capability (the pure RIPEMD-160 fallback is then what runs and is
 #: tested).  Under ``CI=true`` every other skip is a failure: a required test that does
@@ -24,6 +30,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type
     if not any(ok in reason for ok in _SKIPS_ALLOWED_IN_CI):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which must run every required test: {reason}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _AUDIT.violations:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if _AUDIT.violations:
+        terminalreporter.section("opened outside the repository", red=True)
+        for path in sorted(set(_AUDIT.violations)):
+            terminalreporter.line(f"{path}  (a fresh clone has nothing beside it)")
 
 
 @pytest.fixture(params=["compiled", "pure"])

@@ -2,7 +2,7 @@
 
 Each harness is ``python fuzz/atheris/fuzz_<target>.py [libFuzzer flags] [corpus dirs]``.
 Without a corpus directory on the command line, ``run`` writes the harness's seeds (built
-from the shared vectors through tests/support/vectors.py, or from ``nebula init``'s
+from the test vectors through tests/support/vectors.py, or from ``nebula init``'s
 templates) into ``fuzz/atheris/corpus/<target>/`` and fuzzes that directory, so new
 inputs accumulate there between runs.  Crashing inputs go to
 ``fuzz/atheris/artifacts/<target>/`` unless ``-artifact_prefix`` is given, and an input

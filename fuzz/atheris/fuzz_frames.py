@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """atheris harness: SecretConnection frames - FrameOpener twins and Session.feed.
 
-The peer's key is known (the shared handshake vector's), so the fuzzer controls frame
+The peer's key is known (the handshake test vector's), so the fuzzer controls frame
 *plaintexts*, length field included; the harness seals them with ``cryptography``'s
 ChaCha20-Poly1305, independently of both kernels.  Input: one selector byte, then the
 payload; ``sel % 3`` picks the target:

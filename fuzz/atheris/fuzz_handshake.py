@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """atheris harness: the SecretConnection handshake against a fuzzed peer.
 
-Our side is the shared vector's signer (fixed identity and ephemeral key); the peer is
+Our side is the handshake test vector's signer (fixed identity and ephemeral key); the peer is
 the vector's node, whose keys the harness knows, so the fuzzer can write the *plaintext*
 of the peer's AuthSigMessage frames, not only raw bytes.  Input: one selector byte, then
 the payload.  ``sel % 3`` picks what the payload is:

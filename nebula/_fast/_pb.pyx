@@ -39,6 +39,7 @@ from nebula.types import (
     Timestamp,
     Vote,
     WireFamily,
+    extension_signature_required,
 )
 
 cdef extern from "Python.h":
@@ -74,7 +75,6 @@ cdef enum:
     FAM_V1_0 = 2
 
 cdef enum:
-    PRECOMMIT = 2
     PROPOSAL_TYPE = 32
 
 cdef uint64_t MAX_FIELD_NUMBER = (1 << 29) - 1
@@ -97,6 +97,7 @@ cdef object _RemoteSignerError = RemoteSignerError
 cdef object _PubKeyRequest = PubKeyRequest
 cdef object _PubKeyResponse = PubKeyResponse
 cdef object _SignVoteRequest = SignVoteRequest
+cdef object _extension_signature_required = extension_signature_required
 cdef object _SignedVoteResponse = SignedVoteResponse
 cdef object _SignProposalRequest = SignProposalRequest
 cdef object _SignedProposalResponse = SignedProposalResponse
@@ -1298,10 +1299,10 @@ def decode_request_for_signing(msg, family):
     if tag == 3:
         chain_id = parse_sign_vote_request(payload, fam, &v, &chain, &skip)
         sign_bytes = c_vote_sign_bytes(&v, chain)
-        if (fam != FAM_V0_34 and v.type == PRECOMMIT and not bid_is_zero(&v.bid)
-                and not (fam == FAM_V1_0 and skip)):
+        req = _SignVoteRequest(py_vote(&v), chain_id, skip)
+        if _extension_signature_required(family, req):
             ext = c_vote_extension_sign_bytes(&v, chain)
-        return _SignVoteRequest(py_vote(&v), chain_id, skip), sign_bytes, ext
+        return req, sign_bytes, ext
     if tag == 5:
         chain_id = parse_sign_proposal_request(payload, &pr, &chain)
         sign_bytes = c_proposal_sign_bytes(&pr, chain)

@@ -55,6 +55,7 @@ from nebula.types import (
     Timestamp,
     Vote,
     WireFamily,
+    extension_signature_required,
 )
 
 __all__ = [
@@ -118,7 +119,6 @@ _MESSAGE_NAMES = {
     10: "SignBytesResponse",
 }
 
-PRECOMMIT = 2
 PROPOSAL_TYPE = 32
 
 # PublicKey oneof variants per family (protocol.md §2.4) and v1.0 pub_key_type strings.
@@ -417,13 +417,6 @@ def vote_extension_sign_bytes(chain_id: str, vote: Vote) -> bytes:
     _put_sfixed64(out, 3, _int32(vote.round, "Vote.round"))
     _put_string(out, 4, chain_id, "chain_id")
     return encode_delimited(out)
-
-
-def _must_sign_extension(req: SignVoteRequest, family: WireFamily) -> bool:
-    """protocol.md §8: non-nil precommits in v0.38+, unless v1.0 says skip."""
-    if family is V0_34 or req.vote.type != PRECOMMIT or _block_id_is_zero(req.vote.block_id):
-        return False
-    return not (family is V1_0 and req.skip_extension_signing)
 
 
 # ==== reading ===============================================================================
@@ -902,13 +895,12 @@ def decode_request_for_signing(
 
     ``sign_bytes`` is the canonical vote/proposal sign bytes for a SignVoteRequest /
     SignProposalRequest (with the request's chain_id), else None.  ``extension_sign_bytes``
-    is set exactly when protocol.md §8 requires an extension signature: a non-nil precommit
-    in V0_38, or in V1_0 without ``skip_extension_signing``.
+    is set exactly when :func:`nebula.types.extension_signature_required` says so.
     """
     req = decode_request(msg, family)
     if isinstance(req, SignVoteRequest):
         ext = None
-        if _must_sign_extension(req, family):
+        if extension_signature_required(family, req):
             ext = vote_extension_sign_bytes(req.chain_id, req.vote)
         return req, vote_sign_bytes(req.chain_id, req.vote), ext
     if isinstance(req, SignProposalRequest):

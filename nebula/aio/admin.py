@@ -1,29 +1,39 @@
-"""The local admin channel: a 0600 Unix socket next to the node's state.
+"""The local admin channel: a 0600 Unix socket in a 0700 directory of the node's own.
 
 `nebula status`, `nebula leader transfer`, `nebula state export|import` and
 `nebula cluster add|remove` talk to a running node through it: one JSON request
 per connection, one JSON response.  Only the account that runs Nebula (and root)
 can connect; nothing on it ever returns key material.
+
+Where it lives (derived from the config alone, so the CLI finds it):
+``<state_path>.admin/admin.sock`` with ``persist = "local"``,
+``<raft.data_path>/admin/admin.sock`` with ``persist = "raft"``.  The directory is
+created 0700; one that is a symlink, or belongs to another user, is refused rather
+than used (another account could otherwise pre-create the socket and answer the CLI).
+A path longer than ``sun_path`` allows (~107 bytes) is reached through
+``/proc/self/fd/<directory>/admin.sock``, never through a shared directory like /tmp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from nebula.config import LoadedConfig
-from nebula.errors import NebulaError
+from nebula.errors import NebulaError, StateError
 
 log = logging.getLogger("nebula.admin")
 
-_MAX_PATH = 100
+SOCKET_NAME = "admin.sock"
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
@@ -33,16 +43,48 @@ def socket_path(cfg: LoadedConfig) -> Path:
     if raw.persist == "raft" and raw.raft is not None:
         base = cfg.resolve(raw.raft.data_path)
         assert base is not None
-        p = base / "admin.sock"
+        directory = base / "admin"
     else:
         state = cfg.resolve(raw.state_path)
         assert state is not None
-        p = state.with_name(state.name + ".admin.sock")
-    p = Path(os.path.abspath(p))
-    if len(str(p)) > _MAX_PATH:  # AF_UNIX paths are limited to ~107 bytes
-        digest = hashlib.sha256(str(p).encode()).hexdigest()[:16]
-        p = Path("/tmp") / f"nebula-admin-{digest}.sock"
-    return p
+        directory = state.with_name(state.name + ".admin")
+    return Path(os.path.abspath(directory)) / SOCKET_NAME
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700, or check that an existing one is this user's own.
+
+    StateError if it is a symlink, not a directory, or owned by another user.
+    """
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StateError(
+            f"admin socket directory {directory} is not a directory (a symlink or a file): "
+            "refusing to use it; remove it and start again"
+        )
+    if st.st_uid != os.geteuid():
+        raise StateError(
+            f"admin socket directory {directory} belongs to uid {st.st_uid}, not to this "
+            f"process (uid {os.geteuid()}): refusing to use it; remove it and start again"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
+@contextlib.contextmanager
+def _sun_path(path: Path) -> Iterator[str]:
+    """A name ``bind``/``connect`` accept for ``path``, however long the path is."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 class AdminServer:
@@ -52,15 +94,24 @@ class AdminServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(self.path.parent)
+        # A stale socket of a previous run (the directory is this user's own, and the
+        # state's lock, taken before, says no other node runs on this state).
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        old = os.umask(0o177)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._server = await asyncio.start_unix_server(self._handle, str(self.path))
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+            old = os.umask(0o177)
+            try:
+                with _sun_path(self.path) as name:
+                    sock.bind(name)
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            self._server = await asyncio.start_unix_server(self._handle, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         if self._server is not None:
@@ -94,14 +145,35 @@ class AdminServer:
             writer.close()
 
 
+def _check_server_dir(directory: Path) -> None:
+    """Talk only to a socket in a 0700 directory of this user or of the node's account
+    (the owner of the directory the node keeps its state in)."""
+    try:
+        st = os.lstat(directory)
+        parent_uid = os.stat(directory.parent).st_uid
+    except FileNotFoundError:
+        return  # nothing there: the connect says the node is not running
+    if (
+        stat.S_ISLNK(st.st_mode)
+        or not stat.S_ISDIR(st.st_mode)
+        or stat.S_IMODE(st.st_mode) & 0o077
+        or st.st_uid not in (os.geteuid(), parent_uid)
+    ):
+        raise NebulaError(
+            f"admin socket directory {directory} is not a private directory of the node's "
+            "account (a symlink, group/world accessible, or another user's): refusing to "
+            "talk to it"
+        )
+
+
 def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
     """Send one admin command (blocking); raises NebulaError with the node's message."""
-    import socket
-
+    _check_server_dir(path.parent)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
-            s.connect(str(path))
+            with _sun_path(path) as name:
+                s.connect(name)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NebulaError(f"node not running (no admin socket at {path}): {e}") from None
         s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")

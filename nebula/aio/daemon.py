@@ -14,13 +14,19 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nebula import __version__
+from nebula.aio import sdnotify
 from nebula.aio.admin import AdminServer, socket_path
 from nebula.aio.conn import Dialer, load_or_make_identity
 from nebula.backends.base import Backend
-from nebula.config import LoadedConfig, parse_hostport
+from nebula.config import (
+    LoadedConfig,
+    VaultSignerPluginSigning,
+    VaultTransitSigning,
+    parse_hostport,
+)
 from nebula.errors import ConfigError
 from nebula.guard import SignRecord
 from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
@@ -31,6 +37,9 @@ from nebula.state.base import (
     record_from_json,
     record_to_json,
 )
+
+if TYPE_CHECKING:
+    from nebula.backends._vault_common import VaultSettings
 
 log = logging.getLogger("nebula.daemon")
 
@@ -53,10 +62,49 @@ def make_backend(cfg: LoadedConfig) -> Backend:
     if raw.signing_mode == "vault_transit":
         from nebula.backends.vault_transit import VaultTransitBackend
 
-        return VaultTransitBackend.from_config(cfg)
+        t = raw.signing.vault_transit
+        if t is None:
+            raise ConfigError(f"{cfg.path}: missing [signing.vault_transit]")
+        return VaultTransitBackend.connect(
+            _vault_settings(cfg, t, "vault_transit"), version=raw.version
+        )
     from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
+    from nebula.crypto.keys import BLS_DEFAULT_DST
 
-    return VaultSignerPluginBackend.from_config(cfg)
+    p = raw.signing.vault_signer_plugin
+    if p is None:
+        raise ConfigError(f"{cfg.path}: missing [signing.vault_signer_plugin]")
+    dst = BLS_DEFAULT_DST
+    if p.bls_dst:
+        try:
+            dst = p.bls_dst.encode("ascii")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{cfg.path}: signing.vault_signer_plugin.bls_dst must be ASCII"
+            ) from None
+    return VaultSignerPluginBackend.connect(
+        _vault_settings(cfg, p, "vault_signer_plugin"), version=raw.version, bls_dst=dst
+    )
+
+
+def _vault_settings(
+    cfg: LoadedConfig, section: VaultTransitSigning | VaultSignerPluginSigning, mode: str
+) -> VaultSettings:
+    """Plain, validated Vault settings from a ``[signing.<mode>]`` section (token read)."""
+    from nebula.backends._vault_common import VaultSettings, load_token
+
+    where = f"{cfg.path}: signing.{mode}"
+    ca_cert = cfg.resolve(section.ca_cert)
+    return VaultSettings.create(
+        section.address,
+        section.mount,
+        section.key_name,
+        load_token(cfg.resolve(section.token_path), section.token_env, where=where),
+        ca_cert=str(ca_cert) if ca_cert is not None else None,
+        insecure_skip_verify=section.insecure_skip_verify,
+        timeout=section.timeout,
+        where=where,
+    )
 
 
 def _initial(cfg: LoadedConfig, path: str | None) -> dict[str, SignRecord | None]:
@@ -73,7 +121,10 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
 
         state_path = cfg.resolve(raw.state_path)
         assert state_path is not None
-        return LocalStore(state_path, _initial(cfg, raw.initial_state_path))
+        store = LocalStore(state_path, _initial(cfg, raw.initial_state_path))
+        if store.last(raw.chain_id) is None:
+            _warn_starting_from_zero(cfg, state_path, store.created)
+        return store
     from nebula.crypto.keys import check_private_file
     from nebula.state.raft import RaftStore
 
@@ -110,6 +161,25 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
     )
 
 
+def _warn_starting_from_zero(cfg: LoadedConfig, state_path: Path, created: bool) -> None:
+    """A first start has no mark: say so loudly, with the fix, before anything is signed."""
+    chain = cfg.raw.chain_id
+    where = f"new state file {state_path}" if created else f"state file {state_path}"
+    log.warning(
+        "NO SIGN STATE for chain %s (%s): double-sign protection starts at height/round/step "
+        "0/0/0. If this key has signed on %s before (another signer, an older state file), "
+        "stop now and import its last state: set initial_state_path = "
+        '"priv_validator_state.json" in %s and restart, or run `nebula state import -c %s '
+        "priv_validator_state.json` (an import only ever raises the mark).",
+        chain,
+        where,
+        chain,
+        cfg.path,
+        cfg.path,
+        extra={"event": "no_sign_state", "chain_id": chain, "state_path": str(state_path)},
+    )
+
+
 def _known_states(store: SignStore, chain_id: str) -> dict[str, SignRecord]:
     rec = store.last(chain_id)
     return {chain_id: rec} if rec is not None else {}
@@ -142,8 +212,8 @@ class Daemon:
             self.metrics.last_height.labels(chain_id).set(rec.height)
             self.metrics.last_round.labels(chain_id).set(rec.round)
             self.metrics.last_step.labels(chain_id).set(rec.step)
-        if hasattr(self.store, "status"):
-            self._bg.add(loop.create_task(self._raft_gauges(), name="raft gauges"))
+        if self.store.replicated:
+            self.metrics.before_expose = self._update_raft_gauges
         if raw.metrics.listen:
             host, port = parse_hostport(raw.metrics.listen, "metrics.listen")
             self.health = HealthServer(self.metrics, host, port, self.ready)
@@ -188,13 +258,9 @@ class Daemon:
             },
         )
         await self.admin.start()
-        on_role = getattr(self.store, "on_role_change", None)
-        if on_role is None:
+        self.store.on_role_change(self._dial)
+        if self.store.is_authoritative():
             self._dial(True)
-        else:
-            on_role(self._dial)
-            if self.store.is_authoritative():
-                self._dial(True)
 
     def _dial(self, leader: bool) -> None:
         if leader:
@@ -208,19 +274,14 @@ class Daemon:
                 self._bg.add(task)  # keep a reference until it is done
                 task.add_done_callback(self._bg.discard)
 
-    async def _raft_gauges(self) -> None:
-        """Keep the Raft role/term/leader gauges current (cheap: once a second)."""
+    def _update_raft_gauges(self) -> None:
+        """The Raft role/term/leader gauges, read from the store as /metrics is scraped."""
         m, store = self.metrics, self.store
         assert m is not None and store is not None
-        while True:
-            try:
-                st = store.status()  # type: ignore[attr-defined]
-                m.raft_role.set(ROLE_VALUES.get(st.get("role", ""), 0))
-                m.raft_term.set(st.get("term") or 0)
-                m.raft_leader.set(st.get("leader_id") or 0)
-            except Exception:
-                log.debug("raft status for metrics failed", exc_info=True)
-            await asyncio.sleep(1.0)
+        st = store.status()
+        m.raft_role.set(ROLE_VALUES.get(st.get("role", ""), 0))
+        m.raft_term.set(st.get("term") or 0)
+        m.raft_leader.set(st.get("leader_id") or 0)
 
     # ---- admin commands (nebula status / leader transfer / state / cluster) ------------
 
@@ -228,18 +289,7 @@ class Daemon:
         raw = self.cfg.raw
         store = self.store
         assert store is not None and self.backend is not None
-        node: dict[str, Any]
-        st = getattr(store, "status", None)
-        if st is not None:
-            node = st()
-        else:
-            node = {
-                "role": "standalone",
-                "authoritative": True,
-                "chains": {
-                    c: record_to_json(r) for c, r in _known_states(store, raw.chain_id).items()
-                },
-            }
+        node = store.status()
         node["validators"] = [
             {"address": str(d.endpoint), "connected": d.connected, "connects": d.connects}
             for d in self.dialers
@@ -264,33 +314,24 @@ class Daemon:
         chain_id = str(req.get("chain_id") or self.cfg.raw.chain_id)
         rec = record_from_json(req.get("state"), "imported state")
         if rec is not None:
-            raise_to = getattr(store, "raise_to", None)
-            if raise_to is None:
-                raise ConfigError("this store cannot import state while running")
-            await raise_to(chain_id, rec)
+            await store.raise_to(chain_id, rec)
         cur = store.last(chain_id)
         return record_to_json(cur) if cur is not None else None
 
     async def _admin_transfer(self, req: dict[str, Any]) -> dict[str, Any]:
-        fn = getattr(self.store, "transfer_leadership", None)
-        if fn is None:
-            raise ConfigError("leadership transfer needs persist = 'raft'")
+        assert self.store is not None
         to = req.get("to")
-        new = await fn(int(to) if to is not None else None)
+        new = await self.store.transfer_leadership(int(to) if to is not None else None)
         return {"leader_id": new}
 
     async def _admin_add_member(self, req: dict[str, Any]) -> dict[str, Any]:
-        fn = getattr(self.store, "add_member", None)
-        if fn is None:
-            raise ConfigError("membership changes need persist = 'raft'")
-        await fn(int(req["id"]), str(req["addr"]))
+        assert self.store is not None
+        await self.store.add_member(int(req["id"]), str(req["addr"]))
         return {"members": self.status().get("members")}
 
     async def _admin_remove_member(self, req: dict[str, Any]) -> dict[str, Any]:
-        fn = getattr(self.store, "remove_member", None)
-        if fn is None:
-            raise ConfigError("membership changes need persist = 'raft'")
-        await fn(int(req["id"]))
+        assert self.store is not None
+        await self.store.remove_member(int(req["id"]))
         return {"members": self.status().get("members")}
 
     def ready(self) -> tuple[bool, str]:
@@ -298,10 +339,9 @@ class Daemon:
         store = self.store
         if store is None:
             return False, "starting"
-        status = getattr(store, "status", None)
-        if status is None:
+        if not store.replicated:
             return True, "ready: local store"
-        st = status()
+        st = store.status()
         if store.is_authoritative():
             return True, f"ready: leader with quorum (term {st.get('term')})"
         leader = st.get("leader_id")
@@ -320,22 +360,30 @@ class Daemon:
         await self._stop.wait()
 
     async def close(self) -> None:
+        """Stop in the order that keeps the state safe: validators first (no new request
+        is read; a decision in flight is either durable or was never answered), then
+        the store (files closed, lock released), then the local endpoints."""
         for task in list(self._bg):
             task.cancel()
-        if self.admin is not None:
-            await self.admin.close()
-        if self.health is not None:
-            await self.health.close()
         for dialer in self.dialers:
             await dialer.stop()
         if self.store is not None:
             await self.store.close()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.health is not None:
+            await self.health.close()
         if self.backend is not None:
             with contextlib.suppress(Exception):
                 await self.backend.close()
 
 
 async def serve(cfg: LoadedConfig) -> None:
+    """Run until SIGTERM or SIGINT, then stop cleanly (the process exits 0).
+
+    Under systemd (``Type=notify``) it sends ``READY=1`` once it serves and
+    ``STOPPING=1`` when it begins to stop (:mod:`nebula.aio.sdnotify`).
+    """
     daemon = Daemon(cfg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -343,10 +391,13 @@ async def serve(cfg: LoadedConfig) -> None:
             loop.add_signal_handler(sig, daemon.request_stop)
     try:
         await daemon.start()
+        sdnotify.notify("READY=1", f"STATUS=serving chain {cfg.raw.chain_id}")
         await daemon.wait()
-        log.info("stopping")
+        log.info("stopping: closing validator connections and the sign state")
     finally:
+        sdnotify.notify("STOPPING=1")
         await daemon.close()
+    log.info("stopped cleanly")
 
 
 def run(cfg: LoadedConfig) -> None:

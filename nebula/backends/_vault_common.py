@@ -47,7 +47,6 @@ __all__ = [
     "hvac_client",
     "load_token",
     "parse_vault_signature",
-    "settings_from_config",
     "ssl_context",
     "vault_error_text",
     "warn_if_token_expires",
@@ -204,23 +203,6 @@ def load_token(token_path: Path | str | None, token_env: str | None, *, where: s
             )
         return token
     raise ConfigError(f"{where}: set token_path or token_env")
-
-
-def settings_from_config(cfg: Any, section: Any, mode: str) -> VaultSettings:
-    """Settings from a LoadedConfig and its ``[signing.<mode>]`` section."""
-    where = f"{cfg.path}: signing.{mode}"
-    token_path = cfg.resolve(section.token_path)
-    ca_cert = cfg.resolve(section.ca_cert)
-    return VaultSettings.create(
-        section.address,
-        section.mount,
-        section.key_name,
-        load_token(token_path, section.token_env, where=where),
-        ca_cert=str(ca_cert) if ca_cert is not None else None,
-        insecure_skip_verify=section.insecure_skip_verify,
-        timeout=section.timeout,
-        where=where,
-    )
 
 
 def check_key_type_for_version(key_type: str, version: str, where: str) -> str:

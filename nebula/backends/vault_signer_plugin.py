@@ -33,7 +33,6 @@ from nebula.backends._vault_common import (
     hvac_call,
     hvac_client,
     parse_vault_signature,
-    settings_from_config,
     ssl_context,
     vault_error_text,
     warn_if_token_expires,
@@ -41,7 +40,7 @@ from nebula.backends._vault_common import (
 from nebula.backends.base import Backend
 from nebula.backends.vault_transit import SELF_TEST_PREFIX
 from nebula.crypto.keys import BLS_DEFAULT_DST, signature_verifier
-from nebula.errors import BackendError, ConfigError, KeyFileError
+from nebula.errors import BackendError, KeyFileError
 
 log = logging.getLogger("nebula.vault")
 
@@ -117,23 +116,6 @@ class VaultSignerPluginBackend(Backend):
             self._body_tail = b'"}'
 
     # ---- construction ----------------------------------------------------------------
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> VaultSignerPluginBackend:
-        """Build from a LoadedConfig: read and check the key, run the self-test."""
-        section = cfg.raw.signing.vault_signer_plugin
-        if section is None:
-            raise ConfigError(f"{cfg.path}: missing [signing.vault_signer_plugin]")
-        s = settings_from_config(cfg, section, "vault_signer_plugin")
-        dst = BLS_DEFAULT_DST
-        if section.bls_dst:
-            try:
-                dst = section.bls_dst.encode("ascii")
-            except UnicodeEncodeError:
-                raise ConfigError(
-                    f"{cfg.path}: signing.vault_signer_plugin.bls_dst must be ASCII"
-                ) from None
-        return cls.connect(s, version=cfg.raw.version, bls_dst=dst)
 
     @classmethod
     def connect(

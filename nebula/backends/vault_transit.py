@@ -37,14 +37,13 @@ from nebula.backends._vault_common import (
     hvac_call,
     hvac_client,
     parse_vault_signature,
-    settings_from_config,
     ssl_context,
     vault_error_text,
     warn_if_token_expires,
 )
 from nebula.backends.base import Backend
 from nebula.crypto.keys import Ed25519Key, signature_verifier
-from nebula.errors import BackendError, ConfigError, KeyFileError
+from nebula.errors import BackendError, KeyFileError
 
 log = logging.getLogger("nebula.vault")
 
@@ -263,15 +262,6 @@ class VaultTransitBackend(Backend):
         self._body_tail = b'","key_version":%d}' % self.key_version
 
     # ---- construction ----------------------------------------------------------------
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> VaultTransitBackend:
-        """Build from a LoadedConfig: read and check the key, run the self-test."""
-        section = cfg.raw.signing.vault_transit
-        if section is None:
-            raise ConfigError(f"{cfg.path}: missing [signing.vault_transit]")
-        s = settings_from_config(cfg, section, "vault_transit")
-        return cls.connect(s, version=cfg.raw.version)
 
     @classmethod
     def connect(

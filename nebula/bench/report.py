@@ -116,6 +116,8 @@ def to_json(res: BenchResult, setup: dict[str, Any]) -> dict[str, Any]:
             }
             or None
         ),
+        "roles_stable": res.roles_stable,
+        "roles_note": res.roles_note,
         "latency_ms": {"all": overall, **per_kind},
         "phases_mean_ms": _phase_rows(res),
         "phases_note": res.phases_note,
@@ -181,6 +183,8 @@ def print_report(res: BenchResult, setup: dict[str, Any], *, file: Any = None) -
         for label, c in cpu.items():
             ct.add_row(label, c["role"], _fmt(c["user"]), _fmt(c["system"]), _fmt(c["total"]))
         console.print(ct)
+        if res.roles_note:
+            console.print(f"[yellow]{res.roles_note}[/yellow]")
 
     summary = (
         f"throughput {data['throughput_rps']:,.0f} req/s, "

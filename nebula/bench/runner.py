@@ -68,6 +68,10 @@ class BenchResult:
     phases_note: str = ""
     #: label -> {"role", "user_ms", "system_ms"}: CPU time per timed request
     cpu: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    #: Raft members only: True if every member kept its role and term through the timed
+    #: run (so each CPU figure belongs to one role); False if leadership moved meanwhile
+    roles_stable: bool | None = None
+    roles_note: str = ""
 
     def add_error(self, text: str, *, warmup: bool = False) -> None:
         if warmup:
@@ -274,14 +278,14 @@ def run(
         res.signatures_verified += n
         if err:
             res.add_error(err)
-    roles = after.raft_roles if after is not None else {}
+    roles, res.roles_stable, res.roles_note = roles_over_run(before, after)
     for (label, _, target), b, a in zip(procs, cpu_before, cpu_after, strict=True):
         if a is None or b is None or not timed:
             continue
         if label == _CLIENT:
             role = "validator"
         else:  # a Raft member reports nebula_raft_role; a single node does not count
-            role = _ROLE_NAMES.get(roles.get(target, -1), "signer") if target else "signer"
+            role = roles.get(target, "signer") if target else "signer"
         res.cpu[label] = {
             "role": role,
             "user_ms": (a[0] - b[0]) * 1000.0 / len(timed),
@@ -294,6 +298,36 @@ def run(
     else:
         res.phases_note = "no metrics endpoint given: per-phase breakdown unavailable"
     return res
+
+
+def roles_over_run(
+    before: stats.PhaseSnapshot | None, after: stats.PhaseSnapshot | None
+) -> tuple[dict[str, str], bool | None, str]:
+    """(role per target, stable, note): each Raft member's role through the timed run.
+
+    A member's role is the one it had at the start if it had the same role in the same
+    term at the end (Raft terms only grow, so no election happened in between), else
+    ``"changed"``.  ``stable`` is None without Raft members, else whether no member
+    changed; ``note`` says what moved."""
+    if before is None or after is None or not after.raft_roles:
+        return {}, None, ""
+    out: dict[str, str] = {}
+    moved: list[str] = []
+    for target, role in after.raft_roles.items():
+        same = before.raft_roles.get(target) == role and before.raft_terms.get(
+            target
+        ) == after.raft_terms.get(target)
+        out[target] = _ROLE_NAMES.get(role, "unknown") if same else "changed"
+        if not same:
+            moved.append(target)
+    if not moved:
+        return out, True, ""
+    terms = sorted(set(before.raft_terms.values()) | set(after.raft_terms.values()))
+    note = (
+        f"leadership moved during the timed run (terms {terms}): the CPU time of "
+        f"{len(moved)} member(s) mixes roles"
+    )
+    return out, False, note
 
 
 def kinds_present(res: BenchResult) -> list[str]:

@@ -117,6 +117,7 @@ _PHASE_LINE = re.compile(
     r'^nebula_sign_phase_seconds_(sum|count)\{phase="([a-z_]+)"\}\s+([0-9.eE+-]+|NaN)\s*$'
 )
 _ROLE_LINE = re.compile(r"^nebula_raft_role\s+([0-9.eE+-]+)\s*$")
+_TERM_LINE = re.compile(r"^nebula_raft_term\s+([0-9.eE+-]+)\s*$")
 _HEIGHT_LINE = re.compile(r'^nebula_last_signed_height\{chain_id="(.*)"\}\s+([0-9.eE+-]+)\s*$')
 
 
@@ -129,6 +130,8 @@ class PhaseSnapshot:
     last_heights: dict[str, int] = dataclasses.field(default_factory=dict)
     #: ``nebula_raft_role`` per scraped target (0 follower, 1 candidate, 2 leader)
     raft_roles: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: ``nebula_raft_term`` per scraped target
+    raft_terms: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def add(self, other: PhaseSnapshot) -> None:
         for k, v in other.sums.items():
@@ -138,10 +141,11 @@ class PhaseSnapshot:
         for k, h in other.last_heights.items():
             self.last_heights[k] = max(h, self.last_heights.get(k, 0))
         self.raft_roles.update(other.raft_roles)
+        self.raft_terms.update(other.raft_terms)
 
 
 def parse_phase_histograms(text: str, target: str = "") -> PhaseSnapshot:
-    """The phase histograms (and ``nebula_raft_role``, keyed by ``target``) of a scrape."""
+    """The phase histograms (and the Raft role and term, keyed by ``target``) of a scrape."""
     snap = PhaseSnapshot()
     for line in text.splitlines():
         m = _PHASE_LINE.match(line)
@@ -156,6 +160,10 @@ def parse_phase_histograms(text: str, target: str = "") -> PhaseSnapshot:
         m = _ROLE_LINE.match(line)
         if m is not None:
             snap.raft_roles[target] = int(float(m.group(1)))
+            continue
+        m = _TERM_LINE.match(line)
+        if m is not None:
+            snap.raft_terms[target] = int(float(m.group(1)))
     return snap
 
 

@@ -24,9 +24,10 @@ from nebula.types import (
     Timestamp,
     Vote,
     WireFamily,
+    extension_signature_required,
 )
 
-__all__ = ["KINDS", "Item", "ext_required", "plan"]
+__all__ = ["KINDS", "Item", "plan"]
 
 KINDS = ("proposal", "prevote", "precommit")
 _BASE_TIME = 1_700_000_000
@@ -42,17 +43,6 @@ class Item:
     wire: bytes  # the length-delimited request message
     sign_bytes: bytes
     ext_sign_bytes: bytes  # b"" when no extension signature is expected
-
-
-def ext_required(family: WireFamily, req: SignVoteRequest) -> bool:
-    """Whether the signer must return an extension signature (protocol.md §8)."""
-    v = req.vote
-    non_nil_precommit = v.type == SignedMsgType.PRECOMMIT and not v.block_id.is_zero()
-    if family is WireFamily.V0_34:
-        return False
-    if family is WireFamily.V0_38:
-        return non_nil_precommit
-    return non_nil_precommit and not req.skip_extension_signing
 
 
 def _block(height: int) -> BlockID:
@@ -105,7 +95,9 @@ def _items_for_height(
         )
         req_v = SignVoteRequest(v, chain_id)
         ext_sb = (
-            proto.vote_extension_sign_bytes(chain_id, v) if ext_required(family, req_v) else b""
+            proto.vote_extension_sign_bytes(chain_id, v)
+            if extension_signature_required(family, req_v)
+            else b""
         )
         out.append(
             Item(

@@ -165,7 +165,7 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     from nebula import config
     from nebula.cli.cluster import export_raft_state
     from nebula.state.base import record_to_json
-    from nebula.state.local import LocalStore
+    from nebula.state.local import read_states
 
     cfg = config.load(args.config)
     if cfg.raw.persist == "raft" or _running(cfg):
@@ -173,7 +173,7 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     else:
         p = cfg.resolve(cfg.raw.state_path)
         assert p is not None
-        rec = LocalStore(p).last(cfg.raw.chain_id)
+        rec = read_states(p).get(cfg.raw.chain_id)  # reads only; creates nothing
     obj = record_to_json(rec) if rec is not None else {"height": "0", "round": 0, "step": 0}
     # CometBFT's file has only these keys; Nebula's extension fields are left out.
     keep = ("height", "round", "step", "signature", "signbytes")
@@ -197,9 +197,12 @@ def cmd_state_import(args: argparse.Namespace) -> int:
         return import_raft_state(cfg, rec)  # through the running node
     p = cfg.resolve(cfg.raw.state_path)
     assert p is not None
-    store = LocalStore(p)
-    store.force_import(cfg.raw.chain_id, rec)
-    after = store.last(cfg.raw.chain_id)
+    store = LocalStore(p)  # holds the state file's lock: refused while a node runs on it
+    try:
+        store.force_import(cfg.raw.chain_id, rec)
+        after = store.last(cfg.raw.chain_id)
+    finally:
+        store.close_sync()
     shown = f"{after.height}/{after.round}/{after.step}" if after else "0/0/0"
     print(f"state for {cfg.raw.chain_id}: {shown} (an import only ever raises it)")
     return 0
@@ -260,30 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.set_defaults(func=cmd_state_import)
 
-    try:
-        from nebula.cli import cluster
+    # Every subcommand is part of the CLI: a module that fails to import is an error
+    # here, never a subcommand that silently vanishes.
+    from nebula.cli import bench, cluster, demo, vault
 
-        cluster.register(sub)
-    except ImportError:
-        pass
-    try:
-        from nebula.cli import vault
-
-        vault.register(sub)
-    except ImportError:
-        pass
-    try:
-        from nebula.cli import demo
-
-        demo.register(sub)
-    except ImportError:
-        pass
-    try:
-        from nebula.cli import bench
-
-        bench.register(sub)
-    except ImportError:
-        pass
+    cluster.register(sub)
+    vault.register(sub)
+    demo.register(sub)
+    bench.register(sub)
     return p
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import json
@@ -42,6 +41,7 @@ from coincurve.ecdsa import cdata_to_der, deserialize_compact
 from pyblst import BlstP1Element, BlstP2Element, final_verify, miller_loop
 
 from nebula.crypto._ripemd160 import ripemd160
+from nebula.durable import write_file_durably
 from nebula.errors import ConfigError, KeyFileError
 
 __all__ = [
@@ -687,84 +687,24 @@ def read_private_file(
         os.close(fd)
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def write_private_file(
     path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False
 ) -> None:
     """Create ``path`` with ``data``, mode 0600, atomically and durably.
 
-    The content goes to a fresh temporary file in the same directory (O_EXCL, 0600,
-    fsync'ed); it is then hard-linked to ``path`` (which fails if ``path`` exists) or,
-    with ``overwrite=True``, renamed over it. Readers never see a partial file.
+    :func:`nebula.durable.write_file_durably`: a fresh temporary file (O_EXCL, 0600,
+    fsync'ed) hard-linked to ``path`` (which fails if ``path`` exists) or, with
+    ``overwrite=True``, renamed over it. Readers never see a partial file.
     """
     p = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(p))
     if not overwrite and os.path.lexists(p):
         raise KeyFileError(f"{p} already exists; refusing to overwrite it")
-    tmp = os.path.join(directory, f".{os.path.basename(p)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {p}: {exc.strerror or exc}") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # the umask can only clear bits; make the mode exact
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)
-            except FileExistsError:
-                raise KeyFileError(f"{p} already exists; refusing to overwrite it") from None
-            except OSError:
-                # No hard links on this filesystem: exclusive create in place instead.
-                _write_exclusive(p, data)
-    except OSError as exc:
-        raise KeyFileError(f"cannot write {p}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(directory)
-
-
-def _write_exclusive(p: str, data: bytes) -> None:
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        write_file_durably(p, data, 0o600, overwrite=overwrite)
     except FileExistsError:
         raise KeyFileError(f"{p} already exists; refusing to overwrite it") from None
-    try:
-        os.fchmod(fd, 0o600)
-        _write_all(fd, data)
-        os.fsync(fd)
-    except OSError:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(p)
-        raise
-    os.close(fd)
+    except OSError as exc:
+        raise KeyFileError(f"cannot write {p}: {exc.strerror or exc}") from None
 
 
 def load_key_file(

@@ -5,6 +5,27 @@ A store owns the last sign state per chain and is the only authority on it
 an accepted record durable (fsync'ed file, or committed by a Raft majority whose
 members fsync'ed it) **before** it returns; the caller releases a signature only
 from the returned :class:`~nebula.guard.Decision`.
+
+:class:`SignStore` says what every store offers, so that the daemon and the service
+never ask a store what it can do:
+
+==========================  =================================================================
+``last`` / ``all``          the durable mark of one chain / of every chain
+``commit``                  the check-and-set, durable before an ACCEPT returns
+``raise_to``                raise a chain's mark (an import; never lowers it)
+``is_authoritative``        may this node answer validators now (leader with quorum)
+``on_role_change``          be told when authority is gained or lost
+``status``                  a JSON-able description (``role``, ``chains``, Raft details)
+``transfer_leadership``     move leadership; ``add_member`` / ``remove_member``: membership
+``compact``                 compact the log (snapshot)
+``replicated``              True when a decision is durable only once a majority holds it
+``close``                   release files, sockets and locks
+==========================  =================================================================
+
+:class:`SingleNodeStore` is the single-machine side of that contract (always
+authoritative, no roles, and the cluster operations raise :class:`ConfigError` naming
+the setting they need); the local file store and in-memory test stores build on it.
+The Raft store implements every method itself.
 """
 
 from __future__ import annotations
@@ -12,17 +33,46 @@ from __future__ import annotations
 import base64
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from nebula.errors import StateError
+from nebula.errors import ConfigError, StateError
 from nebula.guard import Decision, SignRecord
+
+COMMIT_TIMEOUT_MAX = 4.0
+"""Longest a store may wait for one decision to become durable (seconds, exclusive).
+
+CometBFT gives up on its signer after 5 s; the decision, the signature and the answer
+must all fit in that.  ``raft.commit_timeout`` in the config and every store check
+their value against this one bound (:func:`check_commit_timeout`)."""
+
+
+def check_commit_timeout(value: float, where: str) -> float:
+    """``value`` if it is in (0, :data:`COMMIT_TIMEOUT_MAX`); else ConfigError at ``where``."""
+    if not 0 < value < COMMIT_TIMEOUT_MAX:  # NaN too
+        raise ConfigError(
+            f"{where} must be in (0, {COMMIT_TIMEOUT_MAX:g}) seconds, got {value} "
+            "(CometBFT gives up on its signer after 5 s)"
+        )
+    return float(value)
 
 
 class SignStore(ABC):
+    """What every store offers (see the module docstring)."""
+
+    #: True when a decision is durable only once a majority of a cluster holds it
+    #: (Raft); False when this process's own fsync makes it durable.  A cluster store
+    #: inherits True; :class:`SingleNodeStore` says False.
+    replicated: ClassVar[bool] = True
+
     @abstractmethod
     def last(self, chain_id: str) -> SignRecord | None:
         """The last durable sign state of ``chain_id`` (None if never signed)."""
+
+    @abstractmethod
+    def all(self) -> dict[str, SignRecord]:
+        """The last durable sign state of every chain this store knows."""
 
     @abstractmethod
     async def commit(self, chain_id: str, record: SignRecord) -> Decision:
@@ -35,12 +85,87 @@ class SignStore(ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin serving (a replicated store binds its port here)."""
 
+    @abstractmethod
+    async def raise_to(self, chain_id: str, record: SignRecord) -> bool:
+        """Raise the mark of ``chain_id`` to ``record`` if that is higher (an import).
+
+        Never lowers it.  True if the mark moved.
+        """
+
+    @abstractmethod
     def is_authoritative(self) -> bool:
-        """True if this node may answer validators now (always for a local store)."""
+        """True if this node may answer validators now."""
+
+    @abstractmethod
+    def on_role_change(self, callback: Callable[[bool], Any]) -> Callable[[], None]:
+        """Call ``callback(is_authoritative)`` whenever authority is gained or lost.
+
+        Returns a function that unregisters the callback.
+        """
+
+    @abstractmethod
+    def status(self) -> dict[str, Any]:
+        """A JSON-able description: at least ``role``, ``authoritative`` and ``chains``."""
+
+    @abstractmethod
+    async def transfer_leadership(self, to: int | None = None, timeout: float = 5.0) -> int:
+        """Move leadership to node ``to`` (any up-to-date member if None); the new leader."""
+
+    @abstractmethod
+    async def add_member(self, node_id: int, address: str) -> None:
+        """Add a cluster member."""
+
+    @abstractmethod
+    async def remove_member(self, node_id: int) -> None:
+        """Remove a cluster member."""
+
+    @abstractmethod
+    def compact(self) -> None:
+        """Compact the store's log now (a snapshot), where it keeps one."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release files, sockets and locks; the store is unusable afterwards."""
+
+
+def _needs_raft(what: str) -> ConfigError:
+    return ConfigError(f"{what} needs persist = 'raft' (this node runs a single-node store)")
+
+
+class SingleNodeStore(SignStore):
+    """A store whose decisions are durable on this machine alone: always authoritative,
+    no roles to change, no members to manage."""
+
+    replicated: ClassVar[bool] = False
+
+    def is_authoritative(self) -> bool:
         return True
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release resources."""
+    def on_role_change(self, callback: Callable[[bool], Any]) -> Callable[[], None]:
+        # The role never changes: the callback is never called.
+        return lambda: None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "standalone",
+            "authoritative": True,
+            "chains": {c: record_to_json(r) for c, r in sorted(self.all().items())},
+        }
+
+    async def transfer_leadership(self, to: int | None = None, timeout: float = 5.0) -> int:
+        raise _needs_raft("leadership transfer")
+
+    async def add_member(self, node_id: int, address: str) -> None:
+        raise _needs_raft("membership changes")
+
+    async def remove_member(self, node_id: int) -> None:
+        raise _needs_raft("membership changes")
+
+    def compact(self) -> None:
+        return None  # no log to compact
+
+    async def close(self) -> None:
+        return None
 
 
 # ---- CometBFT priv_validator_state.json compatibility ---------------------------------

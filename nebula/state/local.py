@@ -16,10 +16,11 @@ The payload is the JSON the state file held before this format, compact:
 ``{"version":1,"chains":{"<chain_id>": {priv_validator_state fields}}}``.
 
 **Creating** the file (and migrating or growing it, below) writes the whole image
-— header, the state in slot 0 with sequence number 1, zeros in slot 1 — to a
-temporary file, fsyncs it, renames it over the state file and fsyncs the
-directory.  A crash leaves either the previous file or the complete new one.
-The file descriptor is then kept open for the life of the store.
+— header, the state in both slots with sequence numbers 1 and 2 — to a temporary
+file, fsyncs it, renames it over the state file and fsyncs the directory
+(:func:`nebula.durable.write_file_durably`).  A crash leaves either the previous file
+or the complete new one.  The file is then opened and kept open for the life of the
+store.
 
 **A commit** writes the new state twice, mirrored: first over the slot with the
 lower sequence number (next sequence number), ``fdatasync``; then over the other slot
@@ -53,21 +54,30 @@ file on every commit) is still read, and converted to this format atomically
 vote extension can be up to 1 MiB, and its sign bytes are kept) makes that write
 re-create the file with larger slots, up to :data:`MAX_SLOT_SIZE`; beyond that
 the write is refused with :class:`StateError`.  The file is mode 0600.
+
+**One process per state file.**  Two stores on one file would each keep their own
+mark and could both accept conflicting decisions.  A store holds an exclusive lock on
+``<state file>.lock`` (:class:`nebula.durable.ExclusiveLock`) from before it reads
+the file until it is closed or its process ends; a second store, in this process or
+another, is refused with a :class:`StateError` naming the state file and the pid of
+the holder.  :func:`read_states` reads a file without the lock (inspection only: it
+never writes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nebula.durable import ExclusiveLock, pwrite_all, read_all, write_file_durably
 from nebula.errors import StateError
 from nebula.guard import Decision, SignRecord, Verdict, apply
-from nebula.state.base import SignStore, record_from_json, record_to_json
+from nebula.state.base import SingleNodeStore, record_from_json, record_to_json
 
 FORMAT_VERSION = 1
 """Version of the JSON payload (the whole file in the previous format)."""
@@ -129,141 +139,177 @@ def decode_slot(raw: bytes | memoryview) -> tuple[int, bytes] | None:
     return seq, payload
 
 
-def _read_all(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    parts: list[bytes] = []
-    off = 0
-    while off < size:
-        chunk = os.pread(fd, size - off, off)
-        if not chunk:
-            break
-        parts.append(chunk)
-        off += len(chunk)
-    return b"".join(parts)
+@dataclass(slots=True)
+class _Image:
+    """What a state file holds: the states, and where the newest slot is."""
+
+    states: dict[str, SignRecord] = field(default_factory=dict)
+    slotted: bool = False  # False: the previous (plain JSON) format
+    slot_size: int = SLOT_SIZE
+    seq: int = 0  # sequence number of the newest slot
+    cur: int = 0  # index of the newest slot
 
 
-def _write_all(fd: int, data: bytes | bytearray, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "pwrite wrote nothing")
-        view = view[n:]
-        offset += n
+def _parse(raw: bytes, path: Path) -> _Image:
+    """Decode a whole state file (either format); StateError if it cannot be trusted."""
+    if raw[: len(FILE_MAGIC)] != FILE_MAGIC:
+        # The previous format: plain JSON.  Converted on the first write.
+        return _Image(_parse_payload(raw, str(path)))
+    if len(raw) < FILE_HEADER_LEN:
+        raise StateError(f"{path}: state file is truncated; refusing to start")
+    _magic, fmt, _reserved, slot_size = _FILE_HDR.unpack_from(raw)
+    if hashlib.sha256(raw[: _FILE_HDR.size]).digest() != raw[_FILE_HDR.size : FILE_HEADER_LEN]:
+        raise StateError(
+            f"{path}: state file header is corrupted; refusing to start. Restore it "
+            "from a backup or import the last known state with `nebula state import`."
+        )
+    if fmt != FILE_FORMAT:
+        raise StateError(
+            f"{path}: state file format {fmt} is not supported (this Nebula reads "
+            f"format {FILE_FORMAT})"
+        )
+    if slot_size % BLOCK or not BLOCK <= slot_size <= MAX_SLOT_SIZE:
+        raise StateError(f"{path}: invalid slot size {slot_size} in the header")
+    if len(raw) != HEADER_SIZE + 2 * slot_size:
+        raise StateError(
+            f"{path}: state file size is {len(raw)} bytes, expected "
+            f"{HEADER_SIZE + 2 * slot_size} (its size never changes); refusing to start"
+        )
+    view = memoryview(raw)
+    valid: list[tuple[int, int, bytes]] = []
+    for i in (0, 1):
+        off = HEADER_SIZE + i * slot_size
+        got = decode_slot(view[off : off + slot_size])
+        if got is not None:
+            valid.append((got[0], i, got[1]))
+    if not valid:
+        raise StateError(
+            f"{path}: both state slots are corrupted; refusing to start (never from "
+            "zero). Restore the file from a backup or import the last known state with "
+            "`nebula state import`."
+        )
+    valid.sort(reverse=True)
+    if len(valid) == 2 and valid[0][0] == valid[1][0]:
+        raise StateError(
+            f"{path}: both state slots have sequence number {valid[0][0]}; "
+            "refusing to guess which is newer"
+        )
+    seq, idx, payload = valid[0]
+    states = _parse_payload(payload, f"{path} (slot {idx})")
+    return _Image(states, True, slot_size, seq, idx)
 
 
-class LocalStore(SignStore):
+def _parse_payload(raw: bytes, where: str) -> dict[str, SignRecord]:
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:
+        raise StateError(
+            f"{where}: state file is corrupted ({e}); refusing to start. Restore it "
+            "from a backup or import the last known state with `nebula state import`."
+        ) from None
+    if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
+        raise StateError(f"{where}: not a Nebula state file (version {FORMAT_VERSION})")
+    chains = obj.get("chains")
+    if not isinstance(chains, dict):
+        raise StateError(f"{where}: 'chains' must be an object")
+    states: dict[str, SignRecord] = {}
+    for chain_id, st in chains.items():
+        rec = record_from_json(st, f"{where} chain {chain_id!r}")
+        if rec is not None:
+            states[chain_id] = rec
+    return states
+
+
+def _open_existing(path: Path, flags: int) -> int | None:
+    try:
+        return os.open(path, flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StateError(f"{path}: cannot open state file: {e}") from None
+
+
+def read_states(path: str | Path) -> dict[str, SignRecord]:
+    """The sign states in the state file at ``path`` ({} if there is none).
+
+    Reads without taking the store's lock and never writes (``nebula state export`` of a
+    stopped node, tests).  A store writing meanwhile cannot make it read a mix: every
+    slot is checksummed, and the newest valid one wins.
+    """
+    p = Path(path)
+    fd = _open_existing(p, os.O_RDONLY)
+    if fd is None:
+        return {}
+    try:
+        return _parse(read_all(fd), p).states
+    except OSError as e:
+        raise StateError(f"{p}: cannot read state file: {e}") from None
+    finally:
+        os.close(fd)
+
+
+class LocalStore(SingleNodeStore):
+    """The ``persist = "local"`` store (see the module docstring)."""
+
     def __init__(self, path: str | Path, initial: dict[str, SignRecord | None] | None = None):
         self.path = Path(path)
         self._dir = self.path.parent
-        self._tmp = self._dir / f".{self.path.name}.tmp"
         self._states: dict[str, SignRecord] = {}
         self._fd = -1  # the open slot file; -1: the next write (re-)creates the file
         self._closed = False
         self._slot_size = SLOT_SIZE
         self._seq = 0  # sequence number of the current slot
         self._cur = 0  # index of the slot holding the current state
-        exists = self._load()
-        # An imported initial state only ever raises the high-water mark (S4).
-        changed = False
-        for chain_id, rec in (initial or {}).items():
-            if rec is None:
-                continue
-            cur = self._states.get(chain_id)
-            if cur is None or rec.hrs > cur.hrs:
-                self._states[chain_id] = rec
-                changed = True
-        if changed or not exists:
-            self._write(self._states)
+        #: True if this store created the state file (a first start)
+        self.created = False
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StateError(f"{self.path}: cannot create the state directory: {e}") from None
+        # Before anything is read: one process per state file.
+        self._lock: ExclusiveLock | None = ExclusiveLock(
+            self.path.with_name(self.path.name + ".lock"), f"state file {self.path}"
+        )
+        try:
+            exists = self._load()
+            # An imported initial state only ever raises the high-water mark (S4).
+            changed = False
+            for chain_id, rec in (initial or {}).items():
+                if rec is None:
+                    continue
+                cur = self._states.get(chain_id)
+                if cur is None or rec.hrs > cur.hrs:
+                    self._states[chain_id] = rec
+                    changed = True
+            if changed or not exists:
+                self._write(self._states)
+            self.created = not exists
+        except BaseException:
+            self._release()
+            raise
 
     # -- persistence -------------------------------------------------------------------
 
     def _load(self) -> bool:
         """Read the state file; False if there is none."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = _open_existing(self.path, os.O_RDWR)
+        if fd is None:
             return False
-        except OSError as e:
-            raise StateError(f"{self.path}: cannot open state file: {e}") from None
         try:
-            raw = _read_all(fd)
-            if raw[: len(FILE_MAGIC)] == FILE_MAGIC:
-                self._load_slots(raw)
-                self._fd, fd = fd, -1
-            else:
-                # The previous format: plain JSON.  Converted on the first write.
-                self._load_payload(raw, str(self.path))
+            image = _parse(read_all(fd), self.path)
         except OSError as e:
+            os.close(fd)
             raise StateError(f"{self.path}: cannot read state file: {e}") from None
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._states = image.states
+        if image.slotted:
+            self._fd = fd
+            self._slot_size, self._seq, self._cur = image.slot_size, image.seq, image.cur
+        else:
+            os.close(fd)  # the previous format: converted on the first write
         return True
-
-    def _load_slots(self, raw: bytes) -> None:
-        if len(raw) < FILE_HEADER_LEN:
-            raise StateError(f"{self.path}: state file is truncated; refusing to start")
-        _magic, fmt, _reserved, slot_size = _FILE_HDR.unpack_from(raw)
-        if hashlib.sha256(raw[: _FILE_HDR.size]).digest() != raw[_FILE_HDR.size : FILE_HEADER_LEN]:
-            raise StateError(
-                f"{self.path}: state file header is corrupted; refusing to start. Restore it "
-                "from a backup or import the last known state with `nebula state import`."
-            )
-        if fmt != FILE_FORMAT:
-            raise StateError(
-                f"{self.path}: state file format {fmt} is not supported (this Nebula reads "
-                f"format {FILE_FORMAT})"
-            )
-        if slot_size % BLOCK or not BLOCK <= slot_size <= MAX_SLOT_SIZE:
-            raise StateError(f"{self.path}: invalid slot size {slot_size} in the header")
-        if len(raw) != HEADER_SIZE + 2 * slot_size:
-            raise StateError(
-                f"{self.path}: state file size is {len(raw)} bytes, expected "
-                f"{HEADER_SIZE + 2 * slot_size} (its size never changes); refusing to start"
-            )
-        view = memoryview(raw)
-        valid: list[tuple[int, int, bytes]] = []
-        for i in (0, 1):
-            off = HEADER_SIZE + i * slot_size
-            got = decode_slot(view[off : off + slot_size])
-            if got is not None:
-                valid.append((got[0], i, got[1]))
-        if not valid:
-            raise StateError(
-                f"{self.path}: both state slots are corrupted; refusing to start (never from "
-                "zero). Restore the file from a backup or import the last known state with "
-                "`nebula state import`."
-            )
-        valid.sort(reverse=True)
-        if len(valid) == 2 and valid[0][0] == valid[1][0]:
-            raise StateError(
-                f"{self.path}: both state slots have sequence number {valid[0][0]}; "
-                "refusing to guess which is newer"
-            )
-        seq, idx, payload = valid[0]
-        self._load_payload(payload, f"{self.path} (slot {idx})")
-        self._slot_size = slot_size
-        self._seq = seq
-        self._cur = idx
-
-    def _load_payload(self, raw: bytes, where: str) -> None:
-        try:
-            obj = json.loads(raw)
-        except ValueError as e:
-            raise StateError(
-                f"{where}: state file is corrupted ({e}); refusing to start. Restore it "
-                "from a backup or import the last known state with `nebula state import`."
-            ) from None
-        if not isinstance(obj, dict) or obj.get("version") != FORMAT_VERSION:
-            raise StateError(f"{where}: not a Nebula state file (version {FORMAT_VERSION})")
-        chains = obj.get("chains")
-        if not isinstance(chains, dict):
-            raise StateError(f"{where}: 'chains' must be an object")
-        for chain_id, st in chains.items():
-            rec = record_from_json(st, f"{where} chain {chain_id!r}")
-            if rec is not None:
-                self._states[chain_id] = rec
 
     @staticmethod
     def _payload(states: dict[str, SignRecord]) -> bytes:
@@ -293,7 +339,7 @@ class LocalStore(SignStore):
         try:
             for i, slot in enumerate((first, self._cur)):
                 buf = encode_slot(seq + i, payload, self._slot_size)
-                _write_all(self._fd, buf, HEADER_SIZE + slot * self._slot_size)
+                pwrite_all(self._fd, buf, HEADER_SIZE + slot * self._slot_size)
                 os.fdatasync(self._fd)
         except OSError as e:
             # What reached the disk is unknown: re-create the file on the next write.
@@ -320,26 +366,11 @@ class LocalStore(SignStore):
             image[off : off + len(slot)] = slot
         self._drop_fd()
         try:
-            self._dir.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._tmp)
-            fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            _write_all(fd, image, 0)
-            os.fsync(fd)
-            os.replace(self._tmp, self.path)
-            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            write_file_durably(self.path, image, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
             # The rename may have happened without being durable: keep no descriptor,
             # so the next write goes through this whole path again.
-            os.close(fd)
             raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
         self._fd = fd
         self._slot_size = slot_size
@@ -352,9 +383,15 @@ class LocalStore(SignStore):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def _release(self) -> None:
+        self._drop_fd()
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self._drop_fd()
+            self._release()
 
     # -- SignStore ---------------------------------------------------------------------
 
@@ -377,21 +414,26 @@ class LocalStore(SignStore):
             self._states = states
         return decision
 
-    async def raise_to(self, chain_id: str, rec: SignRecord) -> None:
-        self.force_import(chain_id, rec)
+    async def raise_to(self, chain_id: str, record: SignRecord) -> bool:
+        return self.force_import(chain_id, record)
 
-    def force_import(self, chain_id: str, rec: SignRecord | None) -> None:
-        """Raise the high-water mark to ``rec`` (never lowers it)."""
+    def force_import(self, chain_id: str, rec: SignRecord | None) -> bool:
+        """Raise the high-water mark to ``rec`` (never lowers it); True if it moved."""
         if rec is None:
-            return
+            return False
         cur = self._states.get(chain_id)
         if cur is not None and rec.hrs <= cur.hrs:
-            return
+            return False
         states = dict(self._states)
         states[chain_id] = rec
         self._write(states)
         self._states = states
+        return True
 
     async def close(self) -> None:
+        self.close_sync()
+
+    def close_sync(self) -> None:
+        """Close the file and release the lock (the store refuses every write after)."""
         self._closed = True
-        self._drop_fd()
+        self._release()

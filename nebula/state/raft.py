@@ -41,9 +41,9 @@ from nebula.raft.node import (
     RaftNode,
 )
 from nebula.raft.storage import RaftLog
-from nebula.raft.timing import TIMING_BOUNDS, check_timing
+from nebula.raft.timing import check_timing
 from nebula.raft.transport import Transport
-from nebula.state.base import SignStore, record_to_json
+from nebula.state.base import SignStore, check_commit_timeout, record_to_json
 
 logger = logging.getLogger("nebula.raft")
 
@@ -162,9 +162,7 @@ class RaftStore(SignStore):
             raise ConfigError(f"raft: node_id must be a positive int, got {node_id!r}")
         if node_id not in peers:
             raise ConfigError(f"raft: peers must include this node ({node_id})")
-        lo, hi = TIMING_BOUNDS["commit_timeout"]
-        if not lo <= commit_timeout <= hi:
-            raise ConfigError(f"raft: commit_timeout must be in [{lo:g}, {hi:g}] seconds")
+        check_commit_timeout(commit_timeout, "raft: commit_timeout")
         if not 2 <= snapshot_entries <= 10_000_000:
             raise ConfigError("raft: snapshot_entries must be in [2, 10000000]")
         hb, emin, emax = check_timing(

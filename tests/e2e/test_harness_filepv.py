@@ -3,7 +3,7 @@
 Each chain signs with the node's priv_validator_key.json; the harness must then find and
 verify every precommit of the first 20 blocks against that key. This proves the harness
 (build, genesis/config rewriting, RPC parsing, sign-bytes reconstruction, verifiers) before
-it is pointed at Nebula. The non-e2e tests pin the harness's helpers to shared vectors.
+it is pointed at Nebula. The non-e2e tests pin the harness's helpers to the test vectors.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nebula.crypto.keys import generate
-from nebula.state.local import LocalStore
+from nebula.state.local import read_states
 from tests.support.cometbft import (
     VERIFIERS,
     LocalChain,
@@ -126,7 +126,7 @@ def test_nebula_restart_mid_chain_keeps_state(tmp_path, local_chains) -> None:
         chain.start()
         chain.wait_for_height(10, timeout=60)
         neb.stop()
-        stopped_at = LocalStore(neb.home / "state.json").last(chain.chain_id).height
+        stopped_at = read_states(neb.home / "state.json")[chain.chain_id].height
         assert stopped_at >= 9
         time.sleep(1.0)
         neb.start()

@@ -2,7 +2,7 @@
 
 Inputs are protobuf-shaped on purpose - random field trees with the real field numbers,
 every wire type, nested messages, groups and boundary varints - plus damaged copies of the
-shared vectors, so the decoders get past the first byte.  Properties:
+test vectors, so the decoders get past the first byte.  Properties:
 
 * decoding raises nothing but DecodeError (a NebulaError, with a message);
 * what decodes is self-consistent: ``decode_request_for_signing`` agrees with

@@ -1,6 +1,6 @@
 """Fuzzing SecretConnection: the handshake, the session stream and the frame opener.
 
-The peer is played with the deterministic keys of the shared handshake vector, so the
+The peer is played with the deterministic keys of the handshake test vector, so the
 fuzzer gets past the encryption: it controls the *plaintext* of the peer's AuthSigMessage
 frames (and their length fields), not only raw bytes.  Properties:
 

@@ -85,17 +85,60 @@ def test_bench_local_single_node_json() -> None:
 
 
 def test_bench_local_cluster_reports_cpu_per_member_role() -> None:
+    """CPU time per member, labelled with the role the member held through the timed run.
+
+    On a loaded machine leadership may move during the run (an election is the cluster
+    working as designed, not a failure); the bench must then say so instead of labelling
+    a member with a role it held for part of the run. Each outcome is checked for what
+    it claims, so the test fails only when the report is wrong."""
     p = _bench("--local", "3", "--requests", "300", "--warmup", "20", "--handshakes", "0", "--json")
     assert p.returncode == 0, p.stderr[-3000:]
     d = json.loads(p.stdout)
     assert d["errors"] == 0 and d["setup"]["persist"] == "raft"
     cpu = d["cpu_ms_per_request"]
     assert set(cpu) == {"node 1", "node 2", "node 3", "bench client"}, cpu
+    assert cpu["bench client"]["role"] == "validator"
     roles = sorted(c["role"] for label, c in cpu.items() if label != "bench client")
-    assert roles == ["follower", "follower", "leader"], cpu
-    leader = next(c for c in cpu.values() if c["role"] == "leader")
-    # the leader also signs, frames and answers: it works more per request than a follower
-    assert leader["total"] > max(c["total"] for c in cpu.values() if c["role"] == "follower")
+    if d["roles_stable"]:
+        # Same role and term at both ends of the run: one leader throughout.
+        assert roles == ["follower", "follower", "leader"], cpu
+        assert d["roles_note"] == ""
+        leader = next(c for c in cpu.values() if c["role"] == "leader")
+        # the leader also signs, frames and answers: it works more per request than a
+        # follower (CPU time, about twice a follower's: not a race against the clock)
+        assert leader["total"] > max(c["total"] for c in cpu.values() if c["role"] == "follower")
+    else:
+        assert d["roles_stable"] is False, d
+        assert "changed" in roles and set(roles) <= {"leader", "follower", "candidate", "changed"}
+        assert "leadership moved during the timed run" in d["roles_note"]
+
+
+def test_roles_over_the_run_detect_a_leadership_change() -> None:
+    """The role a member is reported with is the one it held from start to end of the
+    timed run; any election in between (a new term) marks it as changed."""
+    from nebula.bench.runner import roles_over_run
+    from nebula.bench.stats import PhaseSnapshot
+
+    def snap(roles: dict[str, int], terms: dict[str, int]) -> PhaseSnapshot:
+        return PhaseSnapshot(raft_roles=roles, raft_terms=terms)
+
+    a, b, c = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+    start = snap({a: 2, b: 0, c: 0}, {a: 4, b: 4, c: 4})
+    assert roles_over_run(start, start) == (
+        {a: "leader", b: "follower", c: "follower"},
+        True,
+        "",
+    )
+    # b took over: a and b changed; c is a follower at both ends but in a new term.
+    moved = snap({a: 0, b: 2, c: 0}, {a: 5, b: 5, c: 5})
+    roles, stable, note = roles_over_run(start, moved)
+    assert roles == {a: "changed", b: "changed", c: "changed"} and stable is False
+    assert "terms [4, 5]" in note and "3 member(s)" in note
+    # a lost and regained leadership: the same role at both ends, but a new term.
+    again = snap({a: 2, b: 0, c: 0}, {a: 6, b: 6, c: 6})
+    assert set(roles_over_run(start, again)[0].values()) == {"changed"}
+    # a single node (no Raft gauges): no roles, stability unknown
+    assert roles_over_run(PhaseSnapshot(), PhaseSnapshot()) == ({}, None, "")
 
 
 def test_bench_v0_34_unix_table_output() -> None:
@@ -304,21 +347,26 @@ def test_bench_floor_json(tmp_path) -> None:
 
 
 def test_bench_floor_scenarios_really_sync(tmp_path) -> None:
-    """With every fdatasync slowed by 4 ms (fault hook), each scenario's latency shows
+    """With every fdatasync slowed by D ms (fault hook), each scenario's latency shows
     exactly the durable writes it claims on its critical path: none for loopback, one for
-    a single sync and for a majority of nodes, two in sequence for the mirrored file."""
+    a single sync and for a majority of nodes, two in sequence for the mirrored file.
+
+    D is chosen to dwarf what a loaded machine adds to a median round trip (a 4 ms delay
+    was within reach of scheduling noise on two busy cores), so the bands below separate
+    0, 1 and 2 syncs by the delay itself, not by the machine being quiet."""
     from tests.support.chaos import FAULTS_PATH
 
+    delay = 25.0
     faults = tmp_path / "faults"
     faults.mkdir()
-    (faults / "fsync_delay_ms").write_text("4")
+    (faults / "fsync_delay_ms").write_text(f"{delay:g}")
     work = tmp_path / "work"
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=FAULTS_PATH, NEBULA_FAULTS_DIR=str(faults))
-    d = _floor(work, env=env)
+    d = _floor(work, "--requests", "40", env=env)
     p50 = {name: sc["latency_ms"]["p50"] for name, sc in d["scenarios"].items()}
-    assert p50["loopback"] < 4.0, p50
+    assert p50["loopback"] < delay, p50
     for name in ("1 node, 1 fdatasync", "3 nodes, majority durable", "5 nodes, majority durable"):
-        assert 4.0 <= p50[name] < 8.0, (name, p50)
-    assert p50["1 node, 2 fdatasyncs"] >= 8.0, p50
+        assert delay <= p50[name] < 2 * delay, (name, p50)
+    assert p50["1 node, 2 fdatasyncs"] >= 2 * delay, p50
     assert (faults / "active").exists()  # the hook announced itself

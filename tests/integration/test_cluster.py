@@ -285,24 +285,62 @@ def test_raft_metrics_and_readiness(tmp_path) -> None:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
+    def observe() -> dict[int, tuple[dict, str, int, str]] | None:
+        """Every node's /metrics and /readyz, each between two admin status reads that
+        agree on role, term and leader, all in one term with one leader; None if an
+        election ran meanwhile (then there is no single truth to compare against)."""
+        out = {}
+        for nid in cluster.nodes:
+            st0 = cluster.status(nid)
+            code, body = scrape(nid, "/metrics")
+            rcode, rtext = scrape(nid, "/readyz")
+            st1 = cluster.status(nid)
+            key = ("role", "term", "leader_id")
+            if st0 is None or st1 is None or any(st0[k] != st1[k] for k in key):
+                return None
+            assert code == 200
+            out[nid] = (st1, body, rcode, rtext)
+        sts = [o[0] for o in out.values()]
+        if len({(st["term"], st["leader_id"]) for st in sts}) != 1:
+            return None
+        if sorted(st["role"] for st in sts) != ["follower", "follower", "leader"]:
+            return None
+        return out
+
     async def main() -> None:
         with cluster:
             async with driver(addrs, WireFamily.V0_38, CHAIN, auditor) as d:
-                await _sign_heights(d, 1, 5)
-                leader = await cluster.wait_leader()
-                await asyncio.sleep(1.5)  # the gauges refresh once a second
                 loop = asyncio.get_running_loop()
-                for nid in cluster.nodes:
-                    code, body = await loop.run_in_executor(None, scrape, nid, "/metrics")
-                    assert code == 200
-                    role = 2.0 if nid == leader else 0.0
+                leader0 = await cluster.wait_leader()
+                term0 = cluster.status(leader0)["term"]
+                await _sign_heights(d, 1, 5)
+                deadline = time.monotonic() + 30
+                seen = None
+                while seen is None and time.monotonic() < deadline:
+                    seen = await loop.run_in_executor(None, observe)
+                assert seen is not None, "the cluster never held still for one observation"
+                # The gauges are read from the store as they are scraped: what /metrics
+                # says is what the node said just before and just after.
+                any_st = next(iter(seen.values()))[0]
+                leader, term = any_st["leader_id"], any_st["term"]
+                commits = 0.0
+                for st, body, rcode, rtext in seen.values():
+                    role = 2.0 if st["role"] == "leader" else 0.0
                     assert f"nebula_raft_role {role}" in body
+                    assert f"nebula_raft_term {float(st['term'])}" in body
                     assert f"nebula_raft_leader_id {float(leader)}" in body
-                    if nid == leader:
-                        assert "nebula_raft_commit_seconds_count 10.0" in body
-                    code, text = await loop.run_in_executor(None, scrape, nid, "/readyz")
-                    assert code == 200, text
-                    assert ("leader" if nid == leader else "follower") in text
+                    assert rcode == 200, rtext
+                    assert st["role"] in rtext
+                    for line in body.splitlines():
+                        if line.startswith("nebula_raft_commit_seconds_count "):
+                            commits += float(line.split()[1])
+                # Every decision is observed once, by the leader that committed it: all 10
+                # by one node if no election ran since before the first; never more.
+                if term == term0:
+                    assert "nebula_raft_commit_seconds_count 10.0" in seen[leader][1]
+                    assert commits == 10.0
+                else:
+                    assert 0 < commits <= 10.0
                 follower = next(n for n in cluster.nodes if n != leader)
                 others = [n for n in cluster.nodes if n != follower]
                 for n in others:

@@ -1,25 +1,21 @@
-"""One loader for the shared test vectors (../shared/vectors/*.json).
+"""One loader for the test vectors in ``tests/vectors/*.json`` (provenance: its README).
 
 Tests never copy hex by hand: they call ``load("sign_bytes")`` and use the data.
-The directory can be overridden with NEBULA_VECTORS_DIR.
+The vectors live in the repository; nothing is read from outside it.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-_ROOT = Path(__file__).resolve().parents[2]
+_DIR = Path(__file__).resolve().parent.parent / "vectors"
 
 
 def vectors_dir() -> Path:
-    env = os.environ.get("NEBULA_VECTORS_DIR")
-    if env:
-        return Path(env)
-    return _ROOT.parent / "shared" / "vectors"
+    return _DIR
 
 
 @functools.cache

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
 
-_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
+_REPO = Path(__file__).resolve().parents[2]
+_CONFTEST = _REPO / "tests" / "conftest.py"
 
 
 @pytest.mark.parametrize("ci", ["true", None])
@@ -24,6 +26,10 @@ def test_skips_fail_under_ci_unless_allowed(pytester: pytest.Pytester, monkeypat
         def test_runs():
             pass
         """
+    )
+    # The conftest imports tests.support (the pytester directory is not the repository).
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(_REPO), os.environ.get("PYTHONPATH", "")])
     )
     if ci is None:
         monkeypatch.delenv("CI", raising=False)

@@ -113,3 +113,26 @@ def test_dial_timeouts_must_be_finite_and_positive(value) -> None:
     text = RUST_NEBULA_EXAMPLE + f"[dial]\nhandshake_timeout = {value}\n"
     with pytest.raises(ConfigError, match="finite number > 0"):
         config.loads(text)
+
+
+def test_commit_timeout_has_one_bound_for_config_and_stores(tmp_path) -> None:
+    """raft.commit_timeout is checked against the one constant every store uses, and that
+    bound leaves room inside CometBFT's 5 s signer timeout."""
+    from nebula.state.base import COMMIT_TIMEOUT_MAX, check_commit_timeout
+
+    assert COMMIT_TIMEOUT_MAX < 5.0
+    base = RUST_NEBULA_EXAMPLE.replace(
+        'signing_mode = "native"', 'signing_mode = "native"\npersist = "raft"'
+    ).replace('initial_state_path = "./initial_state.json"', 'secret_path = "./s"')
+
+    def with_timeout(v: str) -> str:
+        return base.replace("node_id = 1", f"node_id = 1\ncommit_timeout = {v}")
+
+    ok = COMMIT_TIMEOUT_MAX - 0.1
+    assert config.loads(with_timeout(str(ok))).raw.raft.commit_timeout == ok
+    assert check_commit_timeout(ok, "x") == ok
+    for bad in (COMMIT_TIMEOUT_MAX, 0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"raft\.commit_timeout must be in \(0, 4\)"):
+            config.loads(with_timeout(str(bad)), tmp_path / "c.toml")
+        with pytest.raises(ConfigError, match="must be in"):
+            check_commit_timeout(bad, "x")

@@ -13,17 +13,24 @@ from nebula.errors import StateError
 from nebula.guard import SignRecord, Verdict
 from nebula.state import local
 from nebula.state.base import load_priv_validator_state, record_to_json
-from nebula.state.local import LocalStore
+from nebula.state.local import LocalStore, read_states
 
 
 def r(h: int, s: int = 2, sb: bytes = b"\x01sb", sig: bytes = b"sig") -> SignRecord:
     return SignRecord(h, 0, s, sb + bytes([h % 256]), sig)
 
 
+def on_disk(p, chain: str = "c") -> SignRecord | None:
+    """What a restart would load from ``p`` right now (read without the store's lock)."""
+    return read_states(p).get(chain)
+
+
 def test_state_survives_reopen(tmp_path) -> None:
     p = tmp_path / "state.json"
     s = LocalStore(p)
     assert asyncio.run(s.commit("c", r(5))).verdict == Verdict.ACCEPT
+    assert on_disk(p) == r(5)
+    asyncio.run(s.close())
     assert LocalStore(p).last("c") == r(5)
     assert oct(p.stat().st_mode & 0o777) == "0o600"
 
@@ -74,7 +81,7 @@ def test_commit_returns_only_after_its_slot_is_synced(tmp_path, monkeypatch) -> 
 
     def check(fd):
         real(fd)
-        seen.append(LocalStore(p).last("c"))  # what a restart would load right now
+        seen.append(on_disk(p))  # what a restart would load right now
 
     monkeypatch.setattr(os, "fdatasync", check)
     s.commit_sync("c", r(7))
@@ -99,7 +106,7 @@ def test_write_failure_refuses(tmp_path, monkeypatch) -> None:
     renames = _count(monkeypatch, "replace")
     assert s.commit_sync("c", r(3)).verdict == Verdict.ACCEPT
     assert len(renames) == 1
-    assert LocalStore(p).last("c") == r(3)
+    assert on_disk(p) == r(3)
     assert oct(p.stat().st_mode & 0o777) == "0o600"
 
 
@@ -220,11 +227,12 @@ def test_torn_newest_slot_falls_back_to_the_previous_state(tmp_path, torn) -> No
     assert torn < used
     # Only the first `torn` bytes of the new slot reached the disk before the crash.
     _overwrite(p, off, new_slot[:torn])
+    s.close_sync()  # the crash
     reopened = LocalStore(p)
     assert reopened.last("c") == big(6)
     # It carries on from there, and never overwrites the slot holding height 6.
     assert reopened.commit_sync("c", big(7)).verdict == Verdict.ACCEPT
-    assert LocalStore(p).last("c") == big(7)
+    assert on_disk(p) == big(7)
 
 
 def test_torn_tail_of_newest_slot_falls_back(tmp_path) -> None:
@@ -239,6 +247,7 @@ def test_torn_tail_of_newest_slot_falls_back(tmp_path) -> None:
     target = 1 - _newest(p)
     off = _slot_offset(p, target)
     _overwrite(p, off + 512, q.read_bytes()[off + 512 : off + local.SLOT_SIZE])
+    s.close_sync()
     assert LocalStore(p).last("c") == big(6)
 
 
@@ -257,6 +266,7 @@ def test_a_rotten_slot_loses_no_released_state(tmp_path, which) -> None:
     raw = bytearray(p.read_bytes())
     raw[off + 8] ^= 0x01
     p.write_bytes(raw)
+    s.close_sync()
     assert LocalStore(p).last("c") == r(6)
 
 
@@ -273,6 +283,7 @@ def test_crash_during_the_second_mirrored_write_keeps_the_new_state(tmp_path) ->
     off1, off2 = _slot_offset(p, first), _slot_offset(p, second)
     _overwrite(p, off1, done[off1 : off1 + local.SLOT_SIZE])  # the first write completed
     _overwrite(p, off2, done[off2 : off2 + 100])  # the second was torn
+    s.close_sync()
     assert LocalStore(p).last("c") == big(7)
 
 
@@ -284,6 +295,7 @@ def test_both_slots_corrupt_refuses_to_start(tmp_path) -> None:
     for i in (0, 1):
         off = _slot_offset(p, i)
         _overwrite(p, off + local.SLOT_PAYLOAD_OFFSET + 3, b"\xff\xfe")
+    s.close_sync()
     with pytest.raises(StateError, match="both state slots are corrupted"):
         LocalStore(p)
     # Zeroed slots (e.g. a file of zeros) are no better.
@@ -339,10 +351,10 @@ def test_sequence_is_64_bit_and_never_wraps(tmp_path) -> None:
     assert s.last("c") == r(6)
     assert s.commit_sync("c", r(7)).verdict == Verdict.ACCEPT  # seqs 2**64 - 2, 2**64 - 1
     assert max(x[0] for x in _slots(p)) == local.MAX_SEQ
-    assert LocalStore(p).last("c") == r(7)
+    assert on_disk(p) == r(7)
     with pytest.raises(StateError, match="exhausted"):  # never wraps to 0
         s.commit_sync("c", r(8))
-    assert LocalStore(p).last("c") == r(7)
+    assert on_disk(p) == r(7)
 
 
 def test_migrates_the_previous_json_format(tmp_path, monkeypatch) -> None:
@@ -368,11 +380,10 @@ def test_migrates_the_previous_json_format(tmp_path, monkeypatch) -> None:
     assert len(renames) == 1  # converted atomically, through a temp file and a rename
     assert p.read_bytes()[:8] == local.FILE_MAGIC
     assert oct(p.stat().st_mode & 0o777) == "0o600"
-    assert not (tmp_path / ".state.json.tmp").exists()
+    assert [x.name for x in tmp_path.iterdir() if x.name.endswith(".tmp")] == []
     s.commit_sync("b", r(11))
     assert len(renames) == 1 and len(datasyncs) == 2  # from then on: the mirrored slots
-    again = LocalStore(p)
-    assert again.all() == {"a": s.last("a"), "b": r(11)}
+    assert read_states(p) == {"a": s.last("a"), "b": r(11)}
 
 
 def test_initial_state_migrates_at_open(tmp_path) -> None:
@@ -393,9 +404,9 @@ def test_large_state_grows_the_slots(tmp_path) -> None:
     size = struct.unpack_from("<I", p.read_bytes(), 12)[0]
     assert size == 16384  # the 10 KB of hex did not fit 4 KiB or 8 KiB
     assert p.stat().st_size == local.HEADER_SIZE + 2 * size
-    assert LocalStore(p).last("c") == big
+    assert on_disk(p) == big
     s.commit_sync("c", r(3))
-    assert LocalStore(p).last("c") == r(3)
+    assert on_disk(p) == r(3)
 
 
 def test_state_too_large_is_refused(tmp_path, monkeypatch) -> None:
@@ -407,7 +418,7 @@ def test_state_too_large_is_refused(tmp_path, monkeypatch) -> None:
     with pytest.raises(StateError, match="larger than the 8192-byte slot limit"):
         s.commit_sync("c", huge)
     assert s.last("c") == r(1)
-    assert LocalStore(p).last("c") == r(1)
+    assert on_disk(p) == r(1)
 
 
 def test_closed_store_refuses_to_write(tmp_path) -> None:
@@ -415,3 +426,103 @@ def test_closed_store_refuses_to_write(tmp_path) -> None:
     asyncio.run(s.close())
     with pytest.raises(StateError, match="closed"):
         s.commit_sync("c", r(1))
+
+
+# ---- one process per state file ----------------------------------------------------------
+
+
+def test_a_second_store_on_one_file_is_refused_naming_file_and_holder(tmp_path) -> None:
+    """Two stores on one file would each keep their own mark: both would ACCEPT
+    conflicting records at one height/round/step."""
+    p = tmp_path / "state.json"
+    s = LocalStore(p)
+    s.commit_sync("c", r(5))
+    with pytest.raises(StateError) as ei:
+        LocalStore(p)
+    msg = str(ei.value)
+    assert str(p) in msg and f"pid {os.getpid()}" in msg
+    assert s.commit_sync("c", r(6)).verdict == Verdict.ACCEPT  # the holder is unaffected
+    s.close_sync()
+    again = LocalStore(p)  # released by close
+    assert again.last("c") == r(6)
+    assert again.commit_sync("c", SignRecord(5, 0, 2, b"\x02other", b"sig")).verdict == (
+        Verdict.REFUSE
+    )
+
+
+def test_the_lock_is_held_across_processes(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    p = tmp_path / "state.json"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from nebula.state.local import LocalStore\n"
+            f"s = LocalStore({str(p)!r})\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(StateError, match=f"pid {holder.pid}"):
+            LocalStore(p)
+        assert read_states(p) == {}  # reading without the lock is allowed; nothing written
+    finally:
+        holder.communicate("", timeout=30)
+    assert holder.returncode == 0
+    LocalStore(p).commit_sync("c", r(1))  # the holder's exit released it
+
+
+def test_a_refused_open_changes_nothing(tmp_path) -> None:
+    p = tmp_path / "state.json"
+    s = LocalStore(p)
+    s.commit_sync("c", r(5))
+    before = p.read_bytes()
+    with pytest.raises(StateError, match="in use"):
+        LocalStore(p, {"c": r(9)})  # an initial state would have raised the mark
+    assert p.read_bytes() == before and s.last("c") == r(5)
+
+
+def test_created_only_on_first_start(tmp_path) -> None:
+    p = tmp_path / "state.json"
+    first = LocalStore(p)
+    assert first.created and first.last("c") is None
+    first.close_sync()
+    assert not LocalStore(p).created
+
+
+def test_read_states_of_a_missing_file_is_empty_and_creates_nothing(tmp_path) -> None:
+    assert read_states(tmp_path / "none.json") == {}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_single_node_store_capabilities(tmp_path) -> None:
+    """What every store offers, as a single-node store offers it."""
+    from nebula.errors import ConfigError
+
+    s = LocalStore(tmp_path / "state.json")
+    assert s.replicated is False and s.is_authoritative()
+    calls: list[bool] = []
+    remove = s.on_role_change(calls.append)
+    remove()
+    assert calls == []
+    assert asyncio.run(s.raise_to("c", r(4))) is True
+    assert asyncio.run(s.raise_to("c", r(3))) is False
+    st = s.status()
+    assert st["role"] == "standalone" and st["authoritative"] is True
+    assert st["chains"] == {"c": record_to_json(r(4))}
+    for call in (
+        s.transfer_leadership(),
+        s.add_member(4, "127.0.0.1:1"),
+        s.remove_member(4),
+    ):
+        with pytest.raises(ConfigError, match="needs persist = 'raft'"):
+            asyncio.run(call)
+    s.compact()

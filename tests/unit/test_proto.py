@@ -37,6 +37,7 @@ from nebula.types import (
     Timestamp,
     Vote,
     WireFamily,
+    extension_signature_required,
 )
 from tests.conftest import kernel
 from tests.support.vectors import h, load
@@ -458,6 +459,8 @@ def test_fused_decode_extension_rule(
     _, sign_bytes, ext = k.decode_request_for_signing(k.encode_request(req, family), family)
     assert sign_bytes == k.vote_sign_bytes("chain", vote)
     expected = wants_ext and family is not V0_34 and not (family is V1_0 and skip)
+    # The one rule every caller asks (nebula.types), against this table.
+    assert extension_signature_required(family, req) is expected
     if expected:
         assert ext == k.vote_extension_sign_bytes("chain", vote)
     else:
