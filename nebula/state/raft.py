@@ -299,7 +299,10 @@ class RaftStore(SignStore):
         if self._closed:
             return
         self._node.receive(peer, payload)
-        self._kick()
+        # At once, not on the next loop pass: an acknowledgement or an append is on the
+        # critical path of a signature (messages that arrive in one read still share the
+        # Ready of the last of them when raft-rs has nothing new in between).
+        self._node.process()
 
     def _kick(self) -> None:
         # Everything that arrives in one loop iteration shares one Ready (one fdatasync).
@@ -445,7 +448,7 @@ class RaftStore(SignStore):
                 fut.set_result((result, err))
 
         self._node.propose(data, resolve)  # NotLeader / StateError propagate: nothing proposed
-        self._kick()
+        self._node.process()  # persist and send now (no loop pass in between)
         # The deadline resolves the future first; a late apply then finds it done and
         # releases nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)
         expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
