@@ -314,10 +314,7 @@ class RaftNode:
                 # Only the commit index moved: no write now, it rides with the next one
                 # (a commit index lost in a crash is learned again from the leader).
                 self._pending_hs = HardState(*hs)
-            if must_sync:
-                # raft-rs sets must_sync when entries or the term/vote changed; a hard
-                # state whose only change is the commit index may ride on a later sync
-                # (a commit index lost in a crash is learned again from the leader).
+            if must_sync:  # raft-rs: new entries, or a new term or vote
                 self._log.sync()
                 self.syncs += 1
             if committed:
@@ -364,7 +361,6 @@ class RaftNode:
             if index <= self.applied:
                 continue  # already in the state machine (a snapshot covered it)
             result: Any = None
-            err: BaseException | None = None
             if etype == ENTRY_NORMAL:
                 if data:
                     try:
@@ -402,7 +398,7 @@ class RaftNode:
                         ),
                     )
                 else:
-                    resolve(result, err)
+                    resolve(result, None)
         if removed:
             self.fail(
                 f"raft node {self.id} was removed from the cluster; it takes no further "
