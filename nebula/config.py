@@ -119,22 +119,42 @@ class MetricsConfig(_Strict):
     listen: str = ""
 
 
-class Config(_Strict):
+SigningMode = Literal["native", "vault_transit", "vault_signer_plugin"]
+
+
+class ChainConfig(_Strict):
+    """One chain of a multi-chain config (``[[chains]]``): its own key and validators."""
+
     chain_id: str
+    version: str = "v1_0"
+    signing_mode: SigningMode = "native"
+    signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
+    connections: list[ConnectionConfig] = msgspec.field(default_factory=list)
+    initial_state_path: str | None = None
+    # This chain's SecretConnection identity (default: the top-level connection_key_path).
+    connection_key_path: str | None = None
+
+
+class Config(_Strict):
+    # The single-chain format: chain_id, version, signing_mode, [signing.*], [[connections]]
+    # and initial_state_path at the top level describe the one chain.  A multi-chain config
+    # lists [[chains]] instead (and sets none of those at the top level).
+    chain_id: str | None = None
     log_level: LogLevel = "info"
     log_format: Literal["text", "json"] = "text"
-    version: str = "v1_0"
-    signing_mode: Literal["native", "vault_transit", "vault_signer_plugin"] = "native"
+    version: str | None = None
+    signing_mode: SigningMode | None = None
     persist: Literal["local", "raft"] = "local"
     state_path: str = "./nebula_state.json"
     initial_state_path: str | None = None
     # Ed25519 identity for SecretConnection (base64 seed); a fresh one per start if unset.
     connection_key_path: str | None = None
-    connections: list[ConnectionConfig] = msgspec.field(default_factory=list)
+    connections: list[ConnectionConfig] | None = None
     dial: DialConfig = msgspec.field(default_factory=DialConfig)
     raft: RaftConfig | None = None
-    signing: SigningConfig = msgspec.field(default_factory=SigningConfig)
+    signing: SigningConfig | None = None
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    chains: list[ChainConfig] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,16 +171,72 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainSpec:
+    """One chain this signer serves, validated (from the top level or ``[[chains]]``)."""
+
+    chain_id: str
+    version: str
+    family: WireFamily
+    signing_mode: SigningMode
+    signing: SigningConfig
+    endpoints: tuple[Endpoint, ...]
+    #: raw path strings (resolve with :meth:`LoadedConfig.resolve`)
+    initial_state_path: str | None
+    connection_key_path: str | None
+    #: the config key this chain was read from: "" (top level) or "chains[i]"
+    key: str = ""
+
+    def where(self, field: str) -> str:
+        """A field's key path for error messages, e.g. ``chains[1].signing.native``."""
+        return f"{self.key}.{field}" if self.key else field
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedConfig:
     """A validated config with resolved paths and derived values."""
 
     raw: Config
     path: Path
-    family: WireFamily
-    endpoints: tuple[Endpoint, ...]
+    chains: tuple[ChainSpec, ...]
 
     def resolve(self, p: str | None) -> Path | None:
         return resolve_path(self.path, p)
+
+    @property
+    def multi_chain(self) -> bool:
+        return bool(self.raw.chains)
+
+    @property
+    def chain_ids(self) -> tuple[str, ...]:
+        return tuple(c.chain_id for c in self.chains)
+
+    def chain(self, chain_id: str | None = None) -> ChainSpec:
+        """The chain named ``chain_id``; with None, the only chain (an error if several).
+
+        An id the config does not serve is a :class:`ConfigError` naming the file."""
+        if chain_id is None:
+            if len(self.chains) != 1:
+                raise ConfigError(
+                    f"{self.path}: serves {len(self.chains)} chains "
+                    f"({', '.join(self.chain_ids)}): say which with --chain"
+                )
+            return self.chains[0]
+        for c in self.chains:
+            if c.chain_id == chain_id:
+                return c
+        raise ConfigError(
+            f"{self.path}: chain id {chain_id!r} is not configured (chains: "
+            f"{', '.join(self.chain_ids)})"
+        )
+
+    # The single chain's values (most tools and every single-chain config).
+    @property
+    def family(self) -> WireFamily:
+        return self.chain().family
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self.chain().endpoints
 
 
 def resolve_path(config_path: Path, p: str | None) -> Path | None:
@@ -258,27 +334,81 @@ def _explain(msg: str) -> str:
     return msg
 
 
-def _validate(cfg: Config, p: Path) -> LoadedConfig:
-    if not cfg.chain_id.strip():
-        raise ConfigError(f"{p}: chain_id must not be empty")
-    try:
-        family = WireFamily.from_config(cfg.version)
-    except ValueError as e:
-        raise ConfigError(f"{p}: version: {e}") from None
+_TOP_LEVEL_CHAIN_KEYS = (
+    "chain_id",
+    "version",
+    "signing_mode",
+    "signing",
+    "connections",
+    "initial_state_path",
+)
 
-    endpoints: list[Endpoint] = []
-    for i, c in enumerate(cfg.connections):
-        where = f"{p}: connections[{i}]"
-        if c.address is not None:
-            if c.host is not None or c.port is not None:
-                raise ConfigError(f"{where}: give either address or host/port, not both")
-            endpoints.append(parse_address(c.address, where))
-        else:
-            if c.host is None or c.port is None:
-                raise ConfigError(f"{where}: needs host and port (or address)")
-            endpoints.append(Endpoint("tcp", host=_host(c.host, where), port=_port(c.port, where)))
-    if len(set(endpoints)) != len(endpoints):
-        raise ConfigError(f"{p}: connections lists the same validator address twice")
+
+def _validate(cfg: Config, p: Path) -> LoadedConfig:
+    chains: list[ChainSpec] = []
+    if cfg.chains is not None:
+        given = [k for k in _TOP_LEVEL_CHAIN_KEYS if getattr(cfg, k) is not None]
+        if given:
+            raise ConfigError(
+                f"{p}: {', '.join(given)} at the top level and [[chains]] together: a "
+                "multi-chain config sets each chain's keys in its [[chains]] entry"
+            )
+        if not cfg.chains:
+            raise ConfigError(f"{p}: chains is empty: list at least one [[chains]] entry")
+        if cfg.raft is not None and cfg.raft.initial_state_path is not None:
+            raise ConfigError(
+                f"{p}: raft.initial_state_path is for a single-chain config; with [[chains]] "
+                "set initial_state_path in each chain's entry"
+            )
+        seen: dict[str, int] = {}
+        for i, c in enumerate(cfg.chains):
+            key = f"chains[{i}]"
+            if c.chain_id in seen:
+                raise ConfigError(
+                    f"{p}: {key}.chain_id: chain id {c.chain_id!r} is listed twice "
+                    f"(also chains[{seen[c.chain_id]}])"
+                )
+            seen[c.chain_id] = i
+            chains.append(
+                _chain(
+                    p,
+                    key,
+                    chain_id=c.chain_id,
+                    version=c.version,
+                    signing_mode=c.signing_mode,
+                    signing=c.signing,
+                    connections=c.connections,
+                    initial_state_path=c.initial_state_path,
+                    connection_key_path=c.connection_key_path or cfg.connection_key_path,
+                )
+            )
+    else:
+        if cfg.chain_id is None:
+            raise ConfigError(
+                f"{p}: chain_id is required (or list the chains to serve as [[chains]])"
+            )
+        chains.append(
+            _chain(
+                p,
+                "",
+                chain_id=cfg.chain_id,
+                version=cfg.version if cfg.version is not None else "v1_0",
+                signing_mode=cfg.signing_mode if cfg.signing_mode is not None else "native",
+                signing=cfg.signing if cfg.signing is not None else SigningConfig(),
+                connections=cfg.connections or [],
+                initial_state_path=cfg.initial_state_path,
+                connection_key_path=cfg.connection_key_path,
+            )
+        )
+    owner: dict[Endpoint, str] = {}
+    for c in chains:
+        for ep in c.endpoints:
+            if ep in owner and owner[ep] != c.chain_id:
+                raise ConfigError(
+                    f"{p}: {c.where('connections')}: validator address {ep} is also "
+                    f"listed for chain {owner[ep]!r}: one validator serves one chain"
+                )
+            owner[ep] = c.chain_id
 
     d = cfg.dial
     for name in ("handshake_timeout", "backoff_min", "backoff_max", "idle_timeout"):
@@ -287,23 +417,6 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
             raise ConfigError(f"{p}: dial.{name} must be a finite number > 0")
     if d.backoff_min > d.backoff_max:
         raise ConfigError(f"{p}: dial.backoff_min must be <= dial.backoff_max")
-
-    mode_section = getattr(cfg.signing, cfg.signing_mode)
-    if mode_section is None:
-        raise ConfigError(
-            f"{p}: signing_mode = {cfg.signing_mode!r} needs a [signing.{cfg.signing_mode}] section"
-        )
-    if cfg.signing_mode == "vault_transit" and family is WireFamily.V1_0:
-        pass  # ed25519 only; checked against the key at start
-    if cfg.signing_mode in ("vault_transit", "vault_signer_plugin"):
-        v = mode_section
-        if not v.token_path and not v.token_env:
-            raise ConfigError(f"{p}: signing.{cfg.signing_mode}: set token_path or token_env")
-        if not 0 < v.timeout < 4.0:  # NaN too
-            raise ConfigError(
-                f"{p}: signing.{cfg.signing_mode}.timeout must be in (0, 4) seconds "
-                "(CometBFT gives up after 5 s)"
-            )
 
     if cfg.persist == "raft":
         r = cfg.raft
@@ -355,7 +468,70 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
             except ValueError:
                 raise ConfigError(f"{p}: metrics.listen: {host!r} is not an IP address") from None
 
-    return LoadedConfig(raw=cfg, path=p, family=family, endpoints=tuple(endpoints))
+    return LoadedConfig(raw=cfg, path=p, chains=tuple(chains))
+
+
+def _chain(
+    p: Path,
+    key: str,
+    *,
+    chain_id: str,
+    version: str,
+    signing_mode: SigningMode,
+    signing: SigningConfig,
+    connections: list[ConnectionConfig],
+    initial_state_path: str | None,
+    connection_key_path: str | None,
+) -> ChainSpec:
+    """Validate one chain's keys (top level when ``key`` is "", else ``chains[i]``)."""
+    pre = f"{key}." if key else ""
+    if not chain_id.strip():
+        raise ConfigError(f"{p}: {pre}chain_id must not be empty")
+    try:
+        family = WireFamily.from_config(version)
+    except ValueError as e:
+        raise ConfigError(f"{p}: {pre}version: {e}") from None
+
+    endpoints: list[Endpoint] = []
+    for i, c in enumerate(connections):
+        where = f"{p}: {pre}connections[{i}]"
+        if c.address is not None:
+            if c.host is not None or c.port is not None:
+                raise ConfigError(f"{where}: give either address or host/port, not both")
+            endpoints.append(parse_address(c.address, where))
+        else:
+            if c.host is None or c.port is None:
+                raise ConfigError(f"{where}: needs host and port (or address)")
+            endpoints.append(Endpoint("tcp", host=_host(c.host, where), port=_port(c.port, where)))
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError(f"{p}: {pre}connections lists the same validator address twice")
+
+    mode_section = getattr(signing, signing_mode)
+    if mode_section is None:
+        raise ConfigError(
+            f"{p}: {pre}signing_mode = {signing_mode!r} needs a "
+            f"[{pre}signing.{signing_mode}] section"
+        )
+    if signing_mode in ("vault_transit", "vault_signer_plugin"):
+        v = mode_section
+        if not v.token_path and not v.token_env:
+            raise ConfigError(f"{p}: {pre}signing.{signing_mode}: set token_path or token_env")
+        if not 0 < v.timeout < 4.0:  # NaN too
+            raise ConfigError(
+                f"{p}: {pre}signing.{signing_mode}.timeout must be in (0, 4) seconds "
+                "(CometBFT gives up after 5 s)"
+            )
+    return ChainSpec(
+        chain_id=chain_id,
+        version=version,
+        family=family,
+        signing_mode=signing_mode,
+        signing=signing,
+        endpoints=tuple(endpoints),
+        initial_state_path=initial_state_path,
+        connection_key_path=connection_key_path,
+        key=key,
+    )
 
 
 # ---- templates written by `nebula init` ------------------------------------------------

@@ -1,16 +1,19 @@
 """The composition root: config in, a running signer out.
 
-This is the only module that installs uvloop and turns a config into objects:
-the backend, the store (local file or Raft), the signing service and one dialer
-per validator address.  With a Raft store only the leader dials (S5): it starts
-dialing when it wins leadership and closes every validator connection the moment
-it loses it.
+This is the only module that installs uvloop and turns a config into objects: one
+store (local file or Raft) shared by every chain, and per chain a backend, a signing
+service and one dialer per validator address.  Chains never wait on each other: each
+service decides one request at a time for its own chain, and a store commits the
+decisions of several chains that arrive together in one write (group commit).  With a
+Raft store only the leader dials (S5): it starts dialing when it wins leadership and
+closes every validator connection the moment it loses it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from pathlib import Path
@@ -22,6 +25,7 @@ from nebula.aio.admin import AdminServer, socket_path
 from nebula.aio.conn import Dialer, load_or_make_identity
 from nebula.backends.base import Backend
 from nebula.config import (
+    ChainSpec,
     LoadedConfig,
     VaultSignerPluginSigning,
     VaultTransitSigning,
@@ -47,53 +51,58 @@ log = logging.getLogger("nebula.daemon")
 READY_HEARD_WITHIN = 2.0
 
 
-def make_backend(cfg: LoadedConfig) -> Backend:
-    raw = cfg.raw
-    if raw.signing_mode == "native":
+def make_backend(cfg: LoadedConfig, chain: ChainSpec | None = None) -> Backend:
+    """The backend of ``chain`` (the config's only chain if None)."""
+    chain = chain or cfg.chain()
+    signing = chain.signing
+    if chain.signing_mode == "native":
         from nebula.backends.native import NativeBackend
         from nebula.crypto.keys import BLS_DEFAULT_DST, load_key_file
 
-        n = raw.signing.native
+        n = signing.native
         if n is None:
-            raise ConfigError(f"{cfg.path}: missing [signing.native]")
+            raise ConfigError(f"{cfg.path}: missing [{chain.where('signing.native')}]")
         path = cfg.resolve(n.private_key_path)
         dst = n.bls_dst.encode() if n.bls_dst else BLS_DEFAULT_DST
         return NativeBackend(load_key_file(path, n.key_type, bls_dst=dst))
-    if raw.signing_mode == "vault_transit":
+    if chain.signing_mode == "vault_transit":
         from nebula.backends.vault_transit import VaultTransitBackend
 
-        t = raw.signing.vault_transit
+        t = signing.vault_transit
         if t is None:
-            raise ConfigError(f"{cfg.path}: missing [signing.vault_transit]")
+            raise ConfigError(f"{cfg.path}: missing [{chain.where('signing.vault_transit')}]")
         return VaultTransitBackend.connect(
-            _vault_settings(cfg, t, "vault_transit"), version=raw.version
+            _vault_settings(cfg, chain, t, "vault_transit"), version=chain.version
         )
     from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
     from nebula.crypto.keys import BLS_DEFAULT_DST
 
-    p = raw.signing.vault_signer_plugin
+    p = signing.vault_signer_plugin
     if p is None:
-        raise ConfigError(f"{cfg.path}: missing [signing.vault_signer_plugin]")
+        raise ConfigError(f"{cfg.path}: missing [{chain.where('signing.vault_signer_plugin')}]")
     dst = BLS_DEFAULT_DST
     if p.bls_dst:
         try:
             dst = p.bls_dst.encode("ascii")
         except UnicodeEncodeError:
             raise ConfigError(
-                f"{cfg.path}: signing.vault_signer_plugin.bls_dst must be ASCII"
+                f"{cfg.path}: {chain.where('signing.vault_signer_plugin.bls_dst')} must be ASCII"
             ) from None
     return VaultSignerPluginBackend.connect(
-        _vault_settings(cfg, p, "vault_signer_plugin"), version=raw.version, bls_dst=dst
+        _vault_settings(cfg, chain, p, "vault_signer_plugin"), version=chain.version, bls_dst=dst
     )
 
 
 def _vault_settings(
-    cfg: LoadedConfig, section: VaultTransitSigning | VaultSignerPluginSigning, mode: str
+    cfg: LoadedConfig,
+    chain: ChainSpec,
+    section: VaultTransitSigning | VaultSignerPluginSigning,
+    mode: str,
 ) -> VaultSettings:
     """Plain, validated Vault settings from a ``[signing.<mode>]`` section (token read)."""
     from nebula.backends._vault_common import VaultSettings, load_token
 
-    where = f"{cfg.path}: signing.{mode}"
+    where = f"{cfg.path}: {chain.where('signing.' + mode)}"
     ca_cert = cfg.resolve(section.ca_cert)
     return VaultSettings.create(
         section.address,
@@ -107,11 +116,19 @@ def _vault_settings(
     )
 
 
-def _initial(cfg: LoadedConfig, path: str | None) -> dict[str, SignRecord | None]:
-    p = cfg.resolve(path)
-    if p is None:
-        return {}
-    return {cfg.raw.chain_id: load_priv_validator_state(p)}
+def _initial(cfg: LoadedConfig) -> dict[str, SignRecord | None]:
+    """Each chain's initial state file (``initial_state_path``; for a single-chain Raft
+    config ``raft.initial_state_path`` too), read: chain id -> record."""
+    out: dict[str, SignRecord | None] = {}
+    r = cfg.raw.raft
+    for chain in cfg.chains:
+        path = chain.initial_state_path
+        if not cfg.multi_chain and cfg.raw.persist == "raft" and r is not None:
+            path = r.initial_state_path or path
+        p = cfg.resolve(path)
+        if p is not None:
+            out[chain.chain_id] = load_priv_validator_state(p)
+    return out
 
 
 def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
@@ -121,9 +138,10 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
 
         state_path = cfg.resolve(raw.state_path)
         assert state_path is not None
-        store = LocalStore(state_path, _initial(cfg, raw.initial_state_path))
-        if store.last(raw.chain_id) is None:
-            _warn_starting_from_zero(cfg, state_path, store.created)
+        store = LocalStore(state_path, _initial(cfg))
+        for chain in cfg.chains:
+            if store.last(chain.chain_id) is None:
+                _warn_starting_from_zero(cfg, chain, state_path, store.created)
         return store
     from nebula.crypto.keys import check_private_file
     from nebula.state.raft import RaftStore
@@ -145,7 +163,7 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
         peers={p.id: p.addr for p in r.peers},
         data_path=data_path,
         secret=secret,
-        initial=_initial(cfg, r.initial_state_path or raw.initial_state_path),
+        initial=_initial(cfg),
         commit_timeout=r.commit_timeout,
         tick_interval=r.tick_interval,
         heartbeat_interval=r.heartbeat_interval,
@@ -161,91 +179,141 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
     )
 
 
-def _warn_starting_from_zero(cfg: LoadedConfig, state_path: Path, created: bool) -> None:
+def _warn_starting_from_zero(
+    cfg: LoadedConfig, spec: ChainSpec, state_path: Path, created: bool
+) -> None:
     """A first start has no mark: say so loudly, with the fix, before anything is signed."""
-    chain = cfg.raw.chain_id
+    chain = spec.chain_id
     where = f"new state file {state_path}" if created else f"state file {state_path}"
     log.warning(
         "NO SIGN STATE for chain %s (%s): double-sign protection starts at height/round/step "
         "0/0/0. If this key has signed on %s before (another signer, an older state file), "
         "stop now and import its last state: set initial_state_path = "
-        '"priv_validator_state.json" in %s and restart, or run `nebula state import -c %s '
-        "priv_validator_state.json` (an import only ever raises the mark).",
+        '"priv_validator_state.json" (%s) in %s and restart, or run `nebula state import -c %s '
+        "%spriv_validator_state.json` (an import only ever raises the mark).",
         chain,
         where,
         chain,
+        spec.where("initial_state_path"),
         cfg.path,
         cfg.path,
+        f"--chain {chain} " if cfg.multi_chain else "",
         extra={"event": "no_sign_state", "chain_id": chain, "state_path": str(state_path)},
     )
 
 
-def _known_states(store: SignStore, chain_id: str) -> dict[str, SignRecord]:
-    rec = store.last(chain_id)
-    return {chain_id: rec} if rec is not None else {}
+@dataclasses.dataclass(slots=True)
+class ChainRuntime:
+    """What serves one chain: its backend, its signing service and its dialers."""
+
+    spec: ChainSpec
+    backend: Backend
+    service: SigningService
+    dialers: list[Dialer]
+    address: str  # the validator address of its key, hex
 
 
 class Daemon:
     def __init__(self, cfg: LoadedConfig) -> None:
         self.cfg = cfg
-        self.backend: Backend | None = None
         self.store: SignStore | None = None
-        self.service: SigningService | None = None
-        self.dialers: list[Dialer] = []
+        self.chains: dict[str, ChainRuntime] = {}
         self.metrics: Metrics | None = None
         self.health: HealthServer | None = None
         self.admin: AdminServer | None = None
         self._stop = asyncio.Event()
         self._bg: set[asyncio.Task[None]] = set()
 
+    @property
+    def dialers(self) -> list[Dialer]:
+        return [d for rt in self.chains.values() for d in rt.dialers]
+
+    # The single chain's objects (tests and single-chain tools).
+    @property
+    def service(self) -> SigningService | None:
+        rt = next(iter(self.chains.values()), None)
+        return rt.service if rt is not None else None
+
+    @property
+    def backend(self) -> Backend | None:
+        rt = next(iter(self.chains.values()), None)
+        return rt.backend if rt is not None else None
+
     async def start(self) -> None:
+        from nebula.crypto.keys import address_of
+
         cfg, raw = self.cfg, self.cfg.raw
         loop = asyncio.get_running_loop()
-        self.backend = make_backend(cfg)
-        self.store = make_store(cfg, loop)
-        await self.store.start()
+        backends: dict[str, Backend] = {}
+        try:
+            for spec in cfg.chains:
+                backends[spec.chain_id] = make_backend(cfg, spec)
+        except BaseException:
+            for b in backends.values():
+                with contextlib.suppress(Exception):
+                    await b.close()
+            raise
+        try:
+            self.store = make_store(cfg, loop)
+        except BaseException:
+            for b in backends.values():
+                with contextlib.suppress(Exception):
+                    await b.close()
+            raise
         self.metrics = Metrics()
-        self.service = SigningService(
-            raw.chain_id, cfg.family, self.backend, self.store, metrics=self.metrics
-        )
-        for chain_id, rec in _known_states(self.store, raw.chain_id).items():
-            self.metrics.last_height.labels(chain_id).set(rec.height)
-            self.metrics.last_round.labels(chain_id).set(rec.round)
-            self.metrics.last_step.labels(chain_id).set(rec.step)
+        # The services exist before the store serves, so that close() finds every backend.
+        d = raw.dial
+        seeds: dict[str | None, bytes] = {}
+        for spec in cfg.chains:
+            backend = backends[spec.chain_id]
+            service = SigningService(
+                spec.chain_id, spec.family, backend, self.store, metrics=self.metrics
+            )
+            seed = seeds.get(spec.connection_key_path)
+            if seed is None:
+                seed = seeds[spec.connection_key_path] = load_or_make_identity(
+                    cfg.resolve(spec.connection_key_path)
+                )
+            dialers = [
+                Dialer(
+                    ep,
+                    service,
+                    spec.family,
+                    identity_seed=seed,
+                    handshake_timeout=d.handshake_timeout,
+                    backoff_min=d.backoff_min,
+                    backoff_max=d.backoff_max,
+                    idle_timeout=d.idle_timeout,
+                    metrics=self.metrics,
+                )
+                for ep in spec.endpoints
+            ]
+            addr = address_of(backend.key_type, backend.public_key).hex().upper()
+            self.chains[spec.chain_id] = ChainRuntime(spec, backend, service, dialers, addr)
+        await self.store.start()
+        for chain_id in self.chains:
+            rec = self.store.last(chain_id)
+            if rec is not None:
+                self.metrics.last_height.labels(chain_id).set(rec.height)
+                self.metrics.last_round.labels(chain_id).set(rec.round)
+                self.metrics.last_step.labels(chain_id).set(rec.step)
         if self.store.replicated:
             self.metrics.before_expose = self._update_raft_gauges
         if raw.metrics.listen:
             host, port = parse_hostport(raw.metrics.listen, "metrics.listen")
             self.health = HealthServer(self.metrics, host, port, self.ready)
             await self.health.start()
-        ident_path = cfg.resolve(raw.connection_key_path)
-        seed = load_or_make_identity(ident_path)
-        d = raw.dial
-        self.dialers = [
-            Dialer(
-                ep,
-                self.service,
-                cfg.family,
-                identity_seed=seed,
-                handshake_timeout=d.handshake_timeout,
-                backoff_min=d.backoff_min,
-                backoff_max=d.backoff_max,
-                idle_timeout=d.idle_timeout,
-                metrics=self.metrics,
+        for rt in self.chains.values():
+            log.info(
+                "nebula signer for chain %s (%s, %s key, address %s, persist=%s, %d validator(s))",
+                rt.spec.chain_id,
+                rt.spec.family.value,
+                rt.backend.key_type,
+                rt.address,
+                raw.persist,
+                len(rt.dialers),
+                extra={"event": "chain", "chain_id": rt.spec.chain_id},
             )
-            for ep in cfg.endpoints
-        ]
-        from nebula.crypto.keys import address_of
-
-        addr = address_of(self.backend.key_type, self.backend.public_key).hex().upper()
-        log.info(
-            "nebula signer for chain %s (%s, %s key, address %s, persist=%s)",
-            raw.chain_id,
-            cfg.family.value,
-            self.backend.key_type,
-            addr,
-            raw.persist,
-        )
         self.admin = AdminServer(
             socket_path(cfg),
             {
@@ -288,30 +356,63 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         raw = self.cfg.raw
         store = self.store
-        assert store is not None and self.backend is not None
+        assert store is not None
         node = store.status()
         node["validators"] = [
-            {"address": str(d.endpoint), "connected": d.connected, "connects": d.connects}
-            for d in self.dialers
+            {
+                "chain_id": chain_id,
+                "address": str(d.endpoint),
+                "connected": d.connected,
+                "connects": d.connects,
+            }
+            for chain_id, rt in self.chains.items()
+            for d in rt.dialers
         ]
-        node["chain_id"] = raw.chain_id
+        states = node.get("chains") or {}
+        node["served"] = {
+            chain_id: {
+                "version": rt.spec.family.value,
+                "key_type": rt.backend.key_type,
+                "address": rt.address,
+                "signing_mode": rt.spec.signing_mode,
+                "validators_connected": sum(1 for d in rt.dialers if d.connected),
+                "validators": len(rt.dialers),
+                "state": states.get(chain_id),
+            }
+            for chain_id, rt in self.chains.items()
+        }
+        if len(self.chains) == 1:
+            rt = next(iter(self.chains.values()))
+            node["chain_id"] = rt.spec.chain_id
+            node["key_type"] = rt.backend.key_type
         node["persist"] = raw.persist
-        node["key_type"] = self.backend.key_type
         node["version"] = __version__
         return node
 
     async def _admin_status(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.status()
 
+    def _chain_arg(self, req: dict[str, Any]) -> str:
+        """The request's chain id: the only served chain if it names none."""
+        chain_id = req.get("chain_id")
+        if chain_id is None:
+            if len(self.chains) != 1:
+                raise ConfigError(
+                    f"this node serves {len(self.chains)} chains ({', '.join(self.chains)}): "
+                    "say which with --chain"
+                )
+            return next(iter(self.chains))
+        return str(chain_id)
+
     async def _admin_export(self, req: dict[str, Any]) -> dict[str, Any] | None:
         assert self.store is not None
-        rec = self.store.last(str(req.get("chain_id") or self.cfg.raw.chain_id))
+        rec = self.store.last(self._chain_arg(req))
         return record_to_json(rec) if rec is not None else None
 
     async def _admin_import(self, req: dict[str, Any]) -> dict[str, Any] | None:
         store = self.store
         assert store is not None
-        chain_id = str(req.get("chain_id") or self.cfg.raw.chain_id)
+        chain_id = self._chain_arg(req)
         rec = record_from_json(req.get("state"), "imported state")
         if rec is not None:
             await store.raise_to(chain_id, rec)
@@ -373,9 +474,9 @@ class Daemon:
             await self.admin.close()
         if self.health is not None:
             await self.health.close()
-        if self.backend is not None:
+        for rt in self.chains.values():
             with contextlib.suppress(Exception):
-                await self.backend.close()
+                await rt.backend.close()
 
 
 async def serve(cfg: LoadedConfig) -> None:
@@ -391,7 +492,7 @@ async def serve(cfg: LoadedConfig) -> None:
             loop.add_signal_handler(sig, daemon.request_stop)
     try:
         await daemon.start()
-        sdnotify.notify("READY=1", f"STATUS=serving chain {cfg.raw.chain_id}")
+        sdnotify.notify("READY=1", f"STATUS=serving chain(s) {', '.join(cfg.chain_ids)}")
         await daemon.wait()
         log.info("stopping: closing validator connections and the sign state")
     finally:

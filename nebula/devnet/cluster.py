@@ -44,6 +44,7 @@ from nebula.types import WireFamily
 __all__ = [
     "CONFIG_NAME",
     "LOG_NAME",
+    "ChainDef",
     "NebulaNode",
     "NodeDir",
     "config_version",
@@ -86,6 +87,36 @@ def _toml_value(v: object) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainDef:
+    """One chain of a multi-chain node directory: written as a ``[[chains]]`` entry with
+    its own native key file (``privkey-<chain index>``)."""
+
+    chain_id: str
+    version: str
+    key: SigningKey
+    connections: Sequence[str]
+
+
+def _chain_lines(home: Path, chains: Sequence[ChainDef]) -> list[str]:
+    lines: list[str] = []
+    for i, c in enumerate(chains):
+        key_name = f"{KEY_NAME}-{i}"
+        write_key_file(home / key_name, c.key, overwrite=True)
+        lines += [
+            "[[chains]]",
+            f"chain_id = {_toml_str(c.chain_id)}",
+            f"version = {_toml_str(c.version)}",
+            'signing_mode = "native"',
+            "[chains.signing.native]",
+            f"private_key_path = {_toml_str('./' + key_name)}",
+            f"key_type = {_toml_str(c.key.key_type)}",
+        ]
+        for a in c.connections:
+            lines += ["[[chains.connections]]", f"address = {_toml_str(a)}"]
+    return lines
+
+
+@dataclass(frozen=True, slots=True)
 class NodeDir:
     """One written node directory."""
 
@@ -99,10 +130,11 @@ class NodeDir:
 def write_node_dir(
     home: Path,
     *,
-    chain_id: str,
-    version: str,
-    key: SigningKey | None,
-    connections: Sequence[str],
+    chain_id: str = "",
+    version: str = "",
+    key: SigningKey | None = None,
+    connections: Sequence[str] = (),
+    chains: Sequence[ChainDef] | None = None,
     persist: str = "local",
     raft: Mapping[str, Any] | None = None,
     secret: bytes | None = None,
@@ -122,7 +154,14 @@ def write_node_dir(
     ``./cluster_secret``). With ``signing=None`` and a ``key``, the key goes to
     ``./privkey`` and ``[signing.native]`` is written; with ``signing`` set, the caller
     puts the ``[signing.<mode>]`` section into ``extra`` (raw TOML for the top level).
+    With ``chains`` the node serves several chains (``[[chains]]`` entries, each with its
+    own key file) and ``chain_id``, ``version``, ``key``, ``connections`` and ``signing``
+    must be left out.
     """
+    if chains is not None and (chain_id or version or key or connections or signing):
+        raise ConfigError("give either chains or chain_id/version/key/connections")
+    if chains is None and not (chain_id and version):
+        raise ConfigError("a node directory needs chain_id and version (or chains)")
     if persist not in ("local", "raft"):
         raise ConfigError(f'persist must be "local" or "raft", got {persist!r}')
     if persist == "raft" and raft is None:
@@ -130,14 +169,21 @@ def write_node_dir(
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     config_path = home / CONFIG_NAME
+    chain_keys = (
+        []
+        if chains is not None
+        else [
+            f"chain_id = {_toml_str(chain_id)}",
+            f"version = {_toml_str(version)}",
+            f"signing_mode = {_toml_str('native' if signing is None else signing)}",
+        ]
+    )
     lines = [
-        f"chain_id = {_toml_str(chain_id)}",
-        f"version = {_toml_str(version)}",
+        *chain_keys,
         f"log_format = {_toml_str(log_format)}",
         f"log_level = {_toml_str(log_level)}",
         f"persist = {_toml_str(persist)}",
         'state_path = "./state.json"',
-        f"signing_mode = {_toml_str('native' if signing is None else signing)}",
         extra,
         "[dial]",
         f"backoff_min = {backoff_min!r}",
@@ -163,7 +209,9 @@ def write_node_dir(
             if not secret_path.is_absolute():
                 secret_path = home / secret_path
             write_private_file(secret_path, secret, overwrite=True)
-    if signing is None and key is not None:
+    if chains is not None:
+        lines += _chain_lines(home, chains)
+    elif signing is None and key is not None:
         write_key_file(home / KEY_NAME, key, overwrite=True)
         lines += [
             "[signing.native]",
@@ -178,10 +226,11 @@ def write_cluster(
     base_dir: Path,
     *,
     nodes: int,
-    chain_id: str,
-    version: str,
-    key: SigningKey,
-    connections: Sequence[str],
+    chain_id: str = "",
+    version: str = "",
+    key: SigningKey | None = None,
+    connections: Sequence[str] = (),
+    chains: Sequence[ChainDef] | None = None,
     persist: str | None = None,
     commit_timeout: float = 1.0,
     election_timeout_min: float = 0.3,
@@ -196,7 +245,9 @@ def write_cluster(
     with local state would each sign on their own (a double sign), so that is refused.
     Raft nodes listen on fresh 127.0.0.1 ports and share ``secret`` (32 random bytes,
     hex-encoded, by default). Every node dials every address in ``connections``; with
-    Raft only the leader does.
+    Raft only the leader does.  With ``chains`` (instead of ``chain_id``, ``version``,
+    ``key`` and ``connections``) every node serves all of them, each chain with its own
+    key and validators.
     """
     if nodes < 1:
         raise ConfigError(f"a cluster needs at least one node, got {nodes}")
@@ -217,6 +268,7 @@ def write_cluster(
                 version=version,
                 key=key,
                 connections=connections,
+                chains=chains,
                 log_level=log_level,
                 log_format=log_format,
             )
@@ -243,6 +295,7 @@ def write_cluster(
                 version=version,
                 key=key,
                 connections=connections,
+                chains=chains,
                 persist="raft",
                 raft=raft,
                 secret=secret,

@@ -66,6 +66,7 @@ never writes).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -260,6 +261,10 @@ class LocalStore(SingleNodeStore):
         self._slot_size = SLOT_SIZE
         self._seq = 0  # sequence number of the current slot
         self._cur = 0  # index of the slot holding the current state
+        # Group commit: decisions of other chains that arrive after a write in the same
+        # loop pass wait for the pass's flush and share one write.
+        self._batch: list[tuple[str, SignRecord, asyncio.Future[Decision]]] = []
+        self._batch_armed = False
         #: True if this store created the state file (a first start)
         self.created = False
         try:
@@ -402,7 +407,44 @@ class LocalStore(SingleNodeStore):
         return dict(self._states)
 
     async def commit(self, chain_id: str, record: SignRecord) -> Decision:
-        return self.commit_sync(chain_id, record)
+        if not self._batch_armed:
+            # The first decision of this loop pass is written at once; the ones that
+            # arrive later in the same pass (other chains) share the flush's one write.
+            decision = self.commit_sync(chain_id, record)
+            self._batch_armed = True
+            asyncio.get_running_loop().call_soon(self._flush)
+            return decision
+        fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._batch.append((chain_id, record, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        """Decide every waiting commit in arrival order and make them durable together."""
+        self._batch_armed = False
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        states = dict(self._states)
+        decisions: list[Decision] = []
+        changed = False
+        for chain_id, record, _fut in batch:
+            new, decision = apply(states.get(chain_id), record)
+            if decision.verdict == Verdict.ACCEPT and new is not None:
+                states[chain_id] = new
+                changed = True
+            decisions.append(decision)
+        try:
+            if changed:
+                self._write(states)  # raises StateError: nothing of the batch is released
+        except StateError as e:
+            for _c, _r, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StateError(str(e)))
+            return
+        self._states = states
+        for (_c, _r, fut), decision in zip(batch, decisions, strict=True):
+            if not fut.done():  # a cancelled waiter: its decision stands, nothing released
+                fut.set_result(decision)
 
     def commit_sync(self, chain_id: str, record: SignRecord) -> Decision:
         cur = self._states.get(chain_id)
@@ -436,4 +478,8 @@ class LocalStore(SingleNodeStore):
     def close_sync(self) -> None:
         """Close the file and release the lock (the store refuses every write after)."""
         self._closed = True
+        batch, self._batch = self._batch, []
+        for _c, _r, fut in batch:
+            if not fut.done():
+                fut.set_exception(StateError(f"{self.path}: the state store is closed"))
         self._release()

@@ -194,6 +194,10 @@ class RaftStore(SignStore):
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
+        # Group commit: proposals made after the first one of a loop pass wait for the
+        # pass's flush and share its Ready (one fdatasync, one append per follower).
+        self._batch_armed = False
+        self._batched = 0
         self._role_callbacks: list[Callable[[bool], Any]] = []
         self._announced = False
         self._imports: dict[bytes, SignRecord] = {}
@@ -314,6 +318,13 @@ class RaftStore(SignStore):
         self._kicked = False
         if not self._closed:
             self._node.process()
+
+    def _flush_batch(self) -> None:
+        self._batch_armed = False
+        if self._batched:
+            self._batched = 0
+            if not self._closed:
+                self._node.process()
 
     def _on_authority(self, auth: bool) -> None:
         self._announce()
@@ -448,7 +459,16 @@ class RaftStore(SignStore):
                 fut.set_result((result, err))
 
         self._node.propose(data, resolve)  # NotLeader / StateError propagate: nothing proposed
-        self._node.process()  # persist and send now (no loop pass in between)
+        if self._batch_armed:
+            # Another decision (another chain's) went out in this loop pass: this one
+            # joins whatever else arrives in the pass, and the flush sends them together.
+            self._batched += 1
+        else:
+            # The first decision of the pass: persist and send now (no loop pass in
+            # between), and collect the ones that follow it in the same pass.
+            self._node.process()
+            self._batch_armed = True
+            self._loop.call_soon(self._flush_batch)
         # The deadline resolves the future first; a late apply then finds it done and
         # releases nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)
         expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
