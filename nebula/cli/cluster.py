@@ -96,8 +96,45 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{conn}/{len(vals)}",
             _fmt_state(s),
         )
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(t)
+    chains = _chains_table(sts)
+    if chains is not None:
+        console.print(chains)
     return 0 if all(_reachable(s) for s in sts) else 1
+
+
+def _chains_table(sts: list[dict[str, Any]]) -> Any:
+    """One row per served chain, as the leader (else the first reachable member) sees it;
+    None for a single-chain node."""
+    from rich.table import Table
+
+    reachable = [s for s in sts if _reachable(s) and s.get("served")]
+    if not reachable:
+        return None
+    src = next((s for s in reachable if s.get("authoritative")), reachable[0])
+    served = src["served"]
+    if len(served) < 2:
+        return None
+    t = Table(title=f"Chains (as node {src.get('node_id', src['config'])} sees them)")
+    for col in ("chain", "line", "key", "address", "validators", "last signed (h/r/step)"):
+        t.add_column(col)
+    for chain_id, c in served.items():
+        st = c.get("state")
+        last = (
+            f"{st['height']}/{st['round']}/{_STEP.get(st['step'], st['step'])}"
+            if st
+            else "never signed"
+        )
+        t.add_row(
+            chain_id,
+            str(c.get("version", "")),
+            f"{c.get('key_type', '')} ({c.get('signing_mode', '')})",
+            str(c.get("address", ""))[:12],
+            f"{c.get('validators_connected', 0)}/{c.get('validators', 0)}",
+            last,
+        )
+    return t
 
 
 def _find_leader(paths: list[str]) -> str:
@@ -124,12 +161,12 @@ def cmd_member(args: argparse.Namespace) -> int:
     return 0
 
 
-def export_raft_state(cfg: config.LoadedConfig) -> SignRecord | None:
-    res = admin.request(admin.socket_path(cfg), "export", chain_id=cfg.raw.chain_id)
+def export_raft_state(cfg: config.LoadedConfig, chain_id: str) -> SignRecord | None:
+    res = admin.request(admin.socket_path(cfg), "export", chain_id=chain_id)
     return record_from_json(res, "exported state") if res else None
 
 
-def import_raft_state(cfg: config.LoadedConfig, rec: SignRecord | None) -> int:
+def import_raft_state(cfg: config.LoadedConfig, chain_id: str, rec: SignRecord | None) -> int:
     if rec is None:
         print("nothing to import: the file holds the initial (0/0/0) state")
         return 0
@@ -137,10 +174,10 @@ def import_raft_state(cfg: config.LoadedConfig, rec: SignRecord | None) -> int:
         admin.socket_path(cfg),
         "import",
         timeout=15,
-        chain_id=cfg.raw.chain_id,
+        chain_id=chain_id,
         state=record_to_json(rec),
     )
-    print(f"state for {cfg.raw.chain_id}: {res['height']}/{res['round']}/{res['step']}")
+    print(f"state for {chain_id}: {res['height']}/{res['round']}/{res['step']}")
     return 0
 
 

@@ -67,15 +67,18 @@ def _key_path_from(args: argparse.Namespace) -> tuple[Path, str, bytes | None]:
     if not args.config:
         raise NebulaError("give -c CONFIG or an explicit key file path")
     cfg = config.load(args.config)
-    n = cfg.raw.signing.native
+    chain = cfg.chain(getattr(args, "chain", None))
+    n = chain.signing.native
     if n is None:
-        raise NebulaError(f"{cfg.path}: no [signing.native] section to take the key path from")
+        raise NebulaError(
+            f"{cfg.path}: no [{chain.where('signing.native')}] section to take the key path from"
+        )
     dst = n.bls_dst.encode() if n.bls_dst else BLS_DEFAULT_DST
     key_type = args.key_type or n.key_type
     if args.key_type and args.key_type != n.key_type:
         raise NebulaError(
-            f"--key-type {args.key_type} disagrees with signing.native.key_type = "
-            f"{n.key_type!r} in {cfg.path}"
+            f"--key-type {args.key_type} disagrees with {chain.where('signing.native.key_type')}"
+            f" = {n.key_type!r} in {cfg.path}"
         )
     path = cfg.resolve(n.private_key_path)
     assert path is not None
@@ -168,12 +171,13 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     from nebula.state.local import read_states
 
     cfg = config.load(args.config)
+    chain_id = cfg.chain(args.chain).chain_id
     if cfg.raw.persist == "raft" or _running(cfg):
-        rec = export_raft_state(cfg)  # ask the running node
+        rec = export_raft_state(cfg, chain_id)  # ask the running node
     else:
         p = cfg.resolve(cfg.raw.state_path)
         assert p is not None
-        rec = read_states(p).get(cfg.raw.chain_id)  # reads only; creates nothing
+        rec = read_states(p).get(chain_id)  # reads only; creates nothing
     obj = record_to_json(rec) if rec is not None else {"height": "0", "round": 0, "step": 0}
     # CometBFT's file has only these keys; Nebula's extension fields are left out.
     keep = ("height", "round", "step", "signature", "signbytes")
@@ -192,23 +196,27 @@ def cmd_state_import(args: argparse.Namespace) -> int:
     from nebula.state.local import LocalStore
 
     cfg = config.load(args.config)
+    chain_id = cfg.chain(args.chain).chain_id
     rec = load_priv_validator_state(args.file)
     if cfg.raw.persist == "raft" or _running(cfg):
-        return import_raft_state(cfg, rec)  # through the running node
+        return import_raft_state(cfg, chain_id, rec)  # through the running node
     p = cfg.resolve(cfg.raw.state_path)
     assert p is not None
     store = LocalStore(p)  # holds the state file's lock: refused while a node runs on it
     try:
-        store.force_import(cfg.raw.chain_id, rec)
-        after = store.last(cfg.raw.chain_id)
+        store.force_import(chain_id, rec)
+        after = store.last(chain_id)
     finally:
         store.close_sync()
     shown = f"{after.height}/{after.round}/{after.step}" if after else "0/0/0"
-    print(f"state for {cfg.raw.chain_id}: {shown} (an import only ever raises it)")
+    print(f"state for {chain_id}: {shown} (an import only ever raises it)")
     return 0
 
 
 # ---- parser ----------------------------------------------------------------------------
+
+
+_CHAIN_HELP = "the chain id (required when the config serves several chains)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "import":
             s.add_argument("file", help="priv_validator_key.json")
         s.add_argument("-c", "--config", help="config file (key path from [signing.native])")
+        s.add_argument("--chain", help=_CHAIN_HELP)
         if name == "show":
             s.add_argument("--key-file", help="a key file instead of the config's")
         else:
@@ -256,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("state", help="sign state").add_subparsers(dest="state_cmd", required=True)
     s = st.add_parser("export", help="write the sign state as priv_validator_state.json")
     s.add_argument("-c", "--config", required=True)
+    s.add_argument("--chain", help=_CHAIN_HELP)
     s.add_argument("--output", "-o")
     s.set_defaults(func=cmd_state_export)
     s = st.add_parser("import", help="raise the sign state from a priv_validator_state.json")
     s.add_argument("-c", "--config", required=True)
+    s.add_argument("--chain", help=_CHAIN_HELP)
     s.add_argument("file")
     s.set_defaults(func=cmd_state_import)
 

@@ -41,12 +41,13 @@ def _settings(args: argparse.Namespace, mode: str) -> tuple[Any, str]:
     base = Path.cwd() / "nebula.toml"
     if args.config:
         cfg = config.load(args.config)
-        section = getattr(cfg.raw.signing, mode)
+        chain = cfg.chain(getattr(args, "chain", None))
+        section = getattr(chain.signing, mode)
         if section is None:
-            raise ConfigError(f"{cfg.path}: no [signing.{mode}] section")
-        version = cfg.raw.version
+            raise ConfigError(f"{cfg.path}: no [{chain.where('signing.' + mode)}] section")
+        version = chain.version
         base = cfg.path
-        where = f"{cfg.path}: signing.{mode}"
+        where = f"{cfg.path}: {chain.where('signing.' + mode)}"
     else:
         section = (
             config.VaultTransitSigning()
@@ -186,6 +187,7 @@ def cmd_show_key(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="config file (Vault settings from [signing.*])")
+    p.add_argument("--chain", help="the config's chain whose settings to use (several chains)")
     p.add_argument("--address", help="Vault address, e.g. https://vault:8200")
     p.add_argument("--mount", help="mount path of the engine")
     p.add_argument("--key-name", dest="key_name", help="key name")
