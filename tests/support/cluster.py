@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from nebula.aio import admin
 from nebula.aio.validator_side import PrivvalListener, SignerConnection
 from nebula.config import load as load_config
 from nebula.crypto.keys import SigningKey, signature_verifier
-from nebula.devnet.cluster import NebulaNode, NodeDir, write_node_dir
+from nebula.devnet.cluster import ChainDef, NebulaNode, NodeDir, write_node_dir
 from nebula.errors import NebulaError
 from nebula.types import (
     BlockID,
@@ -151,10 +151,11 @@ class ProcCluster:
         base: Path,
         n: int,
         *,
-        key: SigningKey,
-        chain_id: str,
-        connections: list[str],
+        key: SigningKey | None = None,
+        chain_id: str = "",
+        connections: Sequence[str] = (),
         version: str = "v0_38",
+        chains: Sequence[ChainDef] | None = None,
         proxied: bool = False,
         commit_timeout: float = 1.0,
         extra: str = "",
@@ -164,20 +165,24 @@ class ProcCluster:
         raft_extra: Mapping[str, Any] | None = None,
     ) -> None:
         """``node_env(node_id)``: extra environment variables for that node's process;
-        ``raft_extra``: more ``[raft]`` keys for every node (e.g. ``dynamic_membership``)."""
+        ``raft_extra``: more ``[raft]`` keys for every node (e.g. ``dynamic_membership``).
+        With ``chains`` every node serves several chains (``[[chains]]``, each with its
+        own key and validators) instead of ``chain_id``/``version``/``key``/``connections``."""
         self.base = Path(base)
         self.n = n
         self.key = key
         self.chain_id = chain_id
-        self._node_args: dict[str, Any] = {
-            "chain_id": chain_id,
-            "version": version,
-            "key": key,
-            "connections": connections,
-            "persist": "raft",
-            "log_level": "debug",
-            "signing": signing,
-        }
+        self._node_args: dict[str, Any] = {"persist": "raft", "log_level": "debug"}
+        if chains is not None:
+            self._node_args["chains"] = list(chains)
+        else:
+            self._node_args.update(
+                chain_id=chain_id,
+                version=version,
+                key=key,
+                connections=list(connections),
+                signing=signing,
+            )
         self._raft_common: dict[str, Any] = {
             "data_path": "./raft_data",
             "commit_timeout": commit_timeout,

@@ -1,0 +1,141 @@
+"""One 3-node Nebula Raft cluster signs two real CometBFT chains of different lines at once.
+
+Chain A runs CometBFT v0.38.25, chain B v1.0.1; each is a single-validator chain with its
+own validator key, whose ``priv_validator_laddr`` the cluster's leader dials (the nodes'
+config lists both as ``[[chains]]`` entries, over one shared Raft store).  The leader is
+SIGKILLed 5 times and restarted each time as a follower; after every kill both chains must
+commit two more heights (the second one needs signatures made after the kill, by the new
+leader).  At the end every height of each chain must carry a precommit that verifies with
+that chain's own key (and not with the other chain's), and neither chain may hold
+duplicate-vote evidence.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+
+from nebula.crypto.keys import SigningKey, generate
+from nebula.devnet.cluster import ChainDef, config_version
+from tests.support.cluster import ProcCluster
+from tests.support.cometbft import (
+    VERIFIERS,
+    DevnetError,
+    LocalChain,
+    ValidatorKey,
+    duplicate_vote_evidence,
+    signed_commits,
+    verify_commit_signatures,
+)
+from tests.support.ports import free_ports
+
+pytestmark = pytest.mark.e2e
+
+VERSIONS = ("v0.38.25", "v1.0.1")
+KILLS = 5
+BLOCKS_BETWEEN = 3
+
+
+def _caught_up(cluster: ProcCluster, nid: int, timeout: float = 20.0) -> None:
+    """Wait until member ``nid`` has applied (nearly) everything the leader committed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lead = cluster.leader()
+        st = cluster.status(nid)
+        ls = cluster.status(lead) if lead is not None else None
+        if st and ls and st.get("fatal") is None and st["applied_index"] >= ls["commit_index"] - 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"node {nid} did not catch up within {timeout}s\n{cluster.logs()}")
+
+
+def _advance_all(chains: list[LocalChain], by: int, timeout: float = 30.0) -> list[int]:
+    """Wait until every chain is ``by`` heights past where it is now; the heights reached."""
+    targets = [c.latest_height() + by for c in chains]
+    return [c.wait_for_height(t, timeout=timeout) for c, t in zip(chains, targets, strict=True)]
+
+
+def test_one_cluster_signs_two_chains_through_leader_kills(tmp_path, local_chains) -> None:
+    keys: list[SigningKey] = [generate("ed25519") for _ in VERSIONS]
+    ports = free_ports(len(VERSIONS))
+    chains: list[LocalChain] = []
+    defs: list[ChainDef] = []
+    for i, (version, key, port) in enumerate(zip(VERSIONS, keys, ports, strict=True)):
+        laddr = f"tcp://127.0.0.1:{port}"
+        chain = local_chains(
+            version,
+            start=False,
+            chain_id=f"multi-{i}-{config_version(version)}",
+            validator=ValidatorKey("ed25519", key.public_key),
+            priv_validator_laddr=laddr,
+        )
+        chains.append(chain)
+        defs.append(ChainDef(chain.chain_id, config_version(version), key, [laddr]))
+    assert len({c.chain_id for c in chains}) == len(chains)
+    assert len({k.public_key for k in keys}) == len(keys)
+
+    cluster = ProcCluster(tmp_path / "nebula", 3, chains=defs)
+    with cluster:
+        leader = cluster.wait_leader_sync()
+        served = cluster.status(leader)["served"]
+        assert set(served) == {c.chain_id for c in chains}, served
+        for chain, key in zip(chains, keys, strict=True):
+            assert served[chain.chain_id]["address"] == key.address.hex().upper(), served
+        for chain in chains:
+            chain.start()
+        for chain in chains:
+            chain.wait_for_height(2, timeout=60)
+
+        failovers: list[float] = []
+        killed: list[int] = []
+        for _ in range(KILLS):
+            _advance_all(chains, BLOCKS_BETWEEN)
+            leader = cluster.wait_leader_sync()
+            # The leader alone holds the validator connections, one per chain.
+            st = cluster.status(leader)
+            assert st is not None, cluster.logs()
+            assert {c: s["validators_connected"] for c, s in st["served"].items()} == {
+                c.chain_id: 1 for c in chains
+            }, st["served"]
+            before = [c.latest_height() for c in chains]
+            t_kill = time.monotonic()
+            cluster.nodes[leader].kill()
+            # Two heights on each chain: the second needs votes signed after the kill.
+            after = [
+                c.wait_for_height(h + 2, timeout=30) for c, h in zip(chains, before, strict=True)
+            ]
+            failovers.append(time.monotonic() - t_kill)
+            assert all(a >= b + 2 for a, b in zip(after, before, strict=True))
+            new_leader = cluster.wait_leader_sync()
+            assert new_leader != leader
+            killed.append(leader)
+            cluster.nodes[leader].start()  # back as a follower
+            _caught_up(cluster, leader)
+
+        last = _advance_all(chains, 3)
+        rounds = []
+        for chain, key, other, top in zip(chains, keys, reversed(keys), last, strict=True):
+            # Every height carries this chain's own key's precommit ...
+            sigs = verify_commit_signatures(
+                chain, key.public_key, "ed25519", range(1, top), VERIFIERS["ed25519"]
+            )
+            assert [s.height for s in sigs] == list(range(1, top))
+            # ... and not the other chain's key (the check tells the keys apart).
+            with pytest.raises(DevnetError, match="no signature from validator"):
+                verify_commit_signatures(
+                    chain, other.public_key, "ed25519", [top - 1], VERIFIERS["ed25519"]
+                )
+            assert duplicate_vote_evidence(chain, 1, top) == []
+            rounds.append(sum(c.round for c in signed_commits(chain, 1, top - 1)))
+        for chain in chains:
+            chain.stop()
+    assert len(killed) == KILLS
+    print(
+        f"\ntwo chains ({', '.join(VERSIONS)}) on one 3-node cluster: {KILLS} leader SIGKILLs "
+        f"(nodes {killed}); kill -> two more heights on both chains: median "
+        f"{statistics.median(failovers):.2f}s, max {max(failovers):.2f}s; heights "
+        f"{dict(zip(VERSIONS, last, strict=True))} all signed by their own key, extra rounds "
+        f"{dict(zip(VERSIONS, rounds, strict=True))}"
+    )
