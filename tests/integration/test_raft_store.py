@@ -440,6 +440,46 @@ def test_a_one_member_cluster_commits_without_waiting_for_a_timer(tmp_path: Path
     assert total < n * tick / 10, f"{n} commits took {total:.2f}s"
 
 
+def test_decisions_of_many_chains_in_one_pass_share_a_raft_round(tmp_path: Path) -> None:
+    """Group commit: concurrent decisions of different chains share one Ready (one
+    fdatasync per member, one append per follower), each with its own outcome."""
+    chains = [f"chain-{i}" for i in range(16)]
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, 3) as (stores, _):
+            leader = await leader_of(stores)
+            aud = Audited()
+            for c in chains:  # a first decision per chain
+                await aud.commit(leader, rec(1, b"a"), c)
+            syncs0 = leader.status()["journal"]["syncs"]
+            outs = await asyncio.gather(
+                *(aud.commit(leader, rec(2, b"b" + c.encode()), c) for c in chains),
+                # the same decision twice in one pass: the second is answered SAME
+                aud.commit(leader, rec(2, b"b" + chains[0].encode()), chains[0]),
+                aud.commit(leader, rec(2, b"conflict"), chains[1]),  # refused
+                return_exceptions=True,
+            )
+            syncs = leader.status()["journal"]["syncs"] - syncs0
+            verdicts = [getattr(o, "verdict", o) for o in outs]
+            assert verdicts[:16] == [Verdict.ACCEPT] * 16, verdicts
+            assert verdicts[16] == Verdict.SAME
+            # the conflicting one lost to the accepted one of the same pass, or was
+            # refused by the guard's pre-check; either way no second signature.
+            assert isinstance(outs[17], DoubleSignRefused) or verdicts[17] == Verdict.REFUSE
+            # 18 proposals: the first is persisted at once, the rest of the pass together.
+            assert syncs <= 4, f"{syncs} fdatasyncs for one pass of 18 decisions"
+            for s in stores:
+                await until(
+                    lambda s=s: all(
+                        s.last(c) is not None and s.last(c).height == 2 for c in chains
+                    ),
+                    10,
+                    "followers apply the group",
+                )
+
+    run(go())
+
+
 def test_a_closed_store_can_be_freed_on_any_thread(tmp_path: Path) -> None:
     """Found while writing these tests (bug, open): a closed RaftStore is only freed by
     the cyclic garbage collector (store <-> node callbacks), which runs on whichever

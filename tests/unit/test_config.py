@@ -136,3 +136,111 @@ def test_commit_timeout_has_one_bound_for_config_and_stores(tmp_path) -> None:
             config.loads(with_timeout(str(bad)), tmp_path / "c.toml")
         with pytest.raises(ConfigError, match="must be in"):
             check_commit_timeout(bad, "x")
+
+
+# ---- many chains ([[chains]]) ------------------------------------------------------------
+
+MULTI = """
+persist = "local"
+connection_key_path = "./conn_key"
+[[chains]]
+chain_id = "alpha-1"
+version = "v0_38"
+[chains.signing.native]
+private_key_path = "./alpha_key"
+[[chains.connections]]
+address = "tcp://127.0.0.1:26659"
+[[chains]]
+chain_id = "beta-1"
+version = "v1_0"
+signing_mode = "vault_transit"
+initial_state_path = "./beta_state.json"
+connection_key_path = "./beta_conn_key"
+[chains.signing.vault_transit]
+key_name = "beta"
+token_env = "VAULT_TOKEN"
+[[chains.connections]]
+address = "unix:///run/beta.sock"
+[[chains.connections]]
+host = "10.0.0.2"
+port = 26659
+"""
+
+
+def test_multi_chain_config(tmp_path) -> None:
+    cfg = config.loads(MULTI, tmp_path / "n.toml")
+    assert cfg.multi_chain and cfg.chain_ids == ("alpha-1", "beta-1")
+    a, b = cfg.chains
+    assert a.family is WireFamily.V0_38 and b.family is WireFamily.V1_0
+    assert a.signing_mode == "native" and b.signing_mode == "vault_transit"
+    assert cfg.resolve(a.signing.native.private_key_path) == tmp_path / "alpha_key"
+    assert [str(e) for e in b.endpoints] == ["unix:///run/beta.sock", "tcp://10.0.0.2:26659"]
+    assert a.connection_key_path == "./conn_key" and b.connection_key_path == "./beta_conn_key"
+    assert b.initial_state_path == "./beta_state.json" and a.initial_state_path is None
+    assert cfg.chain("beta-1") is b
+    with pytest.raises(ConfigError, match=r"n\.toml: serves 2 chains .*--chain"):
+        cfg.chain()
+    with pytest.raises(ConfigError, match=r"n\.toml: chain id 'gamma' is not configured"):
+        cfg.chain("gamma")
+
+
+def test_single_chain_config_is_one_chain(tmp_path) -> None:
+    cfg = config.loads(RUST_NEBULA_EXAMPLE, tmp_path / "n.toml")
+    assert not cfg.multi_chain and cfg.chain_ids == ("test-chain-v1",)
+    assert cfg.chain() is cfg.chain("test-chain-v1") and cfg.chain().key == ""
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            ('chain_id = "beta-1"', 'chain_id = "alpha-1"'),
+            r"chains\[1\]\.chain_id: chain id 'alpha-1' is listed twice \(also chains\[0\]\)",
+        ),
+        (
+            ('persist = "local"', 'persist = "local"\nchain_id = "top"'),
+            r"chain_id at the top level and \[\[chains\]\] together",
+        ),
+        (
+            ('persist = "local"', 'persist = "local"\nversion = "v0_38"'),
+            r"version at the top level and \[\[chains\]\] together",
+        ),
+        (
+            ('address = "unix:///run/beta.sock"', 'address = "tcp://127.0.0.1:26659"'),
+            r"chains\[1\]\.connections: validator address tcp://127\.0\.0\.1:26659 is also "
+            r"listed for chain 'alpha-1'",
+        ),
+        (('version = "v1_0"', 'version = "v9_9"'), r"chains\[1\]\.version"),
+        (('key_name = "beta"', 'key_name = "beta"\ntimeout = 9.0'), r"chains\[1\]\.signing"),
+        (
+            ('[chains.signing.native]\nprivate_key_path = "./alpha_key"\n', ""),
+            r"chains\[0\]\.signing_mode = 'native' needs a \[chains\[0\]\.signing\.native\]",
+        ),
+        (('chain_id = "alpha-1"', 'chain_id = "  "'), r"chains\[0\]\.chain_id must not be empty"),
+        (("[[chains.connections]]\nhost", "[[chains.connections]]\nhostt"), r"hostt"),
+    ],
+)
+def test_multi_chain_errors_name_the_file_and_key(edit, message, tmp_path) -> None:
+    old, new = edit
+    assert old in MULTI
+    with pytest.raises(ConfigError, match=message) as e:
+        config.loads(MULTI.replace(old, new, 1), tmp_path / "n.toml")
+    assert "n.toml" in str(e.value)
+
+
+def test_empty_chains_and_missing_chain_id_are_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="chains is empty"):
+        config.loads('chains = []\npersist = "local"\n', tmp_path / "n.toml")
+    with pytest.raises(ConfigError, match=r"chain_id is required \(or list"):
+        config.loads('persist = "local"\n', tmp_path / "n.toml")
+
+
+def test_raft_initial_state_path_is_per_chain_with_chains(tmp_path) -> None:
+    text = MULTI.replace('persist = "local"', 'persist = "raft"') + (
+        '[raft]\nsecret_path = "./s"\ninitial_state_path = "./x.json"\n'
+        '[[raft.peers]]\nid = 1\naddr = "127.0.0.1:8080"\n'
+    )
+    with pytest.raises(ConfigError, match=r"raft\.initial_state_path is for a single-chain"):
+        config.loads(text, tmp_path / "n.toml")
+    ok = config.loads(text.replace('initial_state_path = "./x.json"\n', ""), tmp_path / "n.toml")
+    assert ok.raw.persist == "raft" and len(ok.chains) == 2

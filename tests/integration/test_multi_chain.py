@@ -1,0 +1,315 @@
+"""One Nebula serves several chains (issue 12), with real `nebula start` processes.
+
+* Two chains on different CometBFT lines, each with its own key and validator
+  connection, sign concurrently; a request naming another chain is refused on that
+  connection (with the refusal metric) and changes nothing.
+* Each chain's sign state survives a restart and an export/import round trip without
+  touching the other's (the local store, and a 3-node Raft cluster through its admin
+  socket).
+* A chain whose backend hangs (an OpenBao server behind a black-holed link) never
+  stalls another chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from nebula import proto
+from nebula.aio.validator_side import PrivvalListener
+from nebula.crypto.keys import SigningKey, generate
+from nebula.devnet.cluster import ChainDef, NebulaNode, write_node_dir
+from nebula.errors import NebulaError
+from nebula.types import (
+    BlockID,
+    PartSetHeader,
+    PubKeyRequest,
+    SignedMsgType,
+    SignVoteRequest,
+    Timestamp,
+    Vote,
+    WireFamily,
+)
+from tests.support.cluster import Auditor, ProcCluster, driver
+from tests.support.ports import free_port, free_ports
+from tests.support.proxy import Proxy
+
+A, B = "chain-a", "chain-b"
+BLOCK = BlockID(b"\x11" * 32, PartSetHeader(1, b"\x22" * 32))
+
+
+def vote(h: int, r: int = 0, block: BlockID = BLOCK) -> Vote:
+    return Vote(
+        type=SignedMsgType.PREVOTE,
+        height=h,
+        round=r,
+        block_id=block,
+        timestamp=Timestamp(1_700_000_000 + h, 0),
+        validator_address=b"\x01" * 20,
+    )
+
+
+def _addrs(n: int) -> list[str]:
+    return [f"tcp://127.0.0.1:{p}" for p in free_ports(n)]
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nebula.cli.main", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _node(home: Path, chains: list[ChainDef], extra: str = "") -> NebulaNode:
+    d = write_node_dir(home, chains=chains, extra=extra)
+    return NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home)
+
+
+async def _sign(conn, chain: str, key: SigningKey, h: int, r: int = 0) -> bytes:
+    resp = await conn.request(SignVoteRequest(vote(h, r), chain), timeout=10)
+    assert resp.error is None, resp.error
+    sig = resp.vote.signature
+    assert key.verify(proto.vote_sign_bytes(chain, vote(h, r)), sig)
+    return sig
+
+
+def test_two_chains_sign_concurrently_and_a_foreign_chain_id_is_refused(tmp_path) -> None:
+    ka, kb = generate("ed25519"), generate("secp256k1")
+    aa, ab = _addrs(2)
+    mport = free_port()
+    node = _node(
+        tmp_path / "neb",
+        [ChainDef(A, "v0_38", ka, [aa]), ChainDef(B, "v1_0", kb, [ab])],
+        extra=f'[metrics]\nlisten = "127.0.0.1:{mport}"\n',
+    )
+
+    async def main() -> None:
+        la, lb = PrivvalListener(aa, WireFamily.V0_38), PrivvalListener(ab, WireFamily.V1_0)
+        await la.start()
+        await lb.start()
+        with node:
+            ca, cb = await la.accept(timeout=20), await lb.accept(timeout=20)
+
+            async def run(conn, chain, key, n):
+                return [await _sign(conn, chain, key, h) for h in range(1, n + 1)]
+
+            sa, sb = await asyncio.gather(run(ca, A, ka, 60), run(cb, B, kb, 60))
+            assert len(set(sa)) == 60 and len(set(sb)) == 60
+            # Each chain answers with its own key only.
+            pa = await ca.request(PubKeyRequest(A))
+            pb = await cb.request(PubKeyRequest(B))
+            assert pa.pub_key == ka.public_key and pb.pub_key == kb.public_key
+            # Chain B's id on chain A's connection: refused there, nothing changes.
+            wrong = await ca.request(SignVoteRequest(vote(61), B), timeout=10)
+            assert wrong.error is not None and wrong.vote.signature == b""
+            assert "chain id" in wrong.error.description
+            wrong_pk = await ca.request(PubKeyRequest(B))
+            assert wrong_pk.error is not None and wrong_pk.pub_key == b""
+            # B's state did not move: its next height signs, and its last one is a retry.
+            assert await _sign(cb, B, kb, 60) == sb[-1]
+            await _sign(cb, B, kb, 61)
+            await _sign(ca, A, ka, 61)
+            text = _metrics(mport)
+            assert f'nebula_refusals_total{{chain_id="{B}",reason="chain_id_mismatch"}} 2.0' in text
+            assert f'nebula_last_signed_height{{chain_id="{A}"}} 61.0' in text
+            assert f'nebula_last_signed_height{{chain_id="{B}"}} 61.0' in text
+            st = json.loads(_cli("status", "-c", str(node.config_path), "--json").stdout)[0]
+            assert set(st["served"]) == {A, B}
+            assert st["served"][A]["version"] == "v0_38" and st["served"][B]["version"] == "v1_0"
+            assert st["served"][B]["key_type"] == "secp256k1"
+            assert st["served"][A]["state"]["height"] == "61"
+        await la.close()
+        await lb.close()
+
+    asyncio.run(main())
+
+
+def _export(config: Path, chain: str) -> dict:
+    r = _cli("state", "export", "-c", str(config), "--chain", chain)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_each_chains_state_survives_restart_and_import_export_local(tmp_path) -> None:
+    ka, kb = generate("ed25519"), generate("ed25519")
+    aa, ab = _addrs(2)
+    node = _node(tmp_path / "neb", [ChainDef(A, "v0_38", ka, [aa]), ChainDef(B, "v0_38", kb, [ab])])
+    cfg = node.config_path
+
+    async def sign_some(hs_a: range, hs_b: range) -> None:
+        la, lb = PrivvalListener(aa, WireFamily.V0_38), PrivvalListener(ab, WireFamily.V0_38)
+        await la.start()
+        await lb.start()
+        with node:
+            ca, cb = await la.accept(timeout=20), await lb.accept(timeout=20)
+            for h in hs_a:
+                await _sign(ca, A, ka, h)
+            for h in hs_b:
+                await _sign(cb, B, kb, h)
+        await la.close()
+        await lb.close()
+
+    asyncio.run(sign_some(range(1, 11), range(1, 21)))
+    before_b = _export(cfg, B)
+    assert _export(cfg, A)["height"] == "10" and before_b["height"] == "20"
+
+    # Without --chain a multi-chain config is ambiguous; an unknown chain names the file.
+    r = _cli("state", "export", "-c", str(cfg))
+    assert r.returncode != 0 and "--chain" in r.stderr
+    r = _cli("state", "export", "-c", str(cfg), "--chain", "nope")
+    assert r.returncode != 0 and str(cfg) in r.stderr and "'nope' is not configured" in r.stderr
+
+    # Raise A's mark from a priv_validator_state.json: B is untouched.
+    f = tmp_path / "a_state.json"
+    f.write_text(json.dumps({"height": "50", "round": 0, "step": 0}))
+    r = _cli("state", "import", "-c", str(cfg), "--chain", A, str(f))
+    assert r.returncode == 0, r.stderr
+    assert _export(cfg, A)["height"] == "50"
+    assert _export(cfg, B) == before_b
+    # A lower import never lowers it.
+    f.write_text(json.dumps({"height": "5", "round": 0, "step": 0}))
+    assert _cli("state", "import", "-c", str(cfg), "--chain", A, str(f)).returncode == 0
+    assert _export(cfg, A)["height"] == "50"
+
+    async def after_restart() -> None:
+        la, lb = PrivvalListener(aa, WireFamily.V0_38), PrivvalListener(ab, WireFamily.V0_38)
+        await la.start()
+        await lb.start()
+        with node:
+            ca, cb = await la.accept(timeout=20), await lb.accept(timeout=20)
+            low = await ca.request(SignVoteRequest(vote(40), A), timeout=10)
+            assert low.error is not None and "height regression" in low.error.description
+            await _sign(ca, A, ka, 51)
+            low_b = await cb.request(SignVoteRequest(vote(19), B), timeout=10)
+            assert low_b.error is not None and "height regression" in low_b.error.description
+            await _sign(cb, B, kb, 21)
+        await la.close()
+        await lb.close()
+
+    asyncio.run(after_restart())
+    assert _export(cfg, A)["height"] == "51" and _export(cfg, B)["height"] == "21"
+
+
+def test_each_chains_state_survives_a_cluster_restart_and_import_raft(tmp_path) -> None:
+    ka, kb = generate("ed25519"), generate("ed25519")
+    aa, ab = _addrs(2)
+    chains = [ChainDef(A, "v0_38", ka, [aa]), ChainDef(B, "v1_0", kb, [ab])]
+    cl = ProcCluster(tmp_path, 3, chains=chains)
+    aud_a, aud_b = Auditor(ka.key_type, ka.public_key), Auditor(kb.key_type, kb.public_key)
+
+    async def sign(da, db, hs_a, hs_b) -> None:
+        async def one(d, chain, hs):
+            for h in hs:
+                await d.sign(SignVoteRequest(vote(h), chain), deadline=30)
+
+        await asyncio.gather(one(da, A, hs_a), one(db, B, hs_b))
+
+    async def main() -> None:
+        async with (
+            driver([aa], WireFamily.V0_38, A, aud_a) as da,
+            driver([ab], WireFamily.V1_0, B, aud_b) as db,
+        ):
+            with cl:
+                await cl.wait_leader()
+                await sign(da, db, range(1, 31), range(1, 11))
+                leader = await cl.wait_leader()
+                cfg = cl.dirs[leader - 1].config_path  # an import goes through the leader
+                b_before = _export(cfg, B)
+                assert _export(cfg, A)["height"] == "30" and b_before["height"] == "10"
+                f = tmp_path / "a.json"
+                f.write_text(json.dumps({"height": "100", "round": 0, "step": 0}))
+                r = _cli("state", "import", "-c", str(cfg), "--chain", A, str(f))
+                assert r.returncode == 0, r.stderr
+                assert _export(cfg, A)["height"] == "100"
+                assert _export(cfg, B) == b_before
+            # Every member stopped; start them all again.
+            with cl:
+                await cl.wait_leader()
+                cfg = cl.dirs[1].config_path
+                assert _export(cfg, A)["height"] == "100"
+                assert _export(cfg, B) == b_before
+                low = await da.request_once(SignVoteRequest(vote(99), A), timeout=10)
+                assert low.error is not None and "height regression" in low.error.description
+                await sign(da, db, range(101, 106), range(11, 16))
+        aud_a.check()
+        aud_b.check()
+
+    asyncio.run(main())
+    assert aud_a.count >= 35 and aud_b.count >= 15
+
+
+def test_a_hanging_backend_never_stalls_another_chain(tmp_path) -> None:
+    from tests.support.openbao import OpenBao
+
+    kb = generate("ed25519")
+    aa, ab = _addrs(2)
+    with OpenBao() as bao:
+        bao.client().secrets.transit.create_key("val", key_type="ed25519", mount_point="transit")
+        proxy = Proxy(free_port(), bao.port).start()
+        try:
+            (tmp_path / "token").write_text(bao.root_token)
+            (tmp_path / "token").chmod(0o600)
+            extra = f"""
+[[chains]]
+chain_id = "{A}"
+version = "v0_38"
+signing_mode = "vault_transit"
+[chains.signing.vault_transit]
+address = "http://127.0.0.1:{proxy.listen_port}"
+mount = "transit"
+key_name = "val"
+token_path = "{tmp_path / "token"}"
+timeout = 3.0
+[[chains.connections]]
+address = "{aa}"
+"""
+            node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])], extra="")
+            with node.config_path.open("a") as f:
+                f.write(extra)
+
+            async def main() -> None:
+                la = PrivvalListener(aa, WireFamily.V0_38)
+                lb = PrivvalListener(ab, WireFamily.V0_38)
+                await la.start()
+                await lb.start()
+                with node:
+                    ca, cb = await la.accept(timeout=30), await lb.accept(timeout=30)
+                    r = await ca.request(SignVoteRequest(vote(1), A), timeout=10)
+                    assert r.error is None and r.vote.signature
+                    proxy.blackhole()  # Vault now accepts bytes and never answers
+                    hung = asyncio.ensure_future(
+                        ca.request(SignVoteRequest(vote(2), A), timeout=30)
+                    )
+                    await asyncio.sleep(0.2)  # A's decision is waiting on Vault now
+                    assert not hung.done()
+                    # B signs a run of heights while A's request is still waiting.
+                    for h in range(1, 41):
+                        await _sign(cb, B, kb, h)
+                    assert not hung.done(), "chain B waited for chain A's hanging backend"
+                    # A's request ends as a refusal or a dropped connection, never a
+                    # signature.
+                    try:
+                        resp = await hung
+                    except (NebulaError, OSError, asyncio.IncompleteReadError):
+                        pass
+                    else:
+                        assert resp.error is not None and resp.vote.signature == b""
+                    proxy.heal()
+                    await _sign(cb, B, kb, 41)
+                await la.close()
+                await lb.close()
+
+            asyncio.run(main())
+        finally:
+            proxy.stop()
