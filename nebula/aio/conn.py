@@ -131,7 +131,12 @@ class Dialer:
                     self.metrics.connections.inc()
                     self.metrics.reconnects.labels(str(self.endpoint)).inc()
                 self._event("connected")
-                log.info("connected to validator %s", self.endpoint)
+                log.info(
+                    "connected to validator %s (chain %s)",
+                    self.endpoint,
+                    self.service.chain_id,
+                    extra={"chain_id": self.service.chain_id},
+                )
                 served = True
                 await self._serve(reader, writer, session)
             except asyncio.CancelledError:
@@ -140,9 +145,19 @@ class Dialer:
             except (OSError, TimeoutError) as e:
                 log.debug("cannot reach validator %s: %s", self.endpoint, e)
             except NebulaError as e:
-                log.warning("connection to %s dropped: %s", self.endpoint, e)
+                log.warning(
+                    "connection to %s (chain %s) dropped: %s",
+                    self.endpoint,
+                    self.service.chain_id,
+                    e,
+                    extra={"chain_id": self.service.chain_id},
+                )
             except Exception:
-                log.exception("unexpected error on connection to %s", self.endpoint)
+                log.exception(
+                    "unexpected error on connection to %s (chain %s)",
+                    self.endpoint,
+                    self.service.chain_id,
+                )
             if self.connected:
                 self._event("disconnected")
             self._abort()
