@@ -5,12 +5,18 @@ fresh demo directory, starts one Nebula node (local state) or a 3/5-node Raft cl
 a single-validator chain whose ``priv_validator_laddr`` they dial, then prints one line per
 committed block after checking our precommit in that block's commit with the public key
 (independently of Nebula's signing code). Ctrl-C, ``--blocks N`` or an error stops the
-chain first, then the Nebula nodes; every process it started is stopped.
+chains first, then the Nebula nodes; every process it started is stopped.
+
+With ``--chains N`` (N > 1) the one Nebula cluster signs N chains at once, each on its own
+CometBFT line (the chosen or default release first, then the other entries of
+:data:`DEMO_VERSIONS` in order: ``--chains 2`` runs v0.38.25 and v1.0.1) with its own key
+(``[[chains]]`` entries in every node's config); every block line names its chain.
 
 Layout of ``--dir`` (wiped at every start; logs stay there after the run)::
 
     .nebula-demo            marker (and the pid of the demo using the directory)
     cometbft/               the chain's home; cometbft/cometbft.log
+                            (with --chains N: cometbft/<chain id>/, one per chain)
     nebula/node<N>/         each Nebula node: nebula.toml, privkey, nebula.log, ...
 """
 
@@ -26,7 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_VERSION", "DEMO_VERSIONS", "cmd_demo", "register"]
 
+#: The releases the demo runs; with ``--chains N`` the chains take them in this order
+#: (starting with ``--cometbft-version`` if given), one CometBFT line per chain.
 DEMO_VERSIONS: tuple[str, ...] = ("v0.38.25", "v1.0.1", "v0.34.33", "v0.37.18")
 DEFAULT_VERSION = "v0.38.25"
 BLS_VERSION = "v1.0.1"
@@ -88,6 +96,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"CometBFT release (default {DEFAULT_VERSION}; {BLS_VERSION} for bls12381)",
     )
     s.add_argument(
+        "--chains",
+        type=int,
+        choices=range(1, len(DEMO_VERSIONS) + 1),
+        default=1,
+        metavar="N",
+        help=(
+            "chains signed at once by the one Nebula cluster, each on its own CometBFT line "
+            f"with its own key, in the order {', '.join(DEMO_VERSIONS)} (starting with "
+            "--cometbft-version if given; default 1, 2 runs v0.38.25 and v1.0.1)"
+        ),
+    )
+    s.add_argument(
         "--key-type",
         choices=["ed25519", "secp256k1", "bls12381"],
         default="ed25519",
@@ -131,7 +151,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     nodes: int
-    version: str
+    versions: tuple[str, ...]  # one CometBFT release per chain, distinct lines
     key_type: str
     bls: bool
     dir: Path
@@ -159,6 +179,13 @@ def _plan(args: argparse.Namespace, console: Console) -> _Plan:
             f"--key-type bls12381 needs --cometbft-version {BLS_VERSION} (CometBFT {version} "
             "has no BLS12-381 validators)"
         )
+    chains: int = args.chains
+    if bls and chains > 1:
+        raise ConfigError(
+            f"--key-type bls12381 runs one chain: only CometBFT {BLS_VERSION} has BLS12-381 "
+            f"validators, and --chains {chains} puts each chain on another line"
+        )
+    versions = (version, *[v for v in DEMO_VERSIONS if v != version][: chains - 1])
     if args.blocks is not None and args.blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {args.blocks}")
     if not _DURATION_RE.match(args.timeout_commit):
@@ -182,7 +209,7 @@ def _plan(args: argparse.Namespace, console: Console) -> _Plan:
             nodes = 1
     return _Plan(
         nodes=3 if nodes is None else nodes,
-        version=version,
+        versions=versions,
         key_type=key_type,
         bls=bls,
         dir=Path(args.dir).expanduser().resolve(),
@@ -276,17 +303,39 @@ def _no_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old_term)
 
 
+@dataclass(slots=True)
+class _DemoChain:
+    """One chain of the demo: its node, its validator key, and how far it was followed."""
+
+    chain: LocalChain
+    key: SigningKey
+    laddr: str  # the priv_validator_laddr Nebula dials
+    next_h: int = 1  # the next height to verify and print
+    deadline: float = 0.0  # monotonic time by which that height must be committed
+    verified: int = 0
+
+    @property
+    def chain_id(self) -> str:
+        return self.chain.chain_id
+
+
+@dataclass(slots=True)
 class _Demo:
-    def __init__(self, plan: _Plan, console: Console) -> None:
-        self.plan = plan
-        self.console = console
-        self.chain: LocalChain | None = None
-        self.nodes: list[NebulaNode] = []
-        self.node_dirs: list[NodeDir] = []
-        self.key: SigningKey | None = None
-        self.verified = 0
-        self.last_leader: str | None = None
-        self.own_dir = False
+    plan: _Plan
+    console: Console
+    chains: list[_DemoChain] = field(default_factory=list)
+    nodes: list[NebulaNode] = field(default_factory=list)
+    node_dirs: list[NodeDir] = field(default_factory=list)
+    last_leader: str | None = None
+    own_dir: bool = False
+
+    @property
+    def verified(self) -> int:
+        return sum(c.verified for c in self.chains)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.plan.versions) > 1
 
     # -- top level --
 
@@ -309,10 +358,18 @@ class _Demo:
                 with _no_interrupts():
                     self._shutdown()
         if code == 0 and self.verified:
-            console.print(
-                f"[bold green]{self.verified} block(s) committed, every signature verified[/]"
+            where = (
+                f" on {len(self.chains)} chains ("
+                + ", ".join(f"{c.chain_id} {c.verified}" for c in self.chains)
+                + ")"
+                if self.multi
+                else ""
             )
-        elif code == 0 and self.chain is not None:
+            console.print(
+                f"[bold green]{self.verified} block(s) committed{escape(where)}, "
+                "every signature verified[/]"
+            )
+        elif code == 0 and self.chains:
             console.print("[yellow]stopped before the first block was committed[/]")
         return code
 
@@ -320,47 +377,78 @@ class _Demo:
 
     def _setup(self) -> None:
         from nebula.crypto.keys import generate
-        from nebula.devnet.cluster import NebulaNode, config_version, write_cluster
+        from nebula.devnet.cluster import ChainDef, NebulaNode, config_version, write_cluster
         from nebula.devnet.cometbft import LocalChain, ValidatorKey
         from nebula.devnet.ports import free_port
 
         p, console = self.plan, self.console
         _prepare_dir(p.dir)
         self.own_dir = True
-        binary = self._ensure_binary()
+        binaries = [self._ensure_binary(v) for v in p.versions]
 
-        self.key = key = generate(p.key_type)
-        validator = ValidatorKey(key.key_type, key.public_key)
-        laddr = f"tcp://127.0.0.1:{free_port()}"
-        chain = LocalChain(
-            binary,
-            p.dir / "cometbft",
-            version=p.version,
-            chain_id=CHAIN_ID,
-            validator=validator,
-            priv_validator_laddr=laddr,
-            timeout_commit=p.timeout_commit,
-            moniker="nebula-demo",
-        )
-        chain.init()
-        self.node_dirs = write_cluster(
-            p.dir / "nebula",
-            nodes=p.nodes,
-            chain_id=CHAIN_ID,
-            version=config_version(p.version),
-            key=key,
-            connections=[laddr],
-            log_level="info",
-        )
+        chains: list[_DemoChain] = []
+        for i, (version, binary) in enumerate(zip(p.versions, binaries, strict=True)):
+            chain_id = f"{CHAIN_ID}-{i + 1}" if self.multi else CHAIN_ID
+            key = generate(p.key_type)
+            laddr = f"tcp://127.0.0.1:{free_port()}"
+            chain = LocalChain(
+                binary,
+                p.dir / "cometbft" / chain_id if self.multi else p.dir / "cometbft",
+                version=version,
+                chain_id=chain_id,
+                validator=ValidatorKey(key.key_type, key.public_key),
+                priv_validator_laddr=laddr,
+                timeout_commit=p.timeout_commit,
+                moniker=chain_id,
+            )
+            chain.init()
+            chains.append(_DemoChain(chain, key, laddr))
+        if self.multi:
+            self.node_dirs = write_cluster(
+                p.dir / "nebula",
+                nodes=p.nodes,
+                chains=[
+                    ChainDef(c.chain_id, config_version(c.chain.version), c.key, [c.laddr])
+                    for c in chains
+                ],
+                log_level="info",
+            )
+        else:
+            (c,) = chains
+            self.node_dirs = write_cluster(
+                p.dir / "nebula",
+                nodes=p.nodes,
+                chain_id=c.chain_id,
+                version=config_version(c.chain.version),
+                key=c.key,
+                connections=[c.laddr],
+                log_level="info",
+            )
 
         mode = "local state" if p.nodes == 1 else f"Raft cluster of {p.nodes}"
-        console.print(
-            f"[bold]chain[/]      {CHAIN_ID} on CometBFT {p.version} ({escape(str(binary))})"
-        )
-        console.print(
-            f"[bold]validator[/]  {key.key_type} key, address {key.address.hex().upper()}"
-        )
-        console.print(f"[bold]signer[/]     Nebula, {mode}, dialing the chain at {laddr}")
+        if self.multi:
+            console.print(
+                f"[bold]chains[/]     {len(chains)} single-validator chains on different "
+                "CometBFT lines, each with its own key, all signed by one Nebula "
+                + ("node" if p.nodes == 1 else "cluster")
+            )
+        for c, binary in zip(chains, binaries, strict=True):
+            console.print(
+                f"[bold]chain[/]      {c.chain_id} on CometBFT {c.chain.version} "
+                f"({escape(str(binary))})"
+            )
+            console.print(
+                f"[bold]validator[/]  {c.key.key_type} key, address {c.key.address.hex().upper()}"
+            )
+            if self.multi:
+                console.print(f"             Nebula dials it at {c.laddr}")
+        if self.multi:
+            both = "both" if len(chains) == 2 else f"all {len(chains)}"
+            console.print(f"[bold]signer[/]     Nebula, {mode}, signing {both} chains")
+        else:
+            console.print(
+                f"[bold]signer[/]     Nebula, {mode}, dialing the chain at {chains[0].laddr}"
+            )
         for nd in self.node_dirs:
             node = NebulaNode(nd.config_path, log_path=nd.log_path).start()
             self.nodes.append(node)
@@ -369,16 +457,21 @@ class _Demo:
                 f"             node{nd.node_id}: pid {node.pid}{raft}, "
                 f"config {escape(str(nd.config_path))}"
             )
-        self.chain = chain
-        chain.start()
-        console.print(f"[bold]rpc[/]        {chain.rpc_url}")
+        for c in chains:
+            self.chains.append(c)
+            c.chain.start()
+        if self.multi:
+            for c in chains:
+                console.print(f"[bold]rpc[/]        {c.chain_id} {c.chain.rpc_url}")
+        else:
+            console.print(f"[bold]rpc[/]        {chains[0].chain.rpc_url}")
         if p.nodes > 1:
             console.print(
                 "tip: `kill <pid>` the leader in another terminal and watch another node take over"
             )
         console.print("waiting for the first block (Ctrl-C to stop)...")
 
-    def _ensure_binary(self) -> Path:
+    def _ensure_binary(self, version: str) -> Path:
         from nebula.devnet.cometbft import (
             GoToolchainMissing,
             cached_cometbft,
@@ -387,18 +480,18 @@ class _Demo:
         )
 
         p, console = self.plan, self.console
-        cached = cached_cometbft(p.version, bls=p.bls)
+        cached = cached_cometbft(version, bls=p.bls)
         if cached is not None:
             return cached
-        what = f"CometBFT {p.version}" + (" with BLS12-381" if p.bls else "")
-        log = cometbft_binary_path(p.version, bls=p.bls).parent / "build.log"
+        what = f"CometBFT {version}" + (" with BLS12-381" if p.bls else "")
+        log = cometbft_binary_path(version, bls=p.bls).parent / "build.log"
         console.print(
             f"building {what} with Go (first run only; this takes one to a few minutes; log: {escape(str(log))})"
         )
         started = time.monotonic()
         try:
             with console.status(f"building {what}..."):
-                binary = ensure_cometbft(p.version, bls=p.bls)
+                binary = ensure_cometbft(version, bls=p.bls)
         except GoToolchainMissing as exc:
             raise DemoError(
                 f"{exc} The demo builds CometBFT from source once: install Go 1.22 or newer "
@@ -411,9 +504,10 @@ class _Demo:
     # -- the block loop --
 
     def _check_processes(self) -> None:
-        chain = self.chain
-        if chain is not None and not chain.is_running():
-            raise DemoError(f"CometBFT exited; see {chain.log_path}")
+        for c in self.chains:
+            if not c.chain.is_running():
+                what = f"CometBFT ({c.chain_id})" if self.multi else "CometBFT"
+                raise DemoError(f"{what} exited; see {c.chain.log_path}")
         if self.nodes and not any(n.alive() for n in self.nodes):
             logs = ", ".join(str(n.log_path) for n in self.nodes)
             raise DemoError(f"every Nebula node exited; see {logs}")
@@ -428,16 +522,53 @@ class _Demo:
         ]
         return ",".join(leaders) if leaders else "none"
 
-    def _latest_height(self) -> int:
+    @staticmethod
+    def _latest_height(chain: LocalChain) -> int:
         from nebula.devnet.cometbft import DevnetError
 
-        assert self.chain is not None
         try:
-            return self.chain.latest_height()
+            return chain.latest_height()
         except DevnetError:
             return 0  # RPC not up yet
 
+    def _done(self, c: _DemoChain) -> bool:
+        return self.plan.blocks is not None and c.next_h > self.plan.blocks
+
     def _follow(self) -> None:
+        """Verify and print every chain's blocks as they come, until ``--blocks`` on each
+        (or Ctrl-C); a chain without its next block in time is an error."""
+        p = self.plan
+        start = time.monotonic()
+        for c in self.chains:
+            c.deadline = start + FIRST_BLOCK_TIMEOUT_S
+        while not all(self._done(c) for c in self.chains):
+            self._check_processes()
+            progressed = False
+            for c in self.chains:
+                if self._done(c):
+                    continue
+                latest = self._latest_height(c.chain)
+                if latest < c.next_h:
+                    if time.monotonic() > c.deadline:
+                        what, waited = (
+                            ("the first block", FIRST_BLOCK_TIMEOUT_S)
+                            if c.next_h == 1
+                            else (f"block {c.next_h}", STALL_TIMEOUT_S)
+                        )
+                        on = f" on {c.chain_id}" if self.multi else ""
+                        raise DemoError(
+                            f"no {what}{on} after {waited:.0f} s; see the logs in {p.dir}"
+                        )
+                    continue
+                last = latest if p.blocks is None else min(latest, p.blocks)
+                for h in range(c.next_h, last + 1):
+                    self._verify_and_print(c, h)
+                c.deadline = time.monotonic() + STALL_TIMEOUT_S
+                progressed = True
+            if not progressed:
+                time.sleep(0.05)
+
+    def _verify_and_print(self, c: _DemoChain, h: int) -> None:
         from nebula.devnet.cometbft import (
             VERIFIERS,
             DevnetError,
@@ -445,68 +576,51 @@ class _Demo:
             verify_commit_signatures,
         )
 
-        chain, key, p = self.chain, self.key, self.plan
-        assert chain is not None and key is not None
-        verify = VERIFIERS[key.key_type]
-        next_h = 1
-        deadline = time.monotonic() + FIRST_BLOCK_TIMEOUT_S
-        while p.blocks is None or next_h <= p.blocks:
-            self._check_processes()
-            latest = self._latest_height()
-            if latest < next_h:
-                if time.monotonic() > deadline:
-                    what, waited = (
-                        ("the first block", FIRST_BLOCK_TIMEOUT_S)
-                        if next_h == 1
-                        else (f"block {next_h}", STALL_TIMEOUT_S)
-                    )
-                    raise DemoError(f"no {what} after {waited:.0f} s; see the logs in {p.dir}")
-                time.sleep(0.05)
-                continue
-            last = latest if p.blocks is None else min(latest, p.blocks)
-            for h in range(next_h, last + 1):
-                try:
-                    header = chain.rpc("commit", height=h)["signed_header"]["header"]
-                    (sig,) = verify_commit_signatures(
-                        chain, key.public_key, key.key_type, [h], verify
-                    )
-                    evidence = duplicate_vote_evidence(chain, h, h)
-                except DevnetError as exc:
-                    raise DemoError(f"block {h}: {exc}") from None
-                if evidence:
-                    raise DemoError(f"block {h} holds double-sign evidence: {evidence}")
-                self.verified += 1
-                self._print_block(h, header["time"], sig)
-                next_h = h + 1
-            deadline = time.monotonic() + STALL_TIMEOUT_S
+        on = f" of {c.chain_id}" if self.multi else ""
+        try:
+            header = c.chain.rpc("commit", height=h)["signed_header"]["header"]
+            (sig,) = verify_commit_signatures(
+                c.chain, c.key.public_key, c.key.key_type, [h], VERIFIERS[c.key.key_type]
+            )
+            evidence = duplicate_vote_evidence(c.chain, h, h)
+        except DevnetError as exc:
+            raise DemoError(f"block {h}{on}: {exc}") from None
+        if evidence:
+            raise DemoError(f"block {h}{on} holds double-sign evidence: {evidence}")
+        c.verified += 1
+        c.next_h = h + 1
+        self._print_block(c, h, header["time"], sig)
 
-    def _print_block(self, h: int, block_time: str, sig: VerifiedSignature) -> None:
+    def _print_block(self, c: _DemoChain, h: int, block_time: str, sig: VerifiedSignature) -> None:
         leader = self._leader()
         if len(self.nodes) > 1 and leader != self.last_leader:
             if self.last_leader is not None:
                 self.console.print(f"[yellow]leader changed: {self.last_leader} -> {leader}[/]")
             self.last_leader = leader
         round_note = f", round {sig.round}" if sig.round else ""
+        chain = f"[magenta]{escape(c.chain_id)}[/]  " if self.multi else ""
         self.console.print(
-            f"height [bold]{h:>6}[/]  {_local_time(block_time)}  "
+            f"{chain}height [bold]{h:>6}[/]  {_local_time(block_time)}  "
             f"block {_short(sig.vote.block_id.hash)}  leader [cyan]{leader}[/]  "
             f"[green]signature verified[/] ({self.plan.key_type}{round_note})"
         )
 
-    # -- shutdown: the chain first, then the signers --
+    # -- shutdown: the chains first, then the signers --
 
     def _shutdown(self) -> None:
         console = self.console
-        try:
-            if self.chain is not None:
-                self.chain.stop()
-        finally:
-            for node in self.nodes:
-                node.stop()
-        if self.chain is not None or self.nodes:
+        # Every stop runs even if one fails (the first error is raised after them all):
+        # the chains first, in order, then the Nebula nodes.
+        with contextlib.ExitStack() as stops:
+            for node in reversed(self.nodes):
+                stops.callback(node.stop)
+            for c in reversed(self.chains):
+                stops.callback(c.chain.stop)
+        if self.chains or self.nodes:
             console.print("all processes stopped. logs:")
-            if self.chain is not None:
-                console.print(f"  cometbft  {escape(str(self.chain.log_path))}")
+            for c in self.chains:
+                label = f"cometbft {c.chain_id}" if self.multi else "cometbft"
+                console.print(f"  {label}  {escape(str(c.chain.log_path))}")
             for nd in self.node_dirs:
                 console.print(f"  node{nd.node_id}     {escape(str(nd.log_path))}")
         if self.own_dir:

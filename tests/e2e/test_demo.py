@@ -8,6 +8,7 @@ the demo printed is alive.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,13 +22,23 @@ from pathlib import Path
 
 import pytest
 
+from nebula.config import load as load_config
 from nebula.devnet.cometbft import cached_cometbft
 from tests.support.nebula_proc import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
 VERSION = "v0.38.25"
+SECOND_VERSION = "v1.0.1"  # --chains 2 adds this line
 _HEIGHT_RE = re.compile(r"^height\s+(\d+)\s.*\bleader (node\d|none)\b.*signature verified", re.M)
+# --chains N: every block line starts with its chain id
+_CHAIN_HEIGHT_RE = re.compile(
+    r"^(nebula-demo-\d)\s+height\s+(\d+)\s.*\bleader (node\d|none)\b.*signature verified", re.M
+)
+_CHAIN_HEADER_RE = re.compile(
+    r"^chain\s+(nebula-demo-\d) on CometBFT (v[\d.]+) .*\n^validator\s+ed25519 key, address ([0-9A-F]{40})$",
+    re.M,
+)
 _PID_RE = re.compile(r"\bnode(\d): pid (\d+)")
 
 
@@ -194,6 +205,45 @@ def test_raft_cluster_of_three(tmp_path: Path) -> None:
     _assert_nothing_left(demo_dir, out)
 
 
+def test_two_chains_signed_by_one_cluster(tmp_path: Path) -> None:
+    """--chains 2: a v0.38 and a v1.0 chain, each with its own key, one 3-node cluster."""
+    if cached_cometbft(SECOND_VERSION) is None and shutil.which("go") is None:
+        pytest.skip(f"CometBFT {SECOND_VERSION} is not built and Go is not installed")
+    demo_dir = tmp_path / "demo"
+    res = _run(demo_dir, "--chains", "2", "--blocks", "4", "--timeout-commit", "300ms")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "2 single-validator chains" in out and "signing both chains" in out, out
+    header = {cid: (version, addr) for cid, version, addr in _CHAIN_HEADER_RE.findall(out)}
+    assert {cid: v for cid, (v, _) in header.items()} == {
+        "nebula-demo-1": VERSION,
+        "nebula-demo-2": SECOND_VERSION,
+    }, out
+    assert len({addr for _, addr in header.values()}) == 2, out  # a key per chain
+    lines = _CHAIN_HEIGHT_RE.findall(out)
+    for cid in header:
+        assert [int(h) for c, h, _ in lines if c == cid] == [1, 2, 3, 4], out
+    assert all(leader in ("node1", "node2", "node3") for _, _, leader in lines), out
+    assert _heights(out) == []  # no block line without its chain
+    assert "8 block(s) committed on 2 chains" in out, out
+    # Each chain ran on its own line with the validator key the header names, and every
+    # node of the one cluster serves both, each with its own key file.
+    for cid, (version, addr) in header.items():
+        home = demo_dir / "cometbft" / cid
+        assert version in (home / "cometbft.log").read_text(), cid
+        genesis = json.loads((home / "config" / "genesis.json").read_text())
+        assert genesis["chain_id"] == cid
+        assert [v["address"] for v in genesis["validators"]] == [addr]
+    assert len(_PID_RE.findall(out)) == 3
+    for n in (1, 2, 3):
+        cfg = load_config(demo_dir / f"nebula/node{n}/nebula.toml")
+        assert cfg.chain_ids == ("nebula-demo-1", "nebula-demo-2")
+        assert [c.version for c in cfg.chains] == ["v0_38", "v1_0"]
+        key_paths = {c.signing.native.private_key_path for c in cfg.chains}
+        assert len(key_paths) == 2
+    _assert_nothing_left(demo_dir, out)
+
+
 def test_ctrl_c_after_leader_failover(tmp_path: Path) -> None:
     """Kill the leader mid-run: another node signs on; then Ctrl-C stops everything."""
     demo_dir = tmp_path / "demo"
@@ -229,6 +279,11 @@ def test_refuses_bad_options_and_foreign_directories(tmp_path: Path) -> None:
     res = _run(tmp_path / "d", "--key-type", "bls12381", "--cometbft-version", VERSION)
     assert res.returncode == 2
     assert "bls12381 needs --cometbft-version v1.0.1" in res.stdout + res.stderr
+    assert not (tmp_path / "d").exists()
+
+    res = _run(tmp_path / "d", "--key-type", "bls12381", "--chains", "2")
+    assert res.returncode == 2
+    assert "--key-type bls12381 runs one chain" in res.stdout + res.stderr
     assert not (tmp_path / "d").exists()
 
     foreign = tmp_path / "mine"
