@@ -65,6 +65,30 @@ class ValidatorConnection:
         t1 = perf()
         return pending.pop(0), t1 - t0
 
+    # ---- for a driver that multiplexes several connections (one request in flight
+    # on each): send, then read when the socket is readable --------------------------
+
+    def send(self, framed: bytes) -> float:
+        """Seal and send one length-delimited request; return the send time
+        (``time.perf_counter``, taken right before the bytes go to the kernel)."""
+        sealed = self.session.seal(framed)  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        self.sock.sendall(sealed)
+        return t0
+
+    def read_available(self) -> bytes | None:
+        """One ``recv`` (call it when the socket is readable): the response once it is
+        complete, else None."""
+        pending = self._pending
+        if not pending:
+            data = self.sock.recv(_CHUNK)
+            if not data:
+                raise ProtocolError("the signer closed the connection")
+            pending.extend(self._framer.feed(self.session.feed(data)))  # type: ignore[attr-defined]
+            if not pending:
+                return None
+        return pending.pop(0)
+
     def request(self, req: Request) -> Response:
         msg, _ = self.roundtrip(proto.encode_delimited(proto.encode_request(req, self.family)))
         return proto.decode_response(msg, self.family)

@@ -1,5 +1,9 @@
 """Local signers for ``nebula bench --local N``: one node, or an N-node Raft cluster.
 
+With ``chains=K`` (``--chains K``) the nodes serve K chains (``[[chains]]`` entries
+``<chain_id>-1`` .. ``<chain_id>-K``), each with its own fresh key and its own validator
+address (listen address), all sharing the one sign store.
+
 The node directories are written by :func:`nebula.devnet.cluster.write_cluster` into a
 temporary directory, each node gets a Prometheus endpoint (``metrics.listen``) for the
 per-phase breakdown, and every ``nebula start`` process is stopped (SIGTERM, then
@@ -15,13 +19,14 @@ from pathlib import Path
 from types import TracebackType
 
 from nebula.crypto.keys import SigningKey, generate
-from nebula.devnet.cluster import NebulaNode, write_cluster
+from nebula.devnet.cluster import ChainDef, NebulaNode, write_cluster
 from nebula.devnet.ports import free_port, free_ports
 from nebula.errors import ConfigError
 
 __all__ = ["LocalSigners"]
 
 NODE_COUNTS = (1, 3, 5)
+MAX_CHAINS = 64
 
 
 class LocalSigners:
@@ -39,7 +44,10 @@ class LocalSigners:
         keep: bool = False,
         log_level: str = "info",
         persist: str | None = None,
+        chains: int | None = None,
     ) -> None:
+        if chains is not None and not 1 <= chains <= MAX_CHAINS:
+            raise ConfigError(f"--chains takes 1..{MAX_CHAINS} chains, got {chains}")
         if nodes not in NODE_COUNTS:
             raise ConfigError(f"--local takes 1, 3 or 5 nodes, got {nodes}")
         if transport not in ("tcp", "unix"):
@@ -53,16 +61,32 @@ class LocalSigners:
         self.chain_id = chain_id
         self.version = version
         self.transport = transport
-        self.key: SigningKey = generate(key_type)
+        #: None: the single-chain config format (``chain_id`` at the top level), as
+        #: before ``--chains``; a number: that many ``[[chains]]`` entries
+        self.chains = chains
+        if chains is None:
+            self.chain_ids = [chain_id]
+        else:
+            self.chain_ids = [f"{chain_id}-{i}" for i in range(1, chains + 1)]
+        self.keys: list[SigningKey] = [generate(key_type) for _ in self.chain_ids]
+        self.key: SigningKey = self.keys[0]
         self.keep = keep
         self.log_level = log_level
         # A fresh directory under ``parent`` (the system temp dir by default): the disk
         # that holds the sign state is what the durable writes are measured on.
         self.workdir = Path(tempfile.mkdtemp(prefix="nebula-bench-", dir=parent))
         if transport == "unix":
-            self.listen_address = f"unix://{self.workdir / 'privval.sock'}"
+            names = (
+                ["privval.sock"]
+                if chains is None
+                else [f"privval-{i}.sock" for i in range(1, chains + 1)]
+            )
+            self.listen_addresses = [f"unix://{self.workdir / n}" for n in names]
+        elif chains is None:
+            self.listen_addresses = [f"tcp://127.0.0.1:{free_port()}"]
         else:
-            self.listen_address = f"tcp://127.0.0.1:{free_port()}"
+            self.listen_addresses = [f"tcp://127.0.0.1:{p}" for p in free_ports(chains)]
+        self.listen_address = self.listen_addresses[0]
         self.metrics_targets: list[str] = []
         self.nodes: list[NebulaNode] = []
 
@@ -72,16 +96,30 @@ class LocalSigners:
         return self._persist or ("local" if self.nodes_count == 1 else "raft")
 
     def start(self) -> LocalSigners:
-        dirs = write_cluster(
-            self.workdir,
-            nodes=self.nodes_count,
-            chain_id=self.chain_id,
-            version=self.version,
-            key=self.key,
-            connections=[self.listen_address],
-            persist=self.persist,
-            log_level=self.log_level,
-        )
+        if self.chains is None:
+            dirs = write_cluster(
+                self.workdir,
+                nodes=self.nodes_count,
+                chain_id=self.chain_id,
+                version=self.version,
+                key=self.key,
+                connections=[self.listen_address],
+                persist=self.persist,
+                log_level=self.log_level,
+            )
+        else:
+            dirs = write_cluster(
+                self.workdir,
+                nodes=self.nodes_count,
+                chains=[
+                    ChainDef(cid, self.version, key, [addr])
+                    for cid, key, addr in zip(
+                        self.chain_ids, self.keys, self.listen_addresses, strict=True
+                    )
+                ],
+                persist=self.persist,
+                log_level=self.log_level,
+            )
         ports = free_ports(len(dirs))
         for d, port in zip(dirs, ports, strict=True):
             target = f"127.0.0.1:{port}"

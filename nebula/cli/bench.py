@@ -14,6 +14,13 @@ Three modes:
 The bench is the validator: it listens, accepts Nebula's connection, asks for the
 public key, then sends a proposal, a prevote and a precommit per height on
 consecutive heights, one request in flight, and verifies every signature returned.
+
+``--local N --chains K`` makes the local nodes serve K chains (``bench-chain-1`` ..
+``bench-chain-K``, each its own key and validator address) and drives all of them at
+once, one request in flight per chain; ``--requests`` is then per chain.  A list
+(``--chains 1,4,16``) runs each count in turn on fresh nodes (``--rounds R`` repeats
+the list) and compares each run's aggregate signatures/s and worst chain p50 with
+the fewest-chains run of the same round.
 """
 
 from __future__ import annotations
@@ -68,6 +75,21 @@ def register(subparsers: Any) -> None:
     )  # fmt: skip
     w.add_argument("--chain-id", help="default: the config's, else bench-chain")
     w.add_argument("--transport", choices=["tcp", "unix"], default="tcp", help="for --local")
+    w.add_argument(
+        "--chains", default="1", metavar="K[,K...]",
+        help="for --local: serve K chains and drive them all at once, one request in flight "
+        "per chain (--requests and --warmup are per chain); a list such as 1,4,16 runs "
+        "each count in turn on fresh nodes and compares them (default 1)",
+    )  # fmt: skip
+    w.add_argument(
+        "--rounds", type=int, default=1, metavar="R",
+        help="with --chains: run the list of chain counts R times (1)",
+    )  # fmt: skip
+    w.add_argument(
+        "--client", choices=["loop", "threads"], default="loop",
+        help="with --chains: one thread multiplexing every chain with epoll (loop, the "
+        "cheaper on CPU) or one blocking thread per chain (threads)",
+    )  # fmt: skip
     w.add_argument(
         "--persist",
         choices=["local", "raft"],
@@ -190,6 +212,137 @@ def _check_workdir(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workdir {args.workdir}: not an existing directory")
 
 
+def _parse_chains(text: str) -> list[int]:
+    from nebula.bench.local import MAX_CHAINS
+
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--chains takes a number or a list like 1,4,16, got {text!r}") from None
+    if not counts or any(not 1 <= c <= MAX_CHAINS for c in counts):
+        raise ConfigError(f"--chains: each count must be in 1..{MAX_CHAINS}, got {text!r}")
+    return counts
+
+
+def _cmd_chains(
+    args: argparse.Namespace, counts: list[int], chain_id: str, family: WireFamily
+) -> int:
+    """``--local N --chains K`` (or a list of counts): several chains at once."""
+    from nebula.bench import runner, stats
+    from nebula.bench.client import BlockingListener
+    from nebula.bench.local import LocalSigners
+    from nebula.bench.multi import run_chains
+    from nebula.bench.report import (
+        comparison,
+        multi_to_json,
+        print_comparison,
+        print_multi_report,
+    )
+
+    if args.histogram:
+        raise ConfigError("--histogram is for single-chain runs (no --chains)")
+    if args.rounds < 1:
+        raise ConfigError("--rounds must be >= 1")
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    compare = len(counts) > 1 or args.rounds > 1
+    show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
+    runs: list[dict[str, Any]] = []
+    failed = False
+    for rnd in range(1, args.rounds + 1):
+        for n in counts:
+            signers = LocalSigners(
+                args.local,
+                chain_id=chain_id,
+                version=family.value,
+                transport=args.transport,
+                key_type=args.key_type,
+                keep=args.keep,
+                parent=Path(args.workdir) if args.workdir else None,
+                persist=args.persist,
+                chains=n,
+            )
+            setup: dict[str, Any] = {
+                "mode": f"local {args.local} node{'s' if args.local > 1 else ''}",
+                "nodes": args.local,
+                "persist": signers.persist,
+                "transport": args.transport,
+                "workdir": str(signers.workdir.parent),
+            }
+            if compare:
+                setup["round"] = rnd
+            probe = stats.probe_fdatasync(signers.workdir)
+            setup["disk_fdatasync_ms"] = {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)}
+            if compare and not args.json:
+                print(f"round {rnd}: {n} chain(s) ...", file=sys.stderr)
+            bar, update = _progress(show_progress, n * (args.requests + args.warmup))
+            with signers:
+                listeners = [BlockingListener(a, family) for a in signers.listen_addresses]
+                try:
+                    for li in listeners:
+                        li.start()
+                    opts = [
+                        runner.RunOptions(
+                            chain_id=cid,
+                            family=family,
+                            requests=args.requests,
+                            warmup=args.warmup,
+                            start_height=args.start_height,
+                            proposal_every=args.proposal_every,
+                            extension_size=args.extension_size,
+                            accept_timeout=args.accept_timeout,
+                            metrics_targets=signers.metrics_targets,
+                        )
+                        for cid in signers.chain_ids
+                    ]
+
+                    def go(
+                        listeners: list[BlockingListener] = listeners,
+                        opts: list[runner.RunOptions] = opts,
+                        signers: LocalSigners = signers,
+                        update: Any = update,
+                    ) -> Any:
+                        return run_chains(
+                            listeners,
+                            opts,
+                            client=args.client,
+                            metrics_targets=signers.metrics_targets,
+                            processes=signers.processes(),
+                            handshakes=args.handshakes,
+                            progress=update,
+                        )
+
+                    try:
+                        if bar is not None:
+                            with bar:
+                                res = go()
+                        else:
+                            res = go()
+                    except (NebulaError, OSError) as e:
+                        raise NebulaError(f"{e}\n{signers.log_tails()}") from None
+                finally:
+                    for li in listeners:
+                        li.close()
+                for r, key in zip(res.chains, signers.keys, strict=True):
+                    if r.pub_key != key.public_key:
+                        r.add_error(
+                            f"{r.options.chain_id}: the signer's public key is not the key "
+                            "the bench generated"
+                        )
+            if args.keep:
+                print(f"node directories kept in {signers.workdir}", file=sys.stderr)
+            data = multi_to_json(res, setup)
+            runs.append(data)
+            failed = failed or bool(res.errors or res.warmup_errors)
+            if not args.json:
+                print_multi_report(res, setup)
+    rows = comparison(runs) if compare else []
+    if args.json:
+        print(json.dumps({"runs": runs, "comparison": rows} if compare else runs[0], indent=2))
+    elif compare:
+        print_comparison(rows)
+    return 1 if failed else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from nebula.bench import runner, stats
 
@@ -208,6 +361,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.warmup < 0 or args.handshakes < 0:
         raise ConfigError("--requests must be >= 1, --warmup and --handshakes >= 0")
     chain_id, family, listen, metrics = _resolve(args)
+    counts = _parse_chains(args.chains)
+    if counts != [1] or args.rounds != 1:
+        if args.local is None:
+            raise ConfigError("--chains and --rounds are for --local runs")
+        return _cmd_chains(args, counts, chain_id, family)
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar, update = _progress(show_progress, args.requests + args.warmup)
 
