@@ -370,3 +370,158 @@ def test_bench_floor_scenarios_really_sync(tmp_path) -> None:
         assert delay <= p50[name] < 2 * delay, (name, p50)
     assert p50["1 node, 2 fdatasyncs"] >= 2 * delay, p50
     assert (faults / "active").exists()  # the hook announced itself
+
+
+# ---- several chains at once (--chains) -------------------------------------------------
+
+
+def _check_chains_run(d: dict, chains: int, requests: int, *, nodes: int) -> None:
+    """What every multi-chain run must show: each chain answered every request, every
+    signature verified against that chain's own key, aggregates add up."""
+    assert d["errors"] == 0 and d["warmup_errors"] == 0 and d["error_samples"] == [], d
+    assert d["chains"] == chains and d["setup"]["chains"] == chains
+    ids = [f"bench-chain-{i}" for i in range(1, chains + 1)]
+    assert d["setup"]["chain_ids"] == ids
+    assert d["setup"]["nodes"] == nodes and d["setup"]["requests_per_chain"] == requests
+    assert "after the timed window" in d["setup"]["verified"]
+    per = d["per_chain"]
+    assert [c["chain_id"] for c in per] == ids
+    # v1_0: one signature per request, plus the extension signature of each precommit
+    # (the warm-up is a multiple of 3: the timed requests start with a proposal)
+    precommits = requests // 3
+    for c in per:
+        assert c["requests"] == requests and c["errors"] == 0 and c["warmup_errors"] == 0, c
+        assert c["signatures_verified"] == requests + precommits, c
+        assert c["start_height"] == 1
+        _check_latency(c["latency_ms"], requests)
+        assert c["p50_ms"] == c["latency_ms"]["p50"] and c["p99_ms"] == c["latency_ms"]["p99"]
+        assert c["throughput_rps"] > 0 and c["signatures_per_s"] > 0
+    # each chain has its own fresh key
+    assert len({c["pub_key"] for c in per}) == chains
+    assert d["requests"] == chains * requests
+    assert d["signatures_verified"] == sum(c["signatures_verified"] for c in per)
+    _check_latency(d["latency_ms"]["all"], chains * requests)
+    assert d["throughput_rps"] == pytest.approx(d["requests"] / d["duration_s"], rel=0.01)
+    assert d["signatures_per_s"] == pytest.approx(
+        d["signatures_verified"] / d["duration_s"], rel=0.01
+    )
+    worst = max(per, key=lambda c: c["p50_ms"])
+    assert d["worst_chain"] == worst["chain_id"] and d["worst_chain_p50_ms"] == worst["p50_ms"]
+    cpu = d["cpu_ms_per_request"]
+    assert set(cpu) == {*(f"node {i}" for i in range(1, nodes + 1)), "bench client"}, cpu
+    assert cpu["bench client"]["role"] == "validator"
+    for c in cpu.values():
+        assert c["user"] >= 0 and c["system"] >= 0
+    ph = d["phases_mean_ms"]
+    assert ph is not None, d["phases_note"]
+    assert ph["replicate"] is not None and ph["replicate"] > 0
+
+
+def test_bench_local_four_chains_json() -> None:
+    """--local 1 --chains 4: four chains with their own keys and validators, driven at
+    once; every chain answered, every signature verified against its own key."""
+    p = _bench("--local", "1", "--chains", "4", "--requests", "200", "--warmup", "21",
+               "--handshakes", "2", "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    _check_chains_run(d, 4, 200, nodes=1)
+    assert d["setup"]["persist"] == "local" and d["setup"]["client"] == "loop"
+    assert d["cpu_ms_per_request"]["node 1"]["role"] == "signer"
+    # the signer did the work of all four chains: not free
+    assert d["cpu_ms_per_request"]["node 1"]["total"] > 0.02
+    assert d["handshakes_ms"]["count"] == 2
+
+
+def test_bench_local_cluster_two_chains_json() -> None:
+    p = _bench("--local", "3", "--chains", "2", "--requests", "150", "--warmup", "15",
+               "--handshakes", "0", "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    _check_chains_run(d, 2, 150, nodes=3)
+    assert d["setup"]["persist"] == "raft"
+    roles = sorted(
+        c["role"] for label, c in d["cpu_ms_per_request"].items() if label != "bench client"
+    )
+    if d["roles_stable"]:
+        assert roles == ["follower", "follower", "leader"]
+    else:
+        assert "leadership moved during the timed run" in d["roles_note"]
+
+
+def test_bench_chains_comparison_threads_unix() -> None:
+    """--chains 1,2 runs each count on fresh nodes and compares them with the 1-chain run
+    of the same round (here with the thread-per-chain client over unix sockets)."""
+    p = _bench("--local", "1", "--chains", "1,2", "--requests", "90", "--warmup", "9",
+               "--handshakes", "0", "--client", "threads", "--transport", "unix",
+               "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    one, two = d["runs"]
+    _check_chains_run(one, 1, 90, nodes=1)
+    _check_chains_run(two, 2, 90, nodes=1)
+    for r in (one, two):
+        assert r["setup"]["client"] == "threads" and r["setup"]["transport"] == "unix"
+        assert r["setup"]["round"] == 1
+    base, many = d["comparison"]
+    assert (base["chains"], many["chains"]) == (1, 2)
+    assert base["aggregate_ratio"] == 1.0 and base["worst_p50_ratio"] == 1.0
+    assert many["baseline_chains"] == 1 and many["errors"] == 0
+    assert many["aggregate_ratio"] == pytest.approx(
+        two["signatures_per_s"] / one["signatures_per_s"], abs=2e-3
+    )
+    assert many["worst_p50_ratio"] == pytest.approx(
+        two["worst_chain_p50_ms"] / one["latency_ms"]["all"]["p50"], abs=2e-3
+    )
+
+
+def test_bench_chains_1_is_the_single_chain_report() -> None:
+    """--chains 1 (the default) keeps the single-chain run and JSON."""
+    p = _bench("--local", "1", "--chains", "1", "--requests", "30", "--warmup", "3",
+               "--handshakes", "0", "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    assert "per_chain" not in d and "chains" not in d["setup"]
+    assert d["setup"]["chain_id"] == "bench-chain" and d["requests"] == 30
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--local", "1", "--chains", "0"], "each count must be in 1..64"),
+        (["--local", "1", "--chains", "2,x"], "--chains takes a number or a list"),
+        (["--listen", "tcp://127.0.0.1:1", "--chains", "2"], "are for --local runs"),
+        (["--local", "1", "--chains", "2", "--histogram", "h.png"], "single-chain runs"),
+    ],
+)
+def test_bench_chains_refuses_bad_arguments(args: list[str], why: str) -> None:
+    p = _bench(*args, "--requests", "10")
+    assert p.returncode == 2, p.stderr
+    assert why in p.stderr and "Traceback" not in p.stderr
+
+
+def test_run_chains_asks_each_validator_for_its_own_chain() -> None:
+    """Each chain's requests go to that chain's validator connection: paired with the
+    other chain's listener, the signer refuses the chain id (no silent cross-signing)."""
+    from nebula.bench.client import BlockingListener
+    from nebula.bench.local import LocalSigners
+    from nebula.bench.multi import run_chains
+    from nebula.bench.runner import RunOptions
+    from nebula.errors import NebulaError
+
+    fam = WireFamily.V1_0
+    with LocalSigners(1, chain_id="x", version=fam.value, chains=2) as signers:
+        assert signers.chain_ids == ["x-1", "x-2"]
+        assert signers.keys[0].public_key != signers.keys[1].public_key
+        listeners = [BlockingListener(a, fam) for a in signers.listen_addresses]
+        for li in listeners:
+            li.start()
+        try:
+            opts = [
+                RunOptions(chain_id=c, family=fam, requests=3, warmup=0, accept_timeout=20)
+                for c in reversed(signers.chain_ids)
+            ]
+            with pytest.raises(NebulaError, match=r"refused PubKeyRequest.*is not"):
+                run_chains(listeners, opts)
+        finally:
+            for li in listeners:
+                li.close()
