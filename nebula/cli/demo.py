@@ -18,6 +18,7 @@ Layout of ``--dir`` (wiped at every start; logs stay there after the run)::
     cometbft/               the chain's home; cometbft/cometbft.log
                             (with --chains N: cometbft/<chain id>/, one per chain)
     nebula/node<N>/         each Nebula node: nebula.toml, privkey, nebula.log, ...
+                            (with --chains N: privkey-0 .. privkey-<N-1>, one per chain)
 """
 
 from __future__ import annotations
