@@ -492,7 +492,8 @@ async def serve(cfg: LoadedConfig) -> None:
             loop.add_signal_handler(sig, daemon.request_stop)
     try:
         await daemon.start()
-        sdnotify.notify("READY=1", f"STATUS=serving chain(s) {', '.join(cfg.chain_ids)}")
+        what = "chain" if len(cfg.chains) == 1 else f"{len(cfg.chains)} chains:"
+        sdnotify.notify("READY=1", f"STATUS=serving {what} {', '.join(cfg.chain_ids)}")
         await daemon.wait()
         log.info("stopping: closing validator connections and the sign state")
     finally:

@@ -211,6 +211,31 @@ VAULT = {
     "timeout": FLOATS,
 }
 RAFT_PEER = section({"id": st.integers(0, 4), "addr": HOSTPORTS})
+SIGNING = section(
+    {
+        "native": section(
+            {
+                "private_key_path": st.text(max_size=8),
+                "key_type": st.sampled_from(["ed25519", "secp256k1", "bls12381", "rsa"]),
+                "bls_dst": OPT_TEXT,
+            }
+        ).map(_drop_none),
+        "vault_transit": section(VAULT).map(_drop_none),
+        "vault_signer_plugin": section({**VAULT, "bls_dst": OPT_TEXT}).map(_drop_none),
+    }
+)
+CHAIN = st.fixed_dictionaries(
+    {"chain_id": st.sampled_from(["a", "b", "", " "]) | st.text(max_size=6)},
+    optional={
+        "version": st.sampled_from(["v0_34", "v0_38", "v1_0", "v9"]),
+        "signing_mode": st.sampled_from(["native", "vault_transit", "vault_signer_plugin", "x"]),
+        "signing": SIGNING,
+        "connections": st.lists(CONNECTION, max_size=2),
+        "initial_state_path": st.text(max_size=8),
+        "connection_key_path": st.text(max_size=8),
+        "bogus": st.integers(),
+    },
+)
 DOCUMENT = st.fixed_dictionaries(
     {},
     optional={
@@ -255,23 +280,8 @@ DOCUMENT = st.fixed_dictionaries(
                 }
             ).map(_drop_none)
         ),
-        "signing": loose(
-            section(
-                {
-                    "native": section(
-                        {
-                            "private_key_path": st.text(max_size=8),
-                            "key_type": st.sampled_from(
-                                ["ed25519", "secp256k1", "bls12381", "rsa"]
-                            ),
-                            "bls_dst": OPT_TEXT,
-                        }
-                    ).map(_drop_none),
-                    "vault_transit": section(VAULT).map(_drop_none),
-                    "vault_signer_plugin": section({**VAULT, "bls_dst": OPT_TEXT}).map(_drop_none),
-                }
-            )
-        ),
+        "signing": loose(SIGNING),
+        "chains": loose(st.lists(CHAIN, max_size=3)),
         "metrics": loose(section({"listen": HOSTPORTS})),
     },
 )
@@ -324,20 +334,32 @@ def check_loaded(cfg: config.LoadedConfig, path: Path = CONFIG_PATH) -> None:
     """The rules ``nebula.config`` promises for every config it accepts."""
     raw = cfg.raw
     assert cfg.path == path
-    assert raw.chain_id.strip()
-    assert cfg.family is WireFamily.from_config(raw.version)
-    assert len(cfg.endpoints) == len(raw.connections) == len(set(cfg.endpoints))
-    for e in cfg.endpoints:
-        if e.scheme == "tcp":
-            assert e.host and 1 <= e.port <= 65535
-        else:
-            assert e.scheme == "unix" and e.path
-    # ports written in strings are plain ASCII decimal ("+80", "8_0", "\u0663" are refused)
-    port_texts = [
-        c.address.rpartition(":")[2]
-        for c in raw.connections
-        if c.address and not c.address.startswith("unix://")
-    ]
+    assert cfg.chains and len(set(cfg.chain_ids)) == len(cfg.chains)
+    raw_chains = raw.chains if raw.chains is not None else [raw]
+    all_endpoints = [e for c in cfg.chains for e in c.endpoints]
+    assert len(set(all_endpoints)) == len(all_endpoints)
+    port_texts: list[str] = []
+    for chain, rc in zip(cfg.chains, raw_chains, strict=True):
+        assert chain.chain_id.strip()
+        assert chain.family is WireFamily.from_config(rc.version or "v1_0")
+        conns = rc.connections or []
+        assert len(chain.endpoints) == len(conns)
+        for e in chain.endpoints:
+            if e.scheme == "tcp":
+                assert e.host and 1 <= e.port <= 65535
+            else:
+                assert e.scheme == "unix" and e.path
+        # ports written in strings are plain ASCII decimal ("+80", "8_0", "\u0663" refused)
+        port_texts += [
+            c.address.rpartition(":")[2]
+            for c in conns
+            if c.address and not c.address.startswith("unix://")
+        ]
+        mode = getattr(chain.signing, chain.signing_mode)
+        assert mode is not None
+        if chain.signing_mode != "native":
+            assert mode.token_path or mode.token_env
+            assert 0 < mode.timeout < 4.0, f"signing.{chain.signing_mode}.timeout = {mode.timeout}"
     if raw.persist == "raft" and raw.raft is not None:
         port_texts += [
             a.rpartition(":")[2] for a in [raw.raft.bind_addr, *(p.addr for p in raw.raft.peers)]
@@ -350,11 +372,6 @@ def check_loaded(cfg: config.LoadedConfig, path: Path = CONFIG_PATH) -> None:
     for name in ("handshake_timeout", "backoff_min", "backoff_max", "idle_timeout"):
         assert getattr(d, name) > 0, f"dial.{name} = {getattr(d, name)} accepted"
     assert d.backoff_min <= d.backoff_max
-    mode = getattr(raw.signing, raw.signing_mode)
-    assert mode is not None
-    if raw.signing_mode != "native":
-        assert mode.token_path or mode.token_env
-        assert 0 < mode.timeout < 4.0, f"signing.{raw.signing_mode}.timeout = {mode.timeout}"
     if raw.persist == "raft":
         r = raw.raft
         assert r is not None and r.secret_path and r.peers
