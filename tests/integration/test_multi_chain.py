@@ -313,3 +313,58 @@ address = "{aa}"
             asyncio.run(main())
         finally:
             proxy.stop()
+
+
+def test_adding_a_chain_with_a_rolling_restart_leaves_the_other_chains_state(tmp_path) -> None:
+    """A config change and a restart of one member at a time adds chain B to a cluster
+    that signs chain A: A keeps its mark and keeps signing, B starts from its import."""
+    from nebula.crypto.keys import write_key_file
+
+    ka, kb = generate("ed25519"), generate("ed25519")
+    aa, ab = _addrs(2)
+    cl = ProcCluster(tmp_path, 3, chains=[ChainDef(A, "v0_38", ka, [aa])])
+    aud_a, aud_b = Auditor(ka.key_type, ka.public_key), Auditor(kb.key_type, kb.public_key)
+    b_state = tmp_path / "b_state.json"
+    b_state.write_text(json.dumps({"height": "500", "round": 0, "step": 3}))
+
+    async def main() -> None:
+        async with (
+            driver([aa], WireFamily.V0_38, A, aud_a) as da,
+            driver([ab], WireFamily.V1_0, B, aud_b) as db,
+        ):
+            with cl:
+                await cl.wait_leader()
+                for h in range(1, 21):
+                    await da.sign(SignVoteRequest(vote(h), A), deadline=30)
+                a_before = _export(cl.dirs[0].config_path, A)
+                h = 21
+                for d in cl.dirs:  # followers and the leader alike, one at a time
+                    node = cl.nodes[d.node_id]
+                    node.stop()
+                    write_key_file(d.home / "privkey-b", kb, overwrite=True)
+                    with d.config_path.open("a") as f:
+                        f.write(
+                            f'\n[[chains]]\nchain_id = "{B}"\nversion = "v1_0"\n'
+                            f'initial_state_path = "{b_state}"\n'
+                            '[chains.signing.native]\nprivate_key_path = "./privkey-b"\n'
+                            f'[[chains.connections]]\naddress = "{ab}"\n'
+                        )
+                    node.start()
+                    await cl.wait_leader()
+                    # A keeps signing through every restart.
+                    await da.sign(SignVoteRequest(vote(h), A), deadline=30)
+                    h += 1
+                leader = await cl.wait_leader()
+                cfg = cl.dirs[leader - 1].config_path
+                # B's mark is its import; it signs above it and refuses below.
+                assert _export(cfg, B)["height"] == "500"
+                low = await db.request_once(SignVoteRequest(vote(400), B), timeout=10)
+                assert low.error is not None and "height regression" in low.error.description
+                await db.sign(SignVoteRequest(vote(501), B), deadline=30)
+                # A's state only moved by its own signatures.
+                a_after = _export(cfg, A)
+                assert int(a_after["height"]) == h - 1 > int(a_before["height"]) == 20
+        aud_a.check()
+        aud_b.check()
+
+    asyncio.run(main())
