@@ -141,6 +141,65 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_split(args: argparse.Namespace) -> int:
+    """Split a BLS12-381 key into t-of-n threshold shares (one file per member)."""
+    from nebula.crypto import keys, threshold
+
+    dst = args.bls_dst.encode("ascii") if args.bls_dst else keys.BLS_DEFAULT_DST
+    if args.from_json and args.from_key_file:
+        return _die("give --from or --from-key-file, not both")
+    whole: keys.SigningKey | None = None
+    if args.from_json:
+        whole = keys.load_priv_validator_key_json(args.from_json, bls_dst=dst)
+    elif args.from_key_file:
+        whole = keys.load_key_file(args.from_key_file, "bls12381", bls_dst=dst)
+    if whole is not None and whole.key_type != "bls12381":
+        return _die(f"only a BLS12-381 key can be split, this one is {whole.key_type}")
+    quorum = args.shares // 2 + 1
+    if args.threshold < quorum and not args.allow_below_quorum:
+        return _die(
+            f"--threshold {args.threshold} is below the Raft quorum of {args.shares} members "
+            f"({quorum}): a Nebula cluster refuses it (t shares must imply a committed "
+            "decision); --allow-below-quorum writes it anyway"
+        )
+    shares = threshold.split(
+        None if whole is None else whole.secret_bytes(), args.threshold, args.shares, dst=dst
+    )
+    pub = shares[0].public
+    if whole is not None and pub.group_public_key != whole.public_key:  # cannot happen
+        return _die("internal error: the group key is not the original public key")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for s in shares:
+        threshold.write_share_file(out / f"share-{s.index}.json", s, overwrite=args.force)
+    info = {
+        "threshold": pub.threshold,
+        "shares": pub.shares,
+        "address": pub.address.hex().upper(),
+        "pub_key": {
+            "type": "cometbft/PubKeyBls12_381",
+            "value": base64.b64encode(pub.group_public_key).decode(),
+        },
+        "files": [str(out / f"share-{s.index}.json") for s in shares],
+        "source": args.from_json or args.from_key_file or "a fresh key",
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"split {info['source']} into {pub.threshold}-of-{pub.shares} shares:")
+        for f in info["files"]:
+            print(f"  {f}  (mode 0600; give member i the file share-i.json only)")
+        print(f"address  : {info['address']}")
+        print(f"pub_key  : {json.dumps(info['pub_key'])}")
+        if whole is not None:
+            print("the group public key is the original key's: CometBFT sees no change")
+        print(
+            'each member\'s config: signing_mode = "threshold_bls" with '
+            '[signing.threshold_bls] share_path = "share-<node_id>.json"'
+        )
+    return 0
+
+
 # ---- start / state ---------------------------------------------------------------------
 
 
@@ -255,6 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--key-type", choices=["ed25519", "secp256k1", "bls12381"])
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)
+
+    s = k.add_parser("split", help="split a BLS12-381 key into t-of-n threshold shares")
+    s.add_argument("--threshold", "-t", type=int, required=True, help="shares needed to sign")
+    s.add_argument("--shares", "-n", type=int, required=True, help="members (the cluster size)")
+    s.add_argument("--from", dest="from_json", help="an existing priv_validator_key.json")
+    s.add_argument("--from-key-file", help="an existing native BLS key file")
+    s.add_argument("--output-dir", "-o", required=True, help="writes share-1.json ... share-n.json")
+    s.add_argument("--bls-dst", help="the BLS domain separation tag (default: the repo's)")
+    s.add_argument(
+        "--allow-below-quorum", action="store_true", help="write a t below n//2+1 anyway"
+    )
+    s.add_argument("--force", action="store_true", help="overwrite existing share files")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys_split)
 
     s = sub.add_parser("start", help="run the signer")
     s.add_argument("-c", "--config", required=True)

@@ -1,0 +1,413 @@
+"""Threshold BLS12-381 (t of n, min-pk): Shamir shares with Feldman commitments.
+
+The whole key ``s`` is the constant term of a random polynomial of degree ``t - 1`` over
+the scalar field, ``f(x) = s + a_1 x + ... + a_{t-1} x^{t-1}`` (mod r).  Member ``i``
+(1 <= i <= n; in a Nebula cluster: the member's Raft node id) holds ``s_i = f(i)``.  The
+Feldman commitments ``C_j = a_j * G1`` (``C_0 = s * G1``: the group public key, the very
+key CometBFT knows) are public, so
+
+* each member checks its own share: ``s_i * G1 == sum_j C_j * i^j`` (:meth:`KeyShare.check`);
+* anyone computes each member's public share ``PK_i = sum_j C_j * i^j`` and verifies a
+  member's signature share ``sigma_i = s_i * H(m)`` against it (one pairing check).
+
+Any ``t`` shares combine by Lagrange interpolation at 0 in G2:
+``sigma = sum_i lambda_i * sigma_i`` with ``lambda_i = prod_{j != i} j / (j - i)`` (mod r),
+which equals ``s * H(m)``: exactly the signature the whole key gives (BLS is
+deterministic), so CometBFT verifies it against the group public key and cannot tell
+the difference.  ``t - 1`` shares say nothing about ``s`` (Shamir), so they cannot
+produce a valid signature.
+
+Combining verifies the result once against the group public key
+(:meth:`ThresholdPublic.combine`); only when that fails is each share checked against its
+member's public share, the bad ones are named and dropped, and the rest are combined
+again (if ``t`` good ones remain).
+
+The share key file (JSON, mode 0600) holds only the member's share and the public data::
+
+    {"type": "nebula/Bls12381ThresholdShare", "version": 1, "threshold": t, "shares": n,
+     "index": i, "group_public_key": <base64 96-byte uncompressed G1>, "address": <hex>,
+     "commitments": [<base64 48-byte compressed G1>, ... t of them],
+     "secret_share": <base64 32-byte big-endian scalar>}
+
+Dealer-based: :func:`split` runs on one machine that holds the whole key for a moment (an
+existing ``priv_validator_key.json``, or a fresh key) and writes one file per member.  A
+dealerless DKG is not built.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyblst import BlstP1Element, BlstP2Element, final_verify, miller_loop
+
+from nebula.crypto.keys import (
+    _G1,
+    BLS_DEFAULT_DST,
+    BLS_R,
+    g1_compressed,
+    g1_uncompressed,
+    read_private_file,
+    write_private_file,
+)
+from nebula.errors import KeyFileError
+
+__all__ = [
+    "SHARE_FILE_TYPE",
+    "KeyShare",
+    "ThresholdPublic",
+    "lagrange_at_zero",
+    "load_share_file",
+    "split",
+    "write_share_file",
+]
+
+SHARE_FILE_TYPE = "nebula/Bls12381ThresholdShare"
+_FILE_VERSION = 1
+MAX_SHARES = 255
+
+
+def _inv(a: int) -> int:
+    return pow(a % BLS_R, BLS_R - 2, BLS_R)
+
+
+def lagrange_at_zero(indices: Iterable[int]) -> dict[int, int]:
+    """The Lagrange coefficients at x = 0 for distinct positive ``indices`` (mod r)."""
+    idx = list(indices)
+    if len(set(idx)) != len(idx) or any(i <= 0 for i in idx):
+        raise ValueError(f"share indices must be distinct and positive: {idx}")
+    out: dict[int, int] = {}
+    for i in idx:
+        num, den = 1, 1
+        for j in idx:
+            if j != i:
+                num = num * j % BLS_R
+                den = den * (j - i) % BLS_R
+        out[i] = num * _inv(den) % BLS_R
+    return out
+
+
+def _g1_from(data: bytes, what: str) -> BlstP1Element:
+    if len(data) == 96:
+        data = g1_compressed(data)
+    if len(data) != 48:
+        raise KeyFileError(f"{what}: a G1 point is 48 or 96 bytes, got {len(data)}")
+    try:
+        return BlstP1Element.uncompress(bytes(data))  # on the curve, in the subgroup
+    except ValueError as e:
+        raise KeyFileError(f"{what}: not a valid G1 point: {e}") from None
+
+
+def _g2_from(sig: bytes) -> BlstP2Element | None:
+    if len(sig) != 96:
+        return None
+    try:
+        return BlstP2Element.uncompress(bytes(sig))  # on the curve, in the subgroup
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class ThresholdPublic:
+    """The public data of a t-of-n split: threshold, size and the Feldman commitments."""
+
+    threshold: int
+    shares: int
+    #: the t commitments, 48-byte compressed G1 points; commitments[0] is the group key
+    commitments: tuple[bytes, ...]
+    dst: bytes = BLS_DEFAULT_DST
+    _points: tuple[BlstP1Element, ...] = field(init=False, repr=False)
+    _pub_shares: dict[int, BlstP1Element] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        t, n = self.threshold, self.shares
+        if not 1 <= t <= n <= MAX_SHARES:
+            raise KeyFileError(f"threshold {t} of {n} shares: need 1 <= t <= n <= {MAX_SHARES}")
+        if len(self.commitments) != t:
+            raise KeyFileError(f"{t}-of-{n}: expected {t} commitments, got {len(self.commitments)}")
+        pts = tuple(_g1_from(c, f"commitment {j}") for j, c in enumerate(self.commitments))
+        if self.commitments[0][0] & 0x40:
+            raise KeyFileError("the group public key cannot be the point at infinity")
+        object.__setattr__(self, "_points", pts)
+        object.__setattr__(self, "_pub_shares", {})
+
+    # -- keys ----------------------------------------------------------------------------
+
+    @property
+    def group_public_key(self) -> bytes:
+        """The group key as CometBFT knows it: 96-byte uncompressed G1."""
+        return g1_uncompressed(self.commitments[0])
+
+    @property
+    def address(self) -> bytes:
+        return hashlib.sha256(self.group_public_key).digest()[:20]
+
+    def public_share(self, index: int) -> BlstP1Element:
+        """Member ``index``'s public share ``sum_j C_j * index^j``."""
+        got = self._pub_shares.get(index)
+        if got is None:
+            if not 1 <= index <= self.shares:
+                raise KeyFileError(f"share index {index} outside 1..{self.shares}")
+            acc = self._points[0]
+            power = 1
+            for pt in self._points[1:]:
+                power = power * index % BLS_R
+                acc = acc + pt.scalar_mul(power)
+            self._pub_shares[index] = got = acc
+        return got
+
+    # -- signatures ----------------------------------------------------------------------
+
+    def hash(self, msg: bytes) -> BlstP2Element:
+        return BlstP2Element.hash_to_group(msg, self.dst)
+
+    def verify(self, msg: bytes, sig: bytes, *, h: BlstP2Element | None = None) -> bool:
+        """Is ``sig`` the group key's signature over ``msg``?"""
+        return self._verify(self._points[0], msg, sig, h)
+
+    def verify_share(
+        self, index: int, msg: bytes, share: bytes, *, h: BlstP2Element | None = None
+    ) -> bool:
+        """Is ``share`` member ``index``'s signature share over ``msg``?"""
+        try:
+            pk = self.public_share(index)
+        except KeyFileError:
+            return False
+        return self._verify(pk, msg, share, h)
+
+    def _verify(self, pk: BlstP1Element, msg: bytes, sig: bytes, h: BlstP2Element | None) -> bool:
+        s = _g2_from(sig)
+        if s is None:
+            return False
+        if h is None:
+            h = self.hash(msg)
+        return bool(final_verify(miller_loop(pk, h), miller_loop(_G1, s)))
+
+    def interpolate(self, shares: Mapping[int, bytes]) -> bytes | None:
+        """Lagrange-combine exactly the given shares (no verification); None if one of
+        them is not a G2 point or the indices are out of range."""
+        if not shares or any(not 1 <= i <= self.shares for i in shares):
+            return None
+        lam = lagrange_at_zero(shares)
+        acc: BlstP2Element | None = None
+        for i, sig in shares.items():
+            pt = _g2_from(sig)
+            if pt is None:
+                return None
+            term = pt.scalar_mul(lam[i])
+            acc = term if acc is None else acc + term
+        assert acc is not None
+        return acc.compress()
+
+    def combine(
+        self,
+        msg: bytes,
+        shares: Mapping[int, bytes],
+        *,
+        on_bad: Callable[[int], None] | None = None,
+    ) -> bytes | None:
+        """The group signature over ``msg`` from any ``t`` valid ``shares`` (index ->
+        96-byte compressed G2), verified against the group key; None if no ``t`` valid
+        shares are among them.  The first ``t`` are combined and the result verified
+        once; only if that fails is every share checked (``on_bad(index)`` for each bad
+        one) and the valid ones combined."""
+        t = self.threshold
+        if len(shares) < t:
+            return None
+        h = self.hash(msg)
+        first = dict(list(shares.items())[:t])
+        sig = self.interpolate(first)
+        if sig is not None and self.verify(msg, sig, h=h):
+            return sig
+        good: dict[int, bytes] = {}
+        for i, s in shares.items():
+            if self.verify_share(i, msg, s, h=h):
+                good[i] = s
+            elif on_bad is not None:
+                on_bad(i)
+        if len(good) < t:
+            return None
+        sig = self.interpolate(dict(list(good.items())[:t]))
+        if sig is None or not self.verify(msg, sig, h=h):  # cannot happen with valid shares
+            return None
+        return sig
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "shares": self.shares,
+            "group_public_key": base64.b64encode(self.group_public_key).decode(),
+            "address": self.address.hex().upper(),
+            "commitments": [base64.b64encode(c).decode() for c in self.commitments],
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class KeyShare:
+    """One member's share ``s_i = f(i)`` and the public data it belongs to."""
+
+    index: int
+    secret: int
+    public: ThresholdPublic
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.public.shares:
+            raise KeyFileError(f"share index {self.index} outside 1..{self.public.shares}")
+        if not 0 < self.secret < BLS_R:
+            raise KeyFileError("a secret share must be a nonzero scalar below r")
+
+    def __repr__(self) -> str:  # never the secret
+        return (
+            f"<KeyShare {self.index} of {self.public.threshold}-of-{self.public.shares} "
+            f"address={self.public.address.hex().upper()}>"
+        )
+
+    def check(self) -> bool:
+        """Feldman: does the share match the commitments (``s_i * G1 == PK_i``)?"""
+        return _G1.scalar_mul(self.secret) == self.public.public_share(self.index)
+
+    def sign_share(self, msg: bytes, *, h: BlstP2Element | None = None) -> bytes:
+        """This member's signature share over ``msg`` (96-byte compressed G2)."""
+        if h is None:
+            h = self.public.hash(msg)
+        return h.scalar_mul(self.secret).compress()
+
+    def secret_bytes(self) -> bytes:
+        return self.secret.to_bytes(32, "big")
+
+
+def split(
+    secret: bytes | int | None,
+    threshold: int,
+    shares: int,
+    *,
+    dst: bytes = BLS_DEFAULT_DST,
+    randbelow: Callable[[int], int] = secrets.randbelow,
+) -> list[KeyShare]:
+    """Split the 32-byte BLS secret ``secret`` (a fresh random one if None) into ``shares``
+    shares, any ``threshold`` of which sign; indices 1..shares."""
+    t, n = threshold, shares
+    if not 1 <= t <= n <= MAX_SHARES:
+        raise KeyFileError(f"threshold {t} of {n} shares: need 1 <= t <= n <= {MAX_SHARES}")
+    if secret is None:
+        s = 1 + randbelow(BLS_R - 1)
+    else:
+        s = int.from_bytes(secret, "big") if isinstance(secret, bytes | bytearray) else secret
+        if not 0 < s < BLS_R:
+            raise KeyFileError("invalid BLS12-381 secret: the scalar is 0 or not below r")
+    coeffs = [s] + [1 + randbelow(BLS_R - 1) for _ in range(t - 1)]
+    commitments = tuple(_G1.scalar_mul(a).compress() for a in coeffs)
+    public = ThresholdPublic(t, n, commitments, dst=bytes(dst))
+    out = []
+    for i in range(1, n + 1):
+        y = 0
+        for a in reversed(coeffs):  # Horner
+            y = (y * i + a) % BLS_R
+        out.append(KeyShare(i, y, public))
+    return out
+
+
+# ---- the share key file -------------------------------------------------------------------
+
+
+def share_file_json(share: KeyShare) -> dict[str, Any]:
+    return {
+        "type": SHARE_FILE_TYPE,
+        "version": _FILE_VERSION,
+        **share.public.to_json(),
+        "index": share.index,
+        "secret_share": base64.b64encode(share.secret_bytes()).decode(),
+    }
+
+
+def write_share_file(
+    path: str | os.PathLike[str], share: KeyShare, *, overwrite: bool = False
+) -> None:
+    """Write member ``share.index``'s key file (mode 0600, atomically)."""
+    text = json.dumps(share_file_json(share), indent=2) + "\n"
+    write_private_file(path, text.encode("ascii"), overwrite=overwrite)
+
+
+def _b64(doc: Mapping[str, Any], key: str, p: str) -> bytes:
+    v = doc.get(key)
+    if not isinstance(v, str):
+        raise KeyFileError(f"{p}: {key} must be a base64 string")
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError(f"{p}: {key} is not valid base64") from None
+
+
+def _int(doc: Mapping[str, Any], key: str, p: str) -> int:
+    v = doc.get(key)
+    if type(v) is not int:
+        raise KeyFileError(f"{p}: {key} must be an integer")
+    return v
+
+
+def load_share_file(
+    path: str | os.PathLike[str],
+    *,
+    dst: bytes = BLS_DEFAULT_DST,
+    check_permissions: bool = True,
+) -> KeyShare:
+    """Load and check a share key file: the commitments, the group key and the share must
+    agree (Feldman); anything else is a :class:`KeyFileError` naming the file."""
+    p = os.fspath(path)
+    raw = read_private_file(p, what="threshold share file", check_permissions=check_permissions)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KeyFileError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or doc.get("type") != SHARE_FILE_TYPE:
+        raise KeyFileError(f"{p}: not a threshold share file (type must be {SHARE_FILE_TYPE!r})")
+    if doc.get("version") != _FILE_VERSION:
+        raise KeyFileError(f"{p}: share file version {doc.get('version')!r} is not known")
+    comms = doc.get("commitments")
+    if not isinstance(comms, list):
+        raise KeyFileError(f"{p}: commitments must be a list")
+    try:
+        public = ThresholdPublic(
+            _int(doc, "threshold", p),
+            _int(doc, "shares", p),
+            tuple(_b64({"c": c}, "c", p) for c in comms),
+            dst=bytes(dst),
+        )
+        if _b64(doc, "group_public_key", p) not in (
+            public.group_public_key,
+            public.commitments[0],
+        ):
+            raise KeyFileError("group_public_key is not the first commitment")
+        secret = _b64(doc, "secret_share", p)
+        if len(secret) != 32:
+            raise KeyFileError(f"secret_share is 32 bytes, got {len(secret)}")
+        share = KeyShare(_int(doc, "index", p), int.from_bytes(secret, "big"), public)
+    except KeyFileError as e:
+        msg = str(e)
+        raise KeyFileError(msg if msg.startswith(p) else f"{p}: {msg}") from None
+    if not share.check():
+        raise KeyFileError(
+            f"{p}: the secret share of member {share.index} does not match the commitments "
+            "(a corrupted file, or a share of another split)"
+        )
+    return share
+
+
+def same_split(shares: Sequence[KeyShare]) -> bool:
+    """Do all ``shares`` belong to one split (same threshold, size and commitments)?"""
+    if not shares:
+        return True
+    a = shares[0].public
+    return all(
+        s.public.threshold == a.threshold
+        and s.public.shares == a.shares
+        and s.public.commitments == a.commitments
+        for s in shares
+    )

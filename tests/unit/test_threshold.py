@@ -1,0 +1,224 @@
+"""Threshold BLS12-381 (nebula.crypto.threshold): property tests against the whole key."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nebula.crypto.keys import (
+    BLS_COMETBFT_V1_0_0_DST,
+    BLS_DEFAULT_DST,
+    BLS_R,
+    Bls12381Key,
+    verify_signature,
+)
+from nebula.crypto.threshold import (
+    KeyShare,
+    lagrange_at_zero,
+    load_share_file,
+    split,
+    write_share_file,
+)
+from nebula.errors import KeyFileError
+
+_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+sizes = st.integers(min_value=1, max_value=5).flatmap(
+    lambda n: st.tuples(st.integers(min_value=1, max_value=n), st.just(n))
+)
+secrets_ = st.integers(min_value=1, max_value=BLS_R - 1)
+messages = st.binary(min_size=0, max_size=200)
+dsts = st.sampled_from([BLS_DEFAULT_DST, BLS_COMETBFT_V1_0_0_DST])
+
+
+def _rng(seed: int):
+    r = random.Random(seed)
+    return lambda n: r.randrange(n)
+
+
+@_SETTINGS
+@given(sizes, secrets_, messages, dsts, st.integers(0, 2**32), st.data())
+def test_any_t_of_n_shares_combine_to_the_whole_keys_signature(
+    tn: tuple[int, int], secret: int, msg: bytes, dst: bytes, seed: int, data: st.DataObject
+) -> None:
+    t, n = tn
+    whole = Bls12381Key(secret.to_bytes(32, "big"), dst=dst)
+    shares = split(secret, t, n, dst=dst, randbelow=_rng(seed))
+    pub = shares[0].public
+    # The split of an existing key reproduces its public key (and address).
+    assert pub.group_public_key == whole.public_key
+    assert pub.address == whole.address
+    assert all(s.check() for s in shares)
+    subset = data.draw(st.lists(st.sampled_from(shares), min_size=t, max_size=n, unique_by=id))
+    sig = pub.combine(msg, {s.index: s.sign_share(msg) for s in subset})
+    assert sig == whole.sign(msg)
+    assert verify_signature("bls12381", whole.public_key, msg, sig, bls_dst=dst)
+
+
+@_SETTINGS
+@given(sizes.filter(lambda tn: tn[0] >= 2), secrets_, messages, st.integers(0, 2**32))
+def test_t_minus_one_shares_do_not_make_a_valid_signature(
+    tn: tuple[int, int], secret: int, msg: bytes, seed: int
+) -> None:
+    t, n = tn
+    whole = Bls12381Key(secret.to_bytes(32, "big"))
+    shares = split(secret, t, n, randbelow=_rng(seed))
+    pub = shares[0].public
+    some = {s.index: s.sign_share(msg) for s in shares[: t - 1]}
+    assert pub.combine(msg, some) is None  # fewer than t: refused
+    # Interpolating them anyway gives something that is not the signature.
+    forged = pub.interpolate(some)
+    assert forged != whole.sign(msg)
+    assert forged is None or not pub.verify(msg, forged)
+
+
+@_SETTINGS
+@given(
+    sizes.filter(lambda tn: 2 <= tn[0] < tn[1]),
+    secrets_,
+    messages,
+    st.integers(0, 2**32),
+    st.data(),
+)
+def test_a_corrupted_share_is_detected_and_excluded(
+    tn: tuple[int, int], secret: int, msg: bytes, seed: int, data: st.DataObject
+) -> None:
+    # (t >= 2: with t = 1 every share is the whole key, so another member's is valid.)
+    t, n = tn
+    whole = Bls12381Key(secret.to_bytes(32, "big"))
+    shares = split(secret, t, n, randbelow=_rng(seed))
+    pub = shares[0].public
+    sigs = {s.index: s.sign_share(msg) for s in shares}
+    victim = data.draw(st.sampled_from(sorted(sigs)))
+    how = data.draw(st.sampled_from(["other_message", "other_member", "garbage", "flipped"]))
+    if how == "other_message":
+        sigs[victim] = shares[victim - 1].sign_share(msg + b"!")
+    elif how == "other_member":
+        sigs[victim] = sigs[victim % n + 1]
+    elif how == "garbage":
+        sigs[victim] = os.urandom(96)
+    else:
+        b = bytearray(sigs[victim])
+        b[50] ^= 1
+        sigs[victim] = bytes(b)
+    # The corrupted share comes first, so the first try (the first t) includes it.
+    ordered = {victim: sigs[victim], **{i: s for i, s in sigs.items() if i != victim}}
+    bad: list[int] = []
+    sig = pub.combine(msg, ordered, on_bad=bad.append)
+    assert sig == whole.sign(msg)
+    assert bad == [victim]
+    assert not pub.verify_share(victim, msg, sigs[victim])
+    assert all(pub.verify_share(i, msg, s) for i, s in sigs.items() if i != victim)
+
+
+def test_every_subset_of_a_3_of_5_split_and_no_smaller_one() -> None:
+    whole = Bls12381Key.generate()
+    shares = split(whole.secret_bytes(), 3, 5)
+    pub = shares[0].public
+    msg = b"vote sign bytes"
+    sigs = {s.index: s.sign_share(msg) for s in shares}
+    want = whole.sign(msg)
+    for k in (3, 4, 5):
+        for combo in itertools.combinations(sorted(sigs), k):
+            assert pub.combine(msg, {i: sigs[i] for i in combo}) == want
+    for combo in itertools.combinations(sorted(sigs), 2):
+        assert pub.interpolate({i: sigs[i] for i in combo}) != want
+
+
+def test_lagrange_coefficients_sum_to_one_and_refuse_bad_indices() -> None:
+    for idx in ([1, 2], [1, 3], [2, 3, 5], [7]):
+        assert sum(lagrange_at_zero(idx).values()) % BLS_R == 1
+    with pytest.raises(ValueError):
+        lagrange_at_zero([1, 1])
+    with pytest.raises(ValueError):
+        lagrange_at_zero([0, 1])
+
+
+def test_split_refuses_bad_parameters() -> None:
+    for t, n in ((0, 3), (4, 3), (1, 0), (2, 256)):
+        with pytest.raises(KeyFileError):
+            split(None, t, n)
+    with pytest.raises(KeyFileError):
+        split(0, 2, 3)
+    with pytest.raises(KeyFileError):
+        split(BLS_R, 2, 3)
+
+
+def test_share_file_round_trip_and_tampering(tmp_path: Path) -> None:
+    whole = Bls12381Key.generate()
+    shares = split(whole.secret_bytes(), 2, 3)
+    for s in shares:
+        write_share_file(tmp_path / f"share-{s.index}.json", s)
+        assert (os.stat(tmp_path / f"share-{s.index}.json").st_mode & 0o777) == 0o600
+    got = load_share_file(tmp_path / "share-2.json")
+    assert isinstance(got, KeyShare) and got.index == 2 and got.secret == shares[1].secret
+    assert got.public.group_public_key == whole.public_key
+    assert "secret" not in repr(got) and str(got.secret) not in repr(got)
+    with pytest.raises(KeyFileError, match="already exists"):
+        write_share_file(tmp_path / "share-2.json", shares[1])
+
+    doc = json.loads((tmp_path / "share-2.json").read_text())
+
+    def bad(**changes: object) -> str:
+        p = tmp_path / "bad.json"
+        p.unlink(missing_ok=True)
+        p.write_text(json.dumps({**doc, **changes}))
+        p.chmod(0o600)
+        with pytest.raises(KeyFileError) as e:
+            load_share_file(p)
+        assert str(p) in str(e.value)
+        return str(e.value)
+
+    # Another member's secret under this index: Feldman check fails.
+    other_secret = base64.b64encode(shares[0].secret_bytes()).decode()
+    assert "does not match the commitments" in bad(secret_share=other_secret)
+    assert "group_public_key" in bad(
+        group_public_key=base64.b64encode(Bls12381Key.generate().public_key).decode()
+    )
+    assert "commitments" in bad(commitments=doc["commitments"][:1])
+    assert "index" in bad(index=4)
+    assert "type" in bad(type="something")
+    assert "threshold" in bad(threshold=4)
+    (tmp_path / "share-3.json").chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_share_file(tmp_path / "share-3.json")
+
+
+def test_keys_split_cli_from_an_existing_key_and_fresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nebula.cli.main import main
+    from nebula.crypto.keys import write_priv_validator_key_json
+
+    whole = Bls12381Key.generate()
+    pv = tmp_path / "priv_validator_key.json"
+    write_priv_validator_key_json(pv, whole)
+    out = tmp_path / "shares"
+    assert main(["keys", "split", "-t", "2", "-n", "3", "--from", str(pv), "-o", str(out)]) == 0
+    assert "CometBFT sees no change" in capsys.readouterr().out
+    loaded = [load_share_file(out / f"share-{i}.json") for i in (1, 2, 3)]
+    assert [s.index for s in loaded] == [1, 2, 3]
+    assert all(s.public.group_public_key == whole.public_key for s in loaded)
+    msg = b"m"
+    assert loaded[0].public.combine(
+        msg, {s.index: s.sign_share(msg) for s in loaded[1:]}
+    ) == whole.sign(msg)
+    # No file holds the whole key.
+    for i in (1, 2, 3):
+        text = (out / f"share-{i}.json").read_text()
+        assert base64.b64encode(whole.secret_bytes()).decode() not in text
+    # Existing files are not overwritten; below the quorum is refused.
+    assert main(["keys", "split", "-t", "2", "-n", "3", "--from", str(pv), "-o", str(out)]) == 2
+    assert main(["keys", "split", "-t", "1", "-n", "3", "-o", str(tmp_path / "x")]) == 2
+    assert "below the Raft quorum" in capsys.readouterr().err
+    assert main(["keys", "split", "-t", "3", "-n", "5", "-o", str(tmp_path / "f"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["threshold"] == 3 and len(info["files"]) == 5
