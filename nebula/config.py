@@ -108,10 +108,25 @@ class VaultSignerPluginSigning(_Strict):
     bls_dst: str | None = None
 
 
+class Pkcs11Signing(_Strict):
+    # The token vendor's PKCS#11 module (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so).
+    module_path: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = "nebula"
+    # File holding the user PIN (mode 0600).
+    pin_path: str | None = None
+    key_label: str | None = "nebula"
+    key_id: str | None = None  # hex CKA_ID, with or instead of key_label
+    key_type: Literal["ed25519", "secp256k1"] = "ed25519"
+    # Optional base64 public key: the token's key must be this one (checked at start).
+    public_key: str | None = None
+    timeout: float = 1.0
+
+
 class SigningConfig(_Strict):
     native: NativeSigning | None = None
     vault_transit: VaultTransitSigning | None = None
     vault_signer_plugin: VaultSignerPluginSigning | None = None
+    pkcs11: Pkcs11Signing | None = None
 
 
 class MetricsConfig(_Strict):
@@ -119,7 +134,7 @@ class MetricsConfig(_Strict):
     listen: str = ""
 
 
-SigningMode = Literal["native", "vault_transit", "vault_signer_plugin"]
+SigningMode = Literal["native", "vault_transit", "vault_signer_plugin", "pkcs11"]
 
 
 class ChainConfig(_Strict):
@@ -512,6 +527,17 @@ def _chain(
             f"{p}: {pre}signing_mode = {signing_mode!r} needs a "
             f"[{pre}signing.{signing_mode}] section"
         )
+    if signing_mode == "pkcs11":
+        h = mode_section
+        if not h.pin_path:
+            raise ConfigError(f"{p}: {pre}signing.pkcs11.pin_path is required (0600 PIN file)")
+        if not h.key_label and not h.key_id:
+            raise ConfigError(f"{p}: {pre}signing.pkcs11: set key_label or key_id")
+        if not 0 < h.timeout < 4.0:  # NaN too
+            raise ConfigError(
+                f"{p}: {pre}signing.pkcs11.timeout must be in (0, 4) seconds "
+                "(CometBFT gives up after 5 s)"
+            )
     if signing_mode in ("vault_transit", "vault_signer_plugin"):
         v = mode_section
         if not v.token_path and not v.token_env:
@@ -544,7 +570,7 @@ log_level = "info"            # trace | debug | info | warn | error
 log_format = "text"           # text | json
 chain_id = "{chain_id}"       # requests for any other chain are refused
 version = "{version}"             # CometBFT line: v0_34 | v0_37 | v0_38 | v0_39 | v0_40 | v1_0
-signing_mode = "{signing_mode}"  # native | vault_transit | vault_signer_plugin
+signing_mode = "{signing_mode}"  # native | vault_transit | vault_signer_plugin | pkcs11
 
 # Where the last signed height/round/step lives:
 #   "local" - a state file on this machine, fsync'ed before every signature;
@@ -612,6 +638,17 @@ token_env = "VAULT_TOKEN"
 # ca_cert = "/etc/ssl/vault-ca.pem"
 insecure_skip_verify = false
 timeout = 1.0                    # seconds per request; a slow Vault is refused, not waited for
+""",
+    "pkcs11": """
+[signing.pkcs11]
+module_path = "/usr/lib/softhsm/libsofthsm2.so"   # the HSM vendor's PKCS#11 module
+token_label = "nebula"
+pin_path = "./hsm_pin"           # the user PIN, mode 0600 (a rejected PIN is never retried)
+key_label = "nebula"             # `nebula hsm generate` / `nebula hsm import` create it
+# key_id = "01"                  # hex CKA_ID, with or instead of key_label
+key_type = "{key_type}"          # ed25519 (CKM_EDDSA) | secp256k1 (CKM_ECDSA, low-S)
+# public_key = "base64..."       # optional pin: the token's key must be this one
+timeout = 1.0                    # seconds per signature; a slow HSM is refused, not waited for
 """,
     "vault_signer_plugin": """
 [signing.vault_signer_plugin]

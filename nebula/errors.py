@@ -37,6 +37,11 @@ class ConfigError(NebulaError):
     """The configuration is invalid or unsafe."""
 
 
+class CredentialRejected(ConfigError):
+    """A credential (an HSM PIN) was rejected: retrying it could lock the device, so
+    ``nebula start`` exits with status 3, which the systemd unit does not restart."""
+
+
 class KeyFileError(NebulaError):
     """A key or secret file is missing, malformed or readable by others."""
 

@@ -74,6 +74,25 @@ def make_backend(cfg: LoadedConfig, chain: ChainSpec | None = None) -> Backend:
         return VaultTransitBackend.connect(
             _vault_settings(cfg, chain, t, "vault_transit"), version=chain.version
         )
+    if chain.signing_mode == "pkcs11":
+        from nebula.backends.pkcs11 import Pkcs11Backend, Pkcs11Settings
+
+        h = signing.pkcs11
+        if h is None:
+            raise ConfigError(f"{cfg.path}: missing [{chain.where('signing.pkcs11')}]")
+        return Pkcs11Backend.connect(
+            Pkcs11Settings.create(
+                module_path=h.module_path,
+                token_label=h.token_label,
+                pin_path=cfg.resolve(h.pin_path),
+                key_type=h.key_type,
+                key_label=h.key_label,
+                key_id=h.key_id,
+                public_key=h.public_key,
+                timeout=h.timeout,
+                where=f"{cfg.path}: {chain.where('signing.pkcs11')}",
+            )
+        )
     from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
     from nebula.crypto.keys import BLS_DEFAULT_DST
 

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 from nebula import __version__
-from nebula.errors import NebulaError
+from nebula.errors import CredentialRejected, NebulaError
 
 BACKENDS = {
     "native": "native",
     "vault-transit": "vault_transit",
     "vault-signer-plugin": "vault_signer_plugin",
+    "pkcs11": "pkcs11",
 }
 
 
@@ -45,6 +46,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     if args.backend == "native":
         print(f"next: nebula keys generate -c {out} --key-type {args.key_type}")
+    elif args.backend == "pkcs11":
+        print(
+            f"next: nebula hsm generate -c {out}  "
+            f"(or: nebula hsm import -c {out} priv_validator_key.json)"
+        )
     elif args.backend == "vault-transit":
         print(
             f"next: nebula vault create-key -c {out}  "
@@ -349,10 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Every subcommand is part of the CLI: a module that fails to import is an error
     # here, never a subcommand that silently vanishes.
-    from nebula.cli import bench, cluster, demo, vault
+    from nebula.cli import bench, cluster, demo, hsm, vault
 
     cluster.register(sub)
     vault.register(sub)
+    hsm.register(sub)
     demo.register(sub)
     bench.register(sub)
     return p
@@ -363,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except CredentialRejected as e:
+        return _die(str(e), 3)  # never restarted: a retried PIN can lock the device
     except NebulaError as e:
         return _die(str(e))
     except KeyboardInterrupt:

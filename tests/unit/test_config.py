@@ -37,7 +37,7 @@ def test_rust_nebula_config_stays_valid(tmp_path) -> None:
     assert cfg.resolve(cfg.raw.signing.native.private_key_path) == tmp_path / "privkey"
 
 
-@pytest.mark.parametrize("backend", ["native", "vault_transit", "vault_signer_plugin"])
+@pytest.mark.parametrize("backend", ["native", "vault_transit", "vault_signer_plugin", "pkcs11"])
 def test_templates_are_valid(backend, tmp_path) -> None:
     cfg = config.loads(config.template(backend), tmp_path / "c.toml")
     assert cfg.raw.signing_mode == backend
@@ -244,3 +244,19 @@ def test_raft_initial_state_path_is_per_chain_with_chains(tmp_path) -> None:
         config.loads(text, tmp_path / "n.toml")
     ok = config.loads(text.replace('initial_state_path = "./x.json"\n', ""), tmp_path / "n.toml")
     assert ok.raw.persist == "raft" and len(ok.chains) == 2
+
+
+def test_pkcs11_section_validation(tmp_path) -> None:
+    base = config.template("pkcs11")
+    cfg = config.loads(base, tmp_path / "n.toml")
+    h = cfg.chain().signing.pkcs11
+    assert h.key_type == "ed25519" and h.pin_path == "./hsm_pin" and h.key_label == "nebula"
+    for old, new, msg in [
+        ('pin_path = "./hsm_pin"', "", "pin_path is required"),
+        ('key_label = "nebula"', 'key_label = ""', "set key_label or key_id"),
+        ("\ntimeout = 1.0", "\ntimeout = 4.5", r"signing\.pkcs11\.timeout"),
+        ('key_type = "ed25519"', 'key_type = "bls12381"', "key_type"),
+    ]:
+        assert old in base
+        with pytest.raises(ConfigError, match=msg):
+            config.loads(base.replace(old, new, 1), tmp_path / "n.toml")
