@@ -411,8 +411,10 @@ class LocalStore(SingleNodeStore):
             # The first decision of this loop pass is written at once; the ones that
             # arrive later in the same pass (other chains) share the flush's one write.
             decision = self.commit_sync(chain_id, record)
-            self._batch_armed = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio._get_running_loop()
+            if loop is not None:  # (a coroutine driven by hand has no loop: no batching)
+                self._batch_armed = True
+                loop.call_soon(self._flush)
             return decision
         fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         self._batch.append((chain_id, record, fut))
