@@ -122,10 +122,19 @@ class Pkcs11Signing(_Strict):
     timeout: float = 1.0
 
 
+class ThresholdBlsSigning(_Strict):
+    # This member's share of a t-of-n split BLS12-381 key (`nebula keys split`); mode 0600.
+    # Needs persist = "raft"; the share index must be this node's raft.node_id, n the
+    # cluster size and t at least the Raft quorum (nebula/state/threshold.py).
+    share_path: str = "./share.json"
+    bls_dst: str | None = None
+
+
 class SigningConfig(_Strict):
     native: NativeSigning | None = None
     vault_transit: VaultTransitSigning | None = None
     vault_signer_plugin: VaultSignerPluginSigning | None = None
+    threshold_bls: ThresholdBlsSigning | None = None
     pkcs11: Pkcs11Signing | None = None
 
 
@@ -134,7 +143,7 @@ class MetricsConfig(_Strict):
     listen: str = ""
 
 
-SigningMode = Literal["native", "vault_transit", "vault_signer_plugin", "pkcs11"]
+SigningMode = Literal["native", "vault_transit", "vault_signer_plugin", "pkcs11", "threshold_bls"]
 
 
 class ChainConfig(_Strict):
@@ -424,6 +433,20 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
                     f"listed for chain {owner[ep]!r}: one validator serves one chain"
                 )
             owner[ep] = c.chain_id
+
+    for c in chains:
+        if c.signing_mode == "threshold_bls":
+            if cfg.persist != "raft":
+                raise ConfigError(
+                    f"{p}: {c.where('signing_mode')} = 'threshold_bls' needs persist = "
+                    '"raft": the shares are combined by the Raft cluster'
+                )
+            if cfg.raft is not None and cfg.raft.dynamic_membership:
+                raise ConfigError(
+                    f"{p}: {c.where('signing_mode')} = 'threshold_bls' needs a fixed "
+                    "membership (raft.dynamic_membership = false): the key is split for "
+                    "exactly the configured members"
+                )
 
     d = cfg.dial
     for name in ("handshake_timeout", "backoff_min", "backoff_max", "idle_timeout"):

@@ -14,6 +14,12 @@ Semantics follow CometBFT's FilePV:
 * the same HRS where the two canonical messages differ only in the timestamp ->
   SAME_TIMESTAMP (answer with the stored signature and the stored timestamp);
 * anything else at the same HRS -> REFUSE (conflicting data).
+
+``deterministic=True`` (threshold BLS, nebula.state.threshold): the stored record may hold
+the sign bytes without a signature (the signature is combined from shares after the
+decision commits).  BLS is deterministic, so signing the stored sign bytes again gives
+the same signature: such a record answers SAME / SAME_TIMESTAMP like a signed one.  The
+rules themselves do not change.
 """
 
 from __future__ import annotations
@@ -82,7 +88,13 @@ def _split_timestamp(sign_bytes: bytes, proposal: bool) -> tuple[bytes, Timestam
 
 
 def check(
-    last: SignRecord | None, height: int, round: int, step: int, sign_bytes: bytes
+    last: SignRecord | None,
+    height: int,
+    round: int,
+    step: int,
+    sign_bytes: bytes,
+    *,
+    deterministic: bool = False,
 ) -> Decision:
     """What may be done with a request for (height, round, step, sign_bytes)."""
     if last is None:
@@ -114,7 +126,7 @@ def check(
             ),
         )
     # Same height, round and step.
-    if not last.sign_bytes or not last.signature:
+    if not last.sign_bytes or not (last.signature or deterministic):
         return Decision(
             Verdict.REFUSE,
             error=StateError(
@@ -138,15 +150,25 @@ def check(
     )
 
 
-def apply(last: SignRecord | None, record: SignRecord) -> tuple[SignRecord | None, Decision]:
+def apply(
+    last: SignRecord | None, record: SignRecord, *, deterministic: bool = False
+) -> tuple[SignRecord | None, Decision]:
     """Atomic check-and-set: returns (new last state, decision).
 
     On ACCEPT the new state is ``record`` and the decision carries it; otherwise the
     state is unchanged and the decision carries the stored record or the refusal.
+    ``deterministic``: the record carries sign bytes but no signature yet (threshold BLS).
     """
-    decision = check(last, record.height, record.round, record.step, record.sign_bytes)
+    decision = check(
+        last,
+        record.height,
+        record.round,
+        record.step,
+        record.sign_bytes,
+        deterministic=deterministic,
+    )
     if decision.verdict == Verdict.ACCEPT:
-        if not record.signature or not record.sign_bytes:
+        if not record.sign_bytes or not (record.signature or deterministic):
             return last, Decision(
                 Verdict.REFUSE, error=StateError("refusing to store a record without signature")
             )

@@ -144,6 +144,12 @@ class Metrics:
             ["address"],
             registry=r,
         )
+        self.threshold_bad_shares = Counter(
+            "nebula_threshold_bad_shares_total",
+            "threshold-BLS signature shares that failed verification, per sending member",
+            ["chain_id", "member"],
+            registry=r,
+        )
         self.backend_errors = Counter(
             "nebula_backend_errors_total", "Signing backend failures", ["backend"], registry=r
         )

@@ -8,7 +8,10 @@ response to send.  For votes and proposals::
 
 The pre-check is only an optimisation (it answers retries from the stored
 signature without signing); the store's decision is the authority (S2), and the
-response carries the signature the store returned.  One signing decision runs at
+response carries the signature the store returned.  With a threshold-BLS backend
+(``backend.threshold``) nothing is signed here: the record goes to the store without a
+signature and the store combines the members' shares after the decision
+(nebula/state/threshold.py).  One signing decision runs at
 a time across every validator connection (``self.lock``).
 """
 
@@ -96,6 +99,7 @@ class SigningService:
         self.last_phases = Phases()
         self.metrics = metrics
         self._replicated = store.replicated
+        self._threshold = bool(getattr(backend, "threshold", False))
 
     # ---- dispatch --------------------------------------------------------------------
 
@@ -232,20 +236,42 @@ class SigningService:
                 raise NotLeader("this Nebula node is not the cluster leader")
             t0 = time.perf_counter()
             last = store.last(chain)
-            pre = guard.check(last, *hrs, sign_bytes)
+            threshold = self._threshold
+            pre = guard.check(last, *hrs, sign_bytes, deterministic=threshold)
             t1 = time.perf_counter()
             if pre.verdict == Verdict.REFUSE:
                 assert pre.error is not None
                 raise pre.error
-            if pre.verdict in (Verdict.SAME, Verdict.SAME_TIMESTAMP) and pre.record is not None:
+            if (
+                threshold
+                and pre.record is not None
+                and pre.record.signature
+                and (
+                    not ext_bytes
+                    or (pre.record.ext_sign_bytes == ext_bytes and pre.record.ext_signature)
+                )
+            ):
+                # A retry this leader already combined.
+                self.last_phases = Phases(guard=t1 - t0)
+                return pre.record, pre.timestamp
+            if (
+                not threshold
+                and pre.verdict in (Verdict.SAME, Verdict.SAME_TIMESTAMP)
+                and pre.record is not None
+            ):
                 # A retry: the stored signature is the answer; nothing new to persist.
                 rec = pre.record
                 if ext_bytes:
                     rec = await self._with_extension(rec, ext_bytes)
                 self.last_phases = Phases(guard=t1 - t0)
                 return rec, pre.timestamp
-            sig = await self._sign(sign_bytes)
-            ext_sig = await self._sign(ext_bytes) if ext_bytes else b""
+            if threshold:
+                # The store decides, then combines the members' shares (a retry of a
+                # decision whose signature this leader does not hold goes this way too).
+                sig = ext_sig = b""
+            else:
+                sig = await self._sign(sign_bytes)
+                ext_sig = await self._sign(ext_bytes) if ext_bytes else b""
             t2 = time.perf_counter()
             record = SignRecord(*hrs, sign_bytes, sig, ext_bytes, ext_sig)
             decision = await store.commit(chain, record)
@@ -273,7 +299,7 @@ class SigningService:
                 return rec, None
             # Another decision for this HRS won (e.g. a retry raced through another
             # leader): answer with what the state machine holds.
-            if ext_bytes:
+            if ext_bytes and not threshold:
                 rec = await self._with_extension(rec, ext_bytes)
             return rec, decision.timestamp
 

@@ -93,6 +93,8 @@ def make_backend(cfg: LoadedConfig, chain: ChainSpec | None = None) -> Backend:
                 where=f"{cfg.path}: {chain.where('signing.pkcs11')}",
             )
         )
+    if chain.signing_mode == "threshold_bls":
+        return _threshold_backend(cfg, chain)
     from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
     from nebula.crypto.keys import BLS_DEFAULT_DST
 
@@ -110,6 +112,30 @@ def make_backend(cfg: LoadedConfig, chain: ChainSpec | None = None) -> Backend:
     return VaultSignerPluginBackend.connect(
         _vault_settings(cfg, chain, p, "vault_signer_plugin"), version=chain.version, bls_dst=dst
     )
+
+
+def _threshold_backend(cfg: LoadedConfig, chain: ChainSpec) -> Backend:
+    """This member's threshold-BLS share, checked against the cluster it serves."""
+    from nebula.backends.threshold import ThresholdBackend
+    from nebula.crypto.keys import BLS_DEFAULT_DST
+    from nebula.crypto.threshold import load_share_file
+    from nebula.state.threshold import check_cluster
+
+    tb = chain.signing.threshold_bls
+    r = cfg.raw.raft
+    if tb is None or r is None:
+        raise ConfigError(f"{cfg.path}: missing [{chain.where('signing.threshold_bls')}]")
+    dst = tb.bls_dst.encode("ascii") if tb.bls_dst else BLS_DEFAULT_DST
+    path = cfg.resolve(tb.share_path)
+    assert path is not None
+    share = load_share_file(path, dst=dst)
+    check_cluster(
+        share,
+        r.node_id,
+        [peer.id for peer in r.peers],
+        f"{cfg.path}: {chain.where('signing.threshold_bls.share_path')} ({path})",
+    )
+    return ThresholdBackend(share)
 
 
 def _vault_settings(
@@ -150,7 +176,12 @@ def _initial(cfg: LoadedConfig) -> dict[str, SignRecord | None]:
     return out
 
 
-def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
+def make_store(
+    cfg: LoadedConfig,
+    loop: asyncio.AbstractEventLoop,
+    threshold: dict[str, Any] | None = None,
+) -> SignStore:
+    """The store; ``threshold``: chain id -> this member's KeyShare (BLS-Raft chains)."""
     raw = cfg.raw
     if raw.persist == "local":
         from nebula.state.local import LocalStore
@@ -194,6 +225,7 @@ def make_store(cfg: LoadedConfig, loop: asyncio.AbstractEventLoop) -> SignStore:
         snapshot_entries=r.snapshot_entries,
         dynamic_membership=r.dynamic_membership,
         join=r.join,
+        threshold=threshold,
         loop=loop,
     )
 
@@ -273,13 +305,19 @@ class Daemon:
                     await b.close()
             raise
         try:
-            self.store = make_store(cfg, loop)
+            shares = {c: b.share for c, b in backends.items() if getattr(b, "threshold", False)}
+            self.store = make_store(cfg, loop, shares)
         except BaseException:
             for b in backends.values():
                 with contextlib.suppress(Exception):
                     await b.close()
             raise
         self.metrics = Metrics()
+        if getattr(self.store, "tshares", None) is not None:
+            bad = self.metrics.threshold_bad_shares
+            self.store.on_bad_share = (  # type: ignore[attr-defined]
+                lambda chain, member: bad.labels(chain, str(member)).inc()
+            )
         # The services exist before the store serves, so that close() finds every backend.
         d = raw.dial
         seeds: dict[str | None, bytes] = {}

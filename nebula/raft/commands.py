@@ -6,7 +6,10 @@ A log command (the data of a normal Raft entry)::
     | sign_bytes, signature, ext_sign_bytes, ext_signature (each u32 length + bytes)
 
 ``op`` 1 = SIGN (check-and-set through the guard), 2 = RAISE (an import: only ever raises
-the mark).  Snapshot data::
+the mark), 3 = TSIGN (threshold BLS: the guard's check-and-set on the sign bytes, the
+record carries no signature: it is combined from the members' shares after the commit;
+see nebula/state/threshold.py).  Only a threshold-BLS chain writes op 3, and only a
+release that has it can be configured for one, so every member reads it.  Snapshot data::
 
     b"NBSM" | version u8 = 1 | count u32 | count x (chain, height, round, step, 4 byte strings)
     | members u32 | members x (node id u64, address u16 length + bytes)
@@ -33,6 +36,8 @@ from nebula.guard import SignRecord
 VERSION = 1
 OP_SIGN = 1
 OP_RAISE = 2
+OP_TSIGN = 3
+_OPS = (OP_SIGN, OP_RAISE, OP_TSIGN)
 
 _HEAD = struct.Struct("<BB")
 _HRS = struct.Struct("<QIB")
@@ -77,7 +82,7 @@ def _read_record(buf: memoryview, off: int) -> tuple[bytes, SignRecord, int]:
 
 
 def encode_command(op: int, chain: bytes, rec: SignRecord) -> bytes:
-    if op not in (OP_SIGN, OP_RAISE):
+    if op not in _OPS:
         raise ValueError(f"unknown op {op}")
     return _HEAD.pack(VERSION, op) + _record_bytes(chain, rec)
 
@@ -89,7 +94,7 @@ def decode_command(data: bytes) -> Command:
         version, op = _HEAD.unpack_from(buf, 0)
         if version != VERSION:
             raise StateError(f"log command version {version} is not known to this release")
-        if op not in (OP_SIGN, OP_RAISE):
+        if op not in _OPS:
             raise StateError(f"log command op {op} is not known to this release")
         chain, rec, off = _read_record(buf, _HEAD.size)
     except struct.error as e:

@@ -39,7 +39,9 @@ snapshot carries it (S4).
 The piggyback hook (threshold signing): ``on_send(to, msg_type, payload) -> payload`` and
 ``on_receive(peer, payload)`` see every message; :func:`nebula.raft._core.message_info` and
 ``message_with_context`` read and set a message's ``context`` field (a follower's signature
-share on its append acknowledgement, read by the leader).
+share on its append acknowledgement, read by the leader); ``on_append(entries)`` sees the
+entries of each Ready as they are written to the log (before the sync that precedes any
+acknowledgement of them).
 
 Failure.  Any storage error, a raft-rs panic, or a committed entry the state machine cannot
 decode stops the node for good (``fatal``): it then sends nothing and answers nothing -
@@ -133,6 +135,7 @@ class RaftNode:
         on_membership: Callable[[int, int, bytes, list[int]], None] | None = None,
         on_send: Callable[[int, int, bytes], bytes] | None = None,
         on_receive: Callable[[int, bytes], None] | None = None,
+        on_append: Callable[[list[tuple[int, int, int, bytes, bytes]]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.id = node_id
@@ -145,6 +148,7 @@ class RaftNode:
         self._on_membership = on_membership
         self._on_send = on_send
         self._on_receive = on_receive
+        self._on_append = on_append
         self._clock = clock
         self._pending: dict[int, tuple[int, Resolver]] = {}
         self._snap_reports: list[tuple[int, bool]] = []
@@ -310,6 +314,8 @@ class RaftNode:
                     if hs_out.commit < floor:
                         hs_out = hs_out._replace(commit=floor)
                 self._log.append([Entry(*e) for e in entries], hs_out)
+                if entries and self._on_append is not None:
+                    self._on_append(entries)
             elif hs is not None:
                 # Only the commit index moved: no write now, it rides with the next one
                 # (a commit index lost in a crash is learned again from the leader).

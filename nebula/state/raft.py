@@ -10,7 +10,9 @@ durable log (``storage``), the authenticated transport (``transport``), the Read
 * :class:`RaftStore` - a :class:`~nebula.state.base.SignStore` that drives the node on
   the event loop: a tick timer, the transport's messages, proposals.  ``commit`` proposes
   a SIGN command and answers with **the state machine's decision for that (term, index)**;
-  a timeout, a lost leadership or a replaced entry releases nothing (S3).
+  a timeout, a lost leadership or a replaced entry releases nothing (S3).  For a
+  threshold-BLS chain (``threshold``) the decision is a TSIGN command and the signature
+  is combined from the members' shares after the commit (:mod:`nebula.state.threshold`).
 
 Timing is in seconds in the config and in ticks for raft-rs: ``tick_interval`` (default
 50 ms), ``heartbeat_interval`` and ``election_timeout_min/max`` are rounded to ticks.
@@ -22,15 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nebula.durable import ExclusiveLock
 from nebula.errors import ConfigError, NotLeader, ReplicationError, StateError
-from nebula.guard import Decision, SignRecord
+from nebula.guard import Decision, SignRecord, Verdict
 from nebula.guard import apply as guard_apply
 from nebula.raft import commands
 from nebula.raft.node import (
@@ -44,6 +47,10 @@ from nebula.raft.storage import RaftLog
 from nebula.raft.timing import check_timing
 from nebula.raft.transport import Transport
 from nebula.state.base import SignStore, check_commit_timeout, record_to_json
+from nebula.state.threshold import ThresholdShares, check_cluster, digest
+
+if TYPE_CHECKING:
+    from nebula.crypto.threshold import KeyShare
 
 logger = logging.getLogger("nebula.raft")
 
@@ -88,8 +95,11 @@ class SignStateMachine:
     def apply(self, index: int, data: bytes) -> Decision | bool:
         op, chain, rec = commands.decode_command(data)
         cur = self.states.get(chain)
-        if op == commands.OP_SIGN:
-            new, decision = guard_apply(cur, rec)
+        if op == commands.OP_SIGN or op == commands.OP_TSIGN:
+            if op == commands.OP_SIGN:
+                new, decision = guard_apply(cur, rec)
+            else:  # threshold BLS: the signature is combined after the decision
+                new, decision = guard_apply(cur, rec, deterministic=True)
             if new is not None and new is not cur:
                 self.states[chain] = new
             return decision
@@ -130,6 +140,8 @@ class RaftStore(SignStore):
       (seconds, see :func:`check_timing`); ``connection_retry``, ``handshake_timeout``.
     * ``snapshot_entries``: applied entries between snapshots (and log compaction).
     * ``dynamic_membership``: allow :meth:`add_member` / :meth:`remove_member`.
+    * ``threshold``: chain id -> this member's threshold-BLS share, for the chains signed
+      by BLS-Raft (checked against the cluster: :func:`check_cluster`).
 
     Call :meth:`start` (binds the Raft port) before use.
     """
@@ -154,6 +166,7 @@ class RaftStore(SignStore):
         snapshot_entries: int = 1000,
         dynamic_membership: bool = False,
         join: bool = False,
+        threshold: Mapping[str, KeyShare] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not isinstance(secret, bytes | bytearray) or len(secret) < 16:
@@ -202,6 +215,21 @@ class RaftStore(SignStore):
         self._announced = False
         self._imports: dict[bytes, SignRecord] = {}
         self._import_in_flight = False
+        self._threshold: dict[bytes, KeyShare] = {}
+        for chain_id, share in (threshold or {}).items():
+            if dynamic_membership:
+                raise ConfigError(
+                    "raft: threshold BLS needs a fixed membership (dynamic_membership = "
+                    "false): the shares are split for exactly the configured members"
+                )
+            check_cluster(share, node_id, list(peers), f"chain {chain_id}")
+            self._threshold[chain_id.encode()] = share
+        self._share_waiters: dict[int, asyncio.Future[None]] = {}
+        # The last combined signature per threshold chain (this leader's retries).
+        self._combined: dict[bytes, SignRecord] = {}
+        #: called with (chain_id, member) for each share that failed verification
+        self.on_bad_share: Callable[[str, int], None] | None = None
+        self.tshares: ThresholdShares | None = None
 
         self.data_path = Path(data_path)
         try:
@@ -248,6 +276,7 @@ class RaftStore(SignStore):
                 snapshot_entries=snapshot_entries,
                 on_authority=self._on_authority,
                 on_membership=self._on_membership,
+                **self._threshold_hooks(),
             )
         except BaseException:
             self._lock.release()
@@ -260,6 +289,23 @@ class RaftStore(SignStore):
             if rec is not None:
                 self._imports[chain_id.encode()] = rec
         self._drop_satisfied_imports()
+
+    def _threshold_hooks(self) -> dict[str, Any]:
+        if not self._threshold:
+            return {}
+        ts = self.tshares = ThresholdShares(
+            self.node_id,
+            self._threshold,
+            lambda chain: self._sm.states.get(chain),  # (restore replaces the dict)
+            lambda i: self._node.term_at(i),
+            on_share=self._share_arrived,
+        )
+        return {"on_send": ts.on_send, "on_receive": ts.on_receive, "on_append": ts.on_append}
+
+    def _share_arrived(self, index: int) -> None:
+        fut = self._share_waiters.get(index)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def _learn_addresses(self) -> None:
         changed = False
@@ -428,12 +474,21 @@ class RaftStore(SignStore):
     # -- SignStore ---------------------------------------------------------------------
 
     def last(self, chain_id: str) -> SignRecord | None:
-        return self._sm.states.get(chain_id.encode())
+        chain = chain_id.encode()
+        rec = self._sm.states.get(chain)
+        if rec is not None and not rec.signature and chain in self._threshold:
+            done = self._combined.get(chain)
+            if done is not None and done.hrs == rec.hrs and done.sign_bytes == rec.sign_bytes:
+                return done
+        return rec
 
     def all(self) -> dict[str, SignRecord]:
         return {c.decode(errors="replace"): r for c, r in self._sm.states.items()}
 
     async def commit(self, chain_id: str, record: SignRecord) -> Decision:
+        share = self._threshold.get(chain_id.encode())
+        if share is not None:
+            return await self._commit_threshold(chain_id.encode(), record, share)
         res = await self._propose(
             commands.encode_command(commands.OP_SIGN, chain_id.encode(), record)
         )
@@ -449,7 +504,9 @@ class RaftStore(SignStore):
             )
         )
 
-    async def _propose(self, data: bytes) -> Any:
+    async def _propose(self, data: bytes, meanwhile: Callable[[int], Any] | None = None) -> Any:
+        """Propose ``data`` and return the state machine's result for it; ``meanwhile``
+        (index) runs once the entry is on its way, before the wait."""
         if self._closed or not self._started:
             raise ReplicationError("raft store is not running")
         fut: asyncio.Future = self._loop.create_future()
@@ -458,7 +515,8 @@ class RaftStore(SignStore):
             if not fut.done():
                 fut.set_result((result, err))
 
-        self._node.propose(data, resolve)  # NotLeader / StateError propagate: nothing proposed
+        # NotLeader / StateError propagate: nothing proposed
+        _term, index = self._node.propose(data, resolve)
         if self._batch_armed:
             # Another decision (another chain's) went out in this loop pass: this one
             # joins whatever else arrives in the pass, and the flush sends them together.
@@ -472,6 +530,8 @@ class RaftStore(SignStore):
         # The deadline resolves the future first; a late apply then finds it done and
         # releases nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)
         expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
+        if meanwhile is not None:
+            meanwhile(index)
         try:
             result, err = await fut
         finally:
@@ -479,6 +539,107 @@ class RaftStore(SignStore):
         if err is not None:
             raise err
         return result
+
+    # -- threshold BLS (nebula.state.threshold) -----------------------------------------
+
+    async def _commit_threshold(self, chain: bytes, record: SignRecord, key: KeyShare) -> Decision:
+        """Decide through the log (TSIGN), then combine t shares over the standing
+        decision's sign bytes; nothing is released without t valid shares in time."""
+        deadline = self._loop.time() + self.commit_timeout
+        mine: dict[bytes, bytes] = {}
+        at: list[int] = []
+
+        def own(index: int) -> None:
+            # While the followers append and sync: this member's shares.
+            at.append(index)
+            mine[record.sign_bytes] = key.sign_share(record.sign_bytes)
+            if record.ext_sign_bytes:
+                mine[record.ext_sign_bytes] = key.sign_share(record.ext_sign_bytes)
+
+        rec = dataclasses.replace(record, signature=b"", ext_signature=b"")
+        try:
+            res = await self._propose(
+                commands.encode_command(commands.OP_TSIGN, chain, rec), meanwhile=own
+            )
+            if not isinstance(res, Decision):
+                raise StateError(f"raft state machine returned {type(res).__name__}")
+            if res.verdict == Verdict.REFUSE or res.record is None:
+                return res
+            index = at[0]
+            stood = res.record
+            sig = await self._gather(chain, index, key, stood.sign_bytes, mine, False, deadline)
+            ext_sig = b""
+            if record.ext_sign_bytes:
+                ext_sig = await self._gather(
+                    chain, index, key, record.ext_sign_bytes, mine, True, deadline
+                )
+        finally:
+            if at and self.tshares is not None:
+                self.tshares.release(at[0])
+        out = dataclasses.replace(
+            stood,
+            signature=sig,
+            ext_sign_bytes=record.ext_sign_bytes,
+            ext_signature=ext_sig,
+        )
+        self._combined[chain] = out
+        return Decision(res.verdict, record=out, timestamp=res.timestamp, error=res.error)
+
+    async def _gather(
+        self,
+        chain: bytes,
+        index: int,
+        key: KeyShare,
+        msg: bytes,
+        mine: dict[bytes, bytes],
+        ext: bool,
+        deadline: float,
+    ) -> bytes:
+        """Combine this member's share and the followers' for entry ``index`` once t
+        valid ones are there, waiting for more until ``deadline``."""
+        ts = self.tshares
+        assert ts is not None
+        own = mine.get(msg)
+        if own is None:  # a retry that differs in the timestamp: the stored bytes
+            own = mine[msg] = key.sign_share(msg)
+        want = digest(msg)
+        name = chain.decode(errors="replace")
+        logger.debug("threshold: entry %d needs shares of message %s", index, want[:4].hex())
+
+        def bad(member: int) -> None:
+            logger.warning(
+                "threshold: member %d sent a share for chain %s entry %d that does not "
+                "verify against its public share; discarded",
+                member,
+                name,
+                index,
+                extra={"event": "bad_share", "member": member, "chain_id": name},
+            )
+            if self.on_bad_share is not None:
+                self.on_bad_share(name, member)
+
+        seen = -1
+        have = 1
+        while True:
+            n = len(ts.candidates(index, want, ext))
+            if n != seen:  # something new arrived since the last try
+                seen = n
+                sig, have = ts.combine(index, key, msg, own, ext, bad)
+                if sig is not None:
+                    return sig
+            left = deadline - self._loop.time()
+            if left <= 0 or self._node.role != LEADER:
+                raise ReplicationError(
+                    f"threshold: {have} of the {key.public.threshold} signature shares "
+                    f"needed for entry {index} arrived in time; nothing released"
+                )
+            fut = self._share_waiters[index] = self._loop.create_future()
+            try:
+                await asyncio.wait_for(fut, left)
+            except TimeoutError:
+                pass
+            finally:
+                self._share_waiters.pop(index, None)
 
     # -- operations --------------------------------------------------------------------
 
