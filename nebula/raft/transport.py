@@ -451,6 +451,9 @@ class _Inbound(asyncio.Protocol):
         except Exception as e:  # a bug of ours must not take the loop down
             log.exception("raft transport: inbound connection from %s failed", self._who())
             self._fail(f"internal error: {e!r}")
+        finally:
+            # Every message of this read has been delivered (or the rest was dropped).
+            self.t._read_done()
 
     def eof_received(self) -> bool:
         return False
@@ -580,6 +583,7 @@ class _Inbound(asyncio.Protocol):
                     if self.state != _OPEN or peer.in_gen != gen:
                         return  # superseded or removed: nothing more from this connection
                     peer.msgs_in += 1
+                    t._delivered = True
                     try:
                         on_message(from_id, plain[1:])
                     except Exception:
@@ -617,6 +621,7 @@ class _Inbound(asyncio.Protocol):
             if self.state != _OPEN or peer.in_gen != gen:
                 return False
             peer.msgs_in += 1
+            self.t._delivered = True
             try:
                 on_message(from_id, plain[a:b])
             except Exception:
@@ -686,7 +691,9 @@ class Transport:
     ``peers`` maps every other member's id to its ``host:port`` (this node's own id may be
     present; it is ignored).  ``secret`` is the cluster secret (at least 16 bytes).
     ``on_message(from_id, payload)`` is called on the loop thread for every payload from
-    a peer's live authenticated connection.  See the module docstring for the design.
+    a peer's live authenticated connection; ``on_read_done()`` (optional) after the
+    messages of one socket read were delivered, so that the receiver can act once for all
+    of them.  See the module docstring for the design.
     """
 
     def __init__(
@@ -697,6 +704,7 @@ class Transport:
         secret: bytes,
         *,
         on_message: Callable[[int, bytes], None],
+        on_read_done: Callable[[], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         handshake_timeout: float = 2.0,
         max_unauthenticated: int = 64,
@@ -740,6 +748,8 @@ class Transport:
         self._bind_text = bind_addr
         self._secret = bytes(secret)
         self._on_message = on_message
+        self._on_read_done = on_read_done
+        self._delivered = False  # a message was delivered since the last on_read_done
         self._loop = loop
         self._handshake_timeout = float(handshake_timeout)
         self._max_unauth = max_unauthenticated
@@ -1231,6 +1241,17 @@ class Transport:
         suffix = self._throttle(key)
         if suffix is not None:
             log.log(level, msg + "%s", *args, suffix)
+
+    def _read_done(self) -> None:
+        if self._delivered:
+            self._delivered = False
+            cb = self._on_read_done
+            if cb is not None:
+                try:
+                    cb()
+                except Exception:
+                    if self._throttle(("read_done",)) is not None:
+                        log.exception("raft transport: on_read_done failed")
 
     def _callback_failed(self, from_id: int) -> None:
         if self._throttle(("callback",)) is not None:

@@ -257,6 +257,7 @@ class RaftStore(SignStore):
                 {p: a for p, a in peers.items() if p != node_id},
                 bytes(secret),
                 on_message=self._on_message,
+                on_read_done=self._on_read_done,
                 loop=loop,
                 handshake_timeout=handshake_timeout,
                 max_unauthenticated=max_unauthenticated,
@@ -346,13 +347,16 @@ class RaftStore(SignStore):
         self._announce()
 
     def _on_message(self, peer: int, payload: bytes) -> None:
-        if self._closed:
-            return
-        self._node.receive(peer, payload)
-        # At once, not on the next loop pass: an acknowledgement or an append is on the
-        # critical path of a signature (messages that arrive in one read still share the
-        # Ready of the last of them when raft-rs has nothing new in between).
-        self._node.process()
+        if not self._closed:
+            self._node.receive(peer, payload)
+
+    def _on_read_done(self) -> None:
+        # Every message of one socket read is stepped first, then one Ready handles them
+        # all (one fdatasync, one acknowledgement): under many chains a follower gets
+        # several appends per read.  At once, not on the next loop pass: an
+        # acknowledgement or an append is on the critical path of a signature.
+        if not self._closed:
+            self._node.process()
 
     def _kick(self) -> None:
         # Everything that arrives in one loop iteration shares one Ready (one fdatasync).

@@ -235,8 +235,9 @@ def test_each_chains_state_survives_a_cluster_restart_and_import_raft(tmp_path) 
                 assert _export(cfg, B) == b_before
             # Every member stopped; start them all again.
             with cl:
-                await cl.wait_leader()
-                cfg = cl.dirs[1].config_path
+                # the leader: it has applied every committed entry before it serves
+                leader = await cl.wait_leader()
+                cfg = cl.dirs[leader - 1].config_path
                 assert _export(cfg, A)["height"] == "100"
                 assert _export(cfg, B) == b_before
                 low = await da.request_once(SignVoteRequest(vote(99), A), timeout=10)
