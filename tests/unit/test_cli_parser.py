@@ -11,7 +11,7 @@ import nebula.cli
 from nebula.cli import main
 
 SUBCOMMANDS = {
-    "init", "keys", "start", "state", "status", "leader", "cluster", "vault", "demo", "bench"
+    "init", "keys", "start", "state", "status", "leader", "cluster", "vault", "demo", "bench", "hsm"
 }  # fmt: skip
 
 
@@ -24,7 +24,7 @@ def test_every_subcommand_is_registered() -> None:
     assert _subcommands(main.build_parser()) == SUBCOMMANDS
 
 
-@pytest.mark.parametrize("module", ["bench", "cluster", "demo", "vault"])
+@pytest.mark.parametrize("module", ["bench", "cluster", "demo", "hsm", "vault"])
 def test_a_subcommand_module_that_fails_to_import_is_an_error(monkeypatch, module) -> None:
     # As if the module were broken: importing it raises ImportError.
     monkeypatch.delattr(nebula.cli, module, raising=False)
