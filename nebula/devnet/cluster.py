@@ -238,6 +238,8 @@ def write_cluster(
     secret: bytes | None = None,
     log_level: str = "info",
     log_format: str = "text",
+    signing: str | None = None,
+    extra: str = "",
 ) -> list[NodeDir]:
     """Write ``base_dir/node1`` .. ``base_dir/node<N>`` for one validator key.
 
@@ -247,7 +249,9 @@ def write_cluster(
     hex-encoded, by default). Every node dials every address in ``connections``; with
     Raft only the leader does.  With ``chains`` (instead of ``chain_id``, ``version``,
     ``key`` and ``connections``) every node serves all of them, each chain with its own
-    key and validators.
+    key and validators.  ``signing`` and ``extra`` are passed to every node's
+    :func:`write_node_dir` (e.g. ``signing="pkcs11"`` with its ``[signing.pkcs11]`` section
+    in ``extra``, and no ``key``).
     """
     if nodes < 1:
         raise ConfigError(f"a cluster needs at least one node, got {nodes}")
@@ -271,6 +275,8 @@ def write_cluster(
                 chains=chains,
                 log_level=log_level,
                 log_format=log_format,
+                signing=signing,
+                extra=extra,
             )
         ]
     if secret is None:
@@ -301,6 +307,8 @@ def write_cluster(
                 secret=secret,
                 log_level=log_level,
                 log_format=log_format,
+                signing=signing,
+                extra=extra,
             )
         )
     return out

@@ -390,6 +390,11 @@ class ValidatorKey:
     def address(self) -> bytes:
         return validator_address(self.key_type, self.pub_key)
 
+    @property
+    def public_key(self) -> bytes:
+        """``pub_key``, named as on a signing key (a key kept in an HSM has only this side)."""
+        return self.pub_key
+
     def genesis_json(self) -> dict[str, str]:
         return {"type": _KEY_NAMES[self.key_type][0], "value": _b64(self.pub_key)}
 
