@@ -12,13 +12,21 @@ CometBFT line (the chosen or default release first, then the other entries of
 :data:`DEMO_VERSIONS` in order: ``--chains 2`` runs v0.38.25 and v1.0.1) with its own key
 (``[[chains]]`` entries in every node's config); every block line names its chain.
 
+With ``--backend pkcs11`` the validator key is generated inside a SoftHSM2 token (a
+private installation under the demo directory, PKCS#11) and every Nebula node signs
+through it; the key never exists outside the token.  Without SoftHSM2 the demo stops
+at once and says how to install it.
+
 Layout of ``--dir`` (wiped at every start; logs stay there after the run)::
 
     .nebula-demo            marker (and the pid of the demo using the directory)
     cometbft/               the chain's home; cometbft/cometbft.log
                             (with --chains N: cometbft/<chain id>/, one per chain)
     nebula/node<N>/         each Nebula node: nebula.toml, privkey, nebula.log, ...
-                            (with --chains N: privkey-0 .. privkey-<N-1>, one per chain)
+                            (with --chains N: privkey-0 .. privkey-<N-1>, one per chain;
+                            with --backend pkcs11 no key file, the key is in the token)
+    softhsm/                with --backend pkcs11: the SoftHSM2 installation
+                            (softhsm2.conf, tokens/, hsm_pin)
 """
 
 from __future__ import annotations
@@ -46,7 +54,8 @@ if TYPE_CHECKING:
 
     from nebula.crypto.keys import SigningKey
     from nebula.devnet.cluster import NebulaNode, NodeDir
-    from nebula.devnet.cometbft import LocalChain, VerifiedSignature
+    from nebula.devnet.cometbft import LocalChain, ValidatorKey, VerifiedSignature
+    from nebula.devnet.softhsm import SoftHSM
 
 __all__ = ["DEFAULT_VERSION", "DEMO_VERSIONS", "cmd_demo", "register"]
 
@@ -56,6 +65,7 @@ DEMO_VERSIONS: tuple[str, ...] = ("v0.38.25", "v1.0.1", "v0.34.33", "v0.37.18")
 DEFAULT_VERSION = "v0.38.25"
 BLS_VERSION = "v1.0.1"
 CHAIN_ID = "nebula-demo"
+HSM_TOKEN = "nebula-demo"
 MARKER = ".nebula-demo"
 # How long the first block may take (CometBFT start, Raft election, signer connection),
 # and how long the chain may then go without a new block before the demo gives up.
@@ -115,6 +125,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="validator key type (bls12381 needs CometBFT v1.0.1, built with BLS)",
     )
     s.add_argument(
+        "--backend",
+        choices=["native", "pkcs11"],
+        default="native",
+        help="where the key lives: a key file on each node (native, default) or a SoftHSM2 "
+        "token through PKCS#11 (pkcs11: generated inside the token; needs SoftHSM2)",
+    )
+    s.add_argument(
         "--dir",
         default="./nebula-demo",
         help="demo directory, wiped and rewritten at every start (default ./nebula-demo)",
@@ -158,6 +175,7 @@ class _Plan:
     dir: Path
     blocks: int | None
     timeout_commit: str
+    backend: str = "native"
 
 
 def _raft_available() -> str | None:
@@ -187,6 +205,15 @@ def _plan(args: argparse.Namespace, console: Console) -> _Plan:
             f"validators, and --chains {chains} puts each chain on another line"
         )
     versions = (version, *[v for v in DEMO_VERSIONS if v != version][: chains - 1])
+    backend: str = getattr(args, "backend", "native")
+    if backend == "pkcs11":
+        from nebula.devnet.softhsm import check_installed
+
+        if key_type not in ("ed25519", "secp256k1"):
+            raise ConfigError("--backend pkcs11 signs ed25519 and secp256k1 keys, not bls12381")
+        if chains > 1:
+            raise ConfigError("--backend pkcs11 runs one chain (give it without --chains)")
+        check_installed()  # SoftHSMMissing says how to install it
     if args.blocks is not None and args.blocks < 1:
         raise ConfigError(f"--blocks must be >= 1, got {args.blocks}")
     if not _DURATION_RE.match(args.timeout_commit):
@@ -216,6 +243,7 @@ def _plan(args: argparse.Namespace, console: Console) -> _Plan:
         dir=Path(args.dir).expanduser().resolve(),
         blocks=args.blocks,
         timeout_commit=args.timeout_commit,
+        backend=backend,
     )
 
 
@@ -309,7 +337,7 @@ class _DemoChain:
     """One chain of the demo: its node, its validator key, and how far it was followed."""
 
     chain: LocalChain
-    key: SigningKey
+    key: SigningKey | ValidatorKey  # a ValidatorKey (public side only) for a key in a token
     laddr: str  # the priv_validator_laddr Nebula dials
     next_h: int = 1  # the next height to verify and print
     deadline: float = 0.0  # monotonic time by which that height must be committed
@@ -386,11 +414,16 @@ class _Demo:
         _prepare_dir(p.dir)
         self.own_dir = True
         binaries = [self._ensure_binary(v) for v in p.versions]
+        hsm = self._softhsm() if p.backend == "pkcs11" else None
 
         chains: list[_DemoChain] = []
         for i, (version, binary) in enumerate(zip(p.versions, binaries, strict=True)):
             chain_id = f"{CHAIN_ID}-{i + 1}" if self.multi else CHAIN_ID
-            key = generate(p.key_type)
+            key = (
+                generate(p.key_type)
+                if hsm is None
+                else hsm.generate_key(HSM_TOKEN, key_type=p.key_type)
+            )
             laddr = f"tcp://127.0.0.1:{free_port()}"
             chain = LocalChain(
                 binary,
@@ -421,9 +454,10 @@ class _Demo:
                 nodes=p.nodes,
                 chain_id=c.chain_id,
                 version=config_version(c.chain.version),
-                key=c.key,
+                key=c.key if hsm is None else None,
                 connections=[c.laddr],
                 log_level="info",
+                **({} if hsm is None else self._pkcs11_config(hsm, c.key)),
             )
 
         mode = "local state" if p.nodes == 1 else f"Raft cluster of {p.nodes}"
@@ -441,17 +475,25 @@ class _Demo:
             console.print(
                 f"[bold]validator[/]  {c.key.key_type} key, address {c.key.address.hex().upper()}"
             )
+            if hsm is not None:
+                console.print(
+                    f"             generated inside SoftHSM2 token {HSM_TOKEN!r} (PKCS#11, "
+                    f"{escape(str(hsm.root))}); it never leaves the token"
+                )
             if self.multi:
                 console.print(f"             Nebula dials it at {c.laddr}")
         if self.multi:
             both = "both" if len(chains) == 2 else f"all {len(chains)}"
             console.print(f"[bold]signer[/]     Nebula, {mode}, signing {both} chains")
         else:
+            through = ", signing through PKCS#11" if hsm is not None else ""
             console.print(
-                f"[bold]signer[/]     Nebula, {mode}, dialing the chain at {chains[0].laddr}"
+                f"[bold]signer[/]     Nebula, {mode}{through}, dialing the chain at "
+                f"{chains[0].laddr}"
             )
         for nd in self.node_dirs:
-            node = NebulaNode(nd.config_path, log_path=nd.log_path).start()
+            env = None if hsm is None else hsm.env
+            node = NebulaNode(nd.config_path, log_path=nd.log_path, env=env).start()
             self.nodes.append(node)
             raft = f", raft {nd.raft_addr}" if nd.raft_addr else ""
             console.print(
@@ -471,6 +513,29 @@ class _Demo:
                 "tip: `kill <pid>` the leader in another terminal and watch another node take over"
             )
         console.print("waiting for the first block (Ctrl-C to stop)...")
+
+    def _softhsm(self) -> SoftHSM:
+        """A SoftHSM2 installation under the demo directory, with one token."""
+        from nebula.devnet.softhsm import SoftHSM
+
+        hsm = SoftHSM(self.plan.dir / "softhsm")
+        hsm.init_token(HSM_TOKEN)
+        return hsm
+
+    @staticmethod
+    def _pkcs11_config(hsm: SoftHSM, key: SigningKey | ValidatorKey) -> dict[str, Any]:
+        """write_cluster arguments for nodes signing with ``key`` in the demo's token (every
+        node logs in to the one token, as to a network HSM)."""
+        from nebula.devnet.softhsm import pkcs11_toml
+
+        extra = pkcs11_toml(
+            hsm.module,
+            HSM_TOKEN,
+            key_type=key.key_type,
+            pin_path=str(hsm.pin_file(hsm.root)),
+            public_key=key.public_key,
+        )
+        return {"signing": "pkcs11", "extra": extra}
 
     def _ensure_binary(self, version: str) -> Path:
         from nebula.devnet.cometbft import (

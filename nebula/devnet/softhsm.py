@@ -35,6 +35,7 @@ __all__ = [
     "USER_PIN",
     "SoftHSM",
     "SoftHSMMissing",
+    "check_installed",
     "module_path",
     "pkcs11_toml",
 ]
@@ -65,6 +66,13 @@ def module_path() -> str:
         if Path(p).exists():
             return p
     raise SoftHSMMissing(f"SoftHSM2 is not installed (no libsofthsm2.so found): {INSTALL_HINT}")
+
+
+def check_installed() -> str:
+    """The module path if SoftHSM2 (module and ``softhsm2-util``) is installed, else
+    :class:`SoftHSMMissing` saying how to install it."""
+    _util()
+    return module_path()
 
 
 def _util() -> str:

@@ -294,3 +294,46 @@ def test_refuses_bad_options_and_foreign_directories(tmp_path: Path) -> None:
     assert "refusing to wipe it" in res.stdout + res.stderr
     assert (foreign / "precious.txt").read_text() == "keep me"
     assert _processes_mentioning(str(foreign)) == []
+
+
+_VALIDATOR_RE = re.compile(r"^validator\s+(\w+) key, address ([0-9A-F]{40})$", re.M)
+
+
+def test_pkcs11_backend_signs_from_a_softhsm_token(tmp_path: Path) -> None:
+    """--backend pkcs11: the key is generated in a SoftHSM2 token under the demo directory
+    and the 3 nodes sign through it; no node has a key file."""
+    demo_dir = tmp_path / "demo"
+    res = _run(demo_dir, "--backend", "pkcs11", "--blocks", "4", "--timeout-commit", "300ms")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert f"generated inside SoftHSM2 token 'nebula-demo' (PKCS#11, {demo_dir / 'softhsm'})" in out
+    assert "signing through PKCS#11" in out, out
+    assert _heights(out) == [1, 2, 3, 4], out
+    ((key_type, address),) = _VALIDATOR_RE.findall(out)
+    assert key_type == "ed25519"
+    genesis = json.loads((demo_dir / "cometbft" / "config" / "genesis.json").read_text())
+    assert [v["address"] for v in genesis["validators"]] == [address]
+    assert any((demo_dir / "softhsm" / "tokens").iterdir())
+    for n in (1, 2, 3):
+        cfg = load_config(demo_dir / f"nebula/node{n}/nebula.toml")
+        assert cfg.chains[0].signing_mode == "pkcs11"
+        assert not (demo_dir / f"nebula/node{n}/privkey").exists()
+    _assert_nothing_left(demo_dir, out)
+
+
+def test_pkcs11_backend_without_softhsm_says_how_to_install_it(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    res = subprocess.run(
+        _cmd(tmp_path / "d", "--backend", "pkcs11"),
+        env={**_env(), "PATH": str(empty)},  # no softhsm2-util on PATH
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "SoftHSM2 is not installed" in out, out
+    assert "apt-get install softhsm2" in out and "brew install softhsm" in out, out
+    assert not (tmp_path / "d").exists()
