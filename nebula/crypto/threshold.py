@@ -206,38 +206,87 @@ class ThresholdPublic:
         assert acc is not None
         return acc.compress()
 
+    def prepare(self, msg: bytes) -> Prepared:
+        """The work a combining member can do before any share arrives: H(msg) and the
+        group key's half of the verification pairing, e(PK, H(msg))'s Miller loop."""
+        h = self.hash(msg)
+        return Prepared(h, miller_loop(self._points[0], h))
+
     def combine(
         self,
         msg: bytes,
         shares: Mapping[int, bytes],
         *,
+        h: BlstP2Element | None = None,
+        own: tuple[int, int] | None = None,
         on_bad: Callable[[int], None] | None = None,
+        prepared: Prepared | None = None,
     ) -> bytes | None:
-        """The group signature over ``msg`` from any ``t`` valid ``shares`` (index ->
-        96-byte compressed G2), verified against the group key; None if no ``t`` valid
-        shares are among them.  The first ``t`` are combined and the result verified
-        once; only if that fails is every share checked (``on_bad(index)`` for each bad
-        one) and the valid ones combined."""
+        """The group signature over ``msg`` from any ``t`` valid shares, verified against
+        the group key; None if there are not ``t`` valid ones.
+
+        ``shares``: index -> 96-byte compressed G2 share; ``own``: (index, secret) of the
+        combining member, whose term is computed directly as ``H(m) * (lambda * s)`` (one
+        scalar multiplication instead of a share plus its interpolation); ``h``: H(msg)
+        if already computed.  The first ``t`` are combined and the result verified once;
+        only if that fails is every received share checked (``on_bad(index)`` for each
+        bad one) and the valid ones combined."""
         t = self.threshold
-        if len(shares) < t:
+        if prepared is not None:
+            h = prepared.h
+        elif h is None:
+            h = self.hash(msg)
+        hh = h
+        pts: dict[int, BlstP2Element | None] = {}
+
+        def point(i: int) -> BlstP2Element | None:
+            if i not in pts:
+                pts[i] = _g2_from(shares[i])
+            return pts[i]
+
+        def attempt(others: list[int]) -> BlstP2Element | None:
+            idx = ([own[0]] if own is not None else []) + others
+            if len(idx) != t or any(not 1 <= i <= self.shares for i in idx):
+                return None
+            lam = lagrange_at_zero(idx)
+            acc = None if own is None else hh.scalar_mul(lam[own[0]] * own[1] % BLS_R)
+            for i in others:
+                pt = point(i)
+                if pt is None:
+                    return None
+                term = pt.scalar_mul(lam[i])
+                acc = term if acc is None else acc + term
+            return acc
+
+        need = t - (1 if own is not None else 0)
+        received = [i for i in shares if own is None or i != own[0]]
+        if len(received) < need:
             return None
-        h = self.hash(msg)
-        first = dict(list(shares.items())[:t])
-        sig = self.interpolate(first)
-        if sig is not None and self.verify(msg, sig, h=h):
-            return sig
-        good: dict[int, bytes] = {}
-        for i, s in shares.items():
-            if self.verify_share(i, msg, s, h=h):
-                good[i] = s
+        acc = attempt(received[:need])
+        if acc is not None:
+            if prepared is not None:  # the group key's pairing half is already there
+                ok = bool(final_verify(prepared.ml, miller_loop(_G1, acc)))
+            else:
+                ok = self._verify_point(self._points[0], h, acc)
+            if ok:
+                return acc.compress()
+        good = []
+        for i in received:
+            pt = point(i)
+            if pt is not None and self._verify_point(self.public_share(i), h, pt):
+                good.append(i)
             elif on_bad is not None:
                 on_bad(i)
-        if len(good) < t:
+        if len(good) < need:
             return None
-        sig = self.interpolate(dict(list(good.items())[:t]))
-        if sig is None or not self.verify(msg, sig, h=h):  # cannot happen with valid shares
-            return None
-        return sig
+        acc = attempt(good[:need])
+        if acc is None or not self._verify_point(self._points[0], h, acc):
+            return None  # cannot happen with valid shares and a valid own share
+        return acc.compress()
+
+    @staticmethod
+    def _verify_point(pk: BlstP1Element, h: BlstP2Element, sig: BlstP2Element) -> bool:
+        return bool(final_verify(miller_loop(pk, h), miller_loop(_G1, sig)))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -247,6 +296,14 @@ class ThresholdPublic:
             "address": self.address.hex().upper(),
             "commitments": [base64.b64encode(c).decode() for c in self.commitments],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """See :meth:`ThresholdPublic.prepare`."""
+
+    h: BlstP2Element
+    ml: Any  # miller_loop(group key, h)
 
 
 @dataclass(frozen=True, eq=False)

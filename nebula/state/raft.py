@@ -550,15 +550,17 @@ class RaftStore(SignStore):
         """Decide through the log (TSIGN), then combine t shares over the standing
         decision's sign bytes; nothing is released without t valid shares in time."""
         deadline = self._loop.time() + self.commit_timeout
-        mine: dict[bytes, bytes] = {}
+        hashed: dict[bytes, Any] = {}
         at: list[int] = []
 
         def own(index: int) -> None:
-            # While the followers append and sync: this member's shares.
+            # While the followers append and sync: H(m) and the group key's half of the
+            # verification pairing (measured: precomputing this member's own Lagrange
+            # term per possible partner too costs more CPU than it saves, BENCHMARKS.md).
             at.append(index)
-            mine[record.sign_bytes] = key.sign_share(record.sign_bytes)
-            if record.ext_sign_bytes:
-                mine[record.ext_sign_bytes] = key.sign_share(record.ext_sign_bytes)
+            for msg in (record.sign_bytes, record.ext_sign_bytes):
+                if msg:
+                    hashed[msg] = key.public.prepare(msg)
 
         rec = dataclasses.replace(record, signature=b"", ext_signature=b"")
         try:
@@ -571,11 +573,11 @@ class RaftStore(SignStore):
                 return res
             index = at[0]
             stood = res.record
-            sig = await self._gather(chain, index, key, stood.sign_bytes, mine, False, deadline)
+            sig = await self._gather(chain, index, key, stood.sign_bytes, hashed, False, deadline)
             ext_sig = b""
             if record.ext_sign_bytes:
                 ext_sig = await self._gather(
-                    chain, index, key, record.ext_sign_bytes, mine, True, deadline
+                    chain, index, key, record.ext_sign_bytes, hashed, True, deadline
                 )
         finally:
             if at and self.tshares is not None:
@@ -595,7 +597,7 @@ class RaftStore(SignStore):
         index: int,
         key: KeyShare,
         msg: bytes,
-        mine: dict[bytes, bytes],
+        hashed: dict[bytes, Any],
         ext: bool,
         deadline: float,
     ) -> bytes:
@@ -603,9 +605,9 @@ class RaftStore(SignStore):
         valid ones are there, waiting for more until ``deadline``."""
         ts = self.tshares
         assert ts is not None
-        own = mine.get(msg)
-        if own is None:  # a retry that differs in the timestamp: the stored bytes
-            own = mine[msg] = key.sign_share(msg)
+        prep = hashed.get(msg)
+        if prep is None:  # a retry that differs in the timestamp: the stored bytes
+            prep = hashed[msg] = key.public.prepare(msg)
         want = digest(msg)
         name = chain.decode(errors="replace")
         logger.debug("threshold: entry %d needs shares of message %s", index, want[:4].hex())
@@ -628,7 +630,7 @@ class RaftStore(SignStore):
             n = len(ts.candidates(index, want, ext))
             if n != seen:  # something new arrived since the last try
                 seen = n
-                sig, have = ts.combine(index, key, msg, own, ext, bad)
+                sig, have = ts.combine(index, key, msg, ext, bad, prep)
                 if sig is not None:
                     return sig
             left = deadline - self._loop.time()

@@ -58,6 +58,7 @@ import logging
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from nebula import guard
 from nebula.crypto.threshold import KeyShare
@@ -317,26 +318,29 @@ class ThresholdShares:
         index: int,
         key: KeyShare,
         msg: bytes,
-        own: bytes,
         ext: bool = False,
         on_bad: Callable[[int], None] | None = None,
+        prepared: Any = None,
     ) -> tuple[bytes | None, int]:
-        """(the group signature over ``msg`` from this member's ``own`` share and the
-        followers' shares for entry ``index``, or None; how many shares there were).
+        """(the group signature over ``msg`` from this member's share and the followers'
+        shares for entry ``index``, or None; how many shares there were).
 
         The first t are combined and verified once; only when that fails is each share
         checked, and a bad one dropped, counted and passed to ``on_bad``."""
         pub = key.public
-        got = {self.node_id: own, **self.candidates(index, digest(msg), ext)}
-        if len(got) < pub.threshold:
-            return None, len(got)
+        got = self.candidates(index, digest(msg), ext)
+        got.pop(self.node_id, None)
+        if len(got) + 1 < pub.threshold:
+            return None, len(got) + 1
         bad: list[int] = []
-        sig = pub.combine(msg, got, on_bad=bad.append)
+        sig = pub.combine(
+            msg, got, own=(key.index, key.secret), on_bad=bad.append, prepared=prepared
+        )
         for member in bad:
             self.drop(index, member)
             if on_bad is not None:
                 on_bad(member)
-        return sig, len(got) - len(bad)
+        return sig, len(got) + 1 - len(bad)
 
     def drop(self, index: int, peer: int) -> None:
         """Forget a share that failed verification (and count it)."""

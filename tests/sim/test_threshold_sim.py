@@ -151,7 +151,7 @@ class TNet:
         if err is not None or not isinstance(res, Decision) or res.verdict == Verdict.REFUSE:
             return None
         msg = res.record.sign_bytes
-        sig, _n = m.ts.combine(index, m.share, msg, m.share.sign_share(msg), on_bad=self.bad.append)
+        sig, _n = m.ts.combine(index, m.share, msg, on_bad=self.bad.append)
         if sig is not None:
             assert self.pub.verify(msg, sig)
             assert sig == self.whole.sign(msg)

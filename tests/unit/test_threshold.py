@@ -222,3 +222,37 @@ def test_keys_split_cli_from_an_existing_key_and_fresh(
     assert main(["keys", "split", "-t", "3", "-n", "5", "-o", str(tmp_path / "f"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["threshold"] == 3 and len(info["files"]) == 5
+
+
+@_SETTINGS
+@given(sizes.filter(lambda tn: tn[0] >= 2), secrets_, messages, st.integers(0, 2**32), st.data())
+def test_a_member_combines_its_own_secret_with_t_minus_1_received_shares(
+    tn: tuple[int, int], secret: int, msg: bytes, seed: int, data: st.DataObject
+) -> None:
+    """What a leader does: its own term H(m) * (lambda * s_i) computed directly, the
+    others' shares received; a bad received share is named and skipped."""
+    t, n = tn
+    whole = Bls12381Key(secret.to_bytes(32, "big"))
+    shares = split(secret, t, n, randbelow=_rng(seed))
+    pub = shares[0].public
+    me = data.draw(st.sampled_from(shares))
+    others = [s for s in shares if s is not me]
+    got = {s.index: s.sign_share(msg) for s in others}
+    bad: list[int] = []
+    assert pub.combine(msg, got, own=(me.index, me.secret), on_bad=bad.append) == whole.sign(msg)
+    assert bad == []
+    # The same with the work done before the shares arrive (H(m), the group key's
+    # pairing half), whichever received share comes first.
+    prep = pub.prepare(msg)
+    for j in got:
+        one = dict([(j, got[j])] + [(i, s) for i, s in got.items() if i != j])
+        assert pub.combine(msg, one, own=(me.index, me.secret), prepared=prep) == whole.sign(msg)
+    few = dict(list(got.items())[: t - 2])
+    assert pub.combine(msg, few, own=(me.index, me.secret)) is None
+    if len(others) >= t:  # one spare share: corrupt the first, the rest still suffice
+        first = next(iter(got))
+        got[first] = others[-1].sign_share(msg + b"x")
+        assert pub.combine(msg, got, own=(me.index, me.secret), on_bad=bad.append) == whole.sign(
+            msg
+        )
+        assert bad == [first]
