@@ -31,7 +31,7 @@ from nebula.config import (
     VaultTransitSigning,
     parse_hostport,
 )
-from nebula.errors import ConfigError
+from nebula.errors import ConfigError, NotLeader
 from nebula.guard import SignRecord
 from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
 from nebula.service import SigningService
@@ -462,8 +462,20 @@ class Daemon:
         return str(chain_id)
 
     async def _admin_export(self, req: dict[str, Any]) -> dict[str, Any] | None:
-        assert self.store is not None
-        rec = self.store.last(self._chain_arg(req))
+        store = self.store
+        assert store is not None
+        chain_id = self._chain_arg(req)
+        if store.replicated and not store.is_authoritative():
+            # A follower's applied state may trail the leader's by the entries it has not
+            # applied yet; an export that is too low, imported elsewhere, would allow a
+            # double sign.  Only the leader (every committed entry applied) answers.
+            leader = store.status().get("leader_id")
+            raise NotLeader(
+                "this node is not the Raft leader: its sign state may trail the "
+                "cluster's; export through the leader"
+                + (f" (node {leader})" if leader else " (no leader now)")
+            )
+        rec = store.last(chain_id)
         return record_to_json(rec) if rec is not None else None
 
     async def _admin_import(self, req: dict[str, Any]) -> dict[str, Any] | None:

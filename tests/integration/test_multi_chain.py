@@ -227,6 +227,12 @@ def test_each_chains_state_survives_a_cluster_restart_and_import_raft(tmp_path) 
                 cfg = cl.dirs[leader - 1].config_path  # an import goes through the leader
                 b_before = _export(cfg, B)
                 assert _export(cfg, A)["height"] == "30" and b_before["height"] == "10"
+                # A follower's applied state may trail: it refuses and names the leader.
+                follower = next(d for d in cl.dirs if d.node_id != leader)
+                r = _cli("state", "export", "-c", str(follower.config_path), "--chain", A)
+                assert r.returncode == 2 and f"export through the leader (node {leader})" in (
+                    r.stderr
+                ), r.stderr
                 f = tmp_path / "a.json"
                 f.write_text(json.dumps({"height": "100", "round": 0, "step": 0}))
                 r = _cli("state", "import", "-c", str(cfg), "--chain", A, str(f))
