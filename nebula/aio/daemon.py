@@ -161,10 +161,10 @@ def _vault_settings(
     )
 
 
-def _initial(cfg: LoadedConfig) -> dict[str, SignRecord | None]:
+def _initial_paths(cfg: LoadedConfig) -> dict[str, Path]:
     """Each chain's initial state file (``initial_state_path``; for a single-chain Raft
-    config ``raft.initial_state_path`` too), read: chain id -> record."""
-    out: dict[str, SignRecord | None] = {}
+    config ``raft.initial_state_path`` too): chain id -> path."""
+    out: dict[str, Path] = {}
     r = cfg.raw.raft
     for chain in cfg.chains:
         path = chain.initial_state_path
@@ -172,8 +172,13 @@ def _initial(cfg: LoadedConfig) -> dict[str, SignRecord | None]:
             path = r.initial_state_path or path
         p = cfg.resolve(path)
         if p is not None:
-            out[chain.chain_id] = load_priv_validator_state(p)
+            out[chain.chain_id] = p
     return out
+
+
+def _initial(cfg: LoadedConfig) -> dict[str, SignRecord | None]:
+    """Each chain's initial state, read: chain id -> record."""
+    return {c: load_priv_validator_state(p) for c, p in _initial_paths(cfg).items()}
 
 
 def make_store(
@@ -231,11 +236,14 @@ def make_store(
 
 
 def _warn_starting_from_zero(
-    cfg: LoadedConfig, spec: ChainSpec, state_path: Path, created: bool
+    cfg: LoadedConfig, spec: ChainSpec, state_path: Path | str, created: bool
 ) -> None:
     """A first start has no mark: say so loudly, with the fix, before anything is signed."""
     chain = spec.chain_id
-    where = f"new state file {state_path}" if created else f"state file {state_path}"
+    if isinstance(state_path, str):  # (a description: the replicated state)
+        where = state_path
+    else:
+        where = f"new state file {state_path}" if created else f"state file {state_path}"
     log.warning(
         "NO SIGN STATE for chain %s (%s): double-sign protection starts at height/round/step "
         "0/0/0. If this key has signed on %s before (another signer, an older state file), "
@@ -389,6 +397,17 @@ class Daemon:
 
     def _dial(self, leader: bool) -> None:
         if leader:
+            store = self.store
+            if store is not None and store.replicated:
+                # The cluster's first leader (or any leader) with no mark for a chain
+                # whose initial state was not given: the same loud warning as a first
+                # local start, before anything is signed.
+                initial = set(_initial_paths(self.cfg))
+                for chain_id, rt in self.chains.items():
+                    if store.last(chain_id) is None and chain_id not in initial:
+                        _warn_starting_from_zero(
+                            self.cfg, rt.spec, "the cluster's replicated state", False
+                        )
             log.info("dialing %d validator(s)", len(self.dialers))
             for dialer in self.dialers:
                 dialer.start()

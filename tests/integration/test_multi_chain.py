@@ -227,6 +227,10 @@ def test_each_chains_state_survives_a_cluster_restart_and_import_raft(tmp_path) 
                 cfg = cl.dirs[leader - 1].config_path  # an import goes through the leader
                 b_before = _export(cfg, B)
                 assert _export(cfg, A)["height"] == "30" and b_before["height"] == "10"
+                # A first leader with no mark for a chain (no initial state) says so.
+                text = cl.nodes[leader].log_tail(400_000)
+                assert f"NO SIGN STATE for chain {A}" in text
+                assert f"NO SIGN STATE for chain {B}" in text
                 # A follower's applied state may trail: it refuses and names the leader.
                 follower = next(d for d in cl.dirs if d.node_id != leader)
                 r = _cli("state", "export", "-c", str(follower.config_path), "--chain", A)
@@ -368,6 +372,11 @@ def test_adding_a_chain_with_a_rolling_restart_leaves_the_other_chains_state(tmp
                 low = await db.request_once(SignVoteRequest(vote(400), B), timeout=10)
                 assert low.error is not None and "height regression" in low.error.description
                 await db.sign(SignVoteRequest(vote(501), B), deadline=30)
+                # B came with its initial state: no leader warned about it.
+                for d in cl.dirs:
+                    assert f"NO SIGN STATE for chain {B}" not in cl.nodes[d.node_id].log_tail(
+                        400_000
+                    )
                 # A's state only moved by its own signatures.
                 a_after = _export(cfg, A)
                 assert int(a_after["height"]) == h - 1 > int(a_before["height"]) == 20
