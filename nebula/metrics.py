@@ -94,7 +94,10 @@ class Metrics:
         self._phase = {p: self.phase_seconds.child(p) for p in PHASES}
         r.register(self.phase_seconds)
         self.requests = Counter(
-            "nebula_requests_total", "privval requests received", ["type"], registry=r
+            "nebula_requests_total",
+            "privval requests received",
+            ["chain_id", "type"],
+            registry=r,
         )
         self.signatures = Counter(
             "nebula_signatures_total", "Signatures released", ["chain_id", "type"], registry=r

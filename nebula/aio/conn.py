@@ -212,7 +212,9 @@ class Dialer:
                     cls = type(req)
                     counter = counters.get(cls)
                     if counter is None:
-                        counter = counters[cls] = metrics.requests.labels(cls.__name__)
+                        counter = counters[cls] = metrics.requests.labels(
+                            service.chain_id, cls.__name__
+                        )
                     counter.inc()
                     metrics.phase("receive_decode", t_dec - t_in)
                     metrics.phase("encode_send", t_out - t_done)

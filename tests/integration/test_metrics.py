@@ -63,7 +63,7 @@ def test_metrics_health_and_ready(tmp_path) -> None:
     assert 'nebula_sign_phase_seconds_count{phase="replicate"} 5.0' in body
     assert 'nebula_sign_phase_seconds_count{phase="total"} 6.0' in body
     assert "nebula_validator_connections 1.0" in body
-    assert 'nebula_requests_total{type="SignVoteRequest"} 6.0' in body
+    assert f'nebula_requests_total{{chain_id="{CHAIN}",type="SignVoteRequest"}} 6.0' in body
 
 
 def test_json_logs_one_line_per_refusal(tmp_path) -> None:

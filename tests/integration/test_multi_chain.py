@@ -124,6 +124,9 @@ def test_two_chains_sign_concurrently_and_a_foreign_chain_id_is_refused(tmp_path
             assert f'nebula_refusals_total{{chain_id="{B}",reason="chain_id_mismatch"}} 2.0' in text
             assert f'nebula_last_signed_height{{chain_id="{A}"}} 61.0' in text
             assert f'nebula_last_signed_height{{chain_id="{B}"}} 61.0' in text
+            # every request counted under the chain of the connection it came on
+            assert f'nebula_requests_total{{chain_id="{A}",type="SignVoteRequest"}} 62.0' in text
+            assert f'nebula_requests_total{{chain_id="{B}",type="SignVoteRequest"}} 62.0' in text
             st = json.loads(_cli("status", "-c", str(node.config_path), "--json").stdout)[0]
             assert set(st["served"]) == {A, B}
             assert st["served"][A]["version"] == "v0_38" and st["served"][B]["version"] == "v1_0"
