@@ -132,6 +132,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "token through PKCS#11 (pkcs11: generated inside the token; needs SoftHSM2)",
     )
     s.add_argument(
+        "--threshold",
+        metavar="T-of-N",
+        help="sign with a BLS12-381 key split T-of-N across the N nodes (BLS-Raft, e.g. "
+        "2-of-3; implies --key-type bls12381 and --nodes N): no node holds the whole key",
+    )
+    s.add_argument(
         "--dir",
         default="./nebula-demo",
         help="demo directory, wiped and rewritten at every start (default ./nebula-demo)",
@@ -176,6 +182,7 @@ class _Plan:
     blocks: int | None
     timeout_commit: str
     backend: str = "native"
+    threshold: tuple[int, int] | None = None  # (t, n): BLS-Raft
 
 
 def _raft_available() -> str | None:
@@ -188,7 +195,8 @@ def _raft_available() -> str | None:
 
 
 def _plan(args: argparse.Namespace, console: Console) -> _Plan:
-    key_type: str = args.key_type
+    threshold = _threshold(args)
+    key_type: str = "bls12381" if threshold else args.key_type
     version: str = args.cometbft_version or (
         BLS_VERSION if key_type == "bls12381" else DEFAULT_VERSION
     )
@@ -235,6 +243,8 @@ def _plan(args: argparse.Namespace, console: Console) -> _Plan:
                 "Nebula node with local state instead of a 3-node cluster[/]"
             )
             nodes = 1
+    if threshold is not None:
+        nodes = threshold[1]
     return _Plan(
         nodes=3 if nodes is None else nodes,
         versions=versions,
@@ -244,7 +254,25 @@ def _plan(args: argparse.Namespace, console: Console) -> _Plan:
         blocks=args.blocks,
         timeout_commit=args.timeout_commit,
         backend=backend,
+        threshold=threshold,
     )
+
+
+def _threshold(args: argparse.Namespace) -> tuple[int, int] | None:
+    """--threshold T-of-N, checked against the other options (None without it)."""
+    text = getattr(args, "threshold", None)
+    if not text:
+        return None
+    from nebula.devnet.threshold import parse_t_of_n
+
+    t, n = parse_t_of_n(text)
+    if args.key_type not in ("ed25519", "bls12381"):  # ed25519: the default
+        raise ConfigError("--threshold splits a bls12381 key")
+    if args.nodes is not None and args.nodes != n:
+        raise ConfigError(f"--threshold {text} runs {n} nodes, not --nodes {args.nodes}")
+    if args.chains > 1 or getattr(args, "backend", "native") != "native":
+        raise ConfigError("--threshold runs one chain with native key shares")
+    return t, n
 
 
 # ---- the demo directory ----------------------------------------------------------------
@@ -459,6 +487,10 @@ class _Demo:
                 log_level="info",
                 **({} if hsm is None else self._pkcs11_config(hsm, c.key)),
             )
+            if p.threshold is not None:
+                from nebula.devnet.threshold import give_shares
+
+                give_shares(self.node_dirs, c.key, p.threshold[0])
 
         mode = "local state" if p.nodes == 1 else f"Raft cluster of {p.nodes}"
         if self.multi:
@@ -487,6 +519,11 @@ class _Demo:
             console.print(f"[bold]signer[/]     Nebula, {mode}, signing {both} chains")
         else:
             through = ", signing through PKCS#11" if hsm is not None else ""
+            if p.threshold is not None:
+                through = (
+                    f", {p.threshold[0]}-of-{p.threshold[1]} threshold BLS (each node holds "
+                    "one key share, none the whole key)"
+                )
             console.print(
                 f"[bold]signer[/]     Nebula, {mode}{through}, dialing the chain at "
                 f"{chains[0].laddr}"
