@@ -4,6 +4,11 @@ With ``chains=K`` (``--chains K``) the nodes serve K chains (``[[chains]]`` entr
 ``<chain_id>-1`` .. ``<chain_id>-K``), each with its own fresh key and its own validator
 address (listen address), all sharing the one sign store.
 
+With ``backend="pkcs11"`` (``--backend pkcs11``) the key is generated inside a SoftHSM2
+token (a private installation under the work directory, :mod:`nebula.devnet.softhsm`) when
+the nodes start, and every node signs through PKCS#11 (``[signing.pkcs11]``); ``keys``
+then holds the token key's public side.
+
 The node directories are written by :func:`nebula.devnet.cluster.write_cluster` into a
 temporary directory, each node gets a Prometheus endpoint (``metrics.listen``) for the
 per-phase breakdown, and every ``nebula start`` process is stopped (SIGTERM, then
@@ -17,15 +22,22 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from nebula.crypto.keys import SigningKey, generate
 from nebula.devnet.cluster import ChainDef, NebulaNode, write_cluster
 from nebula.devnet.ports import free_port, free_ports
 from nebula.errors import ConfigError
 
+if TYPE_CHECKING:
+    from nebula.devnet.cometbft import ValidatorKey
+    from nebula.devnet.softhsm import SoftHSM
+
 __all__ = ["LocalSigners"]
 
 NODE_COUNTS = (1, 3, 5)
+BACKENDS = ("native", "pkcs11")
+HSM_TOKEN = "nebula-bench"
 MAX_CHAINS = 64
 
 
@@ -45,6 +57,7 @@ class LocalSigners:
         log_level: str = "info",
         persist: str | None = None,
         chains: int | None = None,
+        backend: str = "native",
         threshold: int | None = None,
     ) -> None:
         if chains is not None and not 1 <= chains <= MAX_CHAINS:
@@ -57,6 +70,16 @@ class LocalSigners:
             raise ConfigError(f'persist must be "local" or "raft", got {persist!r}')
         if persist == "local" and nodes != 1:
             raise ConfigError('persist = "local" is for one node only')
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "pkcs11" and (key_type not in ("ed25519", "secp256k1") or chains):
+            raise ConfigError(
+                "--backend pkcs11 signs one chain with an ed25519 or secp256k1 key in a "
+                "SoftHSM2 token"
+            )
+        self.backend = backend
+        self.key_type = key_type
+        self.hsm: SoftHSM | None = None
         if threshold is not None and (
             key_type != "bls12381" or chains is not None or nodes < 3 or persist == "local"
         ):
@@ -77,8 +100,8 @@ class LocalSigners:
             self.chain_ids = [chain_id]
         else:
             self.chain_ids = [f"{chain_id}-{i}" for i in range(1, chains + 1)]
-        self.keys: list[SigningKey] = [generate(key_type) for _ in self.chain_ids]
-        self.key: SigningKey = self.keys[0]
+        self.keys: list[SigningKey | ValidatorKey] = [generate(key_type) for _ in self.chain_ids]
+        self.key: SigningKey | ValidatorKey = self.keys[0]
         self.keep = keep
         self.log_level = log_level
         # A fresh directory under ``parent`` (the system temp dir by default): the disk
@@ -104,17 +127,37 @@ class LocalSigners:
         """``local`` for one node unless asked otherwise (``raft``: a one-member cluster)."""
         return self._persist or ("local" if self.nodes_count == 1 else "raft")
 
+    def _token(self) -> dict[str, Any]:
+        """Make the SoftHSM2 token and its key; the write_cluster arguments for it."""
+        from nebula.devnet.softhsm import SoftHSM, pkcs11_toml
+
+        self.hsm = SoftHSM(self.workdir / "softhsm")
+        self.hsm.init_token(HSM_TOKEN)
+        self.key = self.hsm.generate_key(HSM_TOKEN, key_type=self.key_type)
+        self.keys = [self.key]
+        extra = pkcs11_toml(
+            self.hsm.module,
+            HSM_TOKEN,
+            key_type=self.key_type,
+            pin_path=str(self.hsm.pin_file(self.hsm.root)),
+            public_key=self.key.public_key,
+        )
+        return {"key": None, "signing": "pkcs11", "extra": extra}
+
     def start(self) -> LocalSigners:
         if self.chains is None:
+            signing: dict[str, Any] = {"key": self.key}
+            if self.backend == "pkcs11":
+                signing = self._token()
             dirs = write_cluster(
                 self.workdir,
                 nodes=self.nodes_count,
                 chain_id=self.chain_id,
                 version=self.version,
-                key=self.key,
                 connections=[self.listen_address],
                 persist=self.persist,
                 log_level=self.log_level,
+                **signing,
             )
         else:
             dirs = write_cluster(
@@ -137,7 +180,8 @@ class LocalSigners:
             with d.config_path.open("a") as f:
                 f.write(f'\n[metrics]\nlisten = "{target}"\n')
             self.metrics_targets.append(target)
-            self.nodes.append(NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home))
+            env = self.hsm.env if self.hsm is not None else None
+            self.nodes.append(NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home, env=env))
         try:
             for node in self.nodes:
                 node.start()

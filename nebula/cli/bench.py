@@ -101,6 +101,11 @@ def register(subparsers: Any) -> None:
         help="consensus key of the local nodes (--local)",
     )  # fmt: skip
     w.add_argument(
+        "--backend", choices=["native", "pkcs11"], default="native",
+        help="for --local: where the nodes' key lives: a key file (native) or a SoftHSM2 "
+        "token through PKCS#11 (pkcs11: generated inside the token; needs SoftHSM2)",
+    )  # fmt: skip
+    w.add_argument(
         "--threshold", type=int, metavar="T",
         help="--local 3|5 --key-type bls12381: give node i share i of a T-of-N split of the "
         "key (BLS-Raft, signing_mode = threshold_bls) instead of the whole key",
@@ -367,9 +372,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError("--requests must be >= 1, --warmup and --handshakes >= 0")
     chain_id, family, listen, metrics = _resolve(args)
     counts = _parse_chains(args.chains)
+    if args.backend != "native" and args.local is None:
+        raise ConfigError("--backend is for --local runs")
     if counts != [1] or args.rounds != 1:
         if args.local is None:
             raise ConfigError("--chains and --rounds are for --local runs")
+        if args.backend != "native":
+            raise ConfigError("--backend pkcs11 runs one chain (no --chains or --rounds)")
         return _cmd_chains(args, counts, chain_id, family)
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar, update = _progress(show_progress, args.requests + args.warmup)
@@ -413,6 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             version=family.value,
             transport=args.transport,
             key_type=args.key_type,
+            backend=args.backend,
             keep=args.keep,
             parent=Path(args.workdir) if args.workdir else None,
             persist=args.persist,
@@ -428,6 +438,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         }
         probe = stats.probe_fdatasync(signers.workdir)
         setup["disk_fdatasync_ms"] = {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)}
+        setup["backend"] = args.backend
+        if args.backend == "pkcs11":
+            setup["mode"] += ", key in a SoftHSM2 token (PKCS#11)"
         with signers:
             try:
                 res = run(signers.listen_address, signers.metrics_targets, signers.processes())

@@ -525,3 +525,35 @@ def test_run_chains_asks_each_validator_for_its_own_chain() -> None:
         finally:
             for li in listeners:
                 li.close()
+
+
+@pytest.mark.parametrize("key_type", ["ed25519", "secp256k1"])
+def test_bench_local_pkcs11_signs_from_a_softhsm_token(key_type: str) -> None:
+    """--backend pkcs11: the node signs with a key generated in a SoftHSM2 token; the bench
+    verifies every signature against the public key the token reported."""
+    p = _bench(
+        "--local", "1", "--backend", "pkcs11", "--key-type", key_type,
+        "--requests", "150", "--warmup", "20", "--handshakes", "0", "--json",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    assert d["errors"] == 0 and d["warmup_errors"] == 0, d["error_samples"]
+    assert d["setup"]["backend"] == "pkcs11" and d["setup"]["key_type"] == key_type
+    assert "SoftHSM2 token (PKCS#11)" in d["setup"]["mode"]
+    assert d["signatures_verified"] == 150 + 50  # + an extension signature per precommit
+    _check_latency(d["latency_ms"]["all"], 150)
+    assert d["phases_mean_ms"]["sign"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--local", "1", "--backend", "pkcs11", "--chains", "2"], "runs one chain"),
+        (["--local", "1", "--backend", "pkcs11", "--key-type", "bls12381"], "ed25519 or secp256k1"),
+        (["--listen", "tcp://127.0.0.1:1", "--backend", "pkcs11"], "for --local runs"),
+    ],
+)
+def test_bench_pkcs11_refuses_what_it_cannot_run(args: list[str], why: str) -> None:
+    p = _bench(*args)
+    assert p.returncode == 2, p.stderr
+    assert why in p.stderr and "Traceback" not in p.stderr
