@@ -1,59 +1,67 @@
-"""Single-node durable state (``persist = "local"``): a double-slot state file.
+"""Single-node durable state (``persist = "local"``): a state file written once per decision.
 
-The state file holds the last sign state of every chain.  Layout (integers
-little-endian; every region starts on a 4 KiB boundary)::
+The state file holds the last sign state of every chain.  Layout of format 2 (integers
+little-endian; every region starts on a 4 KiB boundary; ``S`` = slot_size, a multiple of
+4 KiB, 4 KiB by default; ``D`` = max(1 MiB, 2 S), the distance between the two copies)::
 
     0                   file header, written once when the file is created:
-                        magic "NEBSTATE" | format u16 | reserved u16 | slot_size u32
+                        magic "NEBSTATE" | format u16 = 2 | pairs u16 = 2 | slot_size u32
                         | SHA-256 of those 16 bytes
-    4096                slot 0 (slot_size bytes, a multiple of 4 KiB; 4 KiB by default)
-    4096 + slot_size    slot 1
+    4096                copy A of pair 0 (S bytes), then copy A of pair 1
+    4096 + D            copy B of pair 0, then copy B of pair 1
 
     slot:  magic "NBSL" | format u16 | reserved u16 | seq u64 | length u32
            | SHA-256 of (those 20 bytes + payload) | payload (length bytes)
 
-The payload is the JSON the state file held before this format, compact:
+The payload is the JSON the state file held before the slotted formats, compact:
 ``{"version":1,"chains":{"<chain_id>": {priv_validator_state fields}}}``.
 
-**Creating** the file (and migrating or growing it, below) writes the whole image
-— header, the state in both slots with sequence numbers 1 and 2 — to a temporary
-file, fsyncs it, renames it over the state file and fsyncs the directory
-(:func:`nebula.durable.write_file_durably`).  A crash leaves either the previous file
-or the complete new one.  The file is then opened and kept open for the life of the
-store.
+**A commit** makes the next sequence number ``n`` and writes the whole state, as one slot
+with that number, to **both copies of pair ``n mod 2``** (two ``pwrite`` calls, a region
+apart), then calls ``fdatasync`` **once**.  The other pair keeps the previous state (the
+last one released) untouched.  ``commit`` returns the decision only after ``fdatasync``
+returned; the service releases a signature only from that decision, so every signature
+that leaves is durable first (S1).  The file's size and blocks never change after
+creation (the zeros were written, not ``fallocate``'d), so ``fdatasync`` flushes those
+data blocks and the device cache and has no metadata to commit.  If ``pwrite`` or
+``fdatasync`` fails, ``commit`` raises :class:`StateError`, the in-memory mark does not
+move, nothing is released, and the next write re-creates the whole file through the
+rename path rather than trusting the descriptor.
 
-**A commit** writes the new state twice, mirrored: first over the slot with the
-lower sequence number (next sequence number), ``fdatasync``; then over the other slot
-(the number after that), ``fdatasync``.  The file's size and blocks never change
-after creation (the zeros were written, not ``fallocate``'d, so no unwritten extent
-has to be converted), so ``fdatasync`` flushes those data blocks and the device
-cache and has no metadata to commit.  ``commit`` returns the decision only after
-both ``fdatasync`` calls returned; the service releases a signature only from that
-decision, so every signature that leaves is durable first (S1), and after every
-completed commit **both** slots hold the released state.  If ``pwrite`` or
-``fdatasync`` fails, ``commit`` raises :class:`StateError`, the in-memory mark does
-not move, nothing is released, and the next write re-creates the whole file through
-the rename path rather than trusting the descriptor.
+**Loading** reads the four slots; a slot is valid if its magic, format, length and
+SHA-256 check out and its sequence number's parity is its pair; the highest valid
+sequence number wins (when both copies of it are valid they must hold the same payload).
 
-**Loading** reads both slots; a slot is valid if its magic, format, length and
-SHA-256 check out, and the valid slot with the higher sequence number wins.  Because
-every completed commit leaves the released state in both slots, losing either slot
-— a write torn by a crash, or a block that rots later — never loses a state whose
-signature was released: a crash during the first write leaves the previous
-(released) state in the other slot, and the torn decision was never released; a
-crash between the writes or during the second leaves the new state in the first
-slot.  (A single ping-pong write would be torn-write safe but would silently fall
-back one decision if the newest slot rotted after its signature had left.)  Both
-slots invalid (or a corrupted header) is a :class:`StateError`: the signer refuses
-to start rather than start from zero.  Sequence numbers are 64-bit; reaching the
-maximum raises :class:`StateError` instead of wrapping.
+* **A torn write** (a crash before ``fdatasync`` returned) can damage only pair ``n mod
+  2``: the other pair still holds the previous state, which is the last one that may have
+  been released (the torn decision was not).  Parts of the new slot that did reach the
+  disk are either a valid copy of the new state (a mark that is higher than released:
+  safe) or invalid.
+* **A block that rots later** (after the commit returned and its signature left) damages
+  one copy; the other copy, 1 MiB away, holds the same state.  Only losing both copies
+  of the newest pair would fall back one decision; the copies are placed a region apart
+  so that one failing sector, page or erase unit cannot take both.
+* A store that opens a file whose newest state is in one valid copy only (a torn write
+  left one copy whole: that state was never released, but a retry could release it
+  without writing) writes it again, whole, before it answers anything.
+* Every slot invalid (or a corrupted header) is a :class:`StateError`: the signer
+  refuses to start rather than start from zero.  Sequence numbers are 64-bit; reaching
+  the maximum raises :class:`StateError` instead of wrapping.
 
-A state file in the previous format (plain JSON, rewritten through a temporary
-file on every commit) is still read, and converted to this format atomically
-(the creation path) on the first write.  A state that does not fit a slot (a
-vote extension can be up to 1 MiB, and its sign bytes are kept) makes that write
-re-create the file with larger slots, up to :data:`MAX_SLOT_SIZE`; beyond that
-the write is refused with :class:`StateError`.  The file is mode 0600.
+One ``fdatasync`` per decision: format 1 (below) wrote the state twice, each write
+synced, and cost two.
+
+**Older files.**  Format 1 (two mirrored slots at 4096 and 4096 + S, each commit wrote the
+older slot, synced, then the newer one, synced) and the plain JSON of the first release
+are still read, and converted to format 2 atomically when a store opens them.  **Creating** the
+file (and migrating or growing it) writes the whole image — header, the state in all four
+slots (sequence numbers 1 in pair 1 and 2 in pair 0) — to a temporary file, fsyncs it,
+renames it over the state file and fsyncs the directory
+(:func:`nebula.durable.write_file_durably`); a crash leaves either the previous file or
+the complete new one.  A state that does not fit a slot (a vote extension can be up to
+1 MiB, and its sign bytes are kept) makes that write re-create the file with larger
+slots, up to :data:`MAX_SLOT_SIZE`; beyond that the write is refused with
+:class:`StateError`.  The file is mode 0600.
 
 **One process per state file.**  Two stores on one file would each keep their own
 mark and could both accept conflicting decisions.  A store holds an exclusive lock on
@@ -84,7 +92,12 @@ FORMAT_VERSION = 1
 """Version of the JSON payload (the whole file in the previous format)."""
 
 FILE_MAGIC = b"NEBSTATE"
-FILE_FORMAT = 1
+FILE_FORMAT = 2
+"""The format this release writes (format 1 is still read, and converted on a write)."""
+FILE_FORMAT_MIRRORED = 1
+PAIRS = 2
+COPY_DISTANCE = 1 << 20
+"""Least distance between the two copies of a slot (a region apart)."""
 SLOT_MAGIC = b"NBSL"
 SLOT_FORMAT = 1
 BLOCK = 4096
@@ -102,10 +115,28 @@ FILE_HEADER_LEN = _FILE_HDR.size + _DIGEST
 SLOT_PAYLOAD_OFFSET = _SLOT_HDR.size + _DIGEST
 
 
-def file_header(slot_size: int) -> bytes:
+def file_header(slot_size: int, fmt: int = FILE_FORMAT) -> bytes:
     """The header at offset 0 of a state file with slots of ``slot_size`` bytes."""
-    head = _FILE_HDR.pack(FILE_MAGIC, FILE_FORMAT, 0, slot_size)
+    head = _FILE_HDR.pack(FILE_MAGIC, fmt, PAIRS if fmt == FILE_FORMAT else 0, slot_size)
     return head + hashlib.sha256(head).digest()
+
+
+def copy_distance(slot_size: int) -> int:
+    """Offset of copy B's region from copy A's (format 2)."""
+    return max(COPY_DISTANCE, PAIRS * slot_size)
+
+
+def file_size(slot_size: int, fmt: int = FILE_FORMAT) -> int:
+    """The size of a state file (it never changes after creation)."""
+    if fmt == FILE_FORMAT_MIRRORED:
+        return HEADER_SIZE + 2 * slot_size
+    return HEADER_SIZE + copy_distance(slot_size) + PAIRS * slot_size
+
+
+def slot_offsets(slot_size: int, pair: int) -> tuple[int, int]:
+    """File offsets of copy A and copy B of ``pair`` (format 2)."""
+    a = HEADER_SIZE + pair * slot_size
+    return a, a + copy_distance(slot_size)
 
 
 def encode_slot(seq: int, payload: bytes, slot_size: int) -> bytearray:
@@ -145,59 +176,81 @@ class _Image:
     """What a state file holds: the states, and where the newest slot is."""
 
     states: dict[str, SignRecord] = field(default_factory=dict)
-    slotted: bool = False  # False: the previous (plain JSON) format
+    fmt: int = 0  # 0: the first release's plain JSON; 1: mirrored slots; 2: pairs
     slot_size: int = SLOT_SIZE
     seq: int = 0  # sequence number of the newest slot
-    cur: int = 0  # index of the newest slot
+    #: format 2 with both copies of the newest slot valid (else re-persisted at open)
+    complete: bool = False
 
 
 def _parse(raw: bytes, path: Path) -> _Image:
-    """Decode a whole state file (either format); StateError if it cannot be trusted."""
+    """Decode a whole state file (any format); StateError if it cannot be trusted."""
     if raw[: len(FILE_MAGIC)] != FILE_MAGIC:
-        # The previous format: plain JSON.  Converted on the first write.
+        # The first release's format: plain JSON.  Converted on the first write.
         return _Image(_parse_payload(raw, str(path)))
     if len(raw) < FILE_HEADER_LEN:
         raise StateError(f"{path}: state file is truncated; refusing to start")
-    _magic, fmt, _reserved, slot_size = _FILE_HDR.unpack_from(raw)
+    _magic, fmt, pairs, slot_size = _FILE_HDR.unpack_from(raw)
     if hashlib.sha256(raw[: _FILE_HDR.size]).digest() != raw[_FILE_HDR.size : FILE_HEADER_LEN]:
         raise StateError(
             f"{path}: state file header is corrupted; refusing to start. Restore it "
             "from a backup or import the last known state with `nebula state import`."
         )
-    if fmt != FILE_FORMAT:
+    if fmt not in (FILE_FORMAT_MIRRORED, FILE_FORMAT):
         raise StateError(
             f"{path}: state file format {fmt} is not supported (this Nebula reads "
-            f"format {FILE_FORMAT})"
+            f"formats {FILE_FORMAT_MIRRORED} and {FILE_FORMAT})"
         )
+    if fmt == FILE_FORMAT and pairs != PAIRS:
+        raise StateError(f"{path}: state file header says {pairs} pairs, expected {PAIRS}")
     if slot_size % BLOCK or not BLOCK <= slot_size <= MAX_SLOT_SIZE:
         raise StateError(f"{path}: invalid slot size {slot_size} in the header")
-    if len(raw) != HEADER_SIZE + 2 * slot_size:
+    if len(raw) != file_size(slot_size, fmt):
         raise StateError(
             f"{path}: state file size is {len(raw)} bytes, expected "
-            f"{HEADER_SIZE + 2 * slot_size} (its size never changes); refusing to start"
+            f"{file_size(slot_size, fmt)} (its size never changes); refusing to start"
         )
     view = memoryview(raw)
-    valid: list[tuple[int, int, bytes]] = []
-    for i in (0, 1):
-        off = HEADER_SIZE + i * slot_size
-        got = decode_slot(view[off : off + slot_size])
-        if got is not None:
-            valid.append((got[0], i, got[1]))
+    # (seq, where, payload) of every valid slot
+    valid: list[tuple[int, str, bytes]] = []
+    if fmt == FILE_FORMAT_MIRRORED:
+        for i in (0, 1):
+            off = HEADER_SIZE + i * slot_size
+            got = decode_slot(view[off : off + slot_size])
+            if got is not None:
+                valid.append((got[0], f"slot {i}", got[1]))
+    else:
+        for pair in range(PAIRS):
+            for copy, off in zip("AB", slot_offsets(slot_size, pair), strict=True):
+                got = decode_slot(view[off : off + slot_size])
+                if got is None:
+                    continue
+                if got[0] % PAIRS != pair:
+                    raise StateError(
+                        f"{path}: pair {pair} copy {copy} holds sequence number {got[0]}, "
+                        "which belongs to the other pair; refusing to start"
+                    )
+                valid.append((got[0], f"pair {pair} copy {copy}", got[1]))
     if not valid:
         raise StateError(
-            f"{path}: both state slots are corrupted; refusing to start (never from "
-            "zero). Restore the file from a backup or import the last known state with "
-            "`nebula state import`."
+            f"{path}: every state slot is corrupted (both state slots are corrupted); "
+            "refusing to start (never from zero). Restore the file from a backup or import "
+            "the last known state with `nebula state import`."
         )
-    valid.sort(reverse=True)
-    if len(valid) == 2 and valid[0][0] == valid[1][0]:
+    valid.sort(key=lambda v: v[0], reverse=True)
+    seq, where, payload = valid[0]
+    same = [v for v in valid if v[0] == seq]
+    if fmt == FILE_FORMAT_MIRRORED and len(same) == 2:
         raise StateError(
-            f"{path}: both state slots have sequence number {valid[0][0]}; "
+            f"{path}: both state slots have sequence number {seq}; "
             "refusing to guess which is newer"
         )
-    seq, idx, payload = valid[0]
-    states = _parse_payload(payload, f"{path} (slot {idx})")
-    return _Image(states, True, slot_size, seq, idx)
+    if any(v[2] != payload for v in same):
+        raise StateError(
+            f"{path}: the two copies of sequence number {seq} differ; refusing to guess"
+        )
+    states = _parse_payload(payload, f"{path} ({where})")
+    return _Image(states, fmt, slot_size, seq, fmt == FILE_FORMAT and len(same) == PAIRS)
 
 
 def _parse_payload(raw: bytes, where: str) -> dict[str, SignRecord]:
@@ -259,8 +312,7 @@ class LocalStore(SingleNodeStore):
         self._fd = -1  # the open slot file; -1: the next write (re-)creates the file
         self._closed = False
         self._slot_size = SLOT_SIZE
-        self._seq = 0  # sequence number of the current slot
-        self._cur = 0  # index of the slot holding the current state
+        self._seq = 0  # sequence number of the newest slot
         # Group commit: decisions of other chains that arrive after a write in the same
         # loop pass wait for the pass's flush and share one write.
         self._batch: list[tuple[str, SignRecord, asyncio.Future[Decision]]] = []
@@ -276,7 +328,7 @@ class LocalStore(SingleNodeStore):
             self.path.with_name(self.path.name + ".lock"), f"state file {self.path}"
         )
         try:
-            exists = self._load()
+            exists, complete = self._load()
             # An imported initial state only ever raises the high-water mark (S4).
             changed = False
             for chain_id, rec in (initial or {}).items():
@@ -286,7 +338,11 @@ class LocalStore(SingleNodeStore):
                 if cur is None or rec.hrs > cur.hrs:
                     self._states[chain_id] = rec
                     changed = True
-            if changed or not exists:
+            if changed or not exists or not complete:
+                # Also when the newest state is in one copy only (a write torn by a crash
+                # left one copy whole) or in an older format: a retry may release that
+                # state again without a new write, so it is made whole (both copies,
+                # synced) before anything is answered.
                 self._write(self._states)
             self.created = not exists
         except BaseException:
@@ -295,11 +351,11 @@ class LocalStore(SingleNodeStore):
 
     # -- persistence -------------------------------------------------------------------
 
-    def _load(self) -> bool:
-        """Read the state file; False if there is none."""
+    def _load(self) -> tuple[bool, bool]:
+        """Read the state file: (it exists, its newest state is whole in this format)."""
         fd = _open_existing(self.path, os.O_RDWR)
         if fd is None:
-            return False
+            return False, False
         try:
             image = _parse(read_all(fd), self.path)
         except OSError as e:
@@ -309,12 +365,14 @@ class LocalStore(SingleNodeStore):
             os.close(fd)
             raise
         self._states = image.states
-        if image.slotted:
+        if image.fmt == FILE_FORMAT:
             self._fd = fd
-            self._slot_size, self._seq, self._cur = image.slot_size, image.seq, image.cur
+            self._slot_size, self._seq = image.slot_size, image.seq
         else:
-            os.close(fd)  # the previous format: converted on the first write
-        return True
+            # An older format: converted (through the rename path) on the first write.
+            self._slot_size = max(image.slot_size, SLOT_SIZE)
+            os.close(fd)
+        return True, image.complete
 
     @staticmethod
     def _payload(states: dict[str, SignRecord]) -> bytes:
@@ -335,23 +393,21 @@ class LocalStore(SingleNodeStore):
             self._create(payload)
             return
         seq = self._seq + 1
-        if seq + 1 > MAX_SEQ:
+        if seq > MAX_SEQ:
             raise StateError(f"{self.path}: slot sequence number exhausted")
-        # Mirrored: the new state goes to the older slot first, then over the newer one,
-        # each made durable before the next step, so that after every completed commit
-        # BOTH slots hold the state that may be released.
-        first = 1 - self._cur
+        # Both copies of pair seq mod 2 (the pair holding the older state), one sync: the
+        # other pair keeps the previous state until this one is durable.
+        buf = encode_slot(seq, payload, self._slot_size)
+        a, b = slot_offsets(self._slot_size, seq % PAIRS)
         try:
-            for i, slot in enumerate((first, self._cur)):
-                buf = encode_slot(seq + i, payload, self._slot_size)
-                pwrite_all(self._fd, buf, HEADER_SIZE + slot * self._slot_size)
-                os.fdatasync(self._fd)
+            pwrite_all(self._fd, buf, a)
+            pwrite_all(self._fd, buf, b)
+            os.fdatasync(self._fd)
         except OSError as e:
             # What reached the disk is unknown: re-create the file on the next write.
             self._drop_fd()
             raise StateError(f"{self.path}: cannot persist sign state: {e}") from None
-        self._seq = seq + 1
-        # self._cur (the slot with the highest sequence number) is unchanged.
+        self._seq = seq
 
     def _create(self, payload: bytes) -> None:
         """Write a new state file holding ``payload`` and rename it over the old one."""
@@ -363,12 +419,12 @@ class LocalStore(SingleNodeStore):
                 f"{self.path}: sign state of {len(payload)} bytes is larger than the "
                 f"{MAX_SLOT_SIZE}-byte slot limit; refusing to sign"
             )
-        image = bytearray(HEADER_SIZE + 2 * slot_size)
+        image = bytearray(file_size(slot_size))
         image[:FILE_HEADER_LEN] = file_header(slot_size)
-        for i in (0, 1):  # both slots hold the state from the start
-            slot = encode_slot(1 + i, payload, slot_size)
-            off = HEADER_SIZE + i * slot_size
-            image[off : off + len(slot)] = slot
+        for seq in (1, 2):  # every slot holds the state from the start
+            slot = encode_slot(seq, payload, slot_size)
+            for off in slot_offsets(slot_size, seq % PAIRS):
+                image[off : off + len(slot)] = slot
         self._drop_fd()
         try:
             write_file_durably(self.path, image, 0o600)
@@ -380,7 +436,6 @@ class LocalStore(SingleNodeStore):
         self._fd = fd
         self._slot_size = slot_size
         self._seq = 2
-        self._cur = 1
 
     def _drop_fd(self) -> None:
         fd, self._fd = self._fd, -1
