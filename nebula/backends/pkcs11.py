@@ -200,6 +200,10 @@ def _token(lib: Any, s: Pkcs11Settings) -> Any:
         raise BackendError(
             f"more than one token is labelled {s.token_label!r} in {s.module_path}"
         ) from None
+    except pkcs11.PKCS11Error as e:  # e.g. CKR_GENERAL_ERROR while reading the slots
+        raise BackendError(
+            f"cannot read the tokens of PKCS#11 module {s.module_path}: {_describe(e)}"
+        ) from None
 
 
 def _open_session(lib: Any, s: Pkcs11Settings, *, rw: bool = False) -> Any:

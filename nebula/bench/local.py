@@ -6,8 +6,9 @@ address (listen address), all sharing the one sign store.
 
 With ``backend="pkcs11"`` (``--backend pkcs11``) the key is generated inside a SoftHSM2
 token (a private installation under the work directory, :mod:`nebula.devnet.softhsm`) when
-the nodes start, and every node signs through PKCS#11 (``[signing.pkcs11]``); ``keys``
-then holds the token key's public side.
+the nodes start; every other node gets a clone of that token in an installation of its
+own, and each signs through PKCS#11 (``[signing.pkcs11]``); ``keys`` then holds the token
+key's public side.
 
 The node directories are written by :func:`nebula.devnet.cluster.write_cluster` into a
 temporary directory, each node gets a Prometheus endpoint (``metrics.listen``) for the
@@ -79,7 +80,7 @@ class LocalSigners:
             )
         self.backend = backend
         self.key_type = key_type
-        self.hsm: SoftHSM | None = None
+        self.hsms: list[SoftHSM] = []  # one SoftHSM2 installation per node (pkcs11)
         if threshold is not None and (
             key_type != "bls12381" or chains is not None or nodes < 3 or persist == "local"
         ):
@@ -128,19 +129,16 @@ class LocalSigners:
         return self._persist or ("local" if self.nodes_count == 1 else "raft")
 
     def _token(self) -> dict[str, Any]:
-        """Make the SoftHSM2 token and its key; the write_cluster arguments for it."""
-        from nebula.devnet.softhsm import SoftHSM, pkcs11_toml
+        """Make the SoftHSM2 installations and the key; the write_cluster arguments."""
+        from nebula.devnet.softhsm import installations, pkcs11_toml
 
-        self.hsm = SoftHSM(self.workdir / "softhsm")
-        self.hsm.init_token(HSM_TOKEN)
-        self.key = self.hsm.generate_key(HSM_TOKEN, key_type=self.key_type)
-        self.keys = [self.key]
+        self.hsms, key = installations(
+            self.workdir / "softhsm", self.nodes_count, HSM_TOKEN, self.key_type
+        )
+        self.key = key
+        self.keys = [key]
         extra = pkcs11_toml(
-            self.hsm.module,
-            HSM_TOKEN,
-            key_type=self.key_type,
-            pin_path=str(self.hsm.pin_file(self.hsm.root)),
-            public_key=self.key.public_key,
+            self.hsms[0].module, HSM_TOKEN, key_type=self.key_type, public_key=key.public_key
         )
         return {"key": None, "signing": "pkcs11", "extra": extra}
 
@@ -180,7 +178,11 @@ class LocalSigners:
             with d.config_path.open("a") as f:
                 f.write(f'\n[metrics]\nlisten = "{target}"\n')
             self.metrics_targets.append(target)
-            env = self.hsm.env if self.hsm is not None else None
+            env = None
+            if self.hsms:  # node i signs from installation i (PIN in its directory)
+                hsm = self.hsms[len(self.nodes)]
+                hsm.pin_file(d.home)
+                env = hsm.env
             self.nodes.append(NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home, env=env))
         try:
             for node in self.nodes:

@@ -13,9 +13,10 @@ CometBFT line (the chosen or default release first, then the other entries of
 (``[[chains]]`` entries in every node's config); every block line names its chain.
 
 With ``--backend pkcs11`` the validator key is generated inside a SoftHSM2 token (a
-private installation under the demo directory, PKCS#11) and every Nebula node signs
-through it; the key never exists outside the token.  Without SoftHSM2 the demo stops
-at once and says how to install it.
+private installation under the demo directory, PKCS#11); every other Nebula node gets a
+clone of that token in an installation of its own, and each node signs through its own.
+The key never exists outside a token.  Without SoftHSM2 the demo stops at once and says
+how to install it.
 
 Layout of ``--dir`` (wiped at every start; logs stay there after the run)::
 
@@ -25,8 +26,8 @@ Layout of ``--dir`` (wiped at every start; logs stay there after the run)::
     nebula/node<N>/         each Nebula node: nebula.toml, privkey, nebula.log, ...
                             (with --chains N: privkey-0 .. privkey-<N-1>, one per chain;
                             with --backend pkcs11 no key file, the key is in the token)
-    softhsm/                with --backend pkcs11: the SoftHSM2 installation
-                            (softhsm2.conf, tokens/, hsm_pin)
+    softhsm/node<N>/        with --backend pkcs11: node N's SoftHSM2 installation
+                            (softhsm2.conf, tokens/; the PIN is nebula/node<N>/hsm_pin)
 """
 
 from __future__ import annotations
@@ -442,16 +443,17 @@ class _Demo:
         _prepare_dir(p.dir)
         self.own_dir = True
         binaries = [self._ensure_binary(v) for v in p.versions]
-        hsm = self._softhsm() if p.backend == "pkcs11" else None
+        hsms: list[SoftHSM] = []
+        hsm_key: ValidatorKey | None = None
+        if p.backend == "pkcs11":
+            from nebula.devnet.softhsm import installations
+
+            hsms, hsm_key = installations(p.dir / "softhsm", p.nodes, HSM_TOKEN, p.key_type)
 
         chains: list[_DemoChain] = []
         for i, (version, binary) in enumerate(zip(p.versions, binaries, strict=True)):
             chain_id = f"{CHAIN_ID}-{i + 1}" if self.multi else CHAIN_ID
-            key = (
-                generate(p.key_type)
-                if hsm is None
-                else hsm.generate_key(HSM_TOKEN, key_type=p.key_type)
-            )
+            key = generate(p.key_type) if hsm_key is None else hsm_key
             laddr = f"tcp://127.0.0.1:{free_port()}"
             chain = LocalChain(
                 binary,
@@ -482,11 +484,13 @@ class _Demo:
                 nodes=p.nodes,
                 chain_id=c.chain_id,
                 version=config_version(c.chain.version),
-                key=c.key if hsm is None else None,
+                key=c.key if not hsms else None,
                 connections=[c.laddr],
                 log_level="info",
-                **({} if hsm is None else self._pkcs11_config(hsm, c.key)),
+                **(self._pkcs11_config(hsms[0], c.key) if hsms else {}),
             )
+            for nd, hsm in zip(self.node_dirs, hsms, strict=False):
+                hsm.pin_file(nd.home)
             if p.threshold is not None:
                 from nebula.devnet.threshold import give_shares
 
@@ -507,18 +511,23 @@ class _Demo:
             console.print(
                 f"[bold]validator[/]  {c.key.key_type} key, address {c.key.address.hex().upper()}"
             )
-            if hsm is not None:
+            if hsms:
                 console.print(
                     f"             generated inside SoftHSM2 token {HSM_TOKEN!r} (PKCS#11, "
-                    f"{escape(str(hsm.root))}); it never leaves the token"
+                    f"{escape(str(hsms[0].root))}); it never leaves a token"
                 )
+                if len(hsms) > 1:
+                    console.print(
+                        f"             nodes 2-{len(hsms)} sign from clones of that token, "
+                        "each in a SoftHSM2 installation of its own"
+                    )
             if self.multi:
                 console.print(f"             Nebula dials it at {c.laddr}")
         if self.multi:
             both = "both" if len(chains) == 2 else f"all {len(chains)}"
             console.print(f"[bold]signer[/]     Nebula, {mode}, signing {both} chains")
         else:
-            through = ", signing through PKCS#11" if hsm is not None else ""
+            through = ", signing through PKCS#11" if hsms else ""
             if p.threshold is not None:
                 through = (
                     f", {p.threshold[0]}-of-{p.threshold[1]} threshold BLS (each node holds "
@@ -528,8 +537,8 @@ class _Demo:
                 f"[bold]signer[/]     Nebula, {mode}{through}, dialing the chain at "
                 f"{chains[0].laddr}"
             )
-        for nd in self.node_dirs:
-            env = None if hsm is None else hsm.env
+        for i, nd in enumerate(self.node_dirs):
+            env = hsms[i].env if hsms else None
             node = NebulaNode(nd.config_path, log_path=nd.log_path, env=env).start()
             self.nodes.append(node)
             raft = f", raft {nd.raft_addr}" if nd.raft_addr else ""
@@ -551,27 +560,13 @@ class _Demo:
             )
         console.print("waiting for the first block (Ctrl-C to stop)...")
 
-    def _softhsm(self) -> SoftHSM:
-        """A SoftHSM2 installation under the demo directory, with one token."""
-        from nebula.devnet.softhsm import SoftHSM
-
-        hsm = SoftHSM(self.plan.dir / "softhsm")
-        hsm.init_token(HSM_TOKEN)
-        return hsm
-
     @staticmethod
     def _pkcs11_config(hsm: SoftHSM, key: SigningKey | ValidatorKey) -> dict[str, Any]:
-        """write_cluster arguments for nodes signing with ``key`` in the demo's token (every
-        node logs in to the one token, as to a network HSM)."""
+        """write_cluster arguments for nodes signing with ``key`` in their token (each
+        node's SOFTHSM2_CONF names its own installation; the PIN is ``./hsm_pin``)."""
         from nebula.devnet.softhsm import pkcs11_toml
 
-        extra = pkcs11_toml(
-            hsm.module,
-            HSM_TOKEN,
-            key_type=key.key_type,
-            pin_path=str(hsm.pin_file(hsm.root)),
-            public_key=key.public_key,
-        )
+        extra = pkcs11_toml(hsm.module, HSM_TOKEN, key_type=key.key_type, public_key=key.public_key)
         return {"signing": "pkcs11", "extra": extra}
 
     def _ensure_binary(self, version: str) -> Path:

@@ -36,6 +36,7 @@ __all__ = [
     "SoftHSM",
     "SoftHSMMissing",
     "check_installed",
+    "installations",
     "module_path",
     "pkcs11_toml",
 ]
@@ -193,3 +194,20 @@ class SoftHSM:
         shutil.rmtree(other.tokens)
         shutil.copytree(self.tokens, other.tokens)
         return other
+
+
+def installations(
+    root: Path, n: int, token_label: str, key_type: str
+) -> tuple[list[SoftHSM], ValidatorKey]:
+    """``n`` SoftHSM2 installations ``root/node1`` .. ``root/node<n>`` holding one key.
+
+    The key is generated inside the token of ``node1``; the others are clones of it.  One
+    installation per Nebula process: SoftHSM2's file store is not safe for several
+    processes logging in on one token directory at once (in a 3-node bench one node found
+    no token and another got CKR_GENERAL_ERROR; 6 processes logging in at once, 25 times,
+    failed 2 of 150).
+    """
+    first = SoftHSM(Path(root) / "node1")
+    first.init_token(token_label)
+    key = first.generate_key(token_label, key_type=key_type)
+    return [first, *(first.clone(Path(root) / f"node{i}") for i in range(2, n + 1))], key

@@ -300,23 +300,26 @@ _VALIDATOR_RE = re.compile(r"^validator\s+(\w+) key, address ([0-9A-F]{40})$", r
 
 
 def test_pkcs11_backend_signs_from_a_softhsm_token(tmp_path: Path) -> None:
-    """--backend pkcs11: the key is generated in a SoftHSM2 token under the demo directory
-    and the 3 nodes sign through it; no node has a key file."""
+    """--backend pkcs11: the key is generated in a SoftHSM2 token under the demo directory,
+    nodes 2 and 3 get clones of it (an installation each); no node has a key file."""
     demo_dir = tmp_path / "demo"
     res = _run(demo_dir, "--backend", "pkcs11", "--blocks", "4", "--timeout-commit", "300ms")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    assert f"generated inside SoftHSM2 token 'nebula-demo' (PKCS#11, {demo_dir / 'softhsm'})" in out
+    first = demo_dir / "softhsm" / "node1"
+    assert f"generated inside SoftHSM2 token 'nebula-demo' (PKCS#11, {first})" in out, out
+    assert "nodes 2-3 sign from clones of that token" in out, out
     assert "signing through PKCS#11" in out, out
     assert _heights(out) == [1, 2, 3, 4], out
     ((key_type, address),) = _VALIDATOR_RE.findall(out)
     assert key_type == "ed25519"
     genesis = json.loads((demo_dir / "cometbft" / "config" / "genesis.json").read_text())
     assert [v["address"] for v in genesis["validators"]] == [address]
-    assert any((demo_dir / "softhsm" / "tokens").iterdir())
     for n in (1, 2, 3):
+        assert any((demo_dir / f"softhsm/node{n}/tokens").iterdir())
         cfg = load_config(demo_dir / f"nebula/node{n}/nebula.toml")
         assert cfg.chains[0].signing_mode == "pkcs11"
+        assert (demo_dir / f"nebula/node{n}/hsm_pin").stat().st_mode & 0o077 == 0
         assert not (demo_dir / f"nebula/node{n}/privkey").exists()
     _assert_nothing_left(demo_dir, out)
 

@@ -527,12 +527,15 @@ def test_run_chains_asks_each_validator_for_its_own_chain() -> None:
                 li.close()
 
 
-@pytest.mark.parametrize("key_type", ["ed25519", "secp256k1"])
-def test_bench_local_pkcs11_signs_from_a_softhsm_token(key_type: str) -> None:
-    """--backend pkcs11: the node signs with a key generated in a SoftHSM2 token; the bench
-    verifies every signature against the public key the token reported."""
+@pytest.mark.parametrize(
+    ("nodes", "key_type"), [("1", "ed25519"), ("1", "secp256k1"), ("3", "ed25519")]
+)
+def test_bench_local_pkcs11_signs_from_a_softhsm_token(nodes: str, key_type: str) -> None:
+    """--backend pkcs11: the nodes sign with a key generated in a SoftHSM2 token (each node
+    of a cluster from its own clone); every signature verifies against the public key the
+    token reported."""
     p = _bench(
-        "--local", "1", "--backend", "pkcs11", "--key-type", key_type,
+        "--local", nodes, "--backend", "pkcs11", "--key-type", key_type,
         "--requests", "150", "--warmup", "20", "--handshakes", "0", "--json",
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
