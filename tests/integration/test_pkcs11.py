@@ -378,6 +378,13 @@ def test_start_exits_3_on_a_wrong_pin(softhsm, token, tmp_path) -> None:
     )
     assert r.returncode == 3, r.stderr
     assert "PIN was rejected" in r.stderr
+    # ... and the systemd unit does not restart on that status (a restart = another try).
+    unit = Path(__file__).resolve().parents[2] / "contrib/systemd/nebula.service"
+    service = unit.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
+    lines = [ln.split("=", 1) for ln in service.splitlines() if ln and ln[0] not in "#;"]
+    assert ["Restart", "on-failure"] in lines
+    prevent = [v.split() for k, v in lines if k == "RestartPreventExitStatus"]
+    assert prevent and str(r.returncode) in prevent[-1], prevent
 
 
 def test_a_failing_hsm_chain_never_stalls_a_native_chain(softhsm, token, tmp_path) -> None:
