@@ -221,6 +221,7 @@ class ThresholdPublic:
         own: tuple[int, int] | None = None,
         on_bad: Callable[[int], None] | None = None,
         prepared: Prepared | None = None,
+        scaled: frozenset[int] = frozenset(),
     ) -> bytes | None:
         """The group signature over ``msg`` from any ``t`` valid shares, verified against
         the group key; None if there are not ``t`` valid ones.
@@ -230,7 +231,9 @@ class ThresholdPublic:
         scalar multiplication instead of a share plus its interpolation); ``h``: H(msg)
         if already computed.  The first ``t`` are combined and the result verified once;
         only if that fails is every received share checked (``on_bad(index)`` for each
-        bad one) and the valid ones combined."""
+        bad one) and the valid ones combined.  ``scaled``: received shares already
+        multiplied by their Lagrange coefficient for the set {own, i} (t = 2 only: a
+        member that knows the set, see :meth:`KeyShare.sign_share`)."""
         t = self.threshold
         if prepared is not None:
             h = prepared.h
@@ -254,10 +257,18 @@ class ThresholdPublic:
                 pt = point(i)
                 if pt is None:
                     return None
-                term = pt.scalar_mul(lam[i])
+                term = pt if i in scaled else pt.scalar_mul(lam[i])
                 acc = term if acc is None else acc + term
             return acc
 
+        def share_key(i: int) -> BlstP1Element:
+            if i not in scaled:
+                return self.public_share(i)
+            assert own is not None
+            return self.public_share(i).scalar_mul(lagrange_at_zero([own[0], i])[i])
+
+        if scaled and (t != 2 or own is None):
+            raise ValueError("pre-scaled shares are for t = 2 with the combiner's own share")
         need = t - (1 if own is not None else 0)
         received = [i for i in shares if own is None or i != own[0]]
         if len(received) < need:
@@ -273,7 +284,7 @@ class ThresholdPublic:
         good = []
         for i in received:
             pt = point(i)
-            if pt is not None and self._verify_point(self.public_share(i), h, pt):
+            if pt is not None and self._verify_point(share_key(i), h, pt):
                 good.append(i)
             elif on_bad is not None:
                 on_bad(i)
@@ -330,11 +341,20 @@ class KeyShare:
         """Feldman: does the share match the commitments (``s_i * G1 == PK_i``)?"""
         return _G1.scalar_mul(self.secret) == self.public.public_share(self.index)
 
-    def sign_share(self, msg: bytes, *, h: BlstP2Element | None = None) -> bytes:
-        """This member's signature share over ``msg`` (96-byte compressed G2)."""
+    def sign_share(
+        self, msg: bytes, *, h: BlstP2Element | None = None, with_partner: int | None = None
+    ) -> bytes:
+        """This member's signature share over ``msg`` (96-byte compressed G2); with
+        ``with_partner`` (t = 2) already multiplied by this member's Lagrange coefficient
+        for the set {with_partner, this member}: the term that member adds to its own."""
         if h is None:
             h = self.public.hash(msg)
-        return h.scalar_mul(self.secret).compress()
+        s = self.secret
+        if with_partner is not None:
+            if self.public.threshold != 2 or with_partner == self.index:
+                raise ValueError("a pre-scaled share is for t = 2 and another member")
+            s = s * lagrange_at_zero([with_partner, self.index])[self.index] % BLS_R
+        return h.scalar_mul(s).compress()
 
     def secret_bytes(self) -> bytes:
         return self.secret.to_bytes(32, "big")

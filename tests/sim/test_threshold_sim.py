@@ -181,8 +181,8 @@ def _minority_scenario(t: int) -> tuple[int, int, bool]:
     combinable = held_x >= t
     if combinable:
         # A compromised old leader could combine them: a valid second signature.
-        shares = {old.id: old.share.sign_share(x), **old.ts.candidates(p_old[0], digest(x), False)}
-        forged = net.pub.combine(x, shares)
+        # (the same combination the leader runs: ThresholdShares.combine)
+        forged, _n = old.ts.combine(p_old[0], old.share, x)
         assert forged is not None and net.pub.verify(x, forged)
     # Nebula itself never releases X: it did not commit.
     assert len(p_old) == 1 or p_old[1][1] is not None or p_old[1][0].verdict == Verdict.REFUSE

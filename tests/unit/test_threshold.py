@@ -256,3 +256,33 @@ def test_a_member_combines_its_own_secret_with_t_minus_1_received_shares(
             msg
         )
         assert bad == [first]
+
+
+def test_t2_pre_scaled_shares_combine_and_a_bad_one_is_found() -> None:
+    """t = 2: a follower knows the signing set ({leader, itself}) and sends its share
+    already multiplied by its Lagrange coefficient; the leader adds it to its own term."""
+    whole = Bls12381Key.generate()
+    shares = split(whole.secret_bytes(), 2, 3)
+    pub = shares[0].public
+    msg = b"precommit sign bytes"
+    for me in shares:
+        own = (me.index, me.secret)
+        others = [s for s in shares if s is not me]
+        got = {s.index: s.sign_share(msg, with_partner=me.index) for s in others}
+        scaled = frozenset(got)
+        for j in got:  # whichever arrives first
+            one = {j: got[j]}
+            assert pub.combine(msg, one, own=own, scaled=scaled) == whole.sign(msg)
+            # a pre-scaled share is not a plain share: taken as one it fails
+            assert pub.combine(msg, one, own=own) is None
+        j, k = sorted(got)
+        bad: list[int] = []
+        broken = {j: others[0].sign_share(msg + b"!", with_partner=me.index), k: got[k]}
+        assert pub.combine(msg, broken, own=own, scaled=scaled, on_bad=bad.append) == (
+            whole.sign(msg)
+        )
+        assert bad == [j]
+    with pytest.raises(ValueError):
+        split(None, 3, 5)[0].sign_share(msg, with_partner=2)
+    with pytest.raises(ValueError):
+        shares[0].sign_share(msg, with_partner=shares[0].index)
