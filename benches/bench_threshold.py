@@ -9,6 +9,8 @@ normal suite runs each once as a smoke test.  A 2-of-3 split, a 119-byte vote:
   Miller loop);
 * ``combine_prepared``: what is left once a share arrives (the follower's Lagrange term,
   the leader's own term, one Miller loop, the final exponentiation), verified;
+* ``combine_prepared_t2_prescaled``: the same with the follower's share already multiplied
+  by its Lagrange coefficient (what a 2-of-n cluster sends);
 * ``combine_cold``: the same without the preparation (a retry with other sign bytes);
 * ``whole_sign`` / ``whole_verify``: the whole key, for comparison.
 """
@@ -48,6 +50,16 @@ def test_bench_combine_prepared(benchmark, setup) -> None:
     prep = pub.prepare(_MSG)
     own = (1, shares[0].secret)
     sig = benchmark(lambda: pub.combine(_MSG, got, own=own, prepared=prep))
+    assert sig == whole.sign(_MSG)
+
+
+def test_bench_combine_prepared_t2_prescaled(benchmark, setup) -> None:
+    """t = 2 as the cluster runs it: the follower's share arrives pre-scaled."""
+    whole, shares, pub = setup
+    got = {2: shares[1].sign_share(_MSG, with_partner=1)}
+    prep = pub.prepare(_MSG)
+    own = (1, shares[0].secret)
+    sig = benchmark(lambda: pub.combine(_MSG, got, own=own, prepared=prep, scaled=frozenset(got)))
     assert sig == whole.sign(_MSG)
 
 
