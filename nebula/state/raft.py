@@ -344,6 +344,11 @@ class RaftStore(SignStore):
         self._run()
         if self._imports and not self._import_in_flight and self._node.authoritative:
             self._propose_imports()
+        ts = self.tshares
+        if ts is not None and ts.appended_count > 256:
+            # A leader appends its own TSIGN entries but never acknowledges them, and a
+            # follower's acknowledgement may have been lost: keep the recent ones only.
+            ts.forget_below(self._node.applied - 64)
         self._announce()
 
     def _on_message(self, peer: int, payload: bytes) -> None:

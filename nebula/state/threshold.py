@@ -281,7 +281,13 @@ class ThresholdShares:
             log.warning("threshold: no shares attached: %s: %s", type(e).__name__, e)
             return payload
 
+    @property
+    def appended_count(self) -> int:
+        """TSIGN entries appended here and not acknowledged yet."""
+        return len(self._appended)
+
     def forget_below(self, index: int) -> None:
+        """Drop the appended entries below ``index`` (no share is sent for them)."""
         for i in [i for i in self._appended if i < index]:
             del self._appended[i]
 
