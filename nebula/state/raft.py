@@ -629,15 +629,15 @@ class RaftStore(SignStore):
             if self.on_bad_share is not None:
                 self.on_bad_share(name, member)
 
-        seen = -1
+        tried: frozenset[int] | None = None
         have = 1
         while True:
-            n = len(ts.candidates(index, want, ext))
-            if n != seen:  # something new arrived since the last try
-                seen = n
+            if frozenset(ts.candidates(index, want, ext)) != tried:  # new shares arrived
                 sig, have = ts.combine(index, key, msg, ext, bad, prep)
                 if sig is not None:
                     return sig
+                # (after the bad ones were dropped: the next arrival makes a new set)
+                tried = frozenset(ts.candidates(index, want, ext))
             left = deadline - self._loop.time()
             if left <= 0 or self._node.role != LEADER:
                 raise ReplicationError(

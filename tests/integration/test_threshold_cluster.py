@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from tests.support.ports import free_ports
 
 CHAIN = "tbls-chain"
 SECTION = '[signing.threshold_bls]\nshare_path = "./share.json"\n'
+BAD_SHARE_PATH = str(Path(__file__).resolve().parents[1] / "support" / "bad_share")
 
 
 def _cluster(tmp_path: Path, t: int = 2, n: int = 3, **kw):
@@ -112,6 +115,59 @@ def test_2_of_3_signs_through_leader_kills_then_one_follower_down_then_two(tmp_p
     print(
         f"\n2-of-3 threshold: failover (kill -> next signature) {[f'{f:.2f}s' for f in failovers]}"
     )
+
+
+def test_a_member_sending_wrong_shares_is_named_counted_and_excluded(tmp_path) -> None:
+    """Node 3 runs with a hook that makes every share it sends wrong (its key file is
+    fine).  The leader (another node) combines, sees the result fail, checks the shares
+    one by one, drops node 3's, logs and counts it, and signs with the good member; with
+    the good member stopped nothing is signed."""
+    mark = tmp_path / "bad-share-active"
+
+    def env(nid: int) -> dict[str, str]:
+        if nid != 3:
+            return {}
+        return {"PYTHONPATH": BAD_SHARE_PATH, "NEBULA_BAD_SHARE_MARK": str(mark)}
+
+    whole, addrs, cluster, auditor = _cluster(tmp_path, metrics=True, node_env=env)
+
+    async def main() -> tuple[int, str, int]:
+        with cluster:
+            leader = await cluster.wait_leader()
+            if leader == 3:  # its own term is computed directly: let a good node lead
+                cluster.nodes[3].kill()
+                leader = await cluster.wait_leader(exclude={3})
+                cluster.nodes[3].start()
+            async with driver(addrs, WireFamily.V1_0, CHAIN, auditor) as d:
+                h = await _heights(d, 1, 10)
+                assert mark.exists()  # the hook is in place in node 3
+                # The good follower stopped: only node 3's (bad) shares arrive.
+                good = next(i for i in cluster.nodes if i not in (leader, 3))
+                cluster.nodes[good].signal(signal.SIGSTOP)
+                with pytest.raises(TimeoutError):
+                    await d.sign(vote_req(CHAIN, h), deadline=3.0)
+                cluster.nodes[good].signal(signal.SIGCONT)
+                await _heights(d, h, 2)
+            port = cluster.metrics_ports[leader - 1]
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            return leader, text.decode(), h
+
+    leader, metrics, stalled = asyncio.run(main())
+    auditor.check()
+    assert auditor.count >= 2 * 12
+    m = re.search(
+        r'nebula_threshold_bad_shares_total\{chain_id="tbls-chain",member="3"\} (\d+)', metrics
+    )
+    assert m is not None and int(m.group(1)) >= 1, metrics
+    good_members = [i for i in (1, 2) if i != leader]
+    for i in good_members:  # a good member is never blamed
+        assert f'member="{i}"' not in metrics, metrics
+    log = (cluster.dirs[leader - 1].home / "nebula.log").read_text(errors="replace")
+    assert "member 3 sent a share for chain tbls-chain" in log
+    # A bad share never cost a signature while the good member was up: the only requests
+    # that went unanswered are the ones made while it was stopped.
+    unanswered = re.findall(r"refused chain=tbls-chain hrs=(\d+)/\S* reason=replication", log)
+    assert unanswered and set(unanswered) == {str(stalled)}, unanswered
 
 
 def test_threshold_config_is_checked_against_the_cluster(tmp_path) -> None:
