@@ -137,6 +137,23 @@ def cmd_keys_import(args: argparse.Namespace) -> int:
 def cmd_keys_show(args: argparse.Namespace) -> int:
     from nebula.crypto import keys
 
+    if args.config and not args.key_file:
+        from nebula import config
+
+        cfg = config.load(args.config)
+        chain = cfg.chain(getattr(args, "chain", None))
+        if chain.signing_mode == "threshold_bls":
+            # This member's share, checked against the cluster as at start; the group key
+            # is the validator's public key.
+            from nebula.aio.daemon import make_backend
+
+            backend = make_backend(cfg, chain)
+            share = backend.share  # type: ignore[attr-defined]
+            _print_key(backend, args.json)
+            if not args.json:
+                p = share.public
+                print(f"share    : {share.index} of a {p.threshold}-of-{p.shares} split")
+            return 0
     path, key_type, dst = _key_path_from(args)
     key = (
         keys.load_key_file(path, key_type)

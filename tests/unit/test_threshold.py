@@ -286,3 +286,25 @@ def test_t2_pre_scaled_shares_combine_and_a_bad_one_is_found() -> None:
         split(None, 3, 5)[0].sign_share(msg, with_partner=2)
     with pytest.raises(ValueError):
         shares[0].sign_share(msg, with_partner=shares[0].index)
+
+
+def test_keys_show_on_a_threshold_member_shows_the_group_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nebula.cli.main import main
+    from nebula.devnet.cluster import write_cluster
+    from nebula.devnet.threshold import give_shares
+
+    whole = Bls12381Key.generate()
+    dirs = write_cluster(tmp_path, nodes=3, chain_id="c", version="v1_0", key=whole, connections=[])
+    give_shares(dirs, whole, 2)
+    assert main(["keys", "show", "-c", str(dirs[1].config_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["address"] == whole.address.hex().upper()
+    assert base64.b64decode(info["pub_key"]["value"]) == whole.public_key
+    assert main(["keys", "show", "-c", str(dirs[1].config_path)]) == 0
+    assert "share    : 2 of a 2-of-3 split" in capsys.readouterr().out
+    # Node 2's config with node 1's share: refused, as at start.
+    (dirs[1].home / "share.json").write_bytes((dirs[0].home / "share.json").read_bytes())
+    assert main(["keys", "show", "-c", str(dirs[1].config_path)]) == 2
+    assert "holds share 1, but this is node 2" in capsys.readouterr().err
