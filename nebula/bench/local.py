@@ -171,7 +171,10 @@ class LocalSigners:
                 log_level=self.log_level,
             )
         if self.threshold is not None:
-            self._split_key(dirs)
+            from nebula.devnet.threshold import give_shares
+
+            # node i gets share i of a t-of-N split instead of the whole key
+            give_shares(dirs, self.key, self.threshold)  # type: ignore[arg-type]
         ports = free_ports(len(dirs))
         for d, port in zip(dirs, ports, strict=True):
             target = f"127.0.0.1:{port}"
@@ -191,25 +194,6 @@ class LocalSigners:
             self.stop()
             raise
         return self
-
-    def _split_key(self, dirs: list) -> None:
-        """Give node i share i of a t-of-N split of the key instead of the whole key."""
-        from nebula.crypto.threshold import split, write_share_file
-
-        assert self.threshold is not None
-        shares = split(self.key.secret_bytes(), self.threshold, len(dirs))
-        for d, share in zip(dirs, shares, strict=True):
-            text = d.config_path.read_text()
-            native = (
-                '[signing.native]\nprivate_key_path = "./privkey"\nkey_type = "bls12381"\n'
-            )
-            if native not in text or 'signing_mode = "native"' not in text:
-                raise ConfigError(f"{d.config_path}: unexpected layout for --threshold")
-            text = text.replace('signing_mode = "native"', 'signing_mode = "threshold_bls"')
-            text = text.replace(native, '[signing.threshold_bls]\nshare_path = "./share.json"\n')
-            d.config_path.write_text(text)
-            (d.home / "privkey").unlink()  # no node keeps the whole key
-            write_share_file(d.home / "share.json", share)
 
     def processes(self) -> list[tuple[str, int, str | None]]:
         """(label, pid, metrics target) of every running node, for CPU accounting.
