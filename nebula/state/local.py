@@ -242,8 +242,7 @@ def _parse(raw: bytes, path: Path) -> _Image:
     same = [v for v in valid if v[0] == seq]
     if fmt == FILE_FORMAT_MIRRORED and len(same) == 2:
         raise StateError(
-            f"{path}: both state slots have sequence number {seq}; "
-            "refusing to guess which is newer"
+            f"{path}: both state slots have sequence number {seq}; refusing to guess which is newer"
         )
     if any(v[2] != payload for v in same):
         raise StateError(
