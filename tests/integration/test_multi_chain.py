@@ -350,7 +350,8 @@ def test_adding_a_chain_with_a_rolling_restart_leaves_the_other_chains_state(tmp
                 await cl.wait_leader()
                 for h in range(1, 21):
                     await da.sign(SignVoteRequest(vote(h), A), deadline=30)
-                a_before = _export(cl.dirs[0].config_path, A)
+                leader = await cl.wait_leader()  # an export goes through the leader
+                a_before = _export(cl.dirs[leader - 1].config_path, A)
                 h = 21
                 for d in cl.dirs:  # followers and the leader alike, one at a time
                     node = cl.nodes[d.node_id]
