@@ -30,10 +30,13 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nebula.errors import ConfigError, NebulaError
 from nebula.types import WireFamily
+
+if TYPE_CHECKING:
+    from nebula.bench.local import LocalSigners
 
 __all__ = ["cmd_bench", "register"]
 
@@ -234,13 +237,54 @@ def _parse_chains(text: str) -> list[int]:
     return counts
 
 
+def _local_signers(
+    args: argparse.Namespace, chain_id: str, family: WireFamily, chains: int | None = None
+) -> LocalSigners:
+    """The ``--local N`` signers of this invocation (``chains``: a multi-chain run)."""
+    from nebula.bench.local import LocalSigners
+
+    return LocalSigners(
+        args.local,
+        chain_id=chain_id,
+        version=family.value,
+        transport=args.transport,
+        key_type=args.key_type,
+        backend=args.backend,
+        keep=args.keep,
+        parent=Path(args.workdir) if args.workdir else None,
+        persist=args.persist,
+        threshold=args.threshold,
+        chains=chains,
+    )
+
+
+def _local_setup(args: argparse.Namespace, signers: LocalSigners) -> dict[str, Any]:
+    """The ``setup`` section of a ``--local`` report, with the disk's sync latency."""
+    from nebula.bench import stats
+
+    mode = f"local {args.local} node{'s' if args.local > 1 else ''}"
+    if args.threshold:
+        mode += f", {args.threshold}-of-{args.local} threshold BLS"
+    if args.backend == "pkcs11":
+        mode += ", key in a SoftHSM2 token (PKCS#11)"
+    probe = stats.probe_fdatasync(signers.workdir)
+    return {
+        "mode": mode,
+        "nodes": args.local,
+        "persist": signers.persist,
+        "transport": args.transport,
+        "workdir": str(signers.workdir.parent),
+        "disk_fdatasync_ms": {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)},
+        "backend": args.backend,
+    }
+
+
 def _cmd_chains(
     args: argparse.Namespace, counts: list[int], chain_id: str, family: WireFamily
 ) -> int:
     """``--local N --chains K`` (or a list of counts): several chains at once."""
-    from nebula.bench import runner, stats
+    from nebula.bench import runner
     from nebula.bench.client import BlockingListener
-    from nebula.bench.local import LocalSigners
     from nebula.bench.multi import run_chains
     from nebula.bench.report import (
         comparison,
@@ -260,28 +304,10 @@ def _cmd_chains(
     failed = False
     for rnd in range(1, args.rounds + 1):
         for n in counts:
-            signers = LocalSigners(
-                args.local,
-                chain_id=chain_id,
-                version=family.value,
-                transport=args.transport,
-                key_type=args.key_type,
-                keep=args.keep,
-                parent=Path(args.workdir) if args.workdir else None,
-                persist=args.persist,
-                chains=n,
-            )
-            setup: dict[str, Any] = {
-                "mode": f"local {args.local} node{'s' if args.local > 1 else ''}",
-                "nodes": args.local,
-                "persist": signers.persist,
-                "transport": args.transport,
-                "workdir": str(signers.workdir.parent),
-            }
+            signers = _local_signers(args, chain_id, family, chains=n)
+            setup = _local_setup(args, signers)
             if compare:
                 setup["round"] = rnd
-            probe = stats.probe_fdatasync(signers.workdir)
-            setup["disk_fdatasync_ms"] = {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)}
             if compare and not args.json:
                 print(f"round {rnd}: {n} chain(s) ...", file=sys.stderr)
             bar, update = _progress(show_progress, n * (args.requests + args.warmup))
@@ -354,7 +380,7 @@ def _cmd_chains(
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from nebula.bench import runner, stats
+    from nebula.bench import runner
 
     _check_workdir(args)
     from nebula.bench.client import BlockingListener
@@ -379,6 +405,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError("--chains and --rounds are for --local runs")
         if args.backend != "native":
             raise ConfigError("--backend pkcs11 runs one chain (no --chains or --rounds)")
+        if args.threshold:
+            raise ConfigError("--threshold runs one chain (no --chains or --rounds)")
         return _cmd_chains(args, counts, chain_id, family)
     show_progress = not args.no_progress and not args.json and sys.stderr.isatty()
     bar, update = _progress(show_progress, args.requests + args.warmup)
@@ -410,37 +438,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             listener.close()
 
     if args.local is not None:
-        from nebula.bench.local import LocalSigners
-
         # The nodes run in their own sessions; a SIGTERM to the bench must still stop
         # them, so turn it into an exit that unwinds through ``with signers``.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
-        signers = LocalSigners(
-            args.local,
-            chain_id=chain_id,
-            version=family.value,
-            transport=args.transport,
-            key_type=args.key_type,
-            backend=args.backend,
-            keep=args.keep,
-            parent=Path(args.workdir) if args.workdir else None,
-            persist=args.persist,
-            threshold=args.threshold,
-        )
-        setup: dict[str, Any] = {
-            "mode": f"local {args.local} node{'s' if args.local > 1 else ''}"
-            + (f", {args.threshold}-of-{args.local} threshold BLS" if args.threshold else ""),
-            "nodes": args.local,
-            "persist": signers.persist,
-            "transport": args.transport,
-            "workdir": str(signers.workdir.parent),
-        }
-        probe = stats.probe_fdatasync(signers.workdir)
-        setup["disk_fdatasync_ms"] = {"p50": round(probe.p50, 4), "p99": round(probe.p99, 4)}
-        setup["backend"] = args.backend
-        if args.backend == "pkcs11":
-            setup["mode"] += ", key in a SoftHSM2 token (PKCS#11)"
+        signers = _local_signers(args, chain_id, family)
+        setup = _local_setup(args, signers)
         with signers:
             try:
                 res = run(signers.listen_address, signers.metrics_targets, signers.processes())

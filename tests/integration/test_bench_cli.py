@@ -554,6 +554,10 @@ def test_bench_local_pkcs11_signs_from_a_softhsm_token(nodes: str, key_type: str
         (["--local", "1", "--backend", "pkcs11", "--chains", "2"], "runs one chain"),
         (["--local", "1", "--backend", "pkcs11", "--key-type", "bls12381"], "ed25519 or secp256k1"),
         (["--listen", "tcp://127.0.0.1:1", "--backend", "pkcs11"], "for --local runs"),
+        (
+            ["--local", "3", "--key-type", "bls12381", "--threshold", "2", "--chains", "2"],
+            "--threshold runs one chain",
+        ),
     ],
 )
 def test_bench_pkcs11_refuses_what_it_cannot_run(args: list[str], why: str) -> None:
