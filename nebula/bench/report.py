@@ -135,6 +135,32 @@ def to_json(res: BenchResult, setup: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _print_cpu(console: Any, cpu: dict[str, Any] | None, title: str, note: str) -> None:
+    """The CPU-per-request table of every process (and the roles note), if measured."""
+    if not cpu:
+        return
+    from rich.table import Table
+
+    ct = Table(title=title, title_justify="left")
+    for c in ("process", "role", "user", "system", "total"):
+        ct.add_column(c, justify="left" if c in ("process", "role") else "right")
+    for label, c in cpu.items():
+        ct.add_row(label, c["role"], _fmt(c["user"]), _fmt(c["system"]), _fmt(c["total"]))
+    console.print(ct)
+    if note:
+        console.print(f"[yellow]{note}[/yellow]")
+
+
+def _print_disk(console: Any, setup: dict[str, Any]) -> None:
+    """The latency of a plain durable write on the bench's disk, if it was probed."""
+    disk = setup.get("disk_fdatasync_ms")
+    if disk:
+        console.print(
+            f"disk under the sign state: pwrite+fdatasync p50 {disk['p50']:.3f} ms, "
+            f"p99 {disk['p99']:.3f} ms (the floor of every durable write)"
+        )
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
@@ -184,18 +210,12 @@ def print_report(res: BenchResult, setup: dict[str, Any], *, file: Any = None) -
     elif res.phases_note:
         console.print(f"[dim]{res.phases_note}[/dim]")
 
-    cpu = data["cpu_ms_per_request"]
-    if cpu:
-        ct = Table(
-            title="CPU time per request (ms, from /proc; 10 ms clock ticks)", title_justify="left"
-        )
-        for c in ("process", "role", "user", "system", "total"):
-            ct.add_column(c, justify="left" if c in ("process", "role") else "right")
-        for label, c in cpu.items():
-            ct.add_row(label, c["role"], _fmt(c["user"]), _fmt(c["system"]), _fmt(c["total"]))
-        console.print(ct)
-        if res.roles_note:
-            console.print(f"[yellow]{res.roles_note}[/yellow]")
+    _print_cpu(
+        console,
+        data["cpu_ms_per_request"],
+        "CPU time per request (ms, from /proc; 10 ms clock ticks)",
+        res.roles_note,
+    )
 
     summary = (
         f"throughput {data['throughput_rps']:,.0f} req/s, "
@@ -203,12 +223,7 @@ def print_report(res: BenchResult, setup: dict[str, Any], *, file: Any = None) -
         f"({res.signatures_verified} signatures); first handshake {data['handshake_ms']:.2f} ms"
     )
     console.print(summary)
-    disk = setup.get("disk_fdatasync_ms")
-    if disk:
-        console.print(
-            f"disk under the sign state: pwrite+fdatasync p50 {disk['p50']:.3f} ms, "
-            f"p99 {disk['p99']:.3f} ms (the floor of every durable write)"
-        )
+    _print_disk(console, setup)
     hs = data["handshakes_ms"]
     if hs:
         console.print(
@@ -436,31 +451,19 @@ def print_multi_report(res: MultiResult, setup: dict[str, Any], *, file: Any = N
         console.print(pt)
     elif res.phases_note:
         console.print(f"[dim]{res.phases_note}[/dim]")
-    cpu = data["cpu_ms_per_request"]
-    if cpu:
-        ct = Table(
-            title="CPU time per request (ms, all chains' requests; from /proc, 10 ms ticks)",
-            title_justify="left",
-        )
-        for c in ("process", "role", "user", "system", "total"):
-            ct.add_column(c, justify="left" if c in ("process", "role") else "right")
-        for label, c in cpu.items():
-            ct.add_row(label, c["role"], _fmt(c["user"]), _fmt(c["system"]), _fmt(c["total"]))
-        console.print(ct)
-        if res.roles_note:
-            console.print(f"[yellow]{res.roles_note}[/yellow]")
+    _print_cpu(
+        console,
+        data["cpu_ms_per_request"],
+        "CPU time per request (ms, all chains' requests; from /proc, 10 ms ticks)",
+        res.roles_note,
+    )
     console.print(
         f"aggregate: {data['throughput_rps']:,.0f} req/s, {data['signatures_per_s']:,.0f} "
         f"signatures/s over {data['chains']} chains ({data['signatures_verified']} signatures, "
         f"{data['duration_s']:.2f} s); worst chain p50 {_fmt(data['worst_chain_p50_ms'])} ms "
         f"({worst}, marked *)"
     )
-    disk = setup.get("disk_fdatasync_ms")
-    if disk:
-        console.print(
-            f"disk under the sign state: pwrite+fdatasync p50 {disk['p50']:.3f} ms, "
-            f"p99 {disk['p99']:.3f} ms (the floor of every durable write)"
-        )
+    _print_disk(console, setup)
     hs = data["handshakes_ms"]
     if hs:
         console.print(
