@@ -551,25 +551,19 @@ def _chain(
             f"[{pre}signing.{signing_mode}] section"
         )
     if signing_mode == "pkcs11":
-        h = mode_section
-        if not h.pin_path:
+        if not mode_section.pin_path:
             raise ConfigError(f"{p}: {pre}signing.pkcs11.pin_path is required (0600 PIN file)")
-        if not h.key_label and not h.key_id:
+        if not mode_section.key_label and not mode_section.key_id:
             raise ConfigError(f"{p}: {pre}signing.pkcs11: set key_label or key_id")
-        if not 0 < h.timeout < 4.0:  # NaN too
-            raise ConfigError(
-                f"{p}: {pre}signing.pkcs11.timeout must be in (0, 4) seconds "
-                "(CometBFT gives up after 5 s)"
-            )
     if signing_mode in ("vault_transit", "vault_signer_plugin"):
-        v = mode_section
-        if not v.token_path and not v.token_env:
+        if not mode_section.token_path and not mode_section.token_env:
             raise ConfigError(f"{p}: {pre}signing.{signing_mode}: set token_path or token_env")
-        if not 0 < v.timeout < 4.0:  # NaN too
-            raise ConfigError(
-                f"{p}: {pre}signing.{signing_mode}.timeout must be in (0, 4) seconds "
-                "(CometBFT gives up after 5 s)"
-            )
+    timeout = getattr(mode_section, "timeout", None)
+    if timeout is not None and not 0 < timeout < 4.0:  # NaN too
+        raise ConfigError(
+            f"{p}: {pre}signing.{signing_mode}.timeout must be in (0, 4) seconds "
+            "(CometBFT gives up after 5 s)"
+        )
     return ChainSpec(
         chain_id=chain_id,
         version=version,

@@ -535,6 +535,19 @@ def _key_templates(s: Pkcs11Settings) -> tuple[Any, bytes]:
     return KeyType.EC, encode_named_curve_parameters(SECP256K1_OID)
 
 
+def _private_key_attrs() -> dict[Any, Any]:
+    """A consensus key in a token: stored, private, sensitive, never extractable, signs."""
+    from pkcs11 import Attribute
+
+    return {
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.SIGN: True,
+    }
+
+
 def _refuse_existing(session: Any, s: Pkcs11Settings) -> None:
     import pkcs11
     from pkcs11 import ObjectClass
@@ -573,14 +586,7 @@ def generate_key(s: Pkcs11Settings) -> bytes:
                 store=True,
                 mechanism=mech,
                 public_template={**common, Attribute.TOKEN: True, Attribute.VERIFY: True},
-                private_template={
-                    **common,
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.SIGN: True,
-                },
+                private_template={**common, **_private_key_attrs()},
             )
         except pkcs11.PKCS11Error as e:
             raise BackendError(
@@ -616,11 +622,7 @@ def import_key(s: Pkcs11Settings, secret: bytes, public_key: bytes) -> bytes:
                     Attribute.KEY_TYPE: key_type,
                     Attribute.EC_PARAMS: params,
                     Attribute.VALUE: secret,
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.SIGN: True,
+                    **_private_key_attrs(),
                     **common,
                 }
             )
