@@ -38,19 +38,6 @@ KILLS = 5
 BLOCKS_BETWEEN = 3
 
 
-def _caught_up(cluster: ProcCluster, nid: int, timeout: float = 20.0) -> None:
-    """Wait until member ``nid`` has applied (nearly) everything the leader committed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lead = cluster.leader()
-        st = cluster.status(nid)
-        ls = cluster.status(lead) if lead is not None else None
-        if st and ls and st.get("fatal") is None and st["applied_index"] >= ls["commit_index"] - 2:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"node {nid} did not catch up within {timeout}s\n{cluster.logs()}")
-
-
 def _advance_all(chains: list[LocalChain], by: int, timeout: float = 30.0) -> list[int]:
     """Wait until every chain is ``by`` heights past where it is now; the heights reached."""
     targets = [c.latest_height() + by for c in chains]
@@ -112,7 +99,7 @@ def test_one_cluster_signs_two_chains_through_leader_kills(tmp_path, local_chain
             assert new_leader != leader
             killed.append(leader)
             cluster.nodes[leader].start()  # back as a follower
-            _caught_up(cluster, leader)
+            cluster.wait_caught_up(leader)
 
         last = _advance_all(chains, 3)
         rounds = []

@@ -46,19 +46,6 @@ KILLS = 5
 BLOCKS_BETWEEN = 3
 
 
-def _caught_up(cluster: ProcCluster, nid: int, timeout: float = 20.0) -> None:
-    """Wait until member ``nid`` has applied (nearly) everything the leader committed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lead = cluster.leader()
-        st = cluster.status(nid)
-        ls = cluster.status(lead) if lead is not None else None
-        if st and ls and st.get("fatal") is None and st["applied_index"] >= ls["commit_index"] - 2:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"node {nid} did not catch up within {timeout}s\n{cluster.logs()}")
-
-
 def _no_key_files(*dirs: Path) -> None:
     """No Nebula directory holds a key file: the key is only in the tokens."""
     for d in dirs:
@@ -121,7 +108,7 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
             assert new_leader != leader
             killed.append(leader)
             cluster.nodes[leader].start()  # back as a follower, on its own token again
-            _caught_up(cluster, leader)
+            cluster.wait_caught_up(leader)
 
         last = chain.wait_for_height(chain.latest_height() + 3, timeout=30)
         sigs = verify_commit_signatures(

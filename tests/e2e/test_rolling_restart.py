@@ -58,18 +58,6 @@ def _signed_after(relay: AuditingRelay, t0: float, timeout: float = 30.0) -> flo
     raise AssertionError(f"no signature within {timeout}s after t0")
 
 
-def _caught_up(cluster: ProcCluster, nid: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lead = cluster.leader()
-        st = cluster.status(nid)
-        ls = cluster.status(lead) if lead is not None else None
-        if st and ls and st.get("fatal") is None and st["applied_index"] >= ls["commit_index"] - 2:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"node {nid} did not catch up within {timeout}s\n{cluster.logs()}")
-
-
 def test_rolling_restart_and_leader_kills_under_a_live_chain(tmp_path, local_chains) -> None:
     key = generate("ed25519")
     (port,) = free_ports(1)
@@ -106,7 +94,7 @@ def test_rolling_restart_and_leader_kills_under_a_live_chain(tmp_path, local_cha
                 code = cluster.nodes[nid].stop()  # SIGTERM: a clean stop
                 assert code == 0, f"node {nid} exited with {code}\n{cluster.logs()}"
                 cluster.nodes[nid].start()
-                _caught_up(cluster, nid)
+                cluster.wait_caught_up(nid)
                 chain.wait_for_height(h0 + 2, timeout=30)
                 restarts.append((nid, round(time.monotonic() - t0, 2)))
 
@@ -120,7 +108,7 @@ def test_rolling_restart_and_leader_kills_under_a_live_chain(tmp_path, local_cha
                 failovers.append(_signed_after(relay, t_kill))
                 chain.wait_for_height(chain.latest_height() + 1, timeout=30)
                 cluster.nodes[leader].start()
-                _caught_up(cluster, leader)
+                cluster.wait_caught_up(leader)
 
             last = chain.wait_for_height(chain.latest_height() + 3, timeout=30)
             # Every height from the start to the end carries Nebula's signature: a single

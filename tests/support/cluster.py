@@ -321,6 +321,23 @@ class ProcCluster:
             await asyncio.sleep(0.05)
         raise TimeoutError("no Raft leader elected")
 
+    def wait_caught_up(self, nid: int, timeout: float = 20.0) -> None:
+        """Wait until member ``nid`` has applied (nearly) everything the leader committed."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lead = self.leader()
+            st = self.status(nid)
+            ls = self.status(lead) if lead is not None else None
+            if (
+                st
+                and ls
+                and st.get("fatal") is None
+                and st["applied_index"] >= ls["commit_index"] - 2
+            ):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"node {nid} did not catch up within {timeout}s\n{self.logs()}")
+
     def wait_leader_sync(self, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
