@@ -33,7 +33,7 @@ from nebula.bench.runner import (
     Verifier,
     _start_height,
     _time_handshakes,
-    roles_over_run,
+    account,
 )
 from nebula.bench.workload import Item, plan
 from nebula.crypto.keys import address_of
@@ -380,23 +380,5 @@ def run_chains(
     ends = [ch.t_last for ch in chains if ch.timed]
     out.duration = max(ends) - min(starts) if starts else 0.0
 
-    roles, out.roles_stable, out.roles_note = roles_over_run(before, after)
-    for (label, _, target), b, a in zip(procs, cpu_before, cpu_after, strict=True):
-        if a is None or b is None or not timed_total:
-            continue
-        if label == _CLIENT:
-            role = "validator"
-        else:
-            role = roles.get(target, "signer") if target else "signer"
-        out.cpu[label] = {
-            "role": role,
-            "user_ms": (a[0] - b[0]) * 1000.0 / timed_total,
-            "system_ms": (a[1] - b[1]) * 1000.0 / timed_total,
-        }
-    if before is not None and after is not None:
-        out.phases = stats.phase_means(before, after)
-        if out.reconnects:
-            out.phases_note = "reconnects during the run: phase means include retried requests"
-    else:
-        out.phases_note = "no metrics endpoint given: per-phase breakdown unavailable"
+    account(out, procs, cpu_before, cpu_after, before, after, timed_total)
     return out

@@ -278,6 +278,22 @@ def run(
         res.signatures_verified += n
         if err:
             res.add_error(err)
+    account(res, procs, cpu_before, cpu_after, before, after, len(timed))
+    return res
+
+
+def account(
+    res: Any,
+    procs: Sequence[tuple[str, int, str | None]],
+    cpu_before: Sequence[tuple[float, float] | None],
+    cpu_after: Sequence[tuple[float, float] | None],
+    before: Any,
+    after: Any,
+    timed: int,
+) -> None:
+    """Fill ``res``'s roles, CPU per timed request per process and phase means from the
+    ``/proc`` readings and metric scrapes taken around the timed requests (``res``: a
+    :class:`BenchResult` or a multi-chain result, which have the same fields)."""
     roles, res.roles_stable, res.roles_note = roles_over_run(before, after)
     for (label, _, target), b, a in zip(procs, cpu_before, cpu_after, strict=True):
         if a is None or b is None or not timed:
@@ -288,8 +304,8 @@ def run(
             role = roles.get(target, "signer") if target else "signer"
         res.cpu[label] = {
             "role": role,
-            "user_ms": (a[0] - b[0]) * 1000.0 / len(timed),
-            "system_ms": (a[1] - b[1]) * 1000.0 / len(timed),
+            "user_ms": (a[0] - b[0]) * 1000.0 / timed,
+            "system_ms": (a[1] - b[1]) * 1000.0 / timed,
         }
     if before is not None and after is not None:
         res.phases = stats.phase_means(before, after)
@@ -297,7 +313,6 @@ def run(
             res.phases_note = "reconnects during the run: phase means include retried requests"
     else:
         res.phases_note = "no metrics endpoint given: per-phase breakdown unavailable"
-    return res
 
 
 def roles_over_run(
