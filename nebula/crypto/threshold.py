@@ -37,7 +37,6 @@ dealerless DKG is not built.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import os
@@ -52,6 +51,7 @@ from nebula.crypto.keys import (
     _G1,
     BLS_DEFAULT_DST,
     BLS_R,
+    _strict_b64,
     g1_compressed,
     g1_uncompressed,
     read_private_file,
@@ -413,13 +413,7 @@ def write_share_file(
 
 
 def _b64(doc: Mapping[str, Any], key: str, p: str) -> bytes:
-    v = doc.get(key)
-    if not isinstance(v, str):
-        raise KeyFileError(f"{p}: {key} must be a base64 string")
-    try:
-        return base64.b64decode(v, validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyFileError(f"{p}: {key} is not valid base64") from None
+    return _strict_b64(doc.get(key), key, p)
 
 
 def _int(doc: Mapping[str, Any], key: str, p: str) -> int:
