@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 
 from nebula import _fast
-from tests.support.standalone import OutsideRepoAudit
+from tests.support.standalone import OutsideRepoAudit, temp_away_from
 
+_REPO = Path(__file__).resolve().parent.parent
+# A checkout in the temporary directory itself (``git clone . "$(mktemp -d)"``): temporary
+# files go elsewhere, so that the audit below can still refuse what lies beside it.
+temp_away_from(_REPO)
 #: Every ``open`` of a file beside the checkout fails, and so does the session: a clone of
 #: the repository alone must pass its own tests (tests/support/standalone.py).
-_AUDIT = OutsideRepoAudit(Path(__file__).resolve().parent.parent).install()
+_AUDIT = OutsideRepoAudit(_REPO).install()
 
 #: Skips that lose no capability (the pure RIPEMD-160 fallback is then what runs and is
 #: tested).  Under ``CI=true`` every other skip is a failure: a required test that does

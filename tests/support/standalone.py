@@ -11,7 +11,9 @@ has (the temporary directory, the Python installation, the user's caches) is ref
 the ``open`` raises :class:`OpenedOutsideRepository`, and the path is recorded so the
 test session fails even where the code under test swallowed the exception.
 
-tests/conftest.py installs it for the whole suite.
+tests/conftest.py installs it for the whole suite, after :func:`temp_away_from` has made
+sure the temporary directory is not the one the checkout sits in (a clone made with
+``mktemp -d`` lives directly in ``/tmp``: every temporary file would then be "beside" it).
 """
 
 from __future__ import annotations
@@ -50,6 +52,29 @@ def _dirs_every_machine_has() -> list[str]:
         if os.environ.get(var):
             out.append(os.environ[var])
     return out
+
+
+#: Where temporary files go when the temporary directory holds the checkout.  Short paths:
+#: Unix socket paths under pytest's ``tmp_path`` must stay below 108 bytes.
+TEMP_CANDIDATES = ("/var/tmp", "/tmp", "/dev/shm")
+
+
+def temp_away_from(repo: str | os.PathLike[str]) -> str | None:
+    """If the temporary directory holds ``repo``, point ``TMPDIR`` (this process, its
+    children and :mod:`tempfile`) at a candidate that does not; the new one, or None."""
+    real = os.path.realpath(repo)
+    cur = os.path.realpath(tempfile.gettempdir())
+    if not (real == cur or real.startswith(cur.rstrip(os.sep) + os.sep)):
+        return None
+    for cand in TEMP_CANDIDATES:
+        c = os.path.realpath(cand)
+        if real.startswith(c.rstrip(os.sep) + os.sep) or not os.path.isdir(c):
+            continue
+        if os.access(c, os.W_OK | os.X_OK):
+            os.environ["TMPDIR"] = c
+            tempfile.tempdir = None  # re-read TMPDIR
+            return c
+    return None
 
 
 class OutsideRepoAudit:

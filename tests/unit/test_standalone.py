@@ -81,3 +81,31 @@ def test_session_fails_when_a_test_reads_beside_the_checkout(
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines(["*OpenedOutsideRepository*", "*opened outside the repository*"])
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_temporary_files_move_away_from_a_checkout_in_the_temporary_directory(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import tempfile
+
+    from tests.support import standalone
+
+    fake_tmp = tmp_path / "tmp"
+    elsewhere = tmp_path / "elsewhere"
+    repo = fake_tmp / "tmp.abc123"
+    for d in (repo, elsewhere):
+        d.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(fake_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(standalone, "TEMP_CANDIDATES", (str(fake_tmp), str(elsewhere)))
+    # a checkout elsewhere: nothing moves
+    assert standalone.temp_away_from(elsewhere / "x") is None
+    assert tempfile.gettempdir() == str(fake_tmp)
+    # a checkout in the temporary directory: temporary files go to the first candidate
+    # that does not hold it, and the audit then exempts them while refusing the rest
+    moved = standalone.temp_away_from(repo)
+    assert moved == os.path.realpath(elsewhere)
+    assert tempfile.gettempdir() == moved and os.environ["TMPDIR"] == moved
+    audit = standalone.OutsideRepoAudit(repo)
+    assert audit.outside(fake_tmp / "shared" / "x.json")
+    assert not audit.outside(repo / "tests" / "x")
