@@ -16,12 +16,14 @@ One pass of :meth:`process`, per Ready:
    ``must_sync`` (new entries, or a new term or vote; a hard state whose only change is the
    commit index is neither written nor synced then: it rides with the next write).  One sync per Ready, so everything that arrived together
    shares it: group commit;
-4. committed entries applied in order through the state machine; a waiting proposal is
+4. ``persisted_messages`` (votes, append acknowledgements) leave now, right after the
+   sync they vouch for and before the apply below (a follower's acknowledgement is on the
+   leader's critical path; applying is not);
+5. committed entries applied in order through the state machine; a waiting proposal is
    resolved by its (term, index): the entry at that index must carry that term, otherwise
    the proposal was replaced and resolves as lost (nothing is released, S3);
-5. ``advance()``: raft-rs learns the Ready is durable; ``persisted_messages`` (votes, append
-   acknowledgements) and the LightReady's messages leave only now; the LightReady's
-   committed entries are applied; ``advance_apply()``.
+6. ``advance()``: raft-rs learns the Ready is durable; the LightReady's messages leave and
+   its committed entries are applied; ``advance_apply()``.
 
 Leadership.  A leader is *authoritative* once the first entry of its term (the empty entry
 raft-rs appends on election) is applied: every entry committed by earlier leaders is then
@@ -323,11 +325,15 @@ class RaftNode:
             if must_sync:  # raft-rs: new entries, or a new term or vote
                 self._log.sync()
                 self.syncs += 1
+            if pmsgs:
+                # Votes and append acknowledgements vouch only for what is durable now;
+                # they leave before the committed entries are applied, which a
+                # follower's acknowledgement (on the leader's critical path) never
+                # waits for.
+                self._transmit(pmsgs)
             if committed:
                 self._apply(committed)
             _commit, lmsgs, lcommitted = core.advance()
-            if pmsgs:
-                self._transmit(pmsgs)
             if lmsgs:
                 self._transmit(lmsgs)
             if lcommitted:

@@ -252,3 +252,47 @@ def test_commands_and_snapshot_data_are_versioned_and_strict() -> None:
     assert commands.decode_states(snap) == ({b"c": rec}, {4: "10.0.0.4:8080"})
     with pytest.raises(StateError):
         commands.decode_states(snap[:-2])
+
+
+def test_an_acknowledgement_leaves_after_the_sync_and_before_the_apply() -> None:
+    """A follower's append acknowledgement is on the leader's critical path: it leaves as
+    soon as the entries are durable, not after the committed entries of the same Ready
+    are applied (and never before the sync)."""
+    events: dict[int, list[str]] = {}
+
+    def on_send_for(i: int) -> Callable[[int, int, bytes], bytes]:
+        def on_send(to: int, mtype: int, payload: bytes) -> bytes:
+            if mtype == _core.MSG_APPEND_RESPONSE:
+                events[i].append("ack")
+            return payload
+
+        return on_send
+
+    net = Net([1, 2, 3])
+    for i, node in list(net.nodes.items()):
+        events[i] = []
+        node._on_send = on_send_for(i)
+        sync, apply = node._log.sync, node._sm.apply
+
+        def traced_sync(i: int = i, sync: Callable[[], None] = sync) -> None:
+            sync()
+            events[i].append("sync")
+
+        def traced_apply(index: int, data: bytes, i: int = i, apply: Any = apply) -> Any:
+            events[i].append("apply")
+            return apply(index, data)
+
+        node._log.sync = traced_sync  # type: ignore[method-assign]
+        node._sm.apply = traced_apply  # type: ignore[method-assign]
+    lead = net.leader()
+    for h in (1, 2):
+        lead.propose(_sign(h), lambda r, e: None)
+        lead.process()
+        for ev in events.values():
+            ev.clear()
+        net.deliver()
+    # The append of entry 2 carries the commit of entry 1: one Ready with both.
+    followers = [i for i in net.nodes if i != lead.id]
+    for i in followers:
+        ev = events[i]
+        assert ev.index("sync") < ev.index("ack") < ev.index("apply"), ev
