@@ -5,6 +5,7 @@
     NebulaError
     ├── ConfigError                 bad or unsafe configuration (names the key and the file)
     ├── KeyFileError                unreadable, malformed or over-permissive key/secret file
+    │   └── DealRefused             a key generation deal that fails a check (names its dealer)
     ├── ProtocolError               bytes from the peer we cannot accept -> drop the connection
     │   ├── FrameError              uvarint/length/size problems in privval framing
     │   ├── DecodeError             malformed protobuf / unknown message
@@ -28,6 +29,8 @@ is the one place that maps an exception to (code, description).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class NebulaError(Exception):
     """Root of every error Nebula raises on purpose."""
@@ -44,6 +47,15 @@ class CredentialRejected(ConfigError):
 
 class KeyFileError(NebulaError):
     """A key or secret file is missing, malformed or readable by others."""
+
+
+class DealRefused(KeyFileError):
+    """A deal of the dealerless key generation (:mod:`nebula.crypto.dkg`) failed a check;
+    ``dealers`` lists the dealers (member indices) whose deals were refused."""
+
+    def __init__(self, message: str, dealers: Iterable[int] = ()) -> None:
+        super().__init__(message)
+        self.dealers: tuple[int, ...] = tuple(dealers)
 
 
 class ProtocolError(NebulaError):

@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Every subcommand is part of the CLI: a module that fails to import is an error
     # here, never a subcommand that silently vanishes.
-    from nebula.cli import bench, cluster, demo, hsm, vault
+    from nebula.cli import bench, cluster, demo, dkg, hsm, vault
 
+    dkg.register(k)  # nebula keys dkg init|deal|finish
     cluster.register(sub)
     vault.register(sub)
     hsm.register(sub)

@@ -24,7 +24,7 @@ def test_every_subcommand_is_registered() -> None:
     assert _subcommands(main.build_parser()) == SUBCOMMANDS
 
 
-@pytest.mark.parametrize("module", ["bench", "cluster", "demo", "hsm", "vault"])
+@pytest.mark.parametrize("module", ["bench", "cluster", "demo", "dkg", "hsm", "vault"])
 def test_a_subcommand_module_that_fails_to_import_is_an_error(monkeypatch, module) -> None:
     # As if the module were broken: importing it raises ImportError.
     monkeypatch.delattr(nebula.cli, module, raising=False)
