@@ -86,7 +86,7 @@ from pathlib import Path
 from nebula.durable import ExclusiveLock, pwrite_all, read_all, write_file_durably
 from nebula.errors import StateError
 from nebula.guard import Decision, SignRecord, Verdict, apply
-from nebula.state.base import SingleNodeStore, record_from_json, record_to_json
+from nebula.state.base import SingleNodeStore, record_from_json, record_json_bytes
 
 FORMAT_VERSION = 1
 """Version of the JSON payload (the whole file in the previous format)."""
@@ -312,6 +312,8 @@ class LocalStore(SingleNodeStore):
         self._closed = False
         self._slot_size = SLOT_SIZE
         self._seq = 0  # sequence number of the newest slot
+        # chain -> (its JSON key, the record last encoded, the encoded "key:record")
+        self._frags: dict[str, tuple[bytes, SignRecord, bytes]] = {}
         # Group commit: decisions of other chains that arrive after a write in the same
         # loop pass wait for the pass's flush and share one write.
         self._batch: list[tuple[str, SignRecord, asyncio.Future[Decision]]] = []
@@ -373,15 +375,24 @@ class LocalStore(SingleNodeStore):
             os.close(fd)
         return True, image.complete
 
-    @staticmethod
-    def _payload(states: dict[str, SignRecord]) -> bytes:
-        return json.dumps(
-            {
-                "version": FORMAT_VERSION,
-                "chains": {c: record_to_json(r) for c, r in sorted(states.items())},
-            },
-            separators=(",", ":"),
-        ).encode()
+    def _payload(self, states: dict[str, SignRecord]) -> bytes:
+        """``{"version":1,"chains":{<chain>:<record>,...}}`` (chains sorted), compact.
+
+        Each chain's encoded record is kept until that chain's record changes: a
+        decision re-encodes only its own chain."""
+        frags = self._frags
+        items = []
+        for chain in sorted(states):
+            rec = states[chain]
+            cached = frags.get(chain)
+            if cached is None or cached[1] is not rec:
+                key = json.dumps(chain).encode() if cached is None else cached[0]
+                cached = frags[chain] = (key, rec, key + b":" + record_json_bytes(rec))
+            items.append(cached[2])
+        if len(frags) > len(states):
+            for chain in [c for c in frags if c not in states]:
+                del frags[chain]
+        return b'{"version":%d,"chains":{%s}}' % (FORMAT_VERSION, b",".join(items))
 
     def _write(self, states: dict[str, SignRecord]) -> None:
         """Make ``states`` durable; raises StateError (then nothing may be released)."""

@@ -8,11 +8,13 @@ import os
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nebula.errors import StateError
 from nebula.guard import SignRecord, Verdict
 from nebula.state import local
-from nebula.state.base import load_priv_validator_state, record_to_json
+from nebula.state.base import load_priv_validator_state, record_json_bytes, record_to_json
 from nebula.state.local import LocalStore, read_states
 
 
@@ -695,3 +697,47 @@ def test_a_failed_group_write_releases_nothing_of_the_group(tmp_path, monkeypatc
     assert read_states(p)["c0"] == r(1)
     assert s.commit_sync("c1", r(1)).verdict == Verdict.ACCEPT  # and the store recovers
     assert read_states(p)["c1"] == r(1)
+
+
+_records = st.builds(
+    SignRecord,
+    st.integers(0, 2**63 - 1),
+    st.integers(0, 2**31 - 1),
+    st.integers(0, 3),
+    st.binary(max_size=300),
+    st.binary(max_size=96),
+    st.binary(max_size=300),
+    st.binary(max_size=96),
+)
+
+
+@given(_records)
+def test_a_record_encodes_to_the_same_bytes_as_the_json_encoder(rec: SignRecord) -> None:
+    assert record_json_bytes(rec) == json.dumps(record_to_json(rec), separators=(",", ":")).encode()
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.sampled_from(["a", "b", 'c"\\', "chain-é", "\x00"]), _records, max_size=3
+        ),
+        max_size=6,
+    )
+)
+def test_the_payload_is_the_json_of_the_current_states_whatever_changed(
+    steps: list[dict[str, SignRecord]],
+) -> None:
+    """The per-chain cache never serves a stale record, a removed chain, or a bad key."""
+    store = LocalStore.__new__(LocalStore)
+    store._frags = {}
+    states: dict[str, SignRecord] = {}
+    for change in [*steps, {}]:
+        states = {**states, **change}
+        if change and len(states) > 1:
+            states.pop(sorted(states)[0])  # chains also go away
+        want = json.dumps(
+            {"version": 1, "chains": {c: record_to_json(r) for c, r in sorted(states.items())}},
+            separators=(",", ":"),
+        ).encode()
+        assert store._payload(states) == want
+        assert set(store._frags) == set(states)
