@@ -198,41 +198,70 @@ class Dialer:
         metrics = self.metrics
         counters = self._request_counters
         perf = time.perf_counter
+        # The idle deadline: a timer that fires once per idle_timeout and re-arms for
+        # the time left since the last read (an asyncio.timeout around every read cost a
+        # timer handle per request); a silent validator's connection is aborted.
+        idle = self.idle_timeout
+        loop = asyncio.get_running_loop()
+        silent = reading = False
+        t_wait = 0.0
+        watchdog: asyncio.TimerHandle | None = None
+
+        def watch() -> None:
+            nonlocal silent, watchdog
+            # Only a read counts: a request the service is still deciding (a slow
+            # backend has its own deadline) does not make the validator silent.
+            left = idle - (perf() - t_wait) if reading else idle
+            if left > 0:
+                watchdog = loop.call_later(left, watch)
+                return
+            silent = True
+            writer.transport.abort()
+
         pending = framer.feed(session.feed(b""))
         t_in = perf()
-        while True:
-            for msg in pending:
-                req = decode(msg, family)
-                t_dec = perf()
-                resp = await service.handle(req)
-                t_done = perf()
-                writer.write(session.seal(delimit(encode(resp, family))))
-                if metrics is not None:
-                    t_out = perf()
-                    cls = type(req)
-                    counter = counters.get(cls)
-                    if counter is None:
-                        counter = counters[cls] = metrics.requests.labels(
-                            service.chain_id, cls.__name__
-                        )
-                    counter.inc()
-                    metrics.phase("receive_decode", t_dec - t_in)
-                    metrics.phase("encode_send", t_out - t_done)
-                    metrics.phase("total", t_out - t_in)
-                t_in = perf()
-            if not self._running:
-                return
-            try:
-                async with asyncio.timeout(self.idle_timeout):
+        watchdog = loop.call_later(idle, watch)
+        try:
+            while True:
+                for msg in pending:
+                    req = decode(msg, family)
+                    t_dec = perf()
+                    resp = await service.handle(req)
+                    t_done = perf()
+                    writer.write(session.seal(delimit(encode(resp, family))))
+                    if metrics is not None:
+                        t_out = perf()
+                        cls = type(req)
+                        counter = counters.get(cls)
+                        if counter is None:
+                            counter = counters[cls] = metrics.requests.labels(
+                                service.chain_id, cls.__name__
+                            )
+                        counter.inc()
+                        metrics.phase("receive_decode", t_dec - t_in)
+                        metrics.phase("encode_send", t_out - t_done)
+                        metrics.phase("total", t_out - t_in)
+                    t_in = perf()
+                if not self._running:
+                    return
+                t_wait = perf()
+                reading = True
+                try:
                     data = await reader.read(READ_CHUNK)
-            except TimeoutError:
-                raise ProtocolError(
-                    f"{self.endpoint} silent for {self.idle_timeout}s; reconnecting"
-                ) from None
-            if not data:
-                raise ProtocolError(f"{self.endpoint} closed the connection")
-            t_in = perf()
-            pending = framer.feed(session.feed(data))
+                except OSError:
+                    if not silent:
+                        raise
+                    data = b""
+                reading = False
+                if not data:
+                    if silent:
+                        raise ProtocolError(f"{self.endpoint} silent for {idle}s; reconnecting")
+                    raise ProtocolError(f"{self.endpoint} closed the connection")
+                t_in = perf()
+                pending = framer.feed(session.feed(data))
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
 
 def load_or_make_identity(path: str | os.PathLike[str] | None) -> bytes:

@@ -132,6 +132,42 @@ def test_bad_input_drops_connection_and_keeps_serving(tmp_path, name) -> None:
     asyncio.run(main())
 
 
+def test_a_silent_validator_is_dropped_after_idle_timeout_and_redialed(tmp_path) -> None:
+    """dial.idle_timeout: a connection the validator keeps sending on stays up however
+    long it lives; one that goes silent is dropped after idle_timeout (not before) and
+    Nebula dials again."""
+    key = generate("ed25519")
+    addr = _addr(tmp_path, "tcp")
+    neb = _nebula(tmp_path, addr, key)
+    cfg = neb.config_path.read_text()
+    assert cfg.count("[dial]\n") == 1
+    neb.config_path.write_text(cfg.replace("[dial]\n", "[dial]\nidle_timeout = 1.0\n"))
+
+    async def main() -> None:
+        lst = PrivvalListener(addr, WireFamily.V0_38)
+        await lst.start()
+        with neb:
+            conn = await lst.accept(timeout=15)
+            loop = asyncio.get_running_loop()
+            # Busy for 3 idle periods: a request every 0.4 s keeps the connection.
+            for h in range(1, 9):
+                assert (await conn.request(SignVoteRequest(vote(h), CHAIN))).error is None
+                await asyncio.sleep(0.4)
+            assert not conn.closed
+            # Silent: Nebula closes it about a second after its last answer, not before.
+            assert (await conn.request(SignVoteRequest(vote(9), CHAIN))).error is None
+            t0 = loop.time()
+            data = await asyncio.wait_for(conn.reader.read(1 << 16), 10)
+            waited = loop.time() - t0
+            assert data == b"" and 0.9 <= waited < 3.0, (data, waited)
+            await _still_serves(lst, key, 10)
+            assert neb.alive()
+        await lst.close()
+        assert "silent for 1.0s" in neb.log_text()
+
+    asyncio.run(main())
+
+
 def test_truncated_and_wrong_mac_frames(tmp_path) -> None:
     key = generate("ed25519")
     addr = _addr(tmp_path, "tcp")
