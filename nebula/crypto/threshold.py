@@ -29,9 +29,13 @@ The share key file (JSON, mode 0600) holds only the member's share and the publi
      "commitments": [<base64 48-byte compressed G1>, ... t of them],
      "secret_share": <base64 32-byte big-endian scalar>}
 
-Dealer-based: :func:`split` runs on one machine that holds the whole key for a moment (an
-existing ``priv_validator_key.json``, or a fresh key) and writes one file per member.  A
-dealerless DKG is not built.
+Two ways to make the shares, the same file either way: :func:`split` is dealer-based: it
+runs on one machine that holds the whole key for a moment (an existing
+``priv_validator_key.json``, or a fresh key) and writes one file per member.
+:mod:`nebula.crypto.dkg` is dealerless (Pedersen's DKG with Feldman commitments, in file
+rounds): each member deals a random polynomial of its own and the key is the sum, so no
+machine ever holds the whole key (a fresh key only: an existing key cannot be shared
+that way).
 """
 
 from __future__ import annotations
