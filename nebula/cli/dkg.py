@@ -190,9 +190,9 @@ def cmd_finish(args: argparse.Namespace) -> int:
         print(f"transcript : {info['transcript']}")
         print(
             "every member must print the same address and transcript (compare them out of "
-            "band); if one differs or a member's finish failed, delete the share files and "
-            f"restart. Then delete {_secret_path(args)}: with the deal files it gives this "
-            "member's share"
+            "band); if one differs or a member's finish failed, every member deletes its "
+            f"share file and the ceremony restarts. Once all agree, delete "
+            f"{_secret_path(args)}: with the deal files it gives this member's share"
         )
     return 0
 
