@@ -71,6 +71,9 @@ class RaftConfig(_Strict):
     max_unauthenticated: int = 64
     # Applied entries between snapshots (the log before a snapshot is dropped).
     snapshot_entries: int = 1000
+    # A leader's fdatasync of a Ready with several decisions (several chains at once) runs
+    # on a worker thread while the event loop serves other requests (nebula/raft/node.py).
+    sync_off_loop: bool = True
     # Allow `nebula cluster add|remove` (must be the same on every member; membership then
     # lives in the Raft log rather than in `peers`).
     dynamic_membership: bool = False
@@ -631,6 +634,7 @@ connection_retry = 0.1             # first reconnect delay to a peer (doubles up
 handshake_timeout = 2.0            # an inbound Raft connection must authenticate within this
 max_unauthenticated = 64           # concurrent unauthenticated inbound connections, at most
 snapshot_entries = 1000            # applied entries between snapshots (log compaction)
+sync_off_loop = true               # a leader syncs a multi-decision Ready on a worker thread
 dynamic_membership = false         # true allows `nebula cluster add|remove` (same on all)
 # join = true                      # only on a new member's first start (`nebula cluster add`)
 [[raft.peers]]

@@ -231,6 +231,7 @@ def make_store(
         dynamic_membership=r.dynamic_membership,
         join=r.join,
         threshold=threshold,
+        sync_off_loop=r.sync_off_loop,
         loop=loop,
     )
 

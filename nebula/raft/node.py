@@ -25,6 +25,18 @@ One pass of :meth:`process`, per Ready:
 6. ``advance()``: raft-rs learns the Ready is durable; the LightReady's messages leave and
    its committed entries are applied; ``advance_apply()``.
 
+A leader's sync off the loop (``offload``, ``RaftStore(sync_off_loop=True)``).  When a
+leader's Ready carries at least ``offload_min_entries`` entries (several decisions: several
+chains at once), step 3's ``fdatasync`` runs on a worker thread and the Ready is finished
+(steps 4-6) when it returns; the event loop serves other requests meanwhile.  The node
+takes no input while the sync runs, so raft-rs sees the same sequence of calls as with an
+inline sync: messages and ticks that arrive are stepped afterwards in arrival order (to
+raft-rs, a network delay); proposals are placed right after the Ready, each at the (term,
+index) it was given at once (raft-rs takes no new entry between ``ready()`` and
+``advance()``, and nothing else can append meanwhile; a difference resolves that proposal
+and the later ones as lost); operator calls (conf change, transfer, campaign) follow them;
+a snapshot waits for the Ready.  A failed sync fails the node closed.
+
 Leadership.  A leader is *authoritative* once the first entry of its term (the empty entry
 raft-rs appends on election) is applied: every entry committed by earlier leaders is then
 in its state machine (S2, S4).  Losing leadership fails every waiting proposal (the entry
@@ -59,7 +71,7 @@ from typing import Any, Protocol
 
 from nebula.errors import NotLeader, ReplicationError, StateError
 from nebula.raft import _core
-from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot, SnapshotNotSaved
+from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot, SnapshotNotSaved, SyncJob
 
 log = logging.getLogger("nebula.raft")
 
@@ -82,6 +94,9 @@ CONF_ADD, CONF_REMOVE, CONF_ADD_LEARNER = 0, 1, 2
 
 # Callback of a proposal: (result, None) once applied, or (None, exception) when lost.
 Resolver = Callable[[Any, BaseException | None], None]
+
+# offload(work, done): run work() on another thread, then call done() on the loop thread.
+Offload = Callable[[Callable[[], None], Callable[[], None]], None]
 
 
 class StateMachine(Protocol):
@@ -138,6 +153,8 @@ class RaftNode:
         on_send: Callable[[int, int, bytes], bytes] | None = None,
         on_receive: Callable[[int, bytes], None] | None = None,
         on_append: Callable[[list[tuple[int, int, int, bytes, bytes]]], None] | None = None,
+        offload: Offload | None = None,
+        offload_min_entries: int = 2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.id = node_id
@@ -151,6 +168,18 @@ class RaftNode:
         self._on_send = on_send
         self._on_receive = on_receive
         self._on_append = on_append
+        self._offload = offload
+        self._offload_min = max(1, int(offload_min_entries))
+        # A leader's sync running off the loop thread: (job, committed, persisted messages)
+        # of the Ready it belongs to; inputs wait in _deferred until it is done.
+        self._inflight: tuple[SyncJob, list[Any], list[Any]] | None = None
+        self._deferred: list[tuple[int, bytes] | None] = []
+        # Proposals made meanwhile: (term, index, data), proposed to raft-rs in order right
+        # after that Ready (raft-rs takes no new entry between ready() and advance()); the
+        # (term, index) is known in advance: nothing else can append meanwhile.
+        self._deferred_props: list[tuple[int, int, bytes]] = []
+        # Other operator calls made meanwhile (conf change, transfer, campaign), after those.
+        self._deferred_calls: list[Callable[[], None]] = []
         self._clock = clock
         self._pending: dict[int, tuple[int, Resolver]] = {}
         self._snap_reports: list[tuple[int, bool]] = []
@@ -161,6 +190,7 @@ class RaftNode:
         self._leader_term = -1
         self._authoritative = False
         self.syncs = 0
+        self.syncs_offloaded = 0  # of those, run off the loop thread
         self.applied = 0
         self._snapshot_due = False
         self._pending_hs: HardState | None = None
@@ -209,11 +239,19 @@ class RaftNode:
 
     def tick(self) -> None:
         if self.fatal is None:
+            if self._inflight is not None:
+                self._deferred.append(None)
+                return
             self._core.tick()
 
     def receive(self, peer: int, payload: bytes) -> None:
         """A message from ``peer`` (authenticated by the transport)."""
         if self.fatal is not None:
+            return
+        if self._inflight is not None:
+            # Stepped once the sync in flight is done, in arrival order (to raft-rs
+            # that is only a network delay).
+            self._deferred.append((peer, payload))
             return
         if self._on_receive is not None:
             self._on_receive(peer, payload)
@@ -232,6 +270,15 @@ class RaftNode:
         """Propose ``data``; ``resolve`` gets the state machine's result once the entry is
         applied, or an exception when the outcome is lost.  Returns (term, index)."""
         self._check_leader()
+        if self._inflight is not None:
+            core = self._core
+            if core.lead_transferee is not None:  # raft-rs would drop it now
+                raise NotLeader(f"raft node {self.id}: proposal dropped (leadership transfer)")
+            term = core.term
+            index = core.last_index + 1 + len(self._deferred_props)
+            self._deferred_props.append((term, index, data))
+            self._pending[index] = (term, resolve)
+            return term, index
         try:
             term, index = self._core.propose(b"", data)
         except _core.ProposalDropped:
@@ -244,7 +291,19 @@ class RaftNode:
     def propose_conf_change(
         self, change: int, node_id: int, context: bytes, resolve: Resolver
     ) -> tuple[int, int]:
+        """Like :meth:`propose`; while a sync runs off the loop it is proposed after it,
+        and (term, 0) is returned (a refusal then reaches ``resolve``)."""
         self._check_leader()
+        if self._inflight is not None:
+
+            def later() -> None:
+                try:
+                    self.propose_conf_change(change, node_id, context, resolve)
+                except (NotLeader, StateError) as e:
+                    resolve(None, e)
+
+            self._deferred_calls.append(later)
+            return self._core.term, 0
         try:
             term, index = self._core.propose_conf_change(change, node_id, context)
         except _core.ProposalDropped:
@@ -254,10 +313,16 @@ class RaftNode:
 
     def transfer_leader(self, to: int) -> None:
         self._check_leader()
+        if self._inflight is not None:
+            self._deferred_calls.append(lambda: self._core.transfer_leader(to))
+            return
         self._core.transfer_leader(to)
 
     def campaign(self) -> None:
         if self.fatal is None and self.id in self._core.voters:
+            if self._inflight is not None:
+                self._deferred_calls.append(self._core.campaign)
+                return
             self._core.campaign()
 
     def _check_leader(self) -> None:
@@ -274,10 +339,13 @@ class RaftNode:
 
     def process(self) -> None:
         """Handle every Ready raft-rs has (call after any input)."""
-        if self.fatal is not None:
+        if self.fatal is not None or self._inflight is not None:
             return
+        self._guarded(self._process)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
         try:
-            self._process()
+            step()
         except _Stopped:
             pass
         except BaseException as e:  # includes pyo3's PanicException
@@ -288,6 +356,8 @@ class RaftNode:
     def _process(self) -> None:
         core = self._core
         while True:
+            if self._inflight is not None:
+                return  # the rest runs when the sync is done (_synced)
             rd = core.ready()
             if rd is None:
                 break
@@ -323,26 +393,104 @@ class RaftNode:
                 # (a commit index lost in a crash is learned again from the leader).
                 self._pending_hs = HardState(*hs)
             if must_sync:  # raft-rs: new entries, or a new term or vote
+                if (
+                    self._offload is not None
+                    and self.role == LEADER
+                    and len(entries) >= self._offload_min
+                ):
+                    job = self._log.sync_job()
+                    if job is not None:
+                        # Off the loop thread: the loop serves other work (other chains'
+                        # requests, which propose into the next Ready) meanwhile.
+                        self._inflight = (job, committed, pmsgs)
+                        self._offload(job.run, self._on_synced)
+                        return
                 self._log.sync()
                 self.syncs += 1
-            if pmsgs:
-                # Votes and append acknowledgements vouch only for what is durable now;
-                # they leave before the committed entries are applied, which a
-                # follower's acknowledgement (on the leader's critical path) never
-                # waits for.
-                self._transmit(pmsgs)
-            if committed:
-                self._apply(committed)
-            _commit, lmsgs, lcommitted = core.advance()
-            if lmsgs:
-                self._transmit(lmsgs)
-            if lcommitted:
-                self._apply(lcommitted)
-            core.advance_apply()
-            if self._snap_reports:
-                for to, ok in self._snap_reports:
-                    core.report_snapshot(to, ok)
-                self._snap_reports.clear()
+            self._finish(committed, pmsgs)
+        self._after_readies()
+
+    def _finish(self, committed: list[Any], pmsgs: list[Any]) -> None:
+        """The rest of a Ready once it is durable."""
+        core = self._core
+        if pmsgs:
+            # Votes and append acknowledgements vouch only for what is durable now;
+            # they leave before the committed entries are applied, which a
+            # follower's acknowledgement (on the leader's critical path) never
+            # waits for.
+            self._transmit(pmsgs)
+        if committed:
+            self._apply(committed)
+        _commit, lmsgs, lcommitted = core.advance()
+        if lmsgs:
+            self._transmit(lmsgs)
+        if lcommitted:
+            self._apply(lcommitted)
+        core.advance_apply()
+        if self._snap_reports:
+            for to, ok in self._snap_reports:
+                core.report_snapshot(to, ok)
+            self._snap_reports.clear()
+
+    def _on_synced(self) -> None:
+        """The offloaded sync is done (loop thread): finish its Ready, then step what
+        arrived meanwhile, then go on with the next Ready."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None or self.fatal is not None:
+            return
+        job, committed, pmsgs = inflight
+
+        def resume() -> None:
+            self._log.sync_done(job)  # StateError if the sync failed: fail closed
+            self.syncs += 1
+            self.syncs_offloaded += 1
+            self._finish(committed, pmsgs)
+            self._propose_deferred()
+            calls, self._deferred_calls = self._deferred_calls, []
+            for call in calls:
+                if self.fatal is not None:
+                    return
+                call()
+            deferred, self._deferred = self._deferred, []
+            for item in deferred:
+                if self.fatal is not None:
+                    return
+                if item is None:
+                    self._core.tick()
+                else:
+                    self.receive(*item)
+            self._process()
+
+        self._guarded(resume)
+
+    def _propose_deferred(self) -> None:
+        """Propose what arrived during an offloaded sync, first thing after its Ready:
+        each lands at the (term, index) its caller was given (checked: on any difference
+        that proposal and the later ones resolve as lost, before anything is applied)."""
+        props, self._deferred_props = self._deferred_props, []
+        for k, (term, index, data) in enumerate(props):
+            try:
+                got = self._core.propose(b"", data)
+            except _core.ProposalDropped:
+                got = None
+            if got != (term, index):
+                for _t, i, _d in props[k:]:
+                    waiter = self._pending.pop(i, None)
+                    if waiter is not None:
+                        waiter[1](
+                            None,
+                            ReplicationError(f"raft proposal for index {i} was not placed there"),
+                        )
+                log.warning(
+                    "raft node %d: a proposal made during a sync went to %s, not (%d, %d)",
+                    self.id,
+                    got,
+                    term,
+                    index,
+                )
+                return
+
+    def _after_readies(self) -> None:
         self._check_authority()
         if (
             self.applied > self._snap_index
@@ -491,6 +639,11 @@ class RaftNode:
         """Take a snapshot at the applied index now (operator ``compact``)."""
         if self.fatal is not None:
             raise StateError(self.fatal)
+        if self._inflight is not None:
+            # Not while a sync runs off the loop (the snapshot may rewrite the log file):
+            # it is taken right after that sync's Ready.
+            self._snapshot_due = True
+            return
         if self.applied > self._snap_index:
             try:
                 self._take_snapshot()
@@ -510,7 +663,13 @@ class RaftNode:
             self._check_authority()
 
     def close(self) -> None:
-        """Resolve every waiting proposal as lost and close the log."""
+        """Resolve every waiting proposal as lost and close the log.  With an offloaded
+        sync, call it once that sync has ended (its Ready is then dropped unfinished:
+        nothing of it is sent or applied)."""
+        self._inflight = None
+        self._deferred.clear()
+        self._deferred_props.clear()
+        self._deferred_calls.clear()
         self.fail_pending(ReplicationError(f"raft node {self.id} closed"))
         if self._pending_hs is not None and self.fatal is None:
             try:

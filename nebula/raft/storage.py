@@ -553,6 +553,27 @@ def _decode_batch(
 # -- the log -------------------------------------------------------------------------------
 
 
+class SyncJob:
+    """One ``fdatasync`` of a log file, made durable up to ``end`` (see RaftLog.sync_job)."""
+
+    __slots__ = ("end", "error", "fd", "fs", "ok")
+
+    def __init__(self, fs: FileSystem, fd: int, end: int) -> None:
+        self.fs, self.fd, self.end = fs, fd, end
+        self.ok = False  # set only once fdatasync has returned
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """The sync itself (any thread); never raises: what it raised is kept for
+        :meth:`RaftLog.sync_done`."""
+        try:
+            self.fs.fdatasync(self.fd)
+        except BaseException as e:
+            self.error = e
+        else:
+            self.ok = True
+
+
 class RaftLog:
     """The durable Raft log of one node (see the module docstring for the format).
 
@@ -884,6 +905,32 @@ class RaftLog:
         self._syncs += 1
         self._synced = self._end
         self._dirty = False
+
+    def sync_job(self) -> SyncJob | None:
+        """The :meth:`sync` of what is appended now, split for a worker thread: the job's
+        ``run()`` (only the ``fdatasync``) may run on another thread, then
+        :meth:`sync_done` on this one.  None when nothing is unsynced.  Nothing may be
+        written to the log while a job runs (the node loop pauses)."""
+        self._check()
+        if not self._dirty:
+            return None
+        return SyncJob(self._fs, self._fd, self._end)
+
+    def sync_done(self, job: SyncJob) -> None:
+        """Record a finished :meth:`sync_job` (StateError, failing closed, if it failed)."""
+        if not job.ok:
+            e = job.error
+            if isinstance(e, OSError):
+                raise self._fail("fdatasync", e) from e
+            if e is not None:
+                raise e  # not from the file system (a test's crash point): as raised
+            raise self._fail("fdatasync", OSError("the sync did not run"))
+        self._check()
+        if job.fd != self._fd:
+            raise StateError(f"{self._path}: the log file changed during a sync")
+        self._syncs += 1
+        self._synced = max(self._synced, job.end)
+        self._dirty = self._end != self._synced
 
     def seal(self) -> None:
         """Write and sync a SEAL record carrying the end of the file, so that rot in the

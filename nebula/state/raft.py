@@ -23,6 +23,7 @@ and a leader cut off from the majority steps down after an election timeout.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -142,6 +143,10 @@ class RaftStore(SignStore):
     * ``dynamic_membership``: allow :meth:`add_member` / :meth:`remove_member`.
     * ``threshold``: chain id -> this member's threshold-BLS share, for the chains signed
       by BLS-Raft (checked against the cluster: :func:`check_cluster`).
+    * ``sync_off_loop``: as leader, run the ``fdatasync`` of a Ready that carries several
+      entries (decisions of several chains) on a worker thread; the loop serves other
+      requests meanwhile and the node takes up its inputs when the sync is done
+      (:class:`~nebula.raft.node.RaftNode`, ``offload``).
 
     Call :meth:`start` (binds the Raft port) before use.
     """
@@ -167,6 +172,7 @@ class RaftStore(SignStore):
         dynamic_membership: bool = False,
         join: bool = False,
         threshold: Mapping[str, KeyShare] | None = None,
+        sync_off_loop: bool = True,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         if not isinstance(secret, bytes | bytearray) or len(secret) < 16:
@@ -207,6 +213,7 @@ class RaftStore(SignStore):
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
+        self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
         # Group commit: proposals made after the first one of a loop pass wait for the
         # pass's flush and share its Ready (one fdatasync, one append per follower).
         self._batch_armed = False
@@ -277,6 +284,7 @@ class RaftStore(SignStore):
                 snapshot_entries=snapshot_entries,
                 on_authority=self._on_authority,
                 on_membership=self._on_membership,
+                offload=self._offload if sync_off_loop else None,
                 **self._threshold_hooks(),
             )
         except BaseException:
@@ -290,6 +298,22 @@ class RaftStore(SignStore):
             if rec is not None:
                 self._imports[chain_id.encode()] = rec
         self._drop_satisfied_imports()
+
+    def _offload(self, work: Callable[[], None], done: Callable[[], None]) -> None:
+        """The node's offload hook: ``work`` (a leader's fdatasync) on the sync thread,
+        then ``done`` on the loop."""
+        pool = self._sync_pool
+        if pool is None:
+            pool = self._sync_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"raft-sync-{self.node_id}"
+            )
+        loop = self._loop
+
+        def finished(_f: concurrent.futures.Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                loop.call_soon_threadsafe(done)
+
+        pool.submit(work).add_done_callback(finished)
 
     def _threshold_hooks(self) -> dict[str, Any]:
         if not self._threshold:
@@ -693,7 +717,11 @@ class RaftStore(SignStore):
                 c.decode(errors="replace"): record_to_json(r)
                 for c, r in sorted(self._sm.states.items())
             },
-            "journal": {**self._log.stats(), "syncs": node.syncs},
+            "journal": {
+                **self._log.stats(),
+                "syncs": node.syncs,
+                "syncs_off_loop": node.syncs_offloaded,
+            },
             "fatal": node.fatal,
         }
 
@@ -811,5 +839,8 @@ class RaftStore(SignStore):
         try:
             await self._transport.close()
         finally:
+            pool, self._sync_pool = self._sync_pool, None
+            if pool is not None:
+                pool.shutdown(wait=True)  # a sync in flight ends before the log closes
             self._node.close()
             self._lock.release()

@@ -440,18 +440,25 @@ def test_a_one_member_cluster_commits_without_waiting_for_a_timer(tmp_path: Path
     assert total < n * tick / 10, f"{n} commits took {total:.2f}s"
 
 
-def test_decisions_of_many_chains_in_one_pass_share_a_raft_round(tmp_path: Path) -> None:
+@pytest.mark.parametrize("off_loop", [True, False], ids=["sync-off-loop", "sync-inline"])
+def test_decisions_of_many_chains_in_one_pass_share_a_raft_round(
+    tmp_path: Path, off_loop: bool
+) -> None:
     """Group commit: concurrent decisions of different chains share one Ready (one
-    fdatasync per member, one append per follower), each with its own outcome."""
+    fdatasync per member, one append per follower), each with its own outcome; with
+    ``sync_off_loop`` the leader's sync of that Ready runs on its worker thread."""
     chains = [f"chain-{i}" for i in range(16)]
 
     async def go() -> None:
-        async with local_cluster(tmp_path, 3) as (stores, _):
+        async with local_cluster(tmp_path, 3, common={"sync_off_loop": off_loop}) as (
+            stores,
+            _,
+        ):
             leader = await leader_of(stores)
             aud = Audited()
             for c in chains:  # a first decision per chain
                 await aud.commit(leader, rec(1, b"a"), c)
-            syncs0 = leader.status()["journal"]["syncs"]
+            journal0 = leader.status()["journal"]
             outs = await asyncio.gather(
                 *(aud.commit(leader, rec(2, b"b" + c.encode()), c) for c in chains),
                 # the same decision twice in one pass: the second is answered SAME
@@ -459,7 +466,10 @@ def test_decisions_of_many_chains_in_one_pass_share_a_raft_round(tmp_path: Path)
                 aud.commit(leader, rec(2, b"conflict"), chains[1]),  # refused
                 return_exceptions=True,
             )
-            syncs = leader.status()["journal"]["syncs"] - syncs0
+            journal = leader.status()["journal"]
+            syncs = journal["syncs"] - journal0["syncs"]
+            off = journal["syncs_off_loop"] - journal0["syncs_off_loop"]
+            assert off >= 1 if off_loop else off == 0, (off, journal)
             verdicts = [getattr(o, "verdict", o) for o in outs]
             assert verdicts[:16] == [Verdict.ACCEPT] * 16, verdicts
             assert verdicts[16] == Verdict.SAME

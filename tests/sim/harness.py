@@ -23,6 +23,10 @@ one ``random.Random(seed)``:
   changes on the leader (``nebula cluster add``: a new machine started with
   ``join=True`` and added as a voter; with ``removals``, ``cluster remove`` of a voter
   other than the leader, the removed machine then stopped);
+* **a leader's sync off the loop** (odd seeds; ``RaftStore(sync_off_loop=True)``): the
+  ``fdatasync`` of a leader's Ready runs 0..4 units later as an event of its own, while
+  messages, ticks and proposals keep arriving (deferred by the node); a power loss
+  meanwhile loses what it would have made durable;
 * **clients** propose SIGN commands for a small space of (chain, height, round, step) with
   sign bytes unique to each attempt, so a second decision at one HRS is a conflict the
   guard must refuse; some retry an earlier attempt with identical bytes.
@@ -83,7 +87,7 @@ LIVENESS_CHAIN = CHAINS[0]
 LIVENESS_HEIGHT = 10**9
 
 # Event kinds (ints: the queue holds plain tuples).
-_TICK, _DELIVER, _PROCESS, _PROPOSE, _FAULT, _RESTART, _END_STORM, _LIVENESS = range(8)
+_TICK, _DELIVER, _PROCESS, _PROPOSE, _FAULT, _RESTART, _END_STORM, _LIVENESS, _SYNC_DONE = range(9)
 
 
 class Violation(AssertionError):
@@ -209,10 +213,13 @@ class Simulation:
         log_factory: LogFactory = default_log,
         fs_factory: Callable[[], MemFS] = MemFS,
         node_factory: Callable[..., RaftNode] = RaftNode,
+        offload: bool | None = None,
         trace: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        # Drawn seeds: odd ones offload the leader's sync; a scripted profile: off unless asked.
+        self.offload = (seed % 2 == 1 and profile is None) if offload is None else offload
         if profile is None:
             profile = draw_profile(self.rng, nodes, long=long, removals=removals)
         self.profile = profile
@@ -349,6 +356,8 @@ class Simulation:
                 self._end_storm()
             elif kind == _LIVENESS:
                 self._liveness_probe()
+            elif kind == _SYNC_DONE:
+                self._sync_done(a, b, c)
             if until is not None and until():
                 return True
         if not self._done:
@@ -430,6 +439,8 @@ class Simulation:
                 max_election_tick=e + 1,
                 snapshot_entries=self.profile.snapshot_entries,
                 on_authority=self._authority_cb(m, inc),
+                offload=self._offloader(m.id, inc) if self.offload else None,
+                offload_min_entries=1,  # every leader sync (the product: 2, concurrency)
                 clock=self._clock,
             )
         except CrashPoint as exc:
@@ -465,6 +476,26 @@ class Simulation:
 
     def _clock(self) -> float:
         return self.now / 1000.0
+
+    def _offloader(self, node_id: int, inc: int) -> Callable[..., None]:
+        def offload(work: Callable[[], None], done: Callable[[], None]) -> None:
+            self.stats["syncs_offloaded"] += 1
+            self._at(self.now + self.rng.randint(0, 4), _SYNC_DONE, node_id, inc, (work, done))
+
+        return offload
+
+    def _sync_done(self, node_id: int, inc: int, job: tuple[Callable[[], None], ...]) -> None:
+        m = self._live(node_id, inc)
+        if m is None:
+            return  # crashed meanwhile: what the sync would have made durable is lost
+        if m.paused:
+            self._at(self.now + TICK, _SYNC_DONE, node_id, inc, job)
+            return
+        work, done = job
+        self._note("sync-done", node_id)
+        work()
+        self._guard(m, "sync done", done)
+        self._after(m)
 
     def _sender(self, src: int, inc: int) -> Callable[[int, bytes], bool]:
         def send(to: int, payload: bytes) -> bool:
@@ -673,6 +704,8 @@ class Simulation:
             return None
         holder.append(term)
         self.stats["proposals"] += 1
+        if node._inflight is not None:
+            self.stats["proposals_during_sync"] += 1
         self._note("propose", m.id, term, index, chain, rec.hrs, rec.sign_bytes[-12:])
         self._kick(m)
         return term, index

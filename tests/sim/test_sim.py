@@ -31,6 +31,7 @@ from nebula.guard import Decision, SignRecord, Verdict
 from nebula.guard import apply as real_guard_apply
 from nebula.raft import _core, commands
 from nebula.raft.node import RaftNode
+from nebula.raft.storage import SyncJob
 from tests.sim.harness import Profile, Simulation, Violation, replay_command, run_seed
 from tests.support.memfs import MemFS
 
@@ -128,6 +129,8 @@ def test_faults_are_exercised() -> None:
         "released",
         "proposals_lost",  # outcomes lost with leadership: nothing released
         "conf_changes",
+        "syncs_offloaded",  # a leader's fdatasync off the loop (odd seeds)
+        "proposals_during_sync",  # proposed while it ran: placed right after its Ready
         "members_joined",  # a new member (join = true) caught up and counted as a voter
     ):
         assert totals[what] > 0, (what, totals)
@@ -263,3 +266,17 @@ def test_stale_append_does_not_erase_a_committed_decision(seed: int) -> None:
     sim.run_until(sim.now + 5000)
     for m in sim.members.values():
         assert m.sm is not None and m.sm.states[chain] == rec(5, b"X"), m.id
+
+
+def test_checker_catches_an_offloaded_sync_that_does_not_sync(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leader's sync off the loop that reports success without syncing: the entries it
+    vouched for vanish in a power loss (RaftStore(sync_off_loop=True))."""
+
+    def lying_run(self: SyncJob) -> None:
+        self.ok = True
+
+    monkeypatch.setattr(SyncJob, "run", lying_run)
+    _seed, v = _first_violation(200, offload=True)
+    assert "simulation invariant violated" in str(v)

@@ -296,3 +296,115 @@ def test_an_acknowledgement_leaves_after_the_sync_and_before_the_apply() -> None
     for i in followers:
         ev = events[i]
         assert ev.index("sync") < ev.index("ack") < ev.index("apply"), ev
+
+
+# -- a leader's sync off the loop thread (RaftStore(sync_off_loop=True)) -------------------
+
+
+class Offload:
+    """Keeps every offloaded sync until the test finishes it (``run``) or fails it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    def __call__(self, work: Callable[[], None], done: Callable[[], None]) -> None:
+        self.jobs.append((work, done))
+
+    def finish(self, *, error: OSError | None = None) -> None:
+        work, done = self.jobs.pop(0)
+        if error is None:
+            work()
+        else:
+            work.__self__.error = error  # type: ignore[attr-defined]
+        done()
+
+
+def _offload_net(min_entries: int = 1) -> tuple[Net, RaftNode, Offload]:
+    off = Offload()
+    net = Net([1, 2, 3], offload=off, offload_min_entries=min_entries)
+    lead = net.nodes[1]
+    lead.campaign()
+    lead.process()
+    for _ in range(50):
+        net.deliver()
+        while off.jobs:
+            off.finish()
+            net.deliver()
+        if lead.authoritative:
+            return net, lead, off
+    raise AssertionError("node 1 never led")
+
+
+def test_an_offloaded_sync_defers_inputs_and_places_proposals_where_it_said() -> None:
+    net, lead, off = _offload_net()
+    got, resolve = _collect()
+    lead.propose(_sign(1), resolve)
+    lead.process()
+    assert len(off.jobs) == 1 and lead._inflight is not None
+    net.deliver()  # the followers append, sync and acknowledge: deferred on the leader
+    assert lead._deferred and not got
+    # Proposals meanwhile get their (term, index) now and land exactly there.
+    t2, i2 = lead.propose(_sign(2), resolve)
+    t3, i3 = lead.propose(_sign(3), resolve)
+    assert (i2, i3) == (lead.last_index + 1, lead.last_index + 2) and t2 == t3 == lead.term
+    lead.process()  # nothing happens while the sync runs
+    assert len(off.jobs) == 1 and not got
+    off.finish()
+    for _ in range(20):
+        net.deliver()
+        while off.jobs:
+            off.finish()
+            net.deliver()
+    assert [r.verdict for r, e in got] == [Verdict.ACCEPT] * 3 and all(e is None for _, e in got)
+    assert [r.record.height for r, _ in got] == [1, 2, 3]
+    assert lead.term_at(i2) == t2 and lead.term_at(i3) == t3
+    for _ in range(3):  # heartbeats carry the commit index to the followers
+        lead.tick()
+        lead.process()
+        net.deliver()
+        while off.jobs:
+            off.finish()
+            net.deliver()
+    for n in net.nodes.values():
+        assert n._sm.states[b"chain"].height == 3  # type: ignore[attr-defined]
+
+
+def test_a_failed_offloaded_sync_fails_closed_and_releases_nothing() -> None:
+    net, lead, off = _offload_net()
+    got, resolve = _collect()
+    lead.propose(_sign(1), resolve)
+    lead.process()
+    net.deliver()
+    lead.propose(_sign(2), resolve)  # deferred behind the sync
+    off.finish(error=OSError(5, "Input/output error"))
+    assert lead.fatal is not None and "fdatasync" in lead.fatal
+    assert len(got) == 2 and all(r is None and isinstance(e, StateError) for r, e in got)
+    with pytest.raises(StateError):
+        lead.propose(_sign(3), resolve)
+
+
+def test_close_with_a_sync_in_flight_drops_its_ready_and_snapshots_wait() -> None:
+    net, lead, off = _offload_net()
+    got, resolve = _collect()
+    lead.propose(_sign(1), resolve)
+    lead.process()
+    net.queue.clear()  # the appends left before the sync (they vouch for nothing)
+    lead.snapshot_now()  # not while the sync runs (it may rewrite the log file)
+    assert lead._snapshot_due
+    work, done = off.jobs.pop()
+    work()
+    lead.close()
+    done()  # late: nothing is sent or applied after close
+    assert not net.queue
+    assert got and got[0][0] is None and isinstance(got[0][1], ReplicationError)
+
+
+def test_only_a_ready_of_several_entries_is_offloaded_by_default() -> None:
+    net, lead, off = _offload_net(min_entries=2)
+    lead.propose(_sign(1), lambda r, e: None)
+    lead.process()
+    assert not off.jobs and lead._inflight is None  # one entry: synced inline
+    lead.propose(_sign(2), lambda r, e: None)
+    lead.propose(_sign(3), lambda r, e: None)
+    lead.process()
+    assert len(off.jobs) == 1
