@@ -17,10 +17,11 @@ release that has it can be configured for one, so every member reads it.  Snapsh
 (the members section: the Raft addresses of members added with ``nebula cluster add``,
 so a restarted member can reach them without editing its config).
 
-Compatibility rule (rolling upgrades, written down in docs/raft.md too): a release decodes
-every version it ever wrote.  A release that adds a command version or op (a) still
-*writes* the old version while any member may run the previous release, and (b) switches
-only when the operator raises ``raft.command_version`` after every member runs it.  A
+Compatibility rule (rolling upgrades, also in the README's "Rolling upgrades and
+formats"): a release decodes every version it ever wrote.  A release that adds a command
+version or op (a) still *writes* the old version while any member may run the previous
+release, and (b) switches only when the operator raises the written version (a ``[raft]``
+key that release adds; version 1 is the only one so far) after every member runs it.  A
 committed entry a member cannot decode stops that member (fail closed) rather than
 letting its state diverge.  Transport frames carry their own version in the handshake.
 """
