@@ -155,7 +155,6 @@ class RaftNode:
         on_append: Callable[[list[tuple[int, int, int, bytes, bytes]]], None] | None = None,
         offload: Offload | None = None,
         offload_min_entries: int = 2,
-        offload_followers: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.id = node_id
@@ -171,7 +170,6 @@ class RaftNode:
         self._on_append = on_append
         self._offload = offload
         self._offload_min = max(1, int(offload_min_entries))
-        self._offload_followers = offload_followers
         # A leader's sync running off the loop thread: (job, committed, persisted messages)
         # of the Ready it belongs to; inputs wait in _deferred until it is done.
         self._inflight: tuple[SyncJob, list[Any], list[Any]] | None = None
@@ -364,7 +362,6 @@ class RaftNode:
             if rd is None:
                 break
             _number, ss, hs, snap, entries, msgs, committed, pmsgs, must_sync = rd
-            hooked: list[Any] | None = None  # entries for on_append
             if ss is not None:
                 self._soft_state(ss[0], ss[1])
             if msgs:
@@ -390,34 +387,26 @@ class RaftNode:
                         hs_out = hs_out._replace(commit=floor)
                 self._log.append([Entry(*e) for e in entries], hs_out)
                 if entries and self._on_append is not None:
-                    hooked = entries
+                    self._on_append(entries)
             elif hs is not None:
                 # Only the commit index moved: no write now, it rides with the next one
                 # (a commit index lost in a crash is learned again from the leader).
                 self._pending_hs = HardState(*hs)
             if must_sync:  # raft-rs: new entries, or a new term or vote
-                if self._offload is not None and (
-                    len(entries) >= self._offload_min
-                    if self.role == LEADER
-                    else (self._offload_followers and hooked is not None)
+                if (
+                    self._offload is not None
+                    and self.role == LEADER
+                    and len(entries) >= self._offload_min
                 ):
                     job = self._log.sync_job()
                     if job is not None:
                         # Off the loop thread: the loop serves other work (other chains'
-                        # requests, which propose into the next Ready; a follower's
-                        # signature shares, on_append) meanwhile.
+                        # requests, which propose into the next Ready) meanwhile.
                         self._inflight = (job, committed, pmsgs)
                         self._offload(job.run, self._on_synced)
-                        if hooked is not None:
-                            self._on_append(hooked)  # type: ignore[misc]
                         return
-                if hooked is not None:
-                    self._on_append(hooked)  # type: ignore[misc]
-                    hooked = None
                 self._log.sync()
                 self.syncs += 1
-            if hooked is not None:
-                self._on_append(hooked)  # type: ignore[misc]
             self._finish(committed, pmsgs)
         self._after_readies()
 

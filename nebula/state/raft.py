@@ -285,9 +285,6 @@ class RaftStore(SignStore):
                 on_authority=self._on_authority,
                 on_membership=self._on_membership,
                 offload=self._offload if sync_off_loop else None,
-                # A threshold member's follower syncs off the loop too: it signs its
-                # shares of the appended entries while the disk flushes.
-                offload_followers=bool(threshold),
                 **self._threshold_hooks(),
             )
         except BaseException:
@@ -327,7 +324,6 @@ class RaftStore(SignStore):
             lambda chain: self._sm.states.get(chain),  # (restore replaces the dict)
             lambda i: self._node.term_at(i),
             on_share=self._share_arrived,
-            leader=lambda: self._node.leader_id,
         )
         return {"on_send": ts.on_send, "on_receive": ts.on_receive, "on_append": ts.on_append}
 

@@ -197,16 +197,9 @@ class ThresholdShares:
         term_at: Callable[[int], int | None],
         *,
         on_share: Callable[[int], None] | None = None,
-        leader: Callable[[], int] | None = None,
         max_pool: int = 4096,
     ) -> None:
         self.node_id = node_id
-        # The current leader's id (0: none): a follower signs its shares for it as soon as
-        # it appends an entry (while the entry is synced), not when it acknowledges.
-        self._leader = leader
-        # (chain, message, extension, partner) -> (share, extension share): BLS shares
-        # are deterministic, so one signed at append time is the one on_send would sign.
-        self._signed: dict[tuple[bytes, bytes, bytes, int | None], tuple[bytes, bytes]] = {}
         self.shares = dict(shares)
         self._state = state
         self._term_at = term_at
@@ -220,15 +213,9 @@ class ThresholdShares:
     # -- follower side -----------------------------------------------------------------
 
     def on_append(self, entries: list[tuple[int, int, int, bytes, bytes]]) -> None:
-        lead = self._leader() if self._leader is not None else 0
         for index, term, etype, data, _ctx in entries:
             if etype == _ENTRY_NORMAL and len(data) > 2 and data[1] == commands.OP_TSIGN:
                 self._appended[index] = (term, data)
-                if lead and lead != self.node_id:
-                    try:
-                        self._share_for(data, lead)  # signed now, sent by on_send
-                    except Exception as e:  # never stop the node: on_send tries again
-                        log.debug("threshold: no share at append: %s: %s", type(e).__name__, e)
             else:
                 self._appended.pop(index, None)
 
@@ -255,20 +242,11 @@ class ThresholdShares:
         # goes out already multiplied by this member's Lagrange coefficient (the leader
         # saves a G2 multiplication per signature on its critical path).
         partner = to if key.public.threshold == 2 and to != key.index else None
-        memo = (chain, msg, ext, partner)
-        signed = self._signed.get(memo)
-        if signed is None:
-            if len(self._signed) >= 256:
-                self._signed.clear()
-            signed = self._signed[memo] = (
-                key.sign_share(msg, with_partner=partner),
-                key.sign_share(ext, with_partner=partner) if ext else b"",
-            )
         return Share(
             digest(msg),
-            signed[0],
+            key.sign_share(msg, with_partner=partner),
             digest(ext) if ext else b"",
-            signed[1],
+            key.sign_share(ext, with_partner=partner) if ext else b"",
             partner is not None,
         )
 

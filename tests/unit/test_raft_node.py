@@ -408,35 +408,3 @@ def test_only_a_ready_of_several_entries_is_offloaded_by_default() -> None:
     lead.propose(_sign(3), lambda r, e: None)
     lead.process()
     assert len(off.jobs) == 1
-
-
-def test_a_threshold_follower_syncs_off_the_loop_and_hooks_the_entries_meanwhile() -> None:
-    """offload_followers (a threshold member): a follower's sync of appended entries runs
-    off the loop, on_append (where it signs its shares) runs while it does, and the
-    acknowledgement leaves only after the sync."""
-    off = Offload()
-    seen: list[tuple[int, bool, int]] = []  # (node, sync in flight, entries)
-    net = Net([1, 2, 3], offload=off, offload_followers=True)
-    for i, n in net.nodes.items():
-        n._on_append = lambda es, i=i, n=n: seen.append((i, n._inflight is not None, len(es)))
-    lead = net.nodes[1]
-    lead.campaign()
-    lead.process()
-    for _ in range(50):
-        net.deliver()
-        while off.jobs:
-            off.finish()
-            net.deliver()
-    assert lead.authoritative
-    seen.clear()
-    lead.propose(_sign(1), lambda r, e: None)
-    lead.process()
-    net.deliver()
-    followers = [i for i in net.nodes if i != lead.id]
-    assert {i for i, inflight, _ in seen if inflight} == set(followers)
-    assert all(net.nodes[i]._inflight is not None for i in followers)
-    assert not net.queue  # no acknowledgement before the syncs are done
-    while off.jobs:
-        off.finish()
-        net.deliver()
-    assert lead.commit_index == lead.last_index

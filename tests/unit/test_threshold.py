@@ -28,9 +28,6 @@ from nebula.crypto.threshold import (
     write_share_file,
 )
 from nebula.errors import KeyFileError
-from nebula.guard import SignRecord
-from nebula.raft import commands
-from nebula.state.threshold import ThresholdShares
 
 _SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -311,39 +308,3 @@ def test_keys_show_on_a_threshold_member_shows_the_group_key(
     (dirs[1].home / "share.json").write_bytes((dirs[0].home / "share.json").read_bytes())
     assert main(["keys", "show", "-c", str(dirs[1].config_path)]) == 2
     assert "holds share 1, but this is node 2" in capsys.readouterr().err
-
-
-def test_a_follower_signs_at_append_exactly_what_it_would_at_acknowledgement(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With the leader known, a follower signs its share when it appends a TSIGN entry
-    (RaftStore overlaps that with the entry's fdatasync); the acknowledgement then sends
-    that share - the same bytes a fresh signing gives - unless the member's state moved
-    meanwhile so that its guard refuses: then no share at all, as before."""
-    shares = split(None, 2, 3)
-    signed: list[bytes] = []
-    real = KeyShare.sign_share
-
-    def counting(self: KeyShare, msg: bytes, **kw: object) -> bytes:
-        signed.append(msg)
-        return real(self, msg, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(KeyShare, "sign_share", counting)
-    states: dict[bytes, SignRecord] = {}
-    follower = ThresholdShares(2, {b"c": shares[1]}, states.get, lambda i: 1, leader=lambda: 1)
-    fresh = ThresholdShares(2, {b"c": shares[1]}, states.get, lambda i: 1)
-    data = commands.encode_command(commands.OP_TSIGN, b"c", SignRecord(5, 0, 2, b"sb-5"))
-    follower.on_append([(7, 1, 0, data, b"")])
-    assert signed == [b"sb-5"]  # at append
-    at_ack = follower._share_for(data, 1)
-    assert signed == [b"sb-5"]  # not again
-    assert at_ack == fresh._share_for(data, 1) and at_ack is not None and at_ack.scaled
-    # A conflicting decision at the same HRS is applied before the acknowledgement: the
-    # guard refuses, so the share signed at append is not sent.
-    states[b"c"] = SignRecord(5, 0, 2, b"other")
-    assert follower._share_for(data, 1) is None
-    # The leader does not sign shares of its own entries at append.
-    leader = ThresholdShares(1, {b"c": shares[0]}, {}.get, lambda i: 1, leader=lambda: 1)
-    signed.clear()
-    leader.on_append([(7, 1, 0, data, b"")])
-    assert signed == []
