@@ -43,7 +43,10 @@ class Member:
         self.sm = SignStateMachine()
         self.node: RaftNode
         self.ts = ThresholdShares(
-            i, {CHAIN: share}, lambda c: self.sm.states.get(c), lambda x: self.node.term_at(x)
+            i,
+            {CHAIN: share},
+            lambda c: self.sm.states.get(c),
+            lambda x: self.node.term_at(x),
         )
 
         def send(to: int, payload: bytes) -> bool:
@@ -64,6 +67,10 @@ class Member:
             on_send=self._on_send(net),
             on_receive=self.ts.on_receive,
             on_append=self.ts.on_append,
+            # RaftStore(sync_off_loop=True): a leader's syncs run off the loop (here every
+            # one of them, not only those of several entries).
+            offload=net.offloader if net.offload else None,
+            offload_min_entries=1,
         )
 
     def _on_send(self, net: TNet) -> Callable[[int, int, bytes], bytes]:
@@ -81,8 +88,19 @@ class Member:
 class TNet:
     """Members over a seeded network; ``cut`` partitions, ``deliver`` shuffles."""
 
-    def __init__(self, n: int, t: int, seed: int, *, shares: list[KeyShare] | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        t: int,
+        seed: int,
+        *,
+        shares: list[KeyShare] | None = None,
+        offload: bool = False,
+    ) -> None:
         self.rng = random.Random(seed)
+        self.offload = offload
+        self.jobs: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.offloaded = 0
         self.whole = Bls12381Key((1 + self.rng.randrange(2**250)).to_bytes(32, "big"))
         self.ids = list(range(1, n + 1))
         self.fs = MemFS()
@@ -100,8 +118,18 @@ class TNet:
     def linked(self, a: int, b: int) -> bool:
         return self.groups is None or any(a in g and b in g for g in self.groups)
 
+    def offloader(self, work: Callable[[], None], done: Callable[[], None]) -> None:
+        """A sync off the loop: finished later, between deliveries (``deliver``)."""
+        self.jobs.append((work, done))
+        self.offloaded += 1
+
     def deliver(self, drop: float = 0.0, limit: int = 20_000) -> None:
         for _ in range(limit):
+            if self.jobs and (not self.queue or self.rng.random() < 0.3):
+                work, done = self.jobs.pop(self.rng.randrange(len(self.jobs)))
+                work()
+                done()
+                continue
             if not self.queue:
                 return
             k = self.rng.randrange(len(self.queue)) if self.rng.random() < 0.3 else 0
@@ -205,12 +233,13 @@ def test_the_safety_rule_t_below_quorum_lets_a_minority_sign_t_at_quorum_does_no
     check_cluster(split(None, 3, 5)[0], 1, [1, 2, 3, 4, 5], "test")
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["sync-inline", "sync-off-loop"])
 @pytest.mark.parametrize("n,t", [(3, 2), (5, 3)])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_storm_one_released_message_per_hrs_and_every_signature_verifies(
-    n: int, t: int, seed: int
+    n: int, t: int, seed: int, offload: bool
 ) -> None:
-    net = TNet(n, t, seed)
+    net = TNet(n, t, seed, offload=offload)
     rng = net.rng
     open_: list[tuple[Member, list[Any]]] = []
     releases = 0
@@ -252,6 +281,7 @@ def test_storm_one_released_message_per_hrs_and_every_signature_verifies(
     for hrs, msgs in net.released.items():
         assert len(msgs) == 1, f"seed {seed}: two messages released at {hrs}: {msgs}"
     assert not net.bad
+    assert (net.offloaded > 0) == offload
 
 
 def test_a_member_with_a_wrong_share_is_named_and_excluded() -> None:
