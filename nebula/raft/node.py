@@ -2,7 +2,9 @@
 
 :class:`RaftNode` owns a :class:`nebula.raft._core.Node`, the durable
 :class:`~nebula.raft.storage.RaftLog` and a :class:`StateMachine`.  It does no I/O of
-its own besides the log: messages leave through the injected ``send`` callable, time
+its own besides the log: messages leave through the injected ``send`` callable (several to
+one peer from one pass - a group commit's appends, their acknowledgements - through
+``send_many``: one frame, one write), time
 arrives as :meth:`tick` calls, and messages arrive through :meth:`receive`.  The event
 loop (``nebula.state.raft``) and the deterministic simulation (``tests/sim``) drive the
 same class.
@@ -136,6 +138,7 @@ class RaftNode:
         state_machine: StateMachine,
         send: Callable[[int, bytes], bool],
         *,
+        send_many: Callable[[int, list[bytes]], bool] | None = None,
         peers: Iterable[int] = (),
         join: bool = False,
         election_tick: int = 10,
@@ -161,6 +164,7 @@ class RaftNode:
         self._log = log
         self._sm = state_machine
         self._send = send
+        self._send_many = send_many
         self._snapshot_entries = max(2, int(snapshot_entries))
         self._on_role = on_role
         self._on_authority = on_authority
@@ -507,12 +511,37 @@ class RaftNode:
 
     def _transmit(self, msgs: list[tuple[int, int, bytes]]) -> None:
         on_send = self._on_send
+        send_many = self._send_many
+        if send_many is None or len(msgs) < 2:
+            for to, mtype, payload in msgs:
+                if on_send is not None:
+                    payload = on_send(to, mtype, payload)
+                ok = self._send(to, payload)
+                if mtype == _core.MSG_SNAPSHOT:
+                    self._snap_reports.append((to, ok))
+            return
+        # Several messages (one append per proposal of a group commit, and their
+        # acknowledgements): one frame and one write per peer, in order.
+        groups: dict[int, list[bytes]] = {}
         for to, mtype, payload in msgs:
             if on_send is not None:
                 payload = on_send(to, mtype, payload)
-            ok = self._send(to, payload)
             if mtype == _core.MSG_SNAPSHOT:
-                self._snap_reports.append((to, ok))
+                before = groups.pop(to, None)
+                if before:
+                    send_many(to, before)
+                self._snap_reports.append((to, self._send(to, payload)))
+                continue
+            group = groups.get(to)
+            if group is None:
+                groups[to] = [payload]
+            else:
+                group.append(payload)
+        for to, payloads in groups.items():
+            if len(payloads) == 1:
+                self._send(to, payloads[0])
+            else:
+                send_many(to, payloads)
 
     def _apply(self, entries: list[tuple[int, int, int, bytes, bytes]]) -> None:
         pending = self._pending

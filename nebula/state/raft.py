@@ -275,6 +275,7 @@ class RaftStore(SignStore):
                 self._log,
                 self._sm,
                 self._transport.send,
+                send_many=self._transport.send_many,
                 peers=peers.keys(),
                 join=join,
                 election_tick=emin,

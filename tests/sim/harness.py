@@ -425,11 +425,15 @@ class Simulation:
         inc = m.incarnation + 1
         try:
             log = sm.log = self._make_log(f"/n{m.id}/raft", m.fs, self.profile)
+            send = self._sender(m.id, inc)
             node = self._make_node(
                 m.id,
                 log,
                 sm,
-                self._sender(m.id, inc),
+                send,
+                # Batches go out message by message here: each still gets its own latency,
+                # drops and duplicates (a superset of a batch's arriving in one frame).
+                send_many=lambda to, ps, send=send: all([send(to, p) for p in ps]),
                 # A member added later keeps ``join = true`` in its config for good.
                 peers=self.ids if m.id in self.ids else (),
                 join=m.id not in self.ids,

@@ -408,3 +408,40 @@ def test_only_a_ready_of_several_entries_is_offloaded_by_default() -> None:
     lead.propose(_sign(3), lambda r, e: None)
     lead.process()
     assert len(off.jobs) == 1
+
+
+def test_several_messages_to_a_peer_leave_as_one_batch_in_order() -> None:
+    """A group commit's appends (one per proposal) and their acknowledgements leave as one
+    send_many per peer, in order; a lone message goes through send."""
+    calls: list[tuple[int, int, int]] = []  # (from, to, messages)
+    net = Net([1, 2, 3])
+    for i, n in net.nodes.items():
+
+        def send_many(to: int, ps: list[bytes], i: int = i) -> bool:
+            calls.append((i, to, len(ps)))
+            for p in ps:
+                net.queue.append((i, to, p))
+            return True
+
+        n._send_many = send_many
+    lead = net.leader()
+    calls.clear()
+    got, resolve = _collect()
+    for h in range(1, 6):
+        lead.propose(_sign(h), resolve)
+    lead.process()
+    assert sorted(to for frm, to, _ in calls if frm == lead.id) == [
+        i for i in sorted(net.nodes) if i != lead.id
+    ]
+    assert all(k == 5 for frm, _to, k in calls if frm == lead.id)  # five appends, one batch
+    # A follower steps the whole batch (one socket read), then one Ready: its five
+    # acknowledgements go back as one batch too.
+    batch, net.queue = list(net.queue), type(net.queue)()
+    for f in (i for i in net.nodes if i != lead.id):
+        for frm, to, p in batch:
+            if to == f:
+                net.nodes[f].receive(frm, p)
+        net.nodes[f].process()
+    assert sorted(k for frm, _to, k in calls if frm != lead.id) == [5, 5]
+    net.deliver()
+    assert [r.record.height for r, e in got] == [1, 2, 3, 4, 5]
