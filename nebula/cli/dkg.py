@@ -19,7 +19,6 @@ The design and its security argument: :mod:`nebula.crypto.dkg`.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 from pathlib import Path
@@ -45,17 +44,12 @@ def _read_json(path: str, what: str) -> Any:
 
 
 def _write_public(path: Path, doc: dict[str, Any], *, overwrite: bool) -> None:
-    from nebula.durable import write_file_durably
+    from nebula.crypto.keys import write_private_file
 
     if not overwrite and os.path.lexists(path):
         raise KeyFileError(f"{path} already exists; refusing to overwrite it (--force)")
     data = (json.dumps(doc, indent=2) + "\n").encode("ascii")
-    try:
-        write_file_durably(path, data, 0o644, overwrite=overwrite)
-    except FileExistsError:
-        raise KeyFileError(f"{path} already exists; refusing to overwrite it") from None
-    except OSError as e:
-        raise KeyFileError(f"cannot write {path}: {e.strerror or e}") from None
+    write_private_file(path, data, overwrite=overwrite, mode=0o644)  # public: 0644
 
 
 def _secret_path(args: argparse.Namespace) -> Path:
@@ -156,6 +150,7 @@ def cmd_deal(args: argparse.Namespace) -> int:
 
 def cmd_finish(args: argparse.Namespace) -> int:
     from nebula.crypto import dkg, threshold
+    from nebula.crypto.keys import pubkey_json
 
     me = _load_me(args)
     cer = _ceremony(args)
@@ -172,10 +167,7 @@ def cmd_finish(args: argparse.Namespace) -> int:
         "threshold": pub.threshold,
         "shares": pub.shares,
         "address": pub.address.hex().upper(),
-        "pub_key": {
-            "type": "cometbft/PubKeyBls12_381",
-            "value": base64.b64encode(pub.group_public_key).decode(),
-        },
+        "pub_key": pubkey_json(pub),
         "ceremony": cer.id.hex(),
         "transcript": result.transcript.hex(),
         "share_file": str(out),

@@ -199,10 +199,7 @@ def cmd_keys_split(args: argparse.Namespace) -> int:
         "threshold": pub.threshold,
         "shares": pub.shares,
         "address": pub.address.hex().upper(),
-        "pub_key": {
-            "type": "cometbft/PubKeyBls12_381",
-            "value": base64.b64encode(pub.group_public_key).decode(),
-        },
+        "pub_key": keys.pubkey_json(pub),
         "files": [str(out / f"share-{s.index}.json") for s in shares],
         "source": args.from_json or args.from_key_file or "a fresh key",
     }

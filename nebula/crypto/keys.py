@@ -688,19 +688,20 @@ def read_private_file(
 
 
 def write_private_file(
-    path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False
+    path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False, mode: int = 0o600
 ) -> None:
     """Create ``path`` with ``data``, mode 0600, atomically and durably.
 
     :func:`nebula.durable.write_file_durably`: a fresh temporary file (O_EXCL, 0600,
     fsync'ed) hard-linked to ``path`` (which fails if ``path`` exists) or, with
-    ``overwrite=True``, renamed over it. Readers never see a partial file.
+    ``overwrite=True``, renamed over it. Readers never see a partial file.  ``mode``: for
+    the rare public file written the same way (e.g. 0o644: a DKG member's public file).
     """
     p = os.fspath(path)
     if not overwrite and os.path.lexists(p):
         raise KeyFileError(f"{p} already exists; refusing to overwrite it")
     try:
-        write_file_durably(p, data, 0o600, overwrite=overwrite)
+        write_file_durably(p, data, mode, overwrite=overwrite)
     except FileExistsError:
         raise KeyFileError(f"{p} already exists; refusing to overwrite it") from None
     except OSError as exc:

@@ -47,7 +47,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pyblst import BlstP1Element, BlstP2Element, final_verify, miller_loop
 
@@ -127,6 +127,8 @@ class ThresholdPublic:
     #: the t commitments, 48-byte compressed G1 points; commitments[0] is the group key
     commitments: tuple[bytes, ...]
     dst: bytes = BLS_DEFAULT_DST
+    #: with :attr:`public_key`: what :func:`nebula.crypto.keys.pubkey_json` reads
+    key_type: ClassVar[str] = "bls12381"
     _points: tuple[BlstP1Element, ...] = field(init=False, repr=False)
     _pub_shares: dict[int, BlstP1Element] = field(init=False, repr=False)
 
@@ -148,6 +150,11 @@ class ThresholdPublic:
     def group_public_key(self) -> bytes:
         """The group key as CometBFT knows it: 96-byte uncompressed G1."""
         return g1_uncompressed(self.commitments[0])
+
+    @property
+    def public_key(self) -> bytes:
+        """The group key (:attr:`group_public_key`)."""
+        return self.group_public_key
 
     @property
     def address(self) -> bytes:
