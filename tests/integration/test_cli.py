@@ -17,23 +17,12 @@ from nebula.aio.validator_side import PrivvalListener
 from nebula.types import SignVoteRequest, WireFamily
 from tests.integration.test_single_node import vote
 from tests.support import vectors
-from tests.support.nebula_proc import REPO_ROOT
+from tests.support.nebula_proc import REPO_ROOT, run_cli
 from tests.support.ports import free_ports
 
 
 def nebula(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    r = subprocess.run(
-        [sys.executable, "-m", "nebula.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env=env,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"nebula {' '.join(args)} failed: {r.stdout}\n{r.stderr}")
-    return r
+    return run_cli(*args, cwd=cwd, check=check)
 
 
 def test_version() -> None:

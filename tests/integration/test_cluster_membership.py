@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +18,7 @@ from typing import Any
 from nebula.crypto.keys import generate
 from nebula.types import SignedMsgType, WireFamily
 from tests.support.cluster import Auditor, Driver, ProcCluster, driver, vote_req
-from tests.support.nebula_proc import REPO_ROOT
+from tests.support.nebula_proc import run_cli
 from tests.support.ports import free_ports
 
 CHAIN = "membership-chain"
@@ -28,20 +26,7 @@ CHAIN = "membership-chain"
 
 async def nebula(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real CLI (off the event loop, so the driver keeps accepting connections)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "nebula.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(
-            f"nebula {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-        )
-    return r
+    return await asyncio.to_thread(run_cli, *args, check=check)
 
 
 def _cfgs(cluster: ProcCluster, ids: list[int]) -> list[str]:

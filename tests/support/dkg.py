@@ -4,29 +4,17 @@ one directory per member (its machine), public files carried between them by han
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.nebula_proc import REPO_ROOT
+from tests.support.nebula_proc import run_cli
 
 
 def nebula(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    r = subprocess.run(
-        [sys.executable, "-m", "nebula.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    if check and r.returncode != 0:
-        raise AssertionError(f"nebula {' '.join(args)} failed: {r.stdout}\n{r.stderr}")
-    return r
+    return run_cli(*args, check=check)
 
 
 @dataclass

@@ -6,6 +6,9 @@ with ``nebula demo``); :class:`NebulaProcess` keeps the tests' constructor.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +17,27 @@ from nebula.devnet.cluster import NebulaNode, write_node_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-__all__ = ["REPO_ROOT", "NebulaProcess"]
+__all__ = ["REPO_ROOT", "NebulaProcess", "run_cli"]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI (``python -m nebula.cli.main``) from this checkout; with ``check``
+    a non-zero exit fails the test with the command, its code and its output."""
+    r = subprocess.run(
+        [sys.executable, "-m", "nebula.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"nebula {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+        )
+    return r
 
 
 class NebulaProcess(NebulaNode):
