@@ -178,10 +178,12 @@ class RaftNode:
         # of the Ready it belongs to; inputs wait in _deferred until it is done.
         self._inflight: tuple[SyncJob, list[Any], list[Any]] | None = None
         self._deferred: list[tuple[int, bytes] | None] = []
-        # Proposals made meanwhile: (term, index, data), proposed to raft-rs in order right
-        # after that Ready (raft-rs takes no new entry between ready() and advance()); the
-        # (term, index) is known in advance: nothing else can append meanwhile.
-        self._deferred_props: list[tuple[int, int, bytes]] = []
+        # Proposals made meanwhile: (term, index, data, resolve), proposed to raft-rs in
+        # order right after that Ready (raft-rs takes no new entry between ready() and
+        # advance()); the (term, index) is known in advance: nothing else can append
+        # meanwhile.  A waiter joins _pending only once its placement is checked, so no
+        # other entry can ever resolve it.
+        self._deferred_props: list[tuple[int, int, bytes, Resolver]] = []
         # Other operator calls made meanwhile (conf change, transfer, campaign), after those.
         self._deferred_calls: list[Callable[[], None]] = []
         self._clock = clock
@@ -280,8 +282,7 @@ class RaftNode:
                 raise NotLeader(f"raft node {self.id}: proposal dropped (leadership transfer)")
             term = core.term
             index = core.last_index + 1 + len(self._deferred_props)
-            self._deferred_props.append((term, index, data))
-            self._pending[index] = (term, resolve)
+            self._deferred_props.append((term, index, data, resolve))
             return term, index
         try:
             term, index = self._core.propose(b"", data)
@@ -469,22 +470,22 @@ class RaftNode:
 
     def _propose_deferred(self) -> None:
         """Propose what arrived during an offloaded sync, first thing after its Ready:
-        each lands at the (term, index) its caller was given (checked: on any difference
-        that proposal and the later ones resolve as lost, before anything is applied)."""
+        each lands at the (term, index) its caller was given - checked before its waiter
+        is registered; on any difference that proposal and the later ones resolve as
+        lost."""
         props, self._deferred_props = self._deferred_props, []
-        for k, (term, index, data) in enumerate(props):
+        for k, (term, index, data, resolve) in enumerate(props):
             try:
                 got = self._core.propose(b"", data)
             except _core.ProposalDropped:
                 got = None
-            if got != (term, index):
-                for _t, i, _d in props[k:]:
-                    waiter = self._pending.pop(i, None)
-                    if waiter is not None:
-                        waiter[1](
-                            None,
-                            ReplicationError(f"raft proposal for index {i} was not placed there"),
-                        )
+            if got == (term, index):
+                self._pending[index] = (term, resolve)
+            else:
+                for _t, i, _d, waiter in props[k:]:
+                    waiter(
+                        None, ReplicationError(f"raft proposal for index {i} was not placed there")
+                    )
                 log.warning(
                     "raft node %d: a proposal made during a sync went to %s, not (%d, %d)",
                     self.id,
@@ -601,9 +602,13 @@ class RaftNode:
             resolve(None, ReplicationError("raft proposal outcome unknown (snapshot installed)"))
 
     def fail_pending(self, exc: BaseException) -> None:
-        """Resolve every waiting proposal with ``exc`` (nothing is released)."""
+        """Resolve every waiting proposal with ``exc`` (nothing is released); the ones
+        still waiting for an offloaded sync are not proposed any more."""
         pending, self._pending = self._pending, {}
+        props, self._deferred_props = self._deferred_props, []
         for _, resolve in pending.values():
+            resolve(None, exc)
+        for *_, resolve in props:
             resolve(None, exc)
 
     def _soft_state(self, leader_id: int, role: int) -> None:
@@ -697,7 +702,6 @@ class RaftNode:
         nothing of it is sent or applied)."""
         self._inflight = None
         self._deferred.clear()
-        self._deferred_props.clear()
         self._deferred_calls.clear()
         self.fail_pending(ReplicationError(f"raft node {self.id} closed"))
         if self._pending_hs is not None and self.fatal is None:

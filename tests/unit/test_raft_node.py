@@ -445,3 +445,39 @@ def test_several_messages_to_a_peer_leave_as_one_batch_in_order() -> None:
     assert sorted(k for frm, _to, k in calls if frm != lead.id) == [5, 5]
     net.deliver()
     assert [r.record.height for r, e in got] == [1, 2, 3, 4, 5]
+
+
+class _Interloper:
+    """The raft-rs core, except that every proposal first proposes an extra entry (so a
+    deferred proposal lands one index later than the one it was given)."""
+
+    def __init__(self, core: Any) -> None:
+        self._core = core
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def propose(self, context: bytes, data: bytes) -> tuple[int, int]:
+        self._core.propose(b"", _sign(99, b"interloper"))
+        return self._core.propose(context, data)
+
+
+def test_a_deferred_proposal_placed_elsewhere_resolves_as_lost_and_nothing_else() -> None:
+    net, lead, off = _offload_net()
+    got, resolve = _collect()
+    lead.propose(_sign(1), resolve)
+    lead.process()
+    term, index = lead.propose(_sign(2), resolve)  # deferred: given index, not placed yet
+    lead._core = _Interloper(lead._core)  # type: ignore[assignment]
+    off.finish()
+    for _ in range(20):
+        net.deliver()
+        while off.jobs:
+            off.finish()
+            net.deliver()
+    # Entry 1 answered; entry 2 resolved once, as lost; the interloper took its index and
+    # was applied there without resolving anybody.
+    outcomes = sorted(type(e).__name__ if e else r.verdict.name for r, e in got)
+    assert outcomes == ["ACCEPT", "ReplicationError"]
+    assert [r.record.height for r, e in got if e is None] == [1]
+    assert lead.term_at(index) == term and lead.applied >= index + 1
