@@ -37,6 +37,7 @@ from nebula.types import WireFamily
 
 if TYPE_CHECKING:
     from nebula.bench.local import LocalSigners
+    from nebula.bench.runner import RunOptions
 
 __all__ = ["cmd_bench", "register"]
 
@@ -237,6 +238,30 @@ def _parse_chains(text: str) -> list[int]:
     return counts
 
 
+def _run_options(
+    args: argparse.Namespace,
+    chain_id: str,
+    family: WireFamily,
+    targets: list[str],
+    **extra: Any,
+) -> RunOptions:
+    """The bench client's options for one chain, from the command line."""
+    from nebula.bench.runner import RunOptions
+
+    return RunOptions(
+        chain_id=chain_id,
+        family=family,
+        requests=args.requests,
+        warmup=args.warmup,
+        start_height=args.start_height,
+        proposal_every=args.proposal_every,
+        extension_size=args.extension_size,
+        accept_timeout=args.accept_timeout,
+        metrics_targets=targets,
+        **extra,
+    )
+
+
 def _local_signers(
     args: argparse.Namespace, chain_id: str, family: WireFamily, chains: int | None = None
 ) -> LocalSigners:
@@ -317,17 +342,7 @@ def _cmd_chains(
                     for li in listeners:
                         li.start()
                     opts = [
-                        runner.RunOptions(
-                            chain_id=cid,
-                            family=family,
-                            requests=args.requests,
-                            warmup=args.warmup,
-                            start_height=args.start_height,
-                            proposal_every=args.proposal_every,
-                            extension_size=args.extension_size,
-                            accept_timeout=args.accept_timeout,
-                            metrics_targets=signers.metrics_targets,
-                        )
+                        _run_options(args, cid, family, signers.metrics_targets)
                         for cid in signers.chain_ids
                     ]
 
@@ -416,16 +431,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ) -> runner.BenchResult:
         listener = BlockingListener(address, family)
         listener.start()
-        opts = runner.RunOptions(
-            chain_id=chain_id,
-            family=family,
-            requests=args.requests,
-            warmup=args.warmup,
-            start_height=args.start_height,
-            proposal_every=args.proposal_every,
-            extension_size=args.extension_size,
-            accept_timeout=args.accept_timeout,
-            metrics_targets=targets,
+        opts = _run_options(
+            args,
+            chain_id,
+            family,
+            targets,
             handshakes=args.handshakes,
             processes=processes or [],
         )
