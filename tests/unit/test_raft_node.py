@@ -302,7 +302,7 @@ def test_an_acknowledgement_leaves_after_the_sync_and_before_the_apply() -> None
 
 
 class Offload:
-    """Keeps every offloaded sync until the test finishes it (``run``) or fails it."""
+    """Keeps every offloaded sync until the test finishes it (``finish``, ``settle``)."""
 
     def __init__(self) -> None:
         self.jobs: list[tuple[Callable[[], None], Callable[[], None]]] = []
@@ -318,6 +318,13 @@ class Offload:
             work.__self__.error = error  # type: ignore[attr-defined]
         done()
 
+    def settle(self, net: Net) -> None:
+        """Deliver every message, finishing each sync as it comes, until all is quiet."""
+        net.deliver()
+        while self.jobs:
+            self.finish()
+            net.deliver()
+
 
 def _offload_net(min_entries: int = 1) -> tuple[Net, RaftNode, Offload]:
     off = Offload()
@@ -326,10 +333,7 @@ def _offload_net(min_entries: int = 1) -> tuple[Net, RaftNode, Offload]:
     lead.campaign()
     lead.process()
     for _ in range(50):
-        net.deliver()
-        while off.jobs:
-            off.finish()
-            net.deliver()
+        off.settle(net)
         if lead.authoritative:
             return net, lead, off
     raise AssertionError("node 1 never led")
@@ -350,21 +354,14 @@ def test_an_offloaded_sync_defers_inputs_and_places_proposals_where_it_said() ->
     lead.process()  # nothing happens while the sync runs
     assert len(off.jobs) == 1 and not got
     off.finish()
-    for _ in range(20):
-        net.deliver()
-        while off.jobs:
-            off.finish()
-            net.deliver()
+    off.settle(net)
     assert [r.verdict for r, e in got] == [Verdict.ACCEPT] * 3 and all(e is None for _, e in got)
     assert [r.record.height for r, _ in got] == [1, 2, 3]
     assert lead.term_at(i2) == t2 and lead.term_at(i3) == t3
     for _ in range(3):  # heartbeats carry the commit index to the followers
         lead.tick()
         lead.process()
-        net.deliver()
-        while off.jobs:
-            off.finish()
-            net.deliver()
+        off.settle(net)
     for n in net.nodes.values():
         assert n._sm.states[b"chain"].height == 3  # type: ignore[attr-defined]
 
@@ -470,11 +467,7 @@ def test_a_deferred_proposal_placed_elsewhere_resolves_as_lost_and_nothing_else(
     term, index = lead.propose(_sign(2), resolve)  # deferred: given index, not placed yet
     lead._core = _Interloper(lead._core)  # type: ignore[assignment]
     off.finish()
-    for _ in range(20):
-        net.deliver()
-        while off.jobs:
-            off.finish()
-            net.deliver()
+    off.settle(net)
     # Entry 1 answered; entry 2 resolved once, as lost; the interloper took its index and
     # was applied there without resolving anybody.
     outcomes = sorted(type(e).__name__ if e else r.verdict.name for r, e in got)
