@@ -6,9 +6,10 @@
 Each round runs every signer in turn, alternating, against the same validator-side client
 (``nebula bench --listen``, v0.34 wire: the protocol tmkms 0.14 speaks), one request in
 flight, every signature verified.  It prints one JSON line per run: p50/p99 in ms and the
-signer process's CPU time per request (from ``/proc``, over the whole bench: warm-up
-included).  ``--other`` adds a second Nebula checkout (its compiled extensions built in
-place), e.g. the commit before a change, for a before/after in the same minutes.
+signer process's CPU time per request (from ``/proc``: every thread's ``schedstat``, in ns;
+over the whole bench: warm-up included).  ``--other`` adds a second Nebula checkout (its
+compiled extensions built in place), e.g. the commit before a change, for a before/after
+in the same minutes.
 
 tmkms is not installed by CI; build it with
 ``cargo install tmkms --version 0.14.0 --features softsign --root /tmp/tmkms-install``
@@ -44,8 +45,16 @@ def _port() -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
+    """CPU time (user + system) of every thread of ``pid`` so far: the scheduler's
+    nanosecond count (``schedstat``), or the 10 ms clock ticks of ``stat`` without it."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        return total / 1e9
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / HZ
 
 
 def _bench(addr: str, requests: int, warmup: int) -> dict[str, Any]:
