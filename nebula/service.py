@@ -100,6 +100,9 @@ class SigningService:
         self.metrics = metrics
         self._replicated = store.replicated
         self._threshold = bool(getattr(backend, "threshold", False))
+        #: Requests are decided without waiting (a native key, the local store): the
+        #: validator connection answers them inside its socket callback.
+        self.inline = bool(backend.inline and store.inline and not self._threshold)
 
     # ---- dispatch --------------------------------------------------------------------
 

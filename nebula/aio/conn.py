@@ -15,8 +15,9 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import types
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any
 
 from nebula import proto
 from nebula.aio.session import READ_CHUNK, PlainSession, secret_handshake
@@ -106,6 +107,16 @@ class Dialer:
         if self.on_event is not None:
             self.on_event(name, self.endpoint)
 
+    def count_request(self, cls: type) -> None:
+        """nebula_requests_total for one answered request of class ``cls``."""
+        counter = self._request_counters.get(cls)
+        if counter is None:
+            assert self.metrics is not None
+            counter = self._request_counters[cls] = self.metrics.requests.labels(
+                self.service.chain_id, cls.__name__
+            )
+        counter.inc()
+
     # ---- the dial loop ---------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -138,7 +149,10 @@ class Dialer:
                     extra={"chain_id": self.service.chain_id},
                 )
                 served = True
-                await self._serve(reader, writer, session)
+                if self.service.inline:
+                    await self._serve_inline(reader, writer, session)
+                else:
+                    await self._serve(reader, writer, session)
             except asyncio.CancelledError:
                 self._abort()
                 raise
@@ -196,7 +210,6 @@ class Dialer:
         encode = proto.encode_response
         delimit = proto.encode_delimited
         metrics = self.metrics
-        counters = self._request_counters
         perf = time.perf_counter
         # The idle deadline: a timer that fires once per idle_timeout and re-arms for
         # the time left since the last read (an asyncio.timeout around every read cost a
@@ -231,13 +244,7 @@ class Dialer:
                     writer.write(session.seal(delimit(encode(resp, family))))
                     if metrics is not None:
                         t_out = perf()
-                        cls = type(req)
-                        counter = counters.get(cls)
-                        if counter is None:
-                            counter = counters[cls] = metrics.requests.labels(
-                                service.chain_id, cls.__name__
-                            )
-                        counter.inc()
+                        self.count_request(type(req))
                         metrics.phase("receive_decode", t_dec - t_in)
                         metrics.phase("encode_send", t_out - t_done)
                         metrics.phase("total", t_out - t_in)
@@ -263,6 +270,26 @@ class Dialer:
             if watchdog is not None:
                 watchdog.cancel()
 
+    async def _serve_inline(self, reader, writer, session) -> None:
+        """:meth:`_serve` for a service that decides without waiting (``service.inline``:
+        a native key and the local store): the transport is handed to an
+        :class:`_InlineServing` protocol, which decodes, decides and answers each request
+        inside ``data_received`` - no stream buffer, future or task wake-up per request.
+        Returns when the dialer stops; raises why the connection ended otherwise."""
+        transport = writer.transport
+        serving = _InlineServing(self, transport, session)
+        # What the stream read past the handshake: the validator's first request(s).
+        leftover = bytes(reader._buffer)
+        reader._buffer.clear()
+        transport.set_protocol(serving)
+        if not transport.is_reading():
+            transport.resume_reading()
+        serving.start(leftover)
+        try:
+            await serving.ended
+        finally:
+            serving.stop()
+
 
 def load_or_make_identity(path: str | os.PathLike[str] | None) -> bytes:
     """The SecretConnection identity seed: from a key file, or fresh for this run."""
@@ -271,3 +298,183 @@ def load_or_make_identity(path: str | os.PathLike[str] | None) -> bytes:
     from nebula.crypto.keys import load_key_file
 
     return load_key_file(path, "ed25519").secret_bytes()
+
+
+# ---- the inline request loop ---------------------------------------------------------------
+
+# Requests a validator may queue while one is being answered before reading pauses (a
+# validator sends one request at a time and waits for its answer).
+_MAX_BACKLOG = 64
+
+
+@types.coroutine
+def _delegate(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Run ``coro``, which already yielded ``yielded`` (what it waits for), to its end
+    inside the task that awaits this: ``yield from`` for a coroutine started by hand."""
+    while True:
+        try:
+            value = yield yielded
+        except BaseException as e:  # a cancellation of the task: into the coroutine
+            try:
+                yielded = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    return await _delegate(coro, yielded)
+
+
+class _InlineServing(asyncio.Protocol):
+    """The request loop of one connection after its handshake, for an inline service.
+
+    ``data_received`` opens the frames, decodes each request and starts the service's
+    ``handle`` coroutine by hand: it completes there (the common case: the decision is
+    durable and the signature made before it returns) and the answer is written at once.
+    A request that waits after all (another chain's decision shares this loop pass's
+    write, or a second connection holds the chain's lock) continues in a task; requests
+    behind it wait in order.  The coroutine never needs a current task before it first
+    waits: an inline service uses no ``asyncio.timeout`` (see ``SigningService.inline``).
+    Any error ends the connection (``ended`` raises it), as in :meth:`Dialer._serve`.
+    """
+
+    def __init__(self, dialer: Dialer, transport: asyncio.Transport, session: Any) -> None:
+        self.dialer = dialer
+        self.transport = transport
+        self.session = session
+        self.loop = asyncio.get_running_loop()
+        self.framer = proto.DelimitedReader(proto.MAX_REQUEST_SIZE)
+        self.ended: asyncio.Future[None] = self.loop.create_future()
+        self.waiting: asyncio.Task[Any] | None = None  # a request continuing in a task
+        self.backlog: list[bytes] = []  # requests behind it (plaintext, in order)
+        self.paused = False
+        self.last_read = self.t_in = time.perf_counter()
+        self.watchdog: asyncio.TimerHandle | None = None
+
+    def start(self, leftover: bytes) -> None:
+        self.watchdog = self.loop.call_later(self.dialer.idle_timeout, self._watch)
+        self._feed(leftover)
+
+    def stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+        task, self.waiting = self.waiting, None
+        if task is not None:
+            task.cancel()
+
+    def _end(self, exc: BaseException | None) -> None:
+        """End the connection: ``ended`` raises ``exc`` (None: the dialer stopped)."""
+        if not self.ended.done():
+            if exc is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(exc)
+        self.transport.abort()
+
+    def _watch(self) -> None:
+        # Only a read counts: a request still being decided does not make the validator
+        # silent (a waiting backend has its own deadline).
+        idle = self.dialer.idle_timeout
+        left = idle if self.waiting is not None else idle - (time.perf_counter() - self.last_read)
+        if left > 0:
+            self.watchdog = self.loop.call_later(left, self._watch)
+            return
+        self.watchdog = None
+        self._end(ProtocolError(f"{self.dialer.endpoint} silent for {idle}s; reconnecting"))
+
+    # -- protocol callbacks
+
+    def data_received(self, data: bytes) -> None:
+        if not self.ended.done():
+            self.last_read = self.t_in = time.perf_counter()
+            self._feed(data)
+
+    def eof_received(self) -> bool:
+        self._end(ProtocolError(f"{self.dialer.endpoint} closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(
+                exc or ProtocolError(f"{self.dialer.endpoint} closed the connection")
+            )
+
+    # -- requests
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._serve(self.framer.feed(self.session.feed(data)))
+        except Exception as e:
+            self._end(e)
+
+    def _serve(self, msgs: list[bytes]) -> None:
+        if self.waiting is not None:
+            self._queue(msgs)
+            return
+        dialer = self.dialer
+        handle = dialer.service.handle
+        family = dialer.family
+        for k, msg in enumerate(msgs):
+            if not dialer._running:
+                self._end(None)
+                return
+            req = proto.decode_request(msg, family)
+            t_dec = time.perf_counter()
+            coro = handle(req)
+            try:
+                yielded = coro.send(None)
+            except StopIteration as stop:
+                self._answer(req, stop.value, t_dec)
+                continue
+            except BaseException:
+                coro.close()
+                raise
+            # It waits: the rest of this request runs in a task, the others queue.
+            self._queue(msgs[k + 1 :])
+            task = self.waiting = self.loop.create_task(_finish(coro, yielded))
+            task.add_done_callback(lambda t, req=req, t_dec=t_dec: self._done(t, req, t_dec))
+            return
+
+    def _queue(self, msgs: list[bytes]) -> None:
+        self.backlog.extend(msgs)
+        if len(self.backlog) > _MAX_BACKLOG and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _done(self, task: asyncio.Task[Any], req: Any, t_dec: float) -> None:
+        if task is not self.waiting or self.ended.done():
+            return  # the connection ended meanwhile
+        self.waiting = None
+        try:
+            self._answer(req, task.result(), t_dec)  # raises what the service raised
+            backlog, self.backlog = self.backlog, []
+            self.t_in = time.perf_counter()
+            self._serve(backlog)
+        except BaseException as e:
+            self._end(e)
+            return
+        if self.paused and self.waiting is None and not self.ended.done():
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _answer(self, req: Any, resp: Any, t_dec: float) -> None:
+        dialer = self.dialer
+        family = dialer.family
+        t_done = time.perf_counter()
+        self.transport.write(
+            self.session.seal(proto.encode_delimited(proto.encode_response(resp, family)))
+        )
+        metrics = dialer.metrics
+        if metrics is not None:
+            t_out = time.perf_counter()
+            dialer.count_request(type(req))
+            metrics.phase("receive_decode", t_dec - self.t_in)
+            metrics.phase("encode_send", t_out - t_done)
+            metrics.phase("total", t_out - self.t_in)
+        self.t_in = time.perf_counter()

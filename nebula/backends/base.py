@@ -12,6 +12,7 @@ Backends raise :class:`nebula.errors.BackendError` when they cannot sign.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 from nebula.crypto.keys import address_of
 
@@ -23,6 +24,8 @@ class Backend(ABC):
     key_type: str
     #: The public key as CometBFT expects it (32 / 33 / 96-byte uncompressed).
     public_key: bytes
+    #: True when ``sign_sync`` always answers (the service never awaits ``sign``).
+    inline: ClassVar[bool] = False
 
     @property
     def address(self) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from nebula.backends.base import Backend
 from nebula.crypto.keys import SigningKey
 
@@ -10,6 +12,7 @@ class NativeBackend(Backend):
     """Signs with a :class:`~nebula.crypto.keys.SigningKey` held in this process."""
 
     __slots__ = ("_key", "_sign", "key_type", "public_key")
+    inline: ClassVar[bool] = True
 
     def __init__(self, key: SigningKey) -> None:
         self._key = key

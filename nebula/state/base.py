@@ -19,6 +19,8 @@ never ask a store what it can do:
 ``transfer_leadership``     move leadership; ``add_member`` / ``remove_member``: membership
 ``compact``                 compact the log (snapshot)
 ``replicated``              True when a decision is durable only once a majority holds it
+``inline``                  True when ``commit`` completes without waiting, save for decisions
+                            that share a loop pass's write (and needs no current task)
 ``close``                   release files, sockets and locks
 ==========================  =================================================================
 
@@ -66,6 +68,11 @@ class SignStore(ABC):
     #: (Raft); False when this process's own fsync makes it durable.  A cluster store
     #: inherits True; :class:`SingleNodeStore` says False.
     replicated: ClassVar[bool] = True
+    #: True when ``commit`` decides and makes the decision durable before it first waits
+    #: (it waits only to share a write with decisions of the same loop pass) and never
+    #: needs a current task (no ``asyncio.timeout``): the validator connection then
+    #: answers inside its socket callback (``nebula.aio.conn``).  False for Raft.
+    inline: ClassVar[bool] = False
 
     @abstractmethod
     def last(self, chain_id: str) -> SignRecord | None:

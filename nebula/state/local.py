@@ -82,6 +82,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from nebula.durable import ExclusiveLock, pwrite_all, read_all, write_file_durably
 from nebula.errors import StateError
@@ -303,6 +304,8 @@ def read_states(path: str | Path) -> dict[str, SignRecord]:
 
 class LocalStore(SingleNodeStore):
     """The ``persist = "local"`` store (see the module docstring)."""
+
+    inline: ClassVar[bool] = True
 
     def __init__(self, path: str | Path, initial: dict[str, SignRecord | None] | None = None):
         self.path = Path(path)

@@ -1,0 +1,248 @@
+"""The inline request loop of a validator connection (``nebula.aio.conn._InlineServing``).
+
+A service that decides without waiting (a native key and the local store) is answered
+inside the socket callback: no task per request.  A request that waits after all
+continues in a task and the requests behind it keep their order; a flood pauses reading;
+stopping the dialer while a request waits releases nothing.  A real Dialer against the
+Python validator side, over TCP (SecretConnection) and a Unix socket, on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from nebula import proto
+from nebula.aio.conn import Dialer, _InlineServing
+from nebula.aio.validator_side import PrivvalListener, SignerConnection
+from nebula.backends.native import NativeBackend
+from nebula.config import Endpoint
+from nebula.crypto.keys import Ed25519Key
+from nebula.guard import Decision, SignRecord
+from nebula.service import SigningService
+from nebula.state.local import LocalStore
+from nebula.types import (
+    BlockID,
+    PartSetHeader,
+    PingRequest,
+    SignedMsgType,
+    SignVoteRequest,
+    Timestamp,
+    Vote,
+    WireFamily,
+)
+from tests.support.ports import free_ports
+
+CHAIN = "inline-chain"
+FAMILY = WireFamily.V0_38
+KEY = Ed25519Key.from_seed(bytes(range(32)))
+BLOCK = BlockID(b"\x11" * 32, PartSetHeader(1, b"\x22" * 32))
+
+
+def vote(h: int) -> Vote:
+    return Vote(
+        type=SignedMsgType.PREVOTE,
+        height=h,
+        round=0,
+        block_id=BLOCK,
+        timestamp=Timestamp(1_700_000_000 + h, 0),
+        validator_address=b"\x01" * 20,
+    )
+
+
+def signed_request(h: int) -> bytes:
+    return proto.encode_delimited(proto.encode_request(SignVoteRequest(vote(h), CHAIN), FAMILY))
+
+
+class GatedStore(LocalStore):
+    """The local store, except that a commit at a gated height waits for its gate."""
+
+    def __init__(self, path: Path, gated: set[int]) -> None:
+        super().__init__(path)
+        self.gated = gated
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+
+    async def commit(self, chain_id: str, record: SignRecord) -> Decision:
+        if record.height in self.gated:
+            self.waiting.set()
+            await self.gate.wait()
+        return await super().commit(chain_id, record)
+
+
+def _run(body: Callable[[], Awaitable[None]]) -> None:
+    uvloop.run(asyncio.wait_for(body(), 30))
+
+
+def _address(tmp_path: Path, transport: str) -> tuple[str, Endpoint]:
+    if transport == "unix":
+        path = str(tmp_path / "pv.sock")
+        return f"unix://{path}", Endpoint("unix", path=path)
+    (port,) = free_ports(1)
+    return f"tcp://127.0.0.1:{port}", Endpoint("tcp", host="127.0.0.1", port=port)
+
+
+async def _connected(
+    tmp_path: Path, transport: str, store: LocalStore
+) -> tuple[PrivvalListener, Dialer, SignerConnection]:
+    addr, endpoint = _address(tmp_path, transport)
+    listener = PrivvalListener(addr, FAMILY)
+    await listener.start()
+    service = SigningService(CHAIN, FAMILY, NativeBackend(KEY), store)
+    assert service.inline
+    dialer = Dialer(endpoint, service, FAMILY, identity_seed=bytes(32))
+    dialer.start()
+    return listener, dialer, await listener.accept()
+
+
+async def _responses(conn: SignerConnection, n: int) -> list[Any]:
+    return [proto.decode_response(await conn._read_message(), FAMILY) for _ in range(n)]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_an_inline_service_is_answered_without_a_task_per_request(
+    tmp_path: Path, transport: str
+) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        created: list[Any] = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task:
+            created.append(coro)
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        listener, dialer, conn = await _connected(
+            tmp_path, transport, LocalStore(tmp_path / "s.json")
+        )
+        try:
+            await conn.request(PingRequest())
+            assert isinstance(dialer._writer.transport.get_protocol(), _InlineServing)
+            loop.set_task_factory(factory)
+            for h in range(1, 21):
+                resp = await conn.request(SignVoteRequest(vote(h), CHAIN))
+                assert resp.error is None
+                assert KEY.verify(proto.vote_sign_bytes(CHAIN, resp.vote), resp.vote.signature)
+            loop.set_task_factory(None)
+            # Every request was answered in the socket callback: no task of the signer's
+            # (the validator side's request() runs in tasks of its own).
+            assert [c for c in created if c.cr_code.co_filename.endswith("conn.py")] == []
+            assert dialer.service.store.last(CHAIN).height == 20
+        finally:
+            loop.set_task_factory(None)
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_waiting_request_continues_in_a_task_and_the_ones_behind_it_keep_their_order(
+    tmp_path: Path, transport: str
+) -> None:
+    async def body() -> None:
+        store = GatedStore(tmp_path / "s.json", gated={2})
+        listener, dialer, conn = await _connected(tmp_path, transport, store)
+        try:
+            # Heights 1..5 in one write: 1 is answered inline, 2 waits, 3..5 queue.
+            await conn.send_raw(b"".join(signed_request(h) for h in range(1, 6)))
+            first = await _responses(conn, 1)
+            assert first[0].vote.height == 1
+            await asyncio.wait_for(store.waiting.wait(), 5)
+            with pytest.raises(TimeoutError):  # nothing overtakes the waiting request
+                await asyncio.wait_for(conn._read_message(), 0.3)
+            store.gate.set()
+            rest = await _responses(conn, 4)
+            assert [r.vote.height for r in rest] == [2, 3, 4, 5]
+            for r in first + rest:
+                assert r.error is None
+                assert KEY.verify(proto.vote_sign_bytes(CHAIN, r.vote), r.vote.signature)
+            # The connection goes on inline after the waiting request.
+            resp = await conn.request(SignVoteRequest(vote(6), CHAIN))
+            assert resp.error is None and store.last(CHAIN).height == 6
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
+def test_a_flood_behind_a_waiting_request_pauses_reading_and_is_answered_in_order(
+    tmp_path: Path,
+) -> None:
+    async def body() -> None:
+        store = GatedStore(tmp_path / "s.json", gated={1})
+        listener, dialer, conn = await _connected(tmp_path, "tcp", store)
+        try:
+            n = 150
+            await conn.send_raw(b"".join(signed_request(h) for h in range(1, n + 1)))
+            await asyncio.wait_for(store.waiting.wait(), 5)
+            transport = dialer._writer.transport
+            serving = transport.get_protocol()
+            for _ in range(100):  # every request has arrived, and reading stopped
+                if serving.paused:
+                    break
+                await asyncio.sleep(0.02)
+            assert serving.paused and not transport.is_reading()
+            store.gate.set()
+            got = await _responses(conn, n)
+            assert [r.vote.height for r in got] == list(range(1, n + 1))
+            assert all(r.error is None for r in got)
+            assert not serving.paused and transport.is_reading()
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
+def test_stopping_the_dialer_while_a_request_waits_releases_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = GatedStore(tmp_path / "s.json", gated={1})
+        listener, dialer, conn = await _connected(tmp_path, "tcp", store)
+        try:
+            await conn.send_raw(signed_request(1))
+            await asyncio.wait_for(store.waiting.wait(), 5)
+            await dialer.stop()
+            store.gate.set()
+            await asyncio.sleep(0.1)
+            with pytest.raises(Exception):  # closed, and no answer ever came
+                await asyncio.wait_for(conn._read_message(), 1)
+            assert store.last(CHAIN) is None  # the waiting commit was cancelled
+        finally:
+            await listener.close()
+
+    _run(body)
+
+
+def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path) -> None:
+    """Bytes already in the stream's buffer when the inline loop takes over (a unix
+    validator may send its first request before the signer's loop starts) are served."""
+
+    async def body() -> None:
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        reader.feed_data(signed_request(1) + signed_request(2))
+        service = SigningService(CHAIN, FAMILY, NativeBackend(KEY), LocalStore(tmp_path / "s"))
+        dialer = Dialer(Endpoint("unix", path="x"), service, FAMILY, identity_seed=bytes(32))
+        dialer._running = True
+        from nebula.aio.session import PlainSession
+
+        serve = asyncio.ensure_future(dialer._serve_inline(reader, writer, PlainSession()))
+        peer_r, peer_w = await asyncio.open_connection(sock=b)
+        framer = proto.DelimitedReader(10240)
+        got: list[bytes] = []
+        while len(got) < 2:
+            got += framer.feed(await asyncio.wait_for(peer_r.read(65536), 5))
+        heights = [proto.decode_response(m, FAMILY).vote.height for m in got]
+        assert heights == [1, 2]
+        peer_w.close()  # the validator hangs up: the loop ends with why
+        with pytest.raises(Exception, match="closed the connection"):
+            await asyncio.wait_for(serve, 5)
+
+    _run(body)
