@@ -285,6 +285,8 @@ class Dialer:
         if not transport.is_reading():
             transport.resume_reading()
         serving.start(leftover)
+        if reader.exception() is not None or reader.at_eof() or transport.is_closing():
+            serving.eof_received()  # the stream saw the connection end before the switch
         try:
             await serving.ended
         finally:

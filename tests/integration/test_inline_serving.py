@@ -24,6 +24,7 @@ from nebula.aio.validator_side import PrivvalListener, SignerConnection
 from nebula.backends.native import NativeBackend
 from nebula.config import Endpoint
 from nebula.crypto.keys import Ed25519Key
+from nebula.errors import ProtocolError
 from nebula.guard import Decision, SignRecord
 from nebula.service import SigningService
 from nebula.state.local import LocalStore
@@ -211,7 +212,7 @@ def test_stopping_the_dialer_while_a_request_waits_releases_nothing(tmp_path: Pa
             await dialer.stop()
             store.gate.set()
             await asyncio.sleep(0.1)
-            with pytest.raises(Exception):  # closed, and no answer ever came
+            with pytest.raises(ProtocolError):  # closed, and no answer ever came
                 await asyncio.wait_for(conn._read_message(), 1)
             assert store.last(CHAIN) is None  # the waiting commit was cancelled
         finally:
@@ -220,14 +221,18 @@ def test_stopping_the_dialer_while_a_request_waits_releases_nothing(tmp_path: Pa
     _run(body)
 
 
-def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("eof", [False, True], ids=["open", "closed-before-switch"])
+def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path, eof: bool) -> None:
     """Bytes already in the stream's buffer when the inline loop takes over (a unix
-    validator may send its first request before the signer's loop starts) are served."""
+    validator may send its first request before the signer's loop starts) are served; an
+    end of stream the stream already saw ends the loop at once (not at the idle timeout)."""
 
     async def body() -> None:
         a, b = socket.socketpair()
         reader, writer = await asyncio.open_connection(sock=a)
         reader.feed_data(signed_request(1) + signed_request(2))
+        if eof:
+            reader.feed_eof()
         service = SigningService(CHAIN, FAMILY, NativeBackend(KEY), LocalStore(tmp_path / "s"))
         dialer = Dialer(Endpoint("unix", path="x"), service, FAMILY, identity_seed=bytes(32))
         dialer._running = True
@@ -241,8 +246,10 @@ def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path)
             got += framer.feed(await asyncio.wait_for(peer_r.read(65536), 5))
         heights = [proto.decode_response(m, FAMILY).vote.height for m in got]
         assert heights == [1, 2]
-        peer_w.close()  # the validator hangs up: the loop ends with why
+        if not eof:
+            peer_w.close()  # the validator hangs up: the loop ends with why
         with pytest.raises(Exception, match="closed the connection"):
             await asyncio.wait_for(serve, 5)
+        peer_w.close()
 
     _run(body)
