@@ -355,6 +355,7 @@ class _InlineServing(asyncio.Protocol):
         self.waiting: asyncio.Task[Any] | None = None  # a request continuing in a task
         self.backlog: list[bytes] = []  # requests behind it (plaintext, in order)
         self.paused = False
+        self.eof = False  # the validator's side shut down its writing half
         self.last_read = self.t_in = time.perf_counter()
         self.watchdog: asyncio.TimerHandle | None = None
 
@@ -398,14 +399,19 @@ class _InlineServing(asyncio.Protocol):
             self._feed(data)
 
     def eof_received(self) -> bool:
-        self._end(ProtocolError(f"{self.dialer.endpoint} closed the connection"))
-        return False
+        # As the streams loop: every request already received is answered first (the
+        # validator's side may only have shut down its writing half).
+        self.eof = True
+        if self.waiting is None:
+            self._end(self._closed())
+        return True  # the transport stays open for the answers still due
+
+    def _closed(self) -> ProtocolError:
+        return ProtocolError(f"{self.dialer.endpoint} closed the connection")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
-            self.ended.set_exception(
-                exc or ProtocolError(f"{self.dialer.endpoint} closed the connection")
-            )
+            self.ended.set_exception(exc or self._closed())
 
     # -- requests
 
@@ -461,9 +467,12 @@ class _InlineServing(asyncio.Protocol):
         except BaseException as e:
             self._end(e)
             return
-        if self.paused and self.waiting is None and not self.ended.done():
-            self.paused = False
-            self.transport.resume_reading()
+        if self.waiting is None and not self.ended.done():
+            if self.eof:
+                self._end(self._closed())
+            elif self.paused:
+                self.paused = False
+                self.transport.resume_reading()
 
     def _answer(self, req: Any, resp: Any, t_dec: float) -> None:
         dialer = self.dialer

@@ -173,6 +173,31 @@ def test_a_waiting_request_continues_in_a_task_and_the_ones_behind_it_keep_their
     _run(body)
 
 
+def test_an_end_of_stream_behind_a_waiting_request_waits_for_its_answer(tmp_path: Path) -> None:
+    """A validator that sends and then shuts down its writing half still gets every
+    answer due (as with the streams loop); then the signer closes."""
+
+    async def body() -> None:
+        store = GatedStore(tmp_path / "s.json", gated={1})
+        listener, dialer, conn = await _connected(tmp_path, "tcp", store)
+        try:
+            await conn.send_raw(signed_request(1) + signed_request(2))
+            conn.writer.write_eof()
+            await asyncio.wait_for(store.waiting.wait(), 5)
+            await asyncio.sleep(0.1)  # the end of stream has reached the signer
+            store.gate.set()
+            got = await _responses(conn, 2)
+            assert [r.vote.height for r in got] == [1, 2]
+            assert all(r.error is None for r in got)
+            with pytest.raises(ProtocolError):  # then the signer closes
+                await asyncio.wait_for(conn._read_message(), 5)
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
 def test_a_flood_behind_a_waiting_request_pauses_reading_and_is_answered_in_order(
     tmp_path: Path,
 ) -> None:
@@ -225,7 +250,8 @@ def test_stopping_the_dialer_while_a_request_waits_releases_nothing(tmp_path: Pa
 def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path, eof: bool) -> None:
     """Bytes already in the stream's buffer when the inline loop takes over (a unix
     validator may send its first request before the signer's loop starts) are served; an
-    end of stream the stream already saw ends the loop at once (not at the idle timeout)."""
+    end of stream the stream already saw ends the loop once they are answered (not at the
+    idle timeout)."""
 
     async def body() -> None:
         a, b = socket.socketpair()
@@ -243,7 +269,11 @@ def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path,
         framer = proto.DelimitedReader(10240)
         got: list[bytes] = []
         while len(got) < 2:
-            got += framer.feed(await asyncio.wait_for(peer_r.read(65536), 5))
+            data = await asyncio.wait_for(peer_r.read(65536), 5)
+            assert data, f"the signer closed after {len(got)} answers"
+            got += framer.feed(data)
+        # Both answered (the second one waits for the first one's write to share the
+        # loop pass's flush), even when the end of stream came before the switch.
         heights = [proto.decode_response(m, FAMILY).vote.height for m in got]
         assert heights == [1, 2]
         if not eof:
