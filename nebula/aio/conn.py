@@ -316,6 +316,9 @@ def _delegate(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, An
     while True:
         try:
             value = yield yielded
+        except GeneratorExit:  # closed unfinished (as ``yield from`` does: close it too)
+            coro.close()
+            raise
         except BaseException as e:  # a cancellation of the task: into the coroutine
             try:
                 yielded = coro.throw(e)

@@ -19,7 +19,7 @@ import pytest
 import uvloop
 
 from nebula import proto
-from nebula.aio.conn import Dialer, _InlineServing
+from nebula.aio.conn import Dialer, _finish, _InlineServing
 from nebula.aio.validator_side import PrivvalListener, SignerConnection
 from nebula.backends.native import NativeBackend
 from nebula.config import Endpoint
@@ -281,5 +281,47 @@ def test_requests_the_stream_read_before_the_switch_are_answered(tmp_path: Path,
         with pytest.raises(Exception, match="closed the connection"):
             await asyncio.wait_for(serve, 5)
         peer_w.close()
+
+    _run(body)
+
+
+def test_a_coroutine_started_by_hand_finishes_in_a_task_like_yield_from() -> None:
+    """``_finish``: the task gets the coroutine's result, a cancellation of the task is
+    thrown into the coroutine, and closing it unfinished closes the coroutine."""
+
+    async def inner(fut: asyncio.Future[int], log: list[str]) -> int:
+        try:
+            return 2 * await fut
+        except asyncio.CancelledError:
+            log.append("cancelled")
+            raise
+        finally:
+            log.append("finally")
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        log: list[str] = []
+        fut: asyncio.Future[int] = loop.create_future()
+        coro = inner(fut, log)
+        task = loop.create_task(_finish(coro, coro.send(None)))
+        await asyncio.sleep(0)
+        fut.set_result(21)
+        assert await task == 42 and log == ["finally"]
+
+        fut = loop.create_future()
+        coro = inner(fut, log)
+        task = loop.create_task(_finish(coro, coro.send(None)))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert log == ["finally", "cancelled", "finally"]
+
+        fut = loop.create_future()
+        coro = inner(fut, log)
+        gen = _finish(coro, coro.send(None))
+        gen.send(None)
+        gen.close()
+        assert log[-1] == "finally" and coro.cr_frame is None  # closed, not leaked
 
     _run(body)
