@@ -107,15 +107,20 @@ class Dialer:
         if self.on_event is not None:
             self.on_event(name, self.endpoint)
 
-    def count_request(self, cls: type) -> None:
-        """nebula_requests_total for one answered request of class ``cls``."""
+    def answered(self, cls: type, t_in: float, t_dec: float, t_done: float, t_out: float) -> None:
+        """The metrics of one answered request of class ``cls`` (both request loops):
+        nebula_requests_total and the receive_decode, encode_send and total phases."""
+        metrics = self.metrics
+        assert metrics is not None
         counter = self._request_counters.get(cls)
         if counter is None:
-            assert self.metrics is not None
-            counter = self._request_counters[cls] = self.metrics.requests.labels(
+            counter = self._request_counters[cls] = metrics.requests.labels(
                 self.service.chain_id, cls.__name__
             )
         counter.inc()
+        metrics.phase("receive_decode", t_dec - t_in)
+        metrics.phase("encode_send", t_out - t_done)
+        metrics.phase("total", t_out - t_in)
 
     # ---- the dial loop ---------------------------------------------------------------
 
@@ -243,11 +248,7 @@ class Dialer:
                     t_done = perf()
                     writer.write(session.seal(delimit(encode(resp, family))))
                     if metrics is not None:
-                        t_out = perf()
-                        self.count_request(type(req))
-                        metrics.phase("receive_decode", t_dec - t_in)
-                        metrics.phase("encode_send", t_out - t_done)
-                        metrics.phase("total", t_out - t_in)
+                        self.answered(type(req), t_in, t_dec, t_done, perf())
                     t_in = perf()
                 if not self._running:
                     return
@@ -484,11 +485,6 @@ class _InlineServing(asyncio.Protocol):
         self.transport.write(
             self.session.seal(proto.encode_delimited(proto.encode_response(resp, family)))
         )
-        metrics = dialer.metrics
-        if metrics is not None:
-            t_out = time.perf_counter()
-            dialer.count_request(type(req))
-            metrics.phase("receive_decode", t_dec - self.t_in)
-            metrics.phase("encode_send", t_out - t_done)
-            metrics.phase("total", t_out - self.t_in)
+        if dialer.metrics is not None:
+            dialer.answered(type(req), self.t_in, t_dec, t_done, time.perf_counter())
         self.t_in = time.perf_counter()
