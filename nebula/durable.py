@@ -114,7 +114,6 @@ class ExclusiveLock:
     def __init__(self, path: str | Path, what: str) -> None:
         self._fd: int | None = None
         self.path = Path(path)
-        self._fd: int | None = None
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
