@@ -12,6 +12,9 @@ normal suite runs each once as a smoke test.  A 2-of-3 split, a 119-byte vote:
 * ``combine_prepared_t2_prescaled``: the same with the follower's share already multiplied
   by its Lagrange coefficient (what a 2-of-n cluster sends);
 * ``combine_cold``: the same without the preparation (a retry with other sign bytes);
+* ``precommit_pair_separately`` / ``precommit_pair_batched``: a precommit's vote and
+  extension once both pre-scaled shares arrived: two verified combinations, or the two
+  combined and verified with one pairing check (what the leader does);
 * ``whole_sign`` / ``whole_verify``: the whole key, for comparison.
 """
 
@@ -80,3 +83,40 @@ def test_bench_whole_verify(benchmark, setup) -> None:
     whole, _shares, _pub = setup
     sig = whole.sign(_MSG)
     assert benchmark(whole.verify, _MSG, sig)
+
+
+_EXT = b"vote extension sign bytes " * 4
+
+
+def _pair(setup):
+    whole, shares, pub = setup
+    got = [{2: shares[1].sign_share(m, with_partner=1)} for m in (_MSG, _EXT)]
+    return whole, pub, got, [frozenset(g) for g in got], (1, shares[0].secret)
+
+
+def test_bench_precommit_pair_separately(benchmark, setup) -> None:
+    whole, pub, got, scaled, own = _pair(setup)
+    preps = [pub.prepare(_MSG), pub.prepare(_EXT)]
+
+    def run() -> list[bytes | None]:
+        return [
+            pub.combine(m, g, own=own, prepared=p, scaled=sc)
+            for m, g, p, sc in zip((_MSG, _EXT), got, preps, scaled, strict=True)
+        ]
+
+    assert benchmark(run) == [whole.sign(_MSG), whole.sign(_EXT)]
+
+
+def test_bench_precommit_pair_batched(benchmark, setup) -> None:
+    whole, pub, got, scaled, own = _pair(setup)
+    prep = pub.prepare_batch([_MSG, _EXT])
+    sigs = benchmark(
+        lambda: pub.combine_many([_MSG, _EXT], got, own=own, prepared=prep, scaled=scaled)
+    )
+    assert sigs == [whole.sign(_MSG), whole.sign(_EXT)]
+
+
+def test_bench_prepare_pair(benchmark, setup) -> None:
+    """The batch's preparation (two H(m), two Miller loops, one G1 multiplication)."""
+    _whole, _shares, pub = setup
+    benchmark(pub.prepare_batch, [_MSG, _EXT])

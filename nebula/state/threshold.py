@@ -341,28 +341,48 @@ class ThresholdShares:
 
         The first t are combined and verified once; only when that fails is each share
         checked, and a bad one dropped, counted and passed to ``on_bad``."""
+        sigs, have = self.combine_many(index, key, [(msg, ext)], on_bad, prepared)
+        return (None if sigs is None else sigs[0]), have
+
+    def combine_many(
+        self,
+        index: int,
+        key: KeyShare,
+        items: list[tuple[bytes, bool]],
+        on_bad: Callable[[int], None] | None = None,
+        prepared: Any = None,
+    ) -> tuple[list[bytes] | None, int]:
+        """:meth:`combine` for several messages of one entry, ``(message, is the
+        extension)`` each (a precommit's vote and extension), verified with one pairing
+        check (``prepared`` from ``prepare_batch`` over the same messages); (every
+        signature in order or None; the fewest shares any of them had)."""
         pub = key.public
-        got = self.candidates(index, digest(msg), ext)
-        got.pop(self.node_id, None)
-        if len(got) + 1 < pub.threshold:
-            return None, len(got) + 1
-        bad: list[int] = []
         pool = self.pool.get(index, {})
-        # (t > 2: a share claiming to be pre-scaled is taken as it is: it fails the check)
-        scaled = frozenset(p for p in got if pool[p].scaled and pub.threshold == 2)
-        sig = pub.combine(
-            msg,
-            got,
+        gots: list[dict[int, bytes]] = []
+        scaled: list[frozenset[int]] = []
+        for msg, ext in items:
+            got = self.candidates(index, digest(msg), ext)
+            got.pop(self.node_id, None)
+            gots.append(got)
+            # (t > 2: a share claiming to be pre-scaled is taken as it is: it fails the check)
+            scaled.append(frozenset(p for p in got if pool[p].scaled and pub.threshold == 2))
+        have = min(len(g) for g in gots) + 1
+        if have < pub.threshold:
+            return None, have
+        bad: list[int] = []
+        sigs = pub.combine_many(
+            [m for m, _ in items],
+            gots,
             own=(key.index, key.secret),
             on_bad=bad.append,
             prepared=prepared,
             scaled=scaled,
         )
-        for member in bad:
+        for member in dict.fromkeys(bad):
             self.drop(index, member)
             if on_bad is not None:
                 on_bad(member)
-        return sig, len(got) + 1 - len(bad)
+        return sigs, have - len(set(bad))
 
     def drop(self, index: int, peer: int) -> None:
         """Forget a share that failed verification (and count it)."""

@@ -288,6 +288,81 @@ def test_t2_pre_scaled_shares_combine_and_a_bad_one_is_found() -> None:
         shares[0].sign_share(msg, with_partner=shares[0].index)
 
 
+def test_a_vote_and_its_extension_verified_with_one_pairing_check() -> None:
+    """A precommit's two signatures are combined and verified as one batch (random
+    weights the share senders never see); a bad share in either is found and excluded
+    by the per-message fallback."""
+    whole = Bls12381Key.generate()
+    shares = split(whole.secret_bytes(), 2, 3)
+    pub = shares[0].public
+    vote, ext = b"precommit sign bytes", b"vote extension sign bytes"
+    want = [whole.sign(vote), whole.sign(ext)]
+    me, f2, f3 = shares
+    own = (me.index, me.secret)
+
+    def scaled_from(*fs: KeyShare, msg: bytes) -> dict[int, bytes]:
+        return {f.index: f.sign_share(msg, with_partner=me.index) for f in fs}
+
+    prep = pub.prepare_batch([vote, ext])
+    assert prep.weights[0] == 1 and len(prep.weights) == 2 and 0 < prep.weights[1] < 2**64
+    assert pub.prepare_batch([vote, ext]).weights[1] != prep.weights[1]  # drawn each time
+    got = [scaled_from(f2, msg=vote), scaled_from(f2, msg=ext)]
+    sc = [frozenset(g) for g in got]
+    assert pub.combine_many([vote, ext], got, own=own, prepared=prep, scaled=sc) == want
+    # plain shares, no preparation, t received (no own term)
+    plain = [{f.index: f.sign_share(m) for f in (f2, f3)} for m in (vote, ext)]
+    assert pub.combine_many([vote, ext], plain) == want
+    # one message is the single combine
+    assert pub.combine_many([vote], [plain[0]]) == want[:1]
+
+    # the extension share is bad: the batch fails, the fallback names the member
+    bad: list[int] = []
+    broken = [got[0], {f2.index: f2.sign_share(ext + b"!", with_partner=me.index)}]
+    assert (
+        pub.combine_many([vote, ext], broken, own=own, prepared=prep, scaled=sc, on_bad=bad.append)
+        is None
+    )
+    assert bad == [f2.index]
+    # with the other follower's good shares too, both signatures still come out
+    bad.clear()
+    both = [
+        {f2.index: got[0][f2.index], f3.index: f3.sign_share(vote, with_partner=me.index)},
+        {f2.index: broken[1][f2.index], f3.index: f3.sign_share(ext, with_partner=me.index)},
+    ]
+    sc2 = [frozenset(g) for g in both]
+    assert (
+        pub.combine_many([vote, ext], both, own=own, prepared=prep, scaled=sc2, on_bad=bad.append)
+        == want
+    )
+    assert bad == [f2.index]
+
+
+def test_errors_that_cancel_in_an_unweighted_sum_are_caught() -> None:
+    """A member sends a vote share off by +D and an extension share off by -D: their sum
+    is right, so an unweighted batch check would pass two invalid signatures.  The
+    random weights catch it."""
+    from pyblst import BlstP2Element
+
+    whole = Bls12381Key.generate()
+    shares = split(whole.secret_bytes(), 2, 3)
+    pub = shares[0].public
+    vote, ext = b"vote", b"extension"
+    me, f2, _f3 = shares
+    own = (me.index, me.secret)
+    d = pub.hash(b"the error")
+    v = BlstP2Element.uncompress(f2.sign_share(vote, with_partner=me.index)) + d
+    e = BlstP2Element.uncompress(f2.sign_share(ext, with_partner=me.index)) + d.scalar_mul(
+        BLS_R - 1
+    )
+    sent = [{f2.index: v.compress()}, {f2.index: e.compress()}]
+    sc = [frozenset({f2.index})] * 2
+    bad: list[int] = []
+    for _ in range(3):
+        got = pub.combine_many([vote, ext], sent, own=own, scaled=sc, on_bad=bad.append)
+        assert got is None
+    assert bad == [f2.index] * 6  # both of its shares, each call
+
+
 def test_keys_show_on_a_threshold_member_shows_the_group_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
