@@ -288,6 +288,22 @@ def test_t2_pre_scaled_shares_combine_and_a_bad_one_is_found() -> None:
         shares[0].sign_share(msg, with_partner=shares[0].index)
 
 
+def test_lagrange_coefficients_interpolate_and_are_not_shared_state() -> None:
+    """sum lambda_i * f(i) = f(0) for every signing set of a 3-of-5 polynomial (the
+    coefficients are cached per set: a caller changing its dict changes nothing)."""
+    rng = random.Random(7)
+    coeffs = [rng.randrange(1, BLS_R) for _ in range(3)]
+
+    def f(x: int) -> int:
+        return sum(c * pow(x, k, BLS_R) for k, c in enumerate(coeffs)) % BLS_R
+
+    for subset in itertools.combinations(range(1, 6), 3):
+        lam = lagrange_at_zero(subset)
+        assert sum(lam[i] * f(i) for i in subset) % BLS_R == coeffs[0]
+        lam[subset[0]] = 0
+        assert lagrange_at_zero(list(subset))[subset[0]] != 0
+
+
 def test_a_vote_and_its_extension_verified_with_one_pairing_check() -> None:
     """A precommit's two signatures are combined and verified as one batch (random
     weights the share senders never see); a bad share in either is found and excluded
