@@ -154,7 +154,7 @@ class Dialer:
                     extra={"chain_id": self.service.chain_id},
                 )
                 served = True
-                if self.service.inline:
+                if self.service.inline and _stream_buffer(reader) is not None:
                     await self._serve_inline(reader, writer, session)
                 else:
                     await self._serve(reader, writer, session)
@@ -280,8 +280,10 @@ class Dialer:
         transport = writer.transport
         serving = _InlineServing(self, transport, session)
         # What the stream read past the handshake: the validator's first request(s).
-        leftover = bytes(reader._buffer)
-        reader._buffer.clear()
+        buffered = _stream_buffer(reader)
+        assert buffered is not None  # checked by the caller
+        leftover = bytes(buffered)
+        buffered.clear()
         transport.set_protocol(serving)
         if not transport.is_reading():
             transport.resume_reading()
@@ -292,6 +294,16 @@ class Dialer:
             await serving.ended
         finally:
             serving.stop()
+
+
+def _stream_buffer(reader: asyncio.StreamReader) -> bytearray | None:
+    """The bytes a StreamReader has read and not handed out yet: its ``_buffer``.
+
+    asyncio has no public way to take them over; the attribute has been there since
+    Python 3.4.  None if a Python without it runs Nebula: the connection then keeps the
+    streams loop (slower, same answers) instead of losing the buffered requests."""
+    buf = getattr(reader, "_buffer", None)
+    return buf if isinstance(buf, bytearray) else None
 
 
 def load_or_make_identity(path: str | os.PathLike[str] | None) -> bytes:

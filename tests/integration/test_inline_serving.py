@@ -142,6 +142,31 @@ def test_an_inline_service_is_answered_without_a_task_per_request(
     _run(body)
 
 
+def test_without_the_stream_buffer_the_connection_keeps_the_streams_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Python whose StreamReader has no ``_buffer`` (the inline loop takes it over):
+    the connection is served by the streams loop, every request answered."""
+    import nebula.aio.conn as conn_mod
+
+    monkeypatch.setattr(conn_mod, "_stream_buffer", lambda reader: None)
+
+    async def body() -> None:
+        listener, dialer, conn = await _connected(tmp_path, "tcp", LocalStore(tmp_path / "s"))
+        try:
+            for h in range(1, 6):
+                resp = await conn.request(SignVoteRequest(vote(h), CHAIN))
+                assert resp.error is None
+                assert KEY.verify(proto.vote_sign_bytes(CHAIN, resp.vote), resp.vote.signature)
+            assert not isinstance(dialer._writer.transport.get_protocol(), _InlineServing)
+            assert dialer.service.store.last(CHAIN).height == 5
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
 @pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_a_waiting_request_continues_in_a_task_and_the_ones_behind_it_keep_their_order(
     tmp_path: Path, transport: str
