@@ -358,6 +358,55 @@ address = "{addr}"
 """
 
 
+def test_a_locked_pin_is_refused_clearly_and_not_retried(
+    softhsm, token, tmp_path, monkeypatch
+) -> None:
+    """CKR_PIN_LOCKED.  SoftHSM2 never locks a PIN, so the real token's ``open`` is wrapped
+    to answer as a token that locked it after too many wrong PINs would; everything else
+    is the real module.  At connect: refused, naming the lock and the way out.  While
+    running: the backend stops for good, with no second login attempt."""
+    import pkcs11
+
+    good = settings(softhsm, tmp_path, token)
+    hsm.generate_key(good)
+    real_token = hsm._token
+    opens: list[int] = []
+
+    class LockedToken:
+        def __init__(self, tok) -> None:
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def open(self, **kw):
+            opens.append(1)
+            raise pkcs11.PinLocked()
+
+    backend = hsm.Pkcs11Backend.connect(good)  # before the lock
+    monkeypatch.setattr(hsm, "_token", lambda lib, s: LockedToken(real_token(lib, s)))
+    with pytest.raises(CredentialRejected, match=r"is locked \(CKR_PIN_LOCKED.*security officer"):
+        hsm.Pkcs11Backend.connect(good)
+    backend._drop_session()  # as after a device error: the next sign logs in again
+
+    async def go() -> list[str]:
+        out = []
+        for _ in range(3):
+            try:
+                await backend.sign(b"x")
+                out.append("signed")
+            except BackendError as e:
+                out.append(str(e))
+        return out
+
+    opens.clear()
+    errs = run(go())
+    assert all("CKR_PIN_LOCKED" in e and "restart Nebula" in e for e in errs), errs
+    assert len(opens) == 1  # one login attempt, then stopped for good
+    assert backend.reconnects == 0
+    backend.release()
+
+
 def test_start_exits_3_on_a_wrong_pin(softhsm, token, tmp_path) -> None:
     import os
 
