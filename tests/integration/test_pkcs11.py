@@ -73,6 +73,24 @@ def settings(
     )
 
 
+def sign_attempts(backend: hsm.Pkcs11Backend, n: int, between=lambda: None) -> list[str]:
+    """``n`` signing attempts in a row: "signed" or the error of each; ``between`` runs
+    after every attempt."""
+
+    async def go() -> list[str]:
+        out = []
+        for _ in range(n):
+            try:
+                await backend.sign(b"x")
+                out.append("signed")
+            except BackendError as e:
+                out.append(str(e))
+            between()
+        return out
+
+    return run(go())
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -207,18 +225,8 @@ def test_wrong_pin_is_refused_clearly_and_not_retried(softhsm, token, tmp_path) 
     backend._drop_session()  # as after a device error
     object.__setattr__(backend.settings, "pin", "000000")
 
-    async def go() -> list[str]:
-        out = []
-        for _ in range(3):
-            try:
-                await backend.sign(b"x")
-                out.append("signed")
-            except BackendError as e:
-                out.append(str(e))
-            object.__setattr__(backend.settings, "pin", USER_PIN)  # fixed: still refused
-        return out
-
-    errs = run(go())
+    # fixed after the first attempt: still refused
+    errs = sign_attempts(backend, 3, lambda: object.__setattr__(backend.settings, "pin", USER_PIN))
     assert all("PIN was rejected" in e and "restart Nebula" in e for e in errs), errs
     assert backend.reconnects == 0
     backend.release()
@@ -389,18 +397,8 @@ def test_a_locked_pin_is_refused_clearly_and_not_retried(
         hsm.Pkcs11Backend.connect(good)
     backend._drop_session()  # as after a device error: the next sign logs in again
 
-    async def go() -> list[str]:
-        out = []
-        for _ in range(3):
-            try:
-                await backend.sign(b"x")
-                out.append("signed")
-            except BackendError as e:
-                out.append(str(e))
-        return out
-
     opens.clear()
-    errs = run(go())
+    errs = sign_attempts(backend, 3)
     assert all("CKR_PIN_LOCKED" in e and "restart Nebula" in e for e in errs), errs
     assert len(opens) == 1  # one login attempt, then stopped for good
     assert backend.reconnects == 0
