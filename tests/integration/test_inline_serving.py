@@ -29,32 +29,16 @@ from nebula.guard import Decision, SignRecord
 from nebula.service import SigningService
 from nebula.state.local import LocalStore
 from nebula.types import (
-    BlockID,
-    PartSetHeader,
     PingRequest,
-    SignedMsgType,
     SignVoteRequest,
-    Timestamp,
-    Vote,
     WireFamily,
 )
 from tests.support.ports import free_ports
+from tests.support.votes import vote
 
 CHAIN = "inline-chain"
 FAMILY = WireFamily.V0_38
 KEY = Ed25519Key.from_seed(bytes(range(32)))
-BLOCK = BlockID(b"\x11" * 32, PartSetHeader(1, b"\x22" * 32))
-
-
-def vote(h: int) -> Vote:
-    return Vote(
-        type=SignedMsgType.PREVOTE,
-        height=h,
-        round=0,
-        block_id=BLOCK,
-        timestamp=Timestamp(1_700_000_000 + h, 0),
-        validator_address=b"\x01" * 20,
-    )
 
 
 def signed_request(h: int) -> bytes:

@@ -20,29 +20,14 @@ from nebula.guard import SignRecord
 from nebula.state.local import LocalStore, read_states
 from nebula.types import (
     BlockID,
-    PartSetHeader,
-    SignedMsgType,
     SignVoteRequest,
-    Timestamp,
-    Vote,
     WireFamily,
 )
 from tests.support.nebula_proc import NebulaProcess
 from tests.support.ports import free_ports
+from tests.support.votes import vote
 
 CHAIN = "life-chain"
-BLOCK = BlockID(b"\x11" * 32, PartSetHeader(1, b"\x22" * 32))
-
-
-def vote(h: int, block: BlockID = BLOCK) -> Vote:
-    return Vote(
-        type=SignedMsgType.PREVOTE,
-        height=h,
-        round=0,
-        block_id=block,
-        timestamp=Timestamp(1_700_000_000 + h, 0),
-        validator_address=b"\x01" * 20,
-    )
 
 
 def _node(tmp_path: Path, key, addr: str) -> NebulaProcess:
@@ -83,7 +68,7 @@ def test_second_start_on_one_state_file_is_refused(tmp_path: Path) -> None:
             # The first one is untouched and keeps the mark: a conflicting vote at the
             # height it signed is refused, the next height is signed.
             assert first.alive()
-            other = await conn.request(SignVoteRequest(vote(5, BlockID()), CHAIN))
+            other = await conn.request(SignVoteRequest(vote(5, block=BlockID()), CHAIN))
             assert other.error is not None and other.vote.signature == b""
             r = await conn.request(SignVoteRequest(vote(6), CHAIN))
             assert r.error is None

@@ -25,32 +25,16 @@ from nebula.crypto.keys import SigningKey, generate
 from nebula.devnet.cluster import ChainDef, NebulaNode, write_node_dir
 from nebula.errors import NebulaError
 from nebula.types import (
-    BlockID,
-    PartSetHeader,
     PubKeyRequest,
-    SignedMsgType,
     SignVoteRequest,
-    Timestamp,
-    Vote,
     WireFamily,
 )
 from tests.support.cluster import Auditor, ProcCluster, driver
 from tests.support.ports import free_port, free_ports
 from tests.support.proxy import Proxy
+from tests.support.votes import vote
 
 A, B = "chain-a", "chain-b"
-BLOCK = BlockID(b"\x11" * 32, PartSetHeader(1, b"\x22" * 32))
-
-
-def vote(h: int, r: int = 0, block: BlockID = BLOCK) -> Vote:
-    return Vote(
-        type=SignedMsgType.PREVOTE,
-        height=h,
-        round=r,
-        block_id=block,
-        timestamp=Timestamp(1_700_000_000 + h, 0),
-        validator_address=b"\x01" * 20,
-    )
 
 
 def _addrs(n: int) -> list[str]:

@@ -19,32 +19,17 @@ from nebula.aio.validator_side import PrivvalListener
 from nebula.crypto.keys import Ed25519Key, generate, write_key_file
 from nebula.types import (
     BlockID,
-    PartSetHeader,
     PingRequest,
     PingResponse,
     PubKeyRequest,
-    SignedMsgType,
     SignVoteRequest,
-    Timestamp,
-    Vote,
     WireFamily,
 )
 from tests.support.nebula_proc import NebulaProcess
 from tests.support.ports import free_ports
+from tests.support.votes import vote
 
 CHAIN = "it-chain"
-BLOCK = BlockID(b"\x11" * 32, PartSetHeader(1, b"\x22" * 32))
-
-
-def vote(h: int, block: BlockID = BLOCK, typ: int = SignedMsgType.PREVOTE) -> Vote:
-    return Vote(
-        type=typ,
-        height=h,
-        round=0,
-        block_id=block,
-        timestamp=Timestamp(1_700_000_000 + h, 0),
-        validator_address=b"\x01" * 20,
-    )
 
 
 def _addr(tmp_path: Path, transport: str) -> str:
@@ -81,7 +66,7 @@ def test_sign_and_retry_over_real_connection(tmp_path, transport) -> None:
                 sigs.append(r.vote.signature)
             again = await conn.request(SignVoteRequest(vote(29), CHAIN))
             assert again.vote.signature == sigs[-1]
-            conflict = await conn.request(SignVoteRequest(vote(29, BlockID()), CHAIN))
+            conflict = await conn.request(SignVoteRequest(vote(29, block=BlockID()), CHAIN))
             assert conflict.error is not None and conflict.vote.signature == b""
             regress = await conn.request(SignVoteRequest(vote(3), CHAIN))
             assert regress.error is not None and "height regression" in regress.error.description
