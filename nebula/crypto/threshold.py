@@ -228,8 +228,7 @@ class ThresholdPublic:
     def prepare(self, msg: bytes) -> Prepared:
         """The work a combining member can do before any share arrives: H(msg) and the
         group key's half of the verification pairing, e(PK, H(msg))'s Miller loop."""
-        h = self.hash(msg)
-        return Prepared((h,), (1,), miller_loop(self._points[0], h))
+        return self.prepare_batch([msg])
 
     def prepare_batch(self, msgs: Sequence[bytes]) -> Prepared:
         """:meth:`prepare` for several messages whose combined signatures are verified

@@ -71,11 +71,6 @@ def _parse_addr(addr: str, what: str) -> tuple[str, int]:
     return host, port
 
 
-def _prepare(key: KeyShare, msgs: tuple[bytes, ...]) -> Any:
-    """The combining member's work before shares arrive (one message, or a batch)."""
-    return key.public.prepare(msgs[0]) if len(msgs) == 1 else key.public.prepare_batch(msgs)
-
-
 def _expire(fut: asyncio.Future, timeout: float) -> None:
     if not fut.done():
         # The entry may still commit later; its decision then stands in the state
@@ -597,7 +592,7 @@ class RaftStore(SignStore):
             # exponentiation less on the critical path, BENCHMARKS.md).
             at.append(index)
             msgs = tuple(m for m in (record.sign_bytes, record.ext_sign_bytes) if m)
-            hashed[msgs] = _prepare(key, msgs)
+            hashed[msgs] = key.public.prepare_batch(msgs)
 
         rec = dataclasses.replace(record, signature=b"", ext_signature=b"")
         try:
@@ -645,7 +640,7 @@ class RaftStore(SignStore):
         msgs = tuple(m for m, _ in items)
         prep = hashed.get(msgs)
         if prep is None:  # a retry that differs in the timestamp: the stored bytes
-            prep = hashed[msgs] = _prepare(key, msgs)
+            prep = hashed[msgs] = key.public.prepare_batch(msgs)
         wants = [(digest(m), ext) for m, ext in items]
         name = chain.decode(errors="replace")
         logger.debug("threshold: entry %d needs shares of message %s", index, wants[0][0][:4].hex())
