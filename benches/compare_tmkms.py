@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nebula.bench.stats import cpu_time
+
 HERE = Path(__file__).resolve().parents[1]
-HZ = os.sysconf("SC_CLK_TCK")
 CHAIN = "bench-chain"
 
 
@@ -45,16 +46,11 @@ def _port() -> int:
 
 
 def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of every thread of ``pid`` so far: the scheduler's
-    nanosecond count (``schedstat``), or the 10 ms clock ticks of ``stat`` without it."""
-    total = 0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-        return total / 1e9
-    except (OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / HZ
+    """CPU time (user + system) of every thread of ``pid`` so far (``schedstat``, in ns)."""
+    t = cpu_time(pid)
+    if t is None:
+        raise SystemExit(f"process {pid} is gone: no CPU time to read")
+    return t
 
 
 def _bench(addr: str, requests: int, warmup: int) -> dict[str, Any]:

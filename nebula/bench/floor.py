@@ -51,7 +51,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nebula.bench.stats import Summary, summarize
+from nebula.bench.stats import Summary, cpu_time, summarize
 from nebula.errors import NebulaError
 
 __all__ = [
@@ -210,9 +210,17 @@ class FloorResult:
     scenario: Scenario
     latency: Summary
     throughput_rps: float
+    #: CPU ms (user + system, every thread) per timed request, by role: ``server`` for a
+    #: lone server, else ``leader`` and ``follower`` (the busiest follower); a role whose
+    #: process could not be read is missing
+    cpu_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _measure(port: int, requests: int, warmup: int) -> tuple[list[float], float]:
+def _measure(
+    port: int, requests: int, warmup: int, timed: Callable[[], None] | None = None
+) -> tuple[list[float], float]:
+    """``requests`` round trips after ``warmup`` untimed ones; ``timed`` is called once
+    when the timed part starts."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     pad = os.urandom(REQUEST_SIZE - _SEQ.size)
@@ -222,6 +230,8 @@ def _measure(port: int, requests: int, warmup: int) -> tuple[list[float], float]
         t_start = 0.0
         for i in range(warmup + requests):
             if i == warmup:
+                if timed is not None:
+                    timed()
                 t_start = time.perf_counter()
             msg = _SEQ.pack(i + 1) + pad
             t0 = time.perf_counter()
@@ -275,7 +285,11 @@ def run_scenario(scenario: Scenario, directory: str, requests: int, warmup: int)
         majority = (scenario.followers + 1) // 2 + 1 if scenario.followers else 1
         proc, leader = _start_server(directory, scenario.syncs, followers, majority)
         procs.append(proc)
-        times, elapsed = _measure(leader, requests, warmup)
+        before: list[float | None] = []
+        times, elapsed = _measure(
+            leader, requests, warmup, lambda: before.extend(cpu_time(p.pid) for p in procs)
+        )
+        after = [cpu_time(p.pid) for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -283,7 +297,16 @@ def run_scenario(scenario: Scenario, directory: str, requests: int, warmup: int)
             p.wait()
             if p.stdout is not None:
                 p.stdout.close()
-    return FloorResult(scenario, summarize(times), requests / elapsed if elapsed > 0 else 0.0)
+    used = [
+        None if a is None or b is None else (a - b) * 1000.0 / requests
+        for a, b in zip(after, before, strict=True)
+    ]
+    cpu: dict[str, float] = {}
+    if used[-1] is not None:
+        cpu["leader" if scenario.followers else "server"] = round(used[-1], 4)
+    if scenario.followers and all(u is not None for u in used[:-1]):
+        cpu["follower"] = round(max(u for u in used[:-1] if u is not None), 4)
+    return FloorResult(scenario, summarize(times), requests / elapsed if elapsed > 0 else 0.0, cpu)
 
 
 def run_floor(
@@ -323,6 +346,7 @@ def floor_json(results: list[FloorResult], setup: dict[str, Any]) -> dict[str, A
                 "fdatasyncs_per_node": r.scenario.syncs,
                 "latency_ms": {k: round(v, 4) for k, v in r.latency.as_dict().items()},
                 "throughput_rps": round(r.throughput_rps, 1),
+                "cpu_ms_per_request": dict(r.cpu_ms),
             }
             for r in results
         },
@@ -330,7 +354,10 @@ def floor_json(results: list[FloorResult], setup: dict[str, Any]) -> dict[str, A
 
 
 def format_floor(results: list[FloorResult], setup: dict[str, Any]) -> str:
-    head = f"{'scenario':<28} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'req/s':>8}"
+    head = (
+        f"{'scenario':<28} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'req/s':>8}"
+        f" {'CPU/req: leader':>16} {'follower':>9}"
+    )
     lines = [
         f"floor of this machine ({setup.get('workdir')}), {setup.get('requests')} requests "
         f"of {REQUEST_SIZE} bytes, ms:",
@@ -339,12 +366,18 @@ def format_floor(results: list[FloorResult], setup: dict[str, Any]) -> str:
     ]
     for r in results:
         s = r.latency
+        lead = r.cpu_ms.get("leader", r.cpu_ms.get("server"))
+        fol = r.cpu_ms.get("follower")
         lines.append(
             f"{r.scenario.name:<28} {s.p50:8.3f} {s.p90:8.3f} {s.p99:8.3f} {s.max:8.3f} "
-            f"{r.throughput_rps:8.0f}"
+            f"{r.throughput_rps:8.0f} {'-' if lead is None else f'{lead:.3f}':>16} "
+            f"{'-' if fol is None else f'{fol:.3f}':>9}"
         )
     lines.append(
-        "No signing, encoding, encryption or Raft: Nebula's matching setup cannot be faster."
+        "No signing, encoding, encryption or Raft: Nebula's matching setup cannot be faster,"
+    )
+    lines.append(
+        "nor use less CPU (ms per request: the server or leader, and the busiest follower)."
     )
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ __all__ = [
     "PhaseSnapshot",
     "Summary",
     "cpu_seconds",
+    "cpu_time",
     "parse_phase_histograms",
     "percentile",
     "phase_means",
@@ -109,6 +110,28 @@ def cpu_seconds(pid: int) -> tuple[float, float] | None:
         return int(fields[11]) / tick, int(fields[12]) / tick
     except (OSError, ValueError, IndexError):
         return None
+
+
+def cpu_time(pid: int) -> float | None:
+    """CPU seconds (user + system) the live threads of ``pid`` have used so far: the
+    scheduler's nanosecond count (``/proc/<pid>/task/*/schedstat``; a thread that ended
+    is no longer counted), or the clock ticks of ``/proc/<pid>/stat`` where there is no
+    schedstat; None where the process is gone."""
+    try:
+        total, read = 0, 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+                read += 1
+            except FileNotFoundError:
+                continue  # a thread that ended meanwhile (or no schedstat at all)
+        if read:
+            return total / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
+    both = cpu_seconds(pid)
+    return None if both is None else both[0] + both[1]
 
 
 # ---- Prometheus ------------------------------------------------------------------------

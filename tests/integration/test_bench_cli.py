@@ -343,7 +343,44 @@ def test_bench_floor_json(tmp_path) -> None:
         assert (sc["followers"], sc["fdatasyncs_per_node"]) == (followers, syncs)
         _check_latency(sc["latency_ms"], 150)
         assert sc["throughput_rps"] > 0
+        # CPU per request of every process, by role (the follower: the busiest one)
+        cpu = sc["cpu_ms_per_request"]
+        assert set(cpu) == ({"leader", "follower"} if followers else {"server"}), cpu
+        assert all(0 < v < 50 for v in cpu.values()), cpu
     assert list(tmp_path.iterdir()) == []  # the scratch files are removed
+
+
+def test_cpu_time_counts_every_thread_in_nanoseconds() -> None:
+    """A second thread's busy loop shows in the process's CPU time (schedstat sums the
+    live threads); a process that is gone has none."""
+    import threading
+    import time
+
+    from nebula.bench.stats import cpu_time
+
+    before = cpu_time(os.getpid())
+    assert before is not None
+    spun, done = threading.Event(), threading.Event()
+
+    def spin() -> None:
+        end = time.thread_time() + 0.05
+        while time.thread_time() < end:
+            pass
+        spun.set()
+        done.wait(10)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        assert spun.wait(10)
+        after = cpu_time(os.getpid())
+    finally:
+        done.set()
+        t.join()
+    assert after is not None and after - before >= 0.05
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert cpu_time(gone.pid) is None
 
 
 def test_bench_floor_scenarios_really_sync(tmp_path) -> None:
