@@ -78,6 +78,12 @@ class SignStore(ABC):
     def last(self, chain_id: str) -> SignRecord | None:
         """The last durable sign state of ``chain_id`` (None if never signed)."""
 
+    def combine_seconds(self, chain_id: str) -> float:
+        """Of the last ``commit`` of ``chain_id``: the seconds after the decision
+        committed that went into making its signature (threshold BLS: gathering,
+        combining and verifying the members' shares); 0 when the store only decides."""
+        return 0.0
+
     @abstractmethod
     def all(self) -> dict[str, SignRecord]:
         """The last durable sign state of every chain this store knows."""

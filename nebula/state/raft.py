@@ -232,6 +232,8 @@ class RaftStore(SignStore):
             check_cluster(share, node_id, list(peers), f"chain {chain_id}")
             self._threshold[chain_id.encode()] = share
         self._share_waiters: dict[int, asyncio.Future[None]] = {}
+        #: chain id -> seconds the last threshold signature took after its commit
+        self._combine_s: dict[bytes, float] = {}
         # The last combined signature per threshold chain (this leader's retries).
         self._combined: dict[bytes, SignRecord] = {}
         #: called with (chain_id, member) for each share that failed verification
@@ -576,12 +578,16 @@ class RaftStore(SignStore):
 
     # -- threshold BLS (nebula.state.threshold) -----------------------------------------
 
+    def combine_seconds(self, chain_id: str) -> float:
+        return self._combine_s.get(chain_id.encode(), 0.0)
+
     async def _commit_threshold(self, chain: bytes, record: SignRecord, key: KeyShare) -> Decision:
         """Decide through the log (TSIGN), then combine t shares over the standing
         decision's sign bytes; nothing is released without t valid shares in time."""
         deadline = self._loop.time() + self.commit_timeout
         hashed: dict[tuple[bytes, ...], Any] = {}
         at: list[int] = []
+        self._combine_s[chain] = 0.0  # (a refusal below combines nothing)
 
         def own(index: int) -> None:
             # While the followers append and sync: H(m) and the group key's half of the
@@ -608,7 +614,9 @@ class RaftStore(SignStore):
             items = [(stood.sign_bytes, False)]
             if record.ext_sign_bytes:
                 items.append((record.ext_sign_bytes, True))
+            committed = time.perf_counter()
             sigs = await self._gather(chain, index, key, items, hashed, deadline)
+            self._combine_s[chain] = time.perf_counter() - committed
             sig = sigs[0]
             ext_sig = sigs[1] if record.ext_sign_bytes else b""
         finally:
