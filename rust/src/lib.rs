@@ -34,6 +34,7 @@ use protobuf::Message as PbMessage;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict};
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, MessageType,
@@ -177,9 +178,9 @@ impl Storage for Store {
 // ---- conversions ------------------------------------------------------------------------
 
 type PyEntry<'py> = (u64, u64, i32, Bound<'py, PyBytes>, Bound<'py, PyBytes>);
-type InEntry = (u64, u64, i32, Vec<u8>, Vec<u8>);
+type InEntry = (u64, u64, i32, PyBackedBytes, PyBackedBytes);
 type PySnap<'py> = (u64, u64, Vec<u64>, Vec<u64>, Bound<'py, PyBytes>);
-type InSnap = (u64, u64, Vec<u64>, Vec<u64>, Vec<u8>);
+type InSnap = (u64, u64, Vec<u64>, Vec<u64>, PyBackedBytes);
 /// (change, node_id, context, voters, learners) of an applied conf change.
 type PyConfChange<'py> = (i32, u64, Bound<'py, PyBytes>, Vec<u64>, Vec<u64>);
 
@@ -204,15 +205,15 @@ fn entry_in(t: InEntry) -> PyResult<Entry> {
         2 => EntryType::EntryConfChangeV2,
         k => return Err(PyValueError::new_err(format!("unknown entry type {k}"))),
     });
-    e.data = data.into();
-    e.context = context.into();
+    e.data = data.to_vec().into();
+    e.context = context.to_vec().into();
     Ok(e)
 }
 
 fn snap_in(t: InSnap) -> Snapshot {
     let (index, term, voters, learners, data) = t;
     let mut s = Snapshot::default();
-    s.data = data.into();
+    s.data = data.to_vec().into();
     let m = s.mut_metadata();
     m.index = index;
     m.term = term;
@@ -387,8 +388,10 @@ impl Node {
     }
 
     /// Propose ``data``; returns (term, index) the entry got in this leader's log.
-    fn propose(&mut self, context: Vec<u8>, data: Vec<u8>) -> PyResult<(u64, u64)> {
-        self.raw.propose(context, data).map_err(raft_err)?;
+    fn propose(&mut self, context: PyBackedBytes, data: PyBackedBytes) -> PyResult<(u64, u64)> {
+        self.raw
+            .propose(context.to_vec(), data.to_vec())
+            .map_err(raft_err)?;
         Ok((self.raw.raft.term, self.raw.raft.raft_log.last_index()))
     }
 
@@ -398,8 +401,9 @@ impl Node {
         &mut self,
         change: i32,
         node_id: u64,
-        context: Vec<u8>,
+        context: PyBackedBytes,
     ) -> PyResult<(u64, u64)> {
+        let context = context.to_vec();
         let mut cc = ConfChange::default();
         cc.set_change_type(change_type(change)?);
         cc.node_id = node_id;
@@ -551,7 +555,11 @@ impl Node {
     /// Take a snapshot of the state machine at ``index`` (applied, in the log) with the
     /// current conf state, and drop the log up to it.  Returns (index, term, voters,
     /// learners) of the snapshot, for the durable copy.  Persist the snapshot first.
-    fn compact(&mut self, index: u64, data: Vec<u8>) -> PyResult<(u64, u64, Vec<u64>, Vec<u64>)> {
+    fn compact(
+        &mut self,
+        index: u64,
+        data: PyBackedBytes,
+    ) -> PyResult<(u64, u64, Vec<u64>, Vec<u64>)> {
         let applied = self.raw.raft.raft_log.applied;
         if index > applied {
             return Err(RaftError::new_err(format!(
@@ -570,7 +578,7 @@ impl Node {
         let drop = (index + 1 - store.first()) as usize;
         store.entries.drain(..drop);
         let mut s = Snapshot::default();
-        s.data = data.into();
+        s.data = data.to_vec().into();
         {
             let m = s.mut_metadata();
             m.index = index;
@@ -709,10 +717,10 @@ fn message_info<'py>(
 fn message_with_context<'py>(
     py: Python<'py>,
     raw: &[u8],
-    context: Vec<u8>,
+    context: PyBackedBytes,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let mut m = parse_message(raw)?;
-    m.context = context.into();
+    m.context = context.to_vec().into();
     let out = m
         .write_to_bytes()
         .map_err(|e| RaftError::new_err(format!("encode message: {e}")))?;
@@ -725,12 +733,12 @@ fn encode_conf_change<'py>(
     py: Python<'py>,
     change: i32,
     node_id: u64,
-    context: Vec<u8>,
+    context: PyBackedBytes,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let mut cc = ConfChange::default();
     cc.set_change_type(change_type(change)?);
     cc.node_id = node_id;
-    cc.context = context.into();
+    cc.context = context.to_vec().into();
     let out = cc
         .write_to_bytes()
         .map_err(|e| RaftError::new_err(format!("encode: {e}")))?;
