@@ -27,6 +27,13 @@ One pass of :meth:`process`, per Ready:
 6. ``advance()``: raft-rs learns the Ready is durable; the LightReady's messages leave and
    its committed entries are applied; ``advance_apply()``.
 
+Queued proposals (``propose(..., batch=True)``).  A proposal can be queued instead of
+handed to raft-rs at once; the queue goes to raft-rs as one proposal (raft-rs appends the
+entries together, all or none, and sends each follower one append) at the next
+:meth:`process` or :meth:`flush_proposals`.  Each queued proposal is told at once the
+(term, index) it will get; one that lands anywhere else resolves as lost.  The event loop
+queues every decision of one loop pass (several chains at once: group commit).
+
 A leader's sync off the loop (``offload``, ``RaftStore(sync_off_loop=True)``).  When a
 leader's Ready carries at least ``offload_min_entries`` entries (several decisions: several
 chains at once), step 3's ``fdatasync`` runs on a worker thread and the Ready is finished
@@ -272,11 +279,18 @@ class RaftNode:
                 raise
             self.fail(f"raft node {self.id} stopped: {type(e).__name__}: {e}")
 
-    def propose(self, data: bytes, resolve: Resolver) -> tuple[int, int]:
+    def propose(self, data: bytes, resolve: Resolver, *, batch: bool = False) -> tuple[int, int]:
         """Propose ``data``; ``resolve`` gets the state machine's result once the entry is
-        applied, or an exception when the outcome is lost.  Returns (term, index)."""
+        applied, or an exception when the outcome is lost.  Returns (term, index).
+
+        ``batch``: queue it instead, with the proposals queued before it; they go to
+        raft-rs as one proposal (one append per follower, one acknowledgement back) at the
+        next :meth:`flush_proposals` or :meth:`process`.  The (term, index) returned is
+        where it will land; a proposal that lands anywhere else resolves as lost.  While
+        a sync runs off the loop, or while proposals are queued, every proposal is queued.
+        """
         self._check_leader()
-        if self._inflight is not None:
+        if self._inflight is not None or batch or self._deferred_props:
             core = self._core
             if core.lead_transferee is not None:  # raft-rs would drop it now
                 raise NotLeader(f"raft node {self.id}: proposal dropped (leadership transfer)")
@@ -293,12 +307,19 @@ class RaftNode:
         self._pending[index] = (term, resolve)
         return term, index
 
+    def flush_proposals(self) -> None:
+        """Hand the queued proposals to raft-rs (one proposal) unless a sync runs off the
+        loop (they go right after it then); :meth:`process` does this first too."""
+        if self._deferred_props and self._inflight is None and self.fatal is None:
+            self._guarded(self._propose_deferred)
+
     def propose_conf_change(
         self, change: int, node_id: int, context: bytes, resolve: Resolver
     ) -> tuple[int, int]:
         """Like :meth:`propose`; while a sync runs off the loop it is proposed after it,
         and (term, 0) is returned (a refusal then reaches ``resolve``)."""
         self._check_leader()
+        self.flush_proposals()  # queued ones first: they were promised their indexes
         if self._inflight is not None:
 
             def later() -> None:
@@ -318,6 +339,7 @@ class RaftNode:
 
     def transfer_leader(self, to: int) -> None:
         self._check_leader()
+        self.flush_proposals()
         if self._inflight is not None:
             self._deferred_calls.append(lambda: self._core.transfer_leader(to))
             return
@@ -343,7 +365,7 @@ class RaftNode:
     # -- the Ready loop ----------------------------------------------------------------
 
     def process(self) -> None:
-        """Handle every Ready raft-rs has (call after any input)."""
+        """Handle every Ready raft-rs has (call after any input); queued proposals first."""
         if self.fatal is not None or self._inflight is not None:
             return
         self._guarded(self._process)
@@ -363,6 +385,8 @@ class RaftNode:
         while True:
             if self._inflight is not None:
                 return  # the rest runs when the sync is done (_synced)
+            if self._deferred_props:
+                self._propose_deferred()
             rd = core.ready()
             if rd is None:
                 break
@@ -469,31 +493,36 @@ class RaftNode:
         self._guarded(resume)
 
     def _propose_deferred(self) -> None:
-        """Propose what arrived during an offloaded sync, first thing after its Ready:
-        each lands at the (term, index) its caller was given - checked before its waiter
-        is registered; on any difference that proposal and the later ones resolve as
-        lost."""
+        """Propose the queued proposals (those that arrived during an offloaded sync, first
+        thing after its Ready, or those of one loop pass) as one raft-rs proposal: each
+        lands at the (term, index) its caller was given - checked before its waiter is
+        registered; a proposal that landed anywhere else resolves as lost (its entry may
+        still commit: its decision then stands in the state machine, and nothing was
+        released for it, S3)."""
         props, self._deferred_props = self._deferred_props, []
-        for k, (term, index, data, resolve) in enumerate(props):
-            try:
-                got = self._core.propose(b"", data)
-            except _core.ProposalDropped:
-                got = None
-            if got == (term, index):
+        if not props:
+            return
+        try:
+            got = self._core.propose_many([p[2] for p in props])
+        except _core.ProposalDropped:
+            got = None
+        lost: list[tuple[int, int, Resolver]] = []
+        for k, (term, index, _data, resolve) in enumerate(props):
+            if got is not None and (term, index) == (got[0], got[1] + k):
                 self._pending[index] = (term, resolve)
             else:
-                for _t, i, _d, waiter in props[k:]:
-                    waiter(
-                        None, ReplicationError(f"raft proposal for index {i} was not placed there")
-                    )
-                log.warning(
-                    "raft node %d: a proposal made during a sync went to %s, not (%d, %d)",
-                    self.id,
-                    got,
-                    term,
-                    index,
-                )
-                return
+                lost.append((term, index, resolve))
+        if lost:
+            log.warning(
+                "raft node %d: %d queued proposal(s) went to %s, not where promised (%d, %d)",
+                self.id,
+                len(lost),
+                got,
+                lost[0][0],
+                lost[0][1],
+            )
+            for _t, i, waiter in lost:
+                waiter(None, ReplicationError(f"raft proposal for index {i} was not placed there"))
 
     def _after_readies(self) -> None:
         self._check_authority()

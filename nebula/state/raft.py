@@ -214,10 +214,9 @@ class RaftStore(SignStore):
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
-        # Group commit: proposals made after the first one of a loop pass wait for the
-        # pass's flush and share its Ready (one fdatasync, one append per follower).
+        # Group commit: every proposal of a loop pass is queued; the pass's flush hands
+        # them to raft-rs as one proposal (one Ready, one fdatasync, one append each).
         self._batch_armed = False
-        self._batched = 0
         self._role_callbacks: list[Callable[[bool], Any]] = []
         self._announced = False
         self._imports: dict[bytes, SignRecord] = {}
@@ -402,11 +401,10 @@ class RaftStore(SignStore):
             self._node.process()
 
     def _flush_batch(self) -> None:
+        # The queued proposals of this loop pass: one raft-rs proposal, then its Ready.
         self._batch_armed = False
-        if self._batched:
-            self._batched = 0
-            if not self._closed:
-                self._node.process()
+        if not self._closed:
+            self._node.process()
 
     def _on_authority(self, auth: bool) -> None:
         self._announce()
@@ -551,16 +549,13 @@ class RaftStore(SignStore):
             if not fut.done():
                 fut.set_result((result, err))
 
-        # NotLeader / StateError propagate: nothing proposed
-        _term, index = self._node.propose(data, resolve)
-        if self._batch_armed:
-            # Another decision (another chain's) went out in this loop pass: this one
-            # joins whatever else arrives in the pass, and the flush sends them together.
-            self._batched += 1
-        else:
-            # The first decision of the pass: persist and send now (no loop pass in
-            # between), and collect the ones that follow it in the same pass.
-            self._node.process()
+        # NotLeader / StateError propagate: nothing proposed.  Queued: every decision of
+        # this loop pass (several chains' requests read together) goes to raft-rs as one
+        # proposal at the end of the pass - one Ready, one fdatasync, one append to each
+        # follower and one acknowledgement back (BENCHMARKS.md: proposing the first one
+        # at once gave a one-entry Ready per pass and no lower single-chain latency).
+        _term, index = self._node.propose(data, resolve, batch=True)
+        if not self._batch_armed:
             self._batch_armed = True
             self._loop.call_soon(self._flush_batch)
         # The deadline resolves the future first; a late apply then finds it done and

@@ -4,7 +4,8 @@
 //! `RawNode` is meant to be driven (design.md §4):
 //!
 //! ```text
-//! tick() / step_from(peer, bytes) / propose(ctx, data) / propose_conf_change(...)
+//! tick() / step_from(peer, bytes) / propose(ctx, data) / propose_many([data, ...])
+//!   / propose_conf_change(...)      (proposals: the leader only)
 //! rd = ready()                        -> the Ready as plain tuples; kept here until advance()
 //!   send rd.messages                  (safe before persistence: raft-rs only puts messages
 //!                                      there that do not vouch for unpersisted state)
@@ -57,6 +58,16 @@ create_exception!(
     RaftError,
     "The proposal was dropped (not leader, transfer in progress, ...)."
 );
+
+impl Node {
+    fn leader_only(&self) -> PyResult<()> {
+        if self.raw.raft.state == StateRole::Leader {
+            Ok(())
+        } else {
+            Err(ProposalDropped::new_err("proposal dropped: not the leader"))
+        }
+    }
+}
 
 fn raft_err(e: RaftErr) -> PyErr {
     match e {
@@ -388,11 +399,44 @@ impl Node {
     }
 
     /// Propose ``data``; returns (term, index) the entry got in this leader's log.
+    /// Only a leader takes proposals (raft-rs would forward a follower's to its leader and
+    /// report success, with no index of its own to wait on).
     fn propose(&mut self, context: PyBackedBytes, data: PyBackedBytes) -> PyResult<(u64, u64)> {
+        self.leader_only()?;
         self.raw
             .propose(context.to_vec(), data.to_vec())
             .map_err(raft_err)?;
         Ok((self.raw.raft.term, self.raw.raft.raft_log.last_index()))
+    }
+
+    /// Propose every item of ``data`` as one message: the entries are appended together
+    /// (all or none: raft-rs's uncommitted-size limit refuses the whole message) at
+    /// consecutive indexes, and each follower gets them in one append.  Returns
+    /// (term, index of the first).  An empty list is refused (raft-rs treats an empty
+    /// proposal as a fatal error).
+    fn propose_many(&mut self, data: Vec<PyBackedBytes>) -> PyResult<(u64, u64)> {
+        if data.is_empty() {
+            return Err(PyValueError::new_err("propose_many: no entries"));
+        }
+        self.leader_only()?;
+        let n = data.len() as u64;
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.raw.raft.id;
+        let entries: Vec<Entry> = data
+            .iter()
+            .map(|d| {
+                let mut e = Entry::default();
+                e.data = d.to_vec().into();
+                e
+            })
+            .collect();
+        m.set_entries(entries.into());
+        self.raw.raft.step(m).map_err(raft_err)?;
+        Ok((
+            self.raw.raft.term,
+            self.raw.raft.raft_log.last_index() + 1 - n,
+        ))
     }
 
     /// Propose adding (change 0), removing (1) or adding as a learner (2) ``node_id``;
@@ -403,6 +447,7 @@ impl Node {
         node_id: u64,
         context: PyBackedBytes,
     ) -> PyResult<(u64, u64)> {
+        self.leader_only()?;
         let context = context.to_vec();
         let mut cc = ConfChange::default();
         cc.set_change_type(change_type(change)?);

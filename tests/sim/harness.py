@@ -218,6 +218,11 @@ class Simulation:
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        # Whether a client proposal is queued (propose(batch=True), as the event loop
+        # does: it reaches raft-rs at the member's next process event, with whatever else
+        # was queued meanwhile) or handed to raft-rs at once: its own stream, so every
+        # other draw of a seed stays what it was.
+        self._batch_rng = random.Random(seed ^ 0x5EED_BA7C)
         # Drawn seeds: odd ones offload the leader's sync; a scripted profile: off unless asked.
         self.offload = (seed % 2 == 1 and profile is None) if offload is None else offload
         if profile is None:
@@ -702,7 +707,10 @@ class Simulation:
             self._resolved(m, holder[0] if holder else -1, chain, rec, result, err)
 
         try:
-            term, index = self._guard(m, "propose", lambda: node.propose(data, resolve))
+            batch = self._batch_rng.random() < 0.7
+            term, index = self._guard(
+                m, "propose", lambda: node.propose(data, resolve, batch=batch)
+            )
         except (NotLeader, StateError):
             self.stats["proposals_refused_not_leader"] += 1
             return None
@@ -710,6 +718,8 @@ class Simulation:
         self.stats["proposals"] += 1
         if node._inflight is not None:
             self.stats["proposals_during_sync"] += 1
+        elif batch:
+            self.stats["proposals_queued"] += 1
         self._note("propose", m.id, term, index, chain, rec.hrs, rec.sign_bytes[-12:])
         self._kick(m)
         return term, index
@@ -725,6 +735,8 @@ class Simulation:
     ) -> None:
         if err is not None or not isinstance(result, Decision):
             self.stats["proposals_lost"] += 1
+            if err is not None and "was not placed there" in str(err):
+                self.stats["queued_lost"] += 1
             if err is not None and not isinstance(err, NebulaError):
                 self.fail(f"node {m.id}: a proposal failed with {type(err).__name__}: {err}")
             return

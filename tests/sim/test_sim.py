@@ -131,6 +131,8 @@ def test_faults_are_exercised() -> None:
         "conf_changes",
         "syncs_offloaded",  # a leader's fdatasync off the loop (odd seeds)
         "proposals_during_sync",  # proposed while it ran: placed right after its Ready
+        "proposals_queued",  # queued (as the event loop does), proposed together later
+        "queued_lost",  # queued, then deposed (or replaced) before the flush: lost, unreleased
         "members_joined",  # a new member (join = true) caught up and counted as a voter
     ):
         assert totals[what] > 0, (what, totals)
@@ -181,9 +183,9 @@ class _EagerNode(RaftNode):
     """Answers with the decision it computes on its own state before the entry commits
     (what S2 forbids)."""
 
-    def propose(self, data: bytes, resolve):  # type: ignore[no-untyped-def]
+    def propose(self, data: bytes, resolve, *, batch: bool = False):  # type: ignore[no-untyped-def]
         _op, chain, rec = commands.decode_command(data)
-        out = super().propose(data, lambda result, err: None)
+        out = super().propose(data, lambda result, err: None, batch=batch)
         _new, decision = real_guard_apply(self._sm.states.get(chain), rec)  # type: ignore[attr-defined]
         resolve(decision, None)
         return out

@@ -458,6 +458,10 @@ class _Interloper:
         self._core.propose(b"", _sign(99, b"interloper"))
         return self._core.propose(context, data)
 
+    def propose_many(self, data: list[bytes]) -> tuple[int, int]:
+        self._core.propose(b"", _sign(99, b"interloper"))
+        return self._core.propose_many(data)
+
 
 def test_a_deferred_proposal_placed_elsewhere_resolves_as_lost_and_nothing_else() -> None:
     net, lead, off = _offload_net()
@@ -474,3 +478,113 @@ def test_a_deferred_proposal_placed_elsewhere_resolves_as_lost_and_nothing_else(
     assert outcomes == ["ACCEPT", "ReplicationError"]
     assert [r.record.height for r, e in got if e is None] == [1]
     assert lead.term_at(index) == term and lead.applied >= index + 1
+
+
+def _counting_net(ids: list[int]) -> tuple[Net, list[tuple[int, int, int, int]]]:
+    """A net whose sends record (from, to, message type, entries in it)."""
+    calls: list[tuple[int, int, int, int]] = []
+    net = Net(ids)
+    for i, n in net.nodes.items():
+
+        def send(to: int, p: bytes, i: int = i) -> bool:
+            info = _core.message_info(p)
+            calls.append((i, to, info[0], info[8]))
+            net.queue.append((i, to, p))
+            return True
+
+        n._send = send
+    return net, calls
+
+
+def test_queued_proposals_go_to_raft_as_one_append_per_follower() -> None:
+    """Proposals of one loop pass (batch=True) land at the indexes they were given, reach
+    each follower in one append, come back in one acknowledgement, and each resolves
+    with its own entry's decision."""
+    net, calls = _counting_net([1, 2, 3])
+    lead = net.leader()
+    net.deliver()
+    calls.clear()
+    got, resolve = _collect()
+    last = lead.last_index
+    given = [lead.propose(_sign(h), resolve, batch=True) for h in range(1, 9)]
+    assert [i for _t, i in given] == list(range(last + 1, last + 9))
+    assert lead.last_index == last  # queued: nothing in raft-rs yet
+    lead.process()
+    appends = [c for c in calls if c[0] == lead.id and c[2] == _core.MSG_APPEND]
+    assert sorted(to for _f, to, _m, _n in appends) == [i for i in net.nodes if i != lead.id]
+    assert all(n == 8 for *_x, n in appends)  # eight entries, one append each
+    net.deliver()
+    acks = [c for c in calls if c[2] == _core.MSG_APPEND_RESPONSE]
+    assert len(acks) == 2
+    assert [r.record.height for r, e in got] == list(range(1, 9))
+    assert all(e is None and r.verdict is Verdict.ACCEPT for r, e in got)
+    for (term, index), h in zip(given, range(1, 9), strict=True):
+        assert lead.term_at(index) == term
+        assert commands.decode_command(lead._log.entries(index, index + 1)[0].data)[2].height == h
+
+
+def test_a_proposal_after_a_queued_one_is_queued_behind_it() -> None:
+    net = Net([1, 2, 3])
+    lead = net.leader()
+    got, resolve = _collect()
+    t1, i1 = lead.propose(_sign(1), resolve, batch=True)
+    t2, i2 = lead.propose(_sign(2), resolve)  # not batch, but must not jump the queue
+    assert (t2, i2) == (t1, i1 + 1)
+    lead.flush_proposals()
+    assert lead.last_index == i2
+    lead.process()
+    net.deliver()
+    assert [r.record.height for r, e in got] == [1, 2]
+
+
+def test_queued_proposals_of_a_deposed_leader_resolve_as_lost_and_release_nothing() -> None:
+    net = Net([1, 2, 3])
+    lead = net.leader()
+    got, resolve = _collect()
+    for h in (1, 2, 3):
+        lead.propose(_sign(h), resolve, batch=True)
+    # Before the flush, a message from a later term deposes it (another member won an
+    # election while this one was cut off).
+    net.down.add(lead.id)
+    new = net.leader()
+    net.down.discard(lead.id)
+    new.propose(_sign(50), lambda r, e: None)
+    new.process()
+    for _ in range(50):
+        if lead._core.role != LEADER:
+            break
+        if not net.queue:
+            new.tick()
+            new.process()
+        frm, to, p = net.queue.popleft()
+        if to == lead.id:
+            lead.receive(frm, p)  # stepped, not processed: the queue is still there
+        else:
+            net.nodes[to].receive(frm, p)
+            net.nodes[to].process()
+    assert lead._core.role != LEADER and lead.role == LEADER  # deposed; not processed yet
+    lead.process()
+    net.deliver()
+    assert len(got) == 3
+    assert all(r is None and isinstance(e, (ReplicationError, NotLeader)) for r, e in got)
+    # None of the three is in anyone's log.
+    for n in net.nodes.values():
+        for e in n._log.entries(n._log.first_index, n.last_index + 1):
+            if e.data:
+                assert commands.decode_command(e.data)[2].height not in (1, 2, 3)
+
+
+def test_the_core_takes_proposals_only_as_leader() -> None:
+    """raft-rs would forward a follower's proposal to its leader and report success; the
+    binding refuses it instead (there is no index of its own to wait on)."""
+    net = Net([1, 2, 3])
+    lead = net.leader()
+    follower = next(n for n in net.nodes.values() if n is not lead)
+    with pytest.raises(_core.ProposalDropped):
+        follower._core.propose(b"", _sign(1))
+    with pytest.raises(_core.ProposalDropped):
+        follower._core.propose_many([_sign(1), _sign(2)])
+    with pytest.raises(_core.ProposalDropped):
+        follower._core.propose_conf_change(CONF_ADD, 9, b"")
+    with pytest.raises(ValueError):
+        lead._core.propose_many([])
