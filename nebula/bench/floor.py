@@ -28,6 +28,12 @@ Scenarios (one request in flight, ``REQUEST_SIZE``-byte requests and answers):
     once its own copy and enough acknowledgements make a majority durable.  This is
     the message and sync pattern of one Raft commit (AppendEntries, fdatasync on every
     member, acknowledgements), without Raft's bookkeeping.
+``3 nodes, K at once, group commit`` (``--floor --chains K``)
+    K client connections, each with one request in flight (K chains' validators, as
+    ``nebula bench --local 3 --chains K`` drives them).  The leader group-commits what
+    one loop pass read: one forward to each follower, one durable write of its own;
+    a follower makes what one read brought durable with one write and acknowledges the
+    last of it.  The throughput ceiling of many chains on this machine's cores and disk.
 
 Nothing is encoded, encrypted, guarded, signed or replicated by Raft here, so a
 scenario's numbers are a floor for the matching Nebula setup on the same machine, not
@@ -40,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import select
+import selectors
 import shutil
 import socket
 import struct
@@ -61,6 +68,7 @@ __all__ = [
     "Scenario",
     "floor_json",
     "format_floor",
+    "group_scenario",
     "machine_setup",
     "run_floor",
     "run_scenario",
@@ -77,7 +85,15 @@ _STARTUP_TIMEOUT = 30.0
 class Scenario:
     name: str
     followers: int  # 0: the server answers alone
-    syncs: int  # durable writes per request on every node that takes part
+    syncs: int  # durable writes per request (per group, at once) on every node
+    connections: int = 1  # > 1: that many clients at once, and the leader group-commits
+
+
+def group_scenario(connections: int) -> Scenario:
+    """``3 nodes, K at once, group commit`` (module docstring)."""
+    if connections < 2:
+        raise NebulaError("the group-commit floor needs at least 2 connections")
+    return Scenario(f"3 nodes, {connections} at once, group commit", 2, 1, connections)
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -111,12 +127,14 @@ def _serve(
     syncs: int,
     follower_ports: list[int],
     majority: int,
+    group: bool = False,
 ) -> None:
     """One server process.
 
-    ``majority`` 0: a follower (acknowledges each request with its sequence number
-    after its durable writes); otherwise it answers with the request once
-    ``majority`` nodes, itself included, have made it durable.
+    ``majority`` 0: a follower (acknowledges the last request of each read with its
+    sequence number after its durable writes); otherwise it answers with the request
+    once ``majority`` nodes, itself included, have made it durable.  ``group``: the
+    leader forwards and persists once per loop pass (group commit), not per request.
     """
     import asyncio
 
@@ -133,36 +151,56 @@ def _serve(
                 os.pwrite(fd, block, 0)
                 os.fdatasync(fd)
 
-        # The leader's links to its followers and the acknowledgements they send.
-        acks: dict[int, int] = {}
-        waiting: dict[int, tuple[Any, bytes]] = {}  # seq -> (client transport, answer)
+        # The leader's links to its followers and what they acknowledged.  The leader
+        # numbers what it forwards (g); a follower acknowledges the last g it made
+        # durable, which vouches for every earlier one (one connection: in order).
+        acked = [0] * len(follower_ports)
+        waiting: dict[int, tuple[Any, bytes]] = {}  # g -> (client transport, answer)
         need = majority - (1 if syncs else 0)  # this node's own copy counts
+        own = [0]  # the last g this node made durable (all of them with no syncs)
+        queued: list[bytes] = []  # g-numbered copies read in this loop pass
+        armed = [False]
+        counter = [0]
+
+        def try_answer() -> None:
+            done = sorted(acked, reverse=True)[need - 1] if need > 0 else own[0]
+            done = min(done, own[0]) if syncs else done
+            for g in [g for g in waiting if g <= done]:
+                client, msg = waiting.pop(g)
+                client.write(msg)
 
         class Ack(asyncio.Protocol):
-            def __init__(self) -> None:
+            def __init__(self, k: int) -> None:
+                self.k = k
                 self.buf = b""
 
             def data_received(self, data: bytes) -> None:
                 self.buf += data
-                while len(self.buf) >= _SEQ.size:
-                    (seq,) = _SEQ.unpack_from(self.buf)
-                    self.buf = self.buf[_SEQ.size :]
-                    n = acks.get(seq, 0) + 1
-                    acks[seq] = n
-                    if n >= need and seq in waiting:
-                        answer(seq)
-
-        def answer(seq: int) -> None:
-            client, msg = waiting.pop(seq)
-            acks.pop(seq, None)
-            acks.pop(seq - 1, None)  # late acknowledgements of the previous request
-            client.write(msg)
+                n = len(self.buf) // _SEQ.size * _SEQ.size
+                if n:
+                    (g,) = _SEQ.unpack_from(self.buf, n - _SEQ.size)
+                    self.buf = self.buf[n:]
+                    acked[self.k] = max(acked[self.k], g)
+                    try_answer()
 
         links = []
-        for port in follower_ports:
-            t, _ = await loop.create_connection(Ack, "127.0.0.1", port)
+        for k, port in enumerate(follower_ports):
+            t, _ = await loop.create_connection(lambda k=k: Ack(k), "127.0.0.1", port)
             _nodelay(t)
             links.append(t)
+
+        def flush() -> None:
+            armed[0] = False
+            if not queued:
+                return
+            data = b"".join(queued)
+            queued.clear()
+            for link in links:
+                link.write(data)
+            if fd >= 0:
+                persist(data[-BLOCK:])  # the leader's own copy, while followers write
+            own[0] = counter[0]
+            try_answer()  # (acknowledged while this node synced)
 
         class Peer(asyncio.Protocol):
             """A client (or, on a follower, the leader): fixed-size requests."""
@@ -174,26 +212,29 @@ def _serve(
 
             def data_received(self, data: bytes) -> None:
                 self.buf += data
-                while len(self.buf) >= REQUEST_SIZE:
-                    msg, self.buf = self.buf[:REQUEST_SIZE], self.buf[REQUEST_SIZE:]
-                    if links:
-                        self.lead(msg)
-                    else:
-                        if fd >= 0:
-                            persist(msg)
-                        # a follower acknowledges with the sequence number; a lone server echoes
-                        self.t.write(msg[: _SEQ.size] if majority == 0 else msg)
-
-            def lead(self, msg: bytes) -> None:
-                (seq,) = _SEQ.unpack_from(msg)
-                waiting[seq] = (self.t, msg)
-                for link in links:
-                    link.write(msg)
+                n = len(self.buf) // REQUEST_SIZE * REQUEST_SIZE
+                if not n:
+                    return
+                chunk, self.buf = self.buf[:n], self.buf[n:]
+                if links:
+                    for i in range(0, n, REQUEST_SIZE):
+                        msg = chunk[i : i + REQUEST_SIZE]
+                        counter[0] += 1
+                        g = counter[0]
+                        waiting[g] = (self.t, msg)
+                        queued.append(_SEQ.pack(g) + msg[_SEQ.size :])
+                    if not group:
+                        flush()  # one request in flight: forward and persist at once
+                    elif not armed[0]:
+                        armed[0] = True
+                        loop.call_soon(flush)  # the rest of this loop pass joins it
+                    return
+                # One durable write for what this read brought (a follower: a group).
                 if fd >= 0:
-                    persist(msg)  # the leader's own copy, while the followers write theirs
-                if acks.get(seq, 0) >= need:  # acknowledged while this node synced
-                    answer(seq)
-                # else the acknowledgement that completes the majority answers
+                    persist(chunk[-BLOCK:])
+                # a follower acknowledges its last sequence number; a lone server echoes
+                last = n - REQUEST_SIZE
+                self.t.write(chunk[last : last + _SEQ.size] if majority == 0 else chunk)
 
         server = await loop.create_server(Peer, "127.0.0.1", 0)
         print(server.sockets[0].getsockname()[1], flush=True)
@@ -253,11 +294,87 @@ def _measure(
     return times, elapsed
 
 
-def _start_server(directory: str, syncs: int, followers: list[int], majority: int) -> tuple:
+def _measure_many(
+    port: int, connections: int, requests: int, warmup: int, timed: Callable[[], None]
+) -> tuple[list[float], float]:
+    """``connections`` clients at once from one thread (``selectors``), each with one
+    request in flight: ``warmup`` then ``requests`` round trips each; ``timed`` is called
+    once every client has finished its warmup (the timed part starts then)."""
+    socks = []
+    try:
+        for _ in range(connections):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks.append(sock)
+        pad = os.urandom(REQUEST_SIZE - _SEQ.size)
+        for phase, count in (("warmup", warmup), ("timed", requests)):
+            times: list[float] = []
+            if phase == "timed":
+                timed()
+            t_start = time.perf_counter()
+            if count:
+                times = _drive(socks, count, pad)
+            elapsed = time.perf_counter() - t_start
+        return times, elapsed
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _drive(socks: list[socket.socket], count: int, pad: bytes) -> list[float]:
+    sel = selectors.DefaultSelector()
+    times: list[float] = []
+    state = {}
+    try:
+        for k, sock in enumerate(socks):
+            sock.setblocking(False)
+            st = state[k] = [0, 0.0, 0, bytearray(REQUEST_SIZE)]  # sent, t0, got, buffer
+            sel.register(sock, selectors.EVENT_READ, k)
+            st[1] = time.perf_counter()
+            sock.send(_SEQ.pack(1) + pad)
+            st[0] = 1
+        left = len(socks)
+        while left:
+            events = sel.select(30)
+            if not events:
+                raise NebulaError("floor server stopped answering")
+            for key, _ in events:
+                k = key.data
+                st = state[k]
+                sock = socks[k]
+                view = memoryview(st[3])
+                n = sock.recv_into(view[st[2] :])
+                if n == 0:
+                    raise NebulaError("floor server closed the connection")
+                st[2] += n
+                if st[2] < REQUEST_SIZE:
+                    continue
+                t1 = time.perf_counter()
+                if _SEQ.unpack_from(st[3])[0] != st[0]:
+                    raise NebulaError("floor server answered out of order")
+                times.append(t1 - st[1])
+                st[2] = 0
+                if st[0] == count:
+                    sel.unregister(sock)
+                    left -= 1
+                    continue
+                st[0] += 1
+                st[1] = time.perf_counter()
+                sock.send(_SEQ.pack(st[0]) + pad)  # 200 bytes: one send on a fresh socket
+        return times
+    finally:
+        sel.close()
+        for sock in socks:
+            sock.setblocking(True)
+
+
+def _start_server(
+    directory: str, syncs: int, followers: list[int], majority: int, group: bool = False
+) -> tuple:
     """A server process (``python -m nebula.bench.floor``); returns (process, port)."""
     cmd = [
         sys.executable, "-m", "nebula.bench.floor", directory, str(syncs), str(majority),
-        ",".join(map(str, followers)),
+        ",".join(map(str, followers)), "group" if group else "",
     ]  # fmt: skip
     env = dict(os.environ)
     # the package this module came from, whether installed or run from a checkout
@@ -283,12 +400,18 @@ def run_scenario(scenario: Scenario, directory: str, requests: int, warmup: int)
             procs.append(proc)
             followers.append(port)
         majority = (scenario.followers + 1) // 2 + 1 if scenario.followers else 1
-        proc, leader = _start_server(directory, scenario.syncs, followers, majority)
+        group = scenario.connections > 1
+        proc, leader = _start_server(directory, scenario.syncs, followers, majority, group)
         procs.append(proc)
         before: list[float | None] = []
-        times, elapsed = _measure(
-            leader, requests, warmup, lambda: before.extend(cpu_time(p.pid) for p in procs)
-        )
+
+        def timed() -> None:
+            before.extend(cpu_time(p.pid) for p in procs)
+
+        if group:
+            times, elapsed = _measure_many(leader, scenario.connections, requests, warmup, timed)
+        else:
+            times, elapsed = _measure(leader, requests, warmup, timed)
         after = [cpu_time(p.pid) for p in procs]
     finally:
         for p in procs:
@@ -297,8 +420,9 @@ def run_scenario(scenario: Scenario, directory: str, requests: int, warmup: int)
             p.wait()
             if p.stdout is not None:
                 p.stdout.close()
+    total = len(times)  # every connection's timed requests
     used = [
-        None if a is None or b is None else (a - b) * 1000.0 / requests
+        None if a is None or b is None else (a - b) * 1000.0 / total
         for a, b in zip(after, before, strict=True)
     ]
     cpu: dict[str, float] = {}
@@ -306,7 +430,7 @@ def run_scenario(scenario: Scenario, directory: str, requests: int, warmup: int)
         cpu["leader" if scenario.followers else "server"] = round(used[-1], 4)
     if scenario.followers and all(u is not None for u in used[:-1]):
         cpu["follower"] = round(max(u for u in used[:-1] if u is not None), 4)
-    return FloorResult(scenario, summarize(times), requests / elapsed if elapsed > 0 else 0.0, cpu)
+    return FloorResult(scenario, summarize(times), total / elapsed if elapsed > 0 else 0.0, cpu)
 
 
 def run_floor(
@@ -344,6 +468,7 @@ def floor_json(results: list[FloorResult], setup: dict[str, Any]) -> dict[str, A
             r.scenario.name: {
                 "followers": r.scenario.followers,
                 "fdatasyncs_per_node": r.scenario.syncs,
+                "connections": r.scenario.connections,
                 "latency_ms": {k: round(v, 4) for k, v in r.latency.as_dict().items()},
                 "throughput_rps": round(r.throughput_rps, 1),
                 "cpu_ms_per_request": dict(r.cpu_ms),
@@ -394,5 +519,11 @@ def machine_setup(parent: str | os.PathLike[str] | None, requests: int, warmup: 
 
 
 if __name__ == "__main__":  # a server process of run_scenario
-    _d, _syncs, _majority, _followers = sys.argv[1:5]
-    _serve(_d, int(_syncs), [int(p) for p in _followers.split(",") if p], int(_majority))
+    _d, _syncs, _majority, _followers, _group = sys.argv[1:6]
+    _serve(
+        _d,
+        int(_syncs),
+        [int(p) for p in _followers.split(",") if p],
+        int(_majority),
+        _group == "group",
+    )

@@ -83,7 +83,8 @@ def register(subparsers: Any) -> None:
         "--chains", default="1", metavar="K[,K...]",
         help="for --local: serve K chains and drive them all at once, one request in flight "
         "per chain (--requests and --warmup are per chain); a list such as 1,4,16 runs "
-        "each count in turn on fresh nodes and compares them (default 1)",
+        "each count in turn on fresh nodes and compares them (default 1); for --floor: "
+        "also K clients at once against a group-committing 3-node floor",
     )  # fmt: skip
     w.add_argument(
         "--rounds", type=int, default=1, metavar="R",
@@ -213,7 +214,12 @@ def _cmd_floor(args: argparse.Namespace) -> int:
         if not quiet:
             print(f"floor: {name} ...", file=sys.stderr)
 
-    results = floor.run_floor(args.requests, args.warmup, args.workdir, progress=progress)
+    # --chains K (K > 1): also K clients at once against a group-committing leader
+    extra = tuple(floor.group_scenario(k) for k in _parse_chains(args.chains) if k > 1)
+    results = floor.run_floor(
+        args.requests, args.warmup, args.workdir, scenarios=floor.SCENARIOS + extra,
+        progress=progress,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(floor.floor_json(results, setup), indent=2))
     else:

@@ -350,6 +350,50 @@ def test_bench_floor_json(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # the scratch files are removed
 
 
+def test_bench_floor_chains_adds_a_group_commit_scenario(tmp_path) -> None:
+    """--floor --chains 1,8: the usual scenarios plus 8 clients at once on 3 nodes; every
+    client's timed requests are counted, with CPU per request by role."""
+    d = _floor(tmp_path, "--chains", "1,8")
+    name = "3 nodes, 8 at once, group commit"
+    assert set(d["scenarios"]) == set(_FLOOR_SCENARIOS) | {name}
+    sc = d["scenarios"][name]
+    assert (sc["followers"], sc["fdatasyncs_per_node"], sc["connections"]) == (2, 1, 8)
+    _check_latency(sc["latency_ms"], 8 * 150)
+    assert set(sc["cpu_ms_per_request"]) == {"leader", "follower"}
+    assert d["scenarios"]["3 nodes, majority durable"]["connections"] == 1
+
+
+def test_the_group_commit_floor_shares_one_sync_among_the_clients(tmp_path) -> None:
+    """With every fdatasync slowed by D ms, 8 clients at once still get a round trip in
+    about one or two D (their requests share the leader's and the followers' syncs), where
+    a sync per request would take 8 D; and the throughput is several times one client's."""
+    from nebula.bench import floor
+    from tests.support.chaos import FAULTS_PATH
+
+    delay = 10.0
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "fsync_delay_ms").write_text(f"{delay:g}")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=FAULTS_PATH, NEBULA_FAULTS_DIR=str(faults))
+    code = (
+        "import json, sys; from nebula.bench import floor as f; "
+        "r = f.run_floor(30, 2, sys.argv[1], scenarios=(f.SCENARIOS[3], f.group_scenario(8))); "
+        "print(json.dumps([(x.latency.p50, x.throughput_rps) for x in r]))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(work)], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=240, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    (one_p50, one_rps), (grp_p50, grp_rps) = json.loads(p.stdout)
+    assert delay <= one_p50 < 2 * delay, one_p50
+    assert delay <= grp_p50 < 3.5 * delay, grp_p50  # 8 syncs in turn would be >= 8 D
+    assert grp_rps > 2.5 * one_rps, (grp_rps, one_rps)
+    assert floor.group_scenario(8).connections == 8
+
+
 def test_cpu_time_counts_every_thread_in_nanoseconds() -> None:
     """A second thread's busy loop shows in the process's CPU time (schedstat sums the
     live threads); a process that is gone has none."""
