@@ -42,6 +42,7 @@ _OPS = (OP_SIGN, OP_RAISE, OP_TSIGN)
 
 _HEAD = struct.Struct("<BB")
 _HRS = struct.Struct("<QIB")
+_HRS_LEN = struct.Struct("<QIBI")  # height, round, step, then the sign bytes' length
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _SNAP_MAGIC = b"NBSM"
@@ -59,27 +60,35 @@ def _record_bytes(chain: bytes, rec: SignRecord) -> bytes:
     return b"".join(parts)
 
 
-def _read_record(buf: memoryview, off: int) -> tuple[bytes, SignRecord, int]:
+def _read_record(buf: bytes, off: int) -> tuple[bytes, SignRecord, int]:
+    # Slices of ``buf`` (bytes): a slice past the end comes back short, which is checked.
     (n,) = _U16.unpack_from(buf, off)
     off += 2
-    chain = bytes(buf[off : off + n])
+    chain = buf[off : off + n]
     if len(chain) != n:
         raise StateError("truncated chain id")
     off += n
-    h, r, s = _HRS.unpack_from(buf, off)
-    off += _HRS.size
+    h, r, s, m = _HRS_LEN.unpack_from(buf, off)
+    off += _HRS_LEN.size
     if s > 3:
         raise StateError(f"step {s} out of range")
-    fields = []
-    for _ in range(4):
-        (m,) = _U32.unpack_from(buf, off)
-        off += 4
-        b = bytes(buf[off : off + m])
-        if len(b) != m:
-            raise StateError("truncated field")
-        fields.append(b)
-        off += m
-    return chain, SignRecord(h, r, s, fields[0], fields[1], fields[2], fields[3]), off
+    sb = buf[off : off + m]
+    off += m
+    (m,) = _U32.unpack_from(buf, off)
+    off += 4
+    sig = buf[off : off + m]
+    off += m
+    (m,) = _U32.unpack_from(buf, off)
+    off += 4
+    ext = buf[off : off + m]
+    off += m
+    (m,) = _U32.unpack_from(buf, off)
+    off += 4
+    ext_sig = buf[off : off + m]
+    off += m
+    if off > len(buf):
+        raise StateError("truncated field")
+    return chain, SignRecord(h, r, s, sb, sig, ext, ext_sig), off
 
 
 def encode_command(op: int, chain: bytes, rec: SignRecord) -> bytes:
@@ -90,7 +99,7 @@ def encode_command(op: int, chain: bytes, rec: SignRecord) -> bytes:
 
 def decode_command(data: bytes) -> Command:
     """(op, chain, record); StateError for anything this release cannot read."""
-    buf = memoryview(data)
+    buf = bytes(data)
     try:
         version, op = _HEAD.unpack_from(buf, 0)
         if version != VERSION:
@@ -124,8 +133,8 @@ def encode_states(
 
 def decode_states(data: bytes) -> tuple[dict[bytes, SignRecord], dict[int, str]]:
     """(states per chain, member addresses) of snapshot data."""
-    buf = memoryview(data)
-    if bytes(buf[:4]) != _SNAP_MAGIC:
+    buf = bytes(data)
+    if buf[:4] != _SNAP_MAGIC:
         raise StateError("snapshot data: bad magic")
     if len(buf) < 9 or buf[4] != VERSION:
         raise StateError(f"snapshot data version {buf[4] if len(buf) > 4 else '?'} unknown")
@@ -145,7 +154,7 @@ def decode_states(data: bytes) -> tuple[dict[bytes, SignRecord], dict[int, str]]
             (nid,) = _U64.unpack_from(buf, off)
             (n,) = _U16.unpack_from(buf, off + 8)
             off += 10
-            addr = bytes(buf[off : off + n])
+            addr = buf[off : off + n]
             if len(addr) != n:
                 raise StateError("snapshot data: truncated member address")
             off += n
