@@ -479,8 +479,9 @@ def floor_json(results: list[FloorResult], setup: dict[str, Any]) -> dict[str, A
 
 
 def format_floor(results: list[FloorResult], setup: dict[str, Any]) -> str:
+    w = max([28] + [len(r.scenario.name) for r in results])
     head = (
-        f"{'scenario':<28} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'req/s':>8}"
+        f"{'scenario':<{w}} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'req/s':>8}"
         f" {'CPU/req: leader':>16} {'follower':>9}"
     )
     lines = [
@@ -494,7 +495,7 @@ def format_floor(results: list[FloorResult], setup: dict[str, Any]) -> str:
         lead = r.cpu_ms.get("leader", r.cpu_ms.get("server"))
         fol = r.cpu_ms.get("follower")
         lines.append(
-            f"{r.scenario.name:<28} {s.p50:8.3f} {s.p90:8.3f} {s.p99:8.3f} {s.max:8.3f} "
+            f"{r.scenario.name:<{w}} {s.p50:8.3f} {s.p90:8.3f} {s.p99:8.3f} {s.max:8.3f} "
             f"{r.throughput_rps:8.0f} {'-' if lead is None else f'{lead:.3f}':>16} "
             f"{'-' if fol is None else f'{fol:.3f}':>9}"
         )
