@@ -204,6 +204,10 @@ class RaftNode:
         self._authoritative = False
         self.syncs = 0
         self.syncs_offloaded = 0  # of those, run off the loop thread
+        # Readies that appended entries, and the entries: their ratio is how many
+        # decisions share a Raft round (group commit)
+        self.appends = 0
+        self.entries_appended = 0
         self.applied = 0
         self._snapshot_due = False
         self._pending_hs: HardState | None = None
@@ -415,6 +419,9 @@ class RaftNode:
                     if hs_out.commit < floor:
                         hs_out = hs_out._replace(commit=floor)
                 self._log.append([Entry(*e) for e in entries], hs_out)
+                if entries:
+                    self.appends += 1
+                    self.entries_appended += len(entries)
                 if entries and self._on_append is not None:
                     self._on_append(entries)
             elif hs is not None:

@@ -731,6 +731,10 @@ class RaftStore(SignStore):
                 **self._log.stats(),
                 "syncs": node.syncs,
                 "syncs_off_loop": node.syncs_offloaded,
+                # Readies that appended entries / the entries (a leader's ratio: how many
+                # decisions shared a Raft round)
+                "appends": node.appends,
+                "entries_appended": node.entries_appended,
             },
             "fatal": node.fatal,
         }

@@ -506,6 +506,7 @@ def test_queued_proposals_go_to_raft_as_one_append_per_follower() -> None:
     calls.clear()
     got, resolve = _collect()
     last = lead.last_index
+    appends_before, entries_before = lead.appends, lead.entries_appended
     given = [lead.propose(_sign(h), resolve, batch=True) for h in range(1, 9)]
     assert [i for _t, i in given] == list(range(last + 1, last + 9))
     assert lead.last_index == last  # queued: nothing in raft-rs yet
@@ -513,6 +514,7 @@ def test_queued_proposals_go_to_raft_as_one_append_per_follower() -> None:
     appends = [c for c in calls if c[0] == lead.id and c[2] == _core.MSG_APPEND]
     assert sorted(to for _f, to, _m, _n in appends) == [i for i in net.nodes if i != lead.id]
     assert all(n == 8 for *_x, n in appends)  # eight entries, one append each
+    assert (lead.appends, lead.entries_appended) == (appends_before + 1, entries_before + 8)
     net.deliver()
     acks = [c for c in calls if c[2] == _core.MSG_APPEND_RESPONSE]
     assert len(acks) == 2
