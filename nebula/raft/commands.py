@@ -72,23 +72,16 @@ def _read_record(buf: bytes, off: int) -> tuple[bytes, SignRecord, int]:
     off += _HRS_LEN.size
     if s > 3:
         raise StateError(f"step {s} out of range")
-    sb = buf[off : off + m]
+    fields = [buf[off : off + m]]
     off += m
-    (m,) = _U32.unpack_from(buf, off)
-    off += 4
-    sig = buf[off : off + m]
-    off += m
-    (m,) = _U32.unpack_from(buf, off)
-    off += 4
-    ext = buf[off : off + m]
-    off += m
-    (m,) = _U32.unpack_from(buf, off)
-    off += 4
-    ext_sig = buf[off : off + m]
-    off += m
+    for _ in range(3):  # signature, extension sign bytes, extension signature
+        (m,) = _U32.unpack_from(buf, off)
+        off += 4
+        fields.append(buf[off : off + m])
+        off += m
     if off > len(buf):
         raise StateError("truncated field")
-    return chain, SignRecord(h, r, s, sb, sig, ext, ext_sig), off
+    return chain, SignRecord(h, r, s, *fields), off
 
 
 def encode_command(op: int, chain: bytes, rec: SignRecord) -> bytes:

@@ -350,6 +350,19 @@ def test_bench_floor_json(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []  # the scratch files are removed
 
 
+def _slow_fsync(tmp_path, delay_ms: float) -> tuple:
+    """(a work directory, the environment of a process whose every fsync and fdatasync
+    first sleeps ``delay_ms``: the chaos fault hook)."""
+    from tests.support.chaos import FAULTS_PATH
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "fsync_delay_ms").write_text(f"{delay_ms:g}")
+    work = tmp_path / "work"
+    work.mkdir()
+    return work, dict(os.environ, PYTHONPATH=FAULTS_PATH, NEBULA_FAULTS_DIR=str(faults))
+
+
 def test_bench_floor_chains_adds_a_group_commit_scenario(tmp_path) -> None:
     """--floor --chains 1,8: the usual scenarios plus 8 clients at once on 3 nodes; every
     client's timed requests are counted, with CPU per request by role."""
@@ -368,15 +381,9 @@ def test_the_group_commit_floor_shares_one_sync_among_the_clients(tmp_path) -> N
     about one or two D (their requests share the leader's and the followers' syncs), where
     a sync per request would take 8 D; and the throughput is several times one client's."""
     from nebula.bench import floor
-    from tests.support.chaos import FAULTS_PATH
 
     delay = 10.0
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / "fsync_delay_ms").write_text(f"{delay:g}")
-    work = tmp_path / "work"
-    work.mkdir()
-    env = dict(os.environ, PYTHONPATH=FAULTS_PATH, NEBULA_FAULTS_DIR=str(faults))
+    work, env = _slow_fsync(tmp_path, delay)
     code = (
         "import json, sys; from nebula.bench import floor as f; "
         "r = f.run_floor(30, 2, sys.argv[1], scenarios=(f.SCENARIOS[3], f.group_scenario(8))); "
@@ -435,22 +442,15 @@ def test_bench_floor_scenarios_really_sync(tmp_path) -> None:
     D is chosen to dwarf what a loaded machine adds to a median round trip (a 4 ms delay
     was within reach of scheduling noise on two busy cores), so the bands below separate
     0, 1 and 2 syncs by the delay itself, not by the machine being quiet."""
-    from tests.support.chaos import FAULTS_PATH
-
     delay = 25.0
-    faults = tmp_path / "faults"
-    faults.mkdir()
-    (faults / "fsync_delay_ms").write_text(f"{delay:g}")
-    work = tmp_path / "work"
-    work.mkdir()
-    env = dict(os.environ, PYTHONPATH=FAULTS_PATH, NEBULA_FAULTS_DIR=str(faults))
+    work, env = _slow_fsync(tmp_path, delay)
     d = _floor(work, "--requests", "40", env=env)
     p50 = {name: sc["latency_ms"]["p50"] for name, sc in d["scenarios"].items()}
     assert p50["loopback"] < delay, p50
     for name in ("1 node, 1 fdatasync", "3 nodes, majority durable", "5 nodes, majority durable"):
         assert delay <= p50[name] < 2 * delay, (name, p50)
     assert p50["1 node, 2 fdatasyncs"] >= 2 * delay, p50
-    assert (faults / "active").exists()  # the hook announced itself
+    assert (tmp_path / "faults" / "active").exists()  # the hook announced itself
 
 
 # ---- several chains at once (--chains) -------------------------------------------------
