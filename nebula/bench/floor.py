@@ -163,8 +163,7 @@ def _serve(
         counter = [0]
 
         def try_answer() -> None:
-            done = sorted(acked, reverse=True)[need - 1] if need > 0 else own[0]
-            done = min(done, own[0]) if syncs else done
+            done = own[0] if need <= 0 else min(own[0], sorted(acked, reverse=True)[need - 1])
             for g in [g for g in waiting if g <= done]:
                 client, msg = waiting.pop(g)
                 client.write(msg)
@@ -307,32 +306,38 @@ def _measure_many(
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             socks.append(sock)
         pad = os.urandom(REQUEST_SIZE - _SEQ.size)
-        for phase, count in (("warmup", warmup), ("timed", requests)):
-            times: list[float] = []
-            if phase == "timed":
-                timed()
-            t_start = time.perf_counter()
-            if count:
-                times = _drive(socks, count, pad)
-            elapsed = time.perf_counter() - t_start
-        return times, elapsed
+        if warmup:
+            _drive(socks, warmup, pad)
+        timed()
+        t_start = time.perf_counter()
+        times = _drive(socks, requests, pad)
+        return times, time.perf_counter() - t_start
     finally:
         for sock in socks:
             sock.close()
 
 
 def _drive(socks: list[socket.socket], count: int, pad: bytes) -> list[float]:
+    """``count`` round trips on every socket, one in flight each; their times."""
     sel = selectors.DefaultSelector()
     times: list[float] = []
-    state = {}
+    sent = [0] * len(socks)  # the sequence number in flight per socket
+    t0 = [0.0] * len(socks)
+    got = [0] * len(socks)
+    bufs = [bytearray(REQUEST_SIZE) for _ in socks]
+
+    def send(k: int) -> None:
+        sent[k] += 1
+        t0[k] = time.perf_counter()
+        # 200 bytes into an empty send buffer (the answer to the last one has arrived)
+        if socks[k].send(_SEQ.pack(sent[k]) + pad) != REQUEST_SIZE:
+            raise NebulaError("floor client: a request did not fit the socket's buffer")
+
     try:
         for k, sock in enumerate(socks):
             sock.setblocking(False)
-            st = state[k] = [0, 0.0, 0, bytearray(REQUEST_SIZE)]  # sent, t0, got, buffer
             sel.register(sock, selectors.EVENT_READ, k)
-            st[1] = time.perf_counter()
-            sock.send(_SEQ.pack(1) + pad)
-            st[0] = 1
+            send(k)
         left = len(socks)
         while left:
             events = sel.select(30)
@@ -340,27 +345,21 @@ def _drive(socks: list[socket.socket], count: int, pad: bytes) -> list[float]:
                 raise NebulaError("floor server stopped answering")
             for key, _ in events:
                 k = key.data
-                st = state[k]
-                sock = socks[k]
-                view = memoryview(st[3])
-                n = sock.recv_into(view[st[2] :])
+                n = socks[k].recv_into(memoryview(bufs[k])[got[k] :])
                 if n == 0:
                     raise NebulaError("floor server closed the connection")
-                st[2] += n
-                if st[2] < REQUEST_SIZE:
+                got[k] += n
+                if got[k] < REQUEST_SIZE:
                     continue
-                t1 = time.perf_counter()
-                if _SEQ.unpack_from(st[3])[0] != st[0]:
+                times.append(time.perf_counter() - t0[k])
+                got[k] = 0
+                if _SEQ.unpack_from(bufs[k])[0] != sent[k]:
                     raise NebulaError("floor server answered out of order")
-                times.append(t1 - st[1])
-                st[2] = 0
-                if st[0] == count:
-                    sel.unregister(sock)
+                if sent[k] == count:
+                    sel.unregister(socks[k])
                     left -= 1
-                    continue
-                st[0] += 1
-                st[1] = time.perf_counter()
-                sock.send(_SEQ.pack(st[0]) + pad)  # 200 bytes: one send on a fresh socket
+                else:
+                    send(k)
         return times
     finally:
         sel.close()

@@ -59,16 +59,6 @@ create_exception!(
     "The proposal was dropped (not leader, transfer in progress, ...)."
 );
 
-impl Node {
-    fn leader_only(&self) -> PyResult<()> {
-        if self.raw.raft.state == StateRole::Leader {
-            Ok(())
-        } else {
-            Err(ProposalDropped::new_err("proposal dropped: not the leader"))
-        }
-    }
-}
-
 fn raft_err(e: RaftErr) -> PyErr {
     match e {
         RaftErr::ProposalDropped => ProposalDropped::new_err("proposal dropped"),
@@ -292,6 +282,17 @@ fn parse_message(raw: &[u8]) -> PyResult<Message> {
 struct Node {
     raw: RawNode<Store>,
     pending: Option<raft::Ready>,
+}
+
+impl Node {
+    /// Proposals go to a leader only (see `propose`).
+    fn leader_only(&self) -> PyResult<()> {
+        if self.raw.raft.state == StateRole::Leader {
+            Ok(())
+        } else {
+            Err(ProposalDropped::new_err("proposal dropped: not the leader"))
+        }
+    }
 }
 
 #[pymethods]
