@@ -74,6 +74,9 @@ class RaftConfig(_Strict):
     # A leader's fdatasync of a Ready with several decisions (several chains at once) runs
     # on a worker thread while the event loop serves other requests (nebula/raft/node.py).
     sync_off_loop: bool = True
+    # With several chains, native Ed25519 keys sign on a native thread, not on the event
+    # loop thread (nebula/crypto/signworker.py).
+    sign_off_loop: bool = True
     # Allow `nebula cluster add|remove` (must be the same on every member; membership then
     # lives in the Raft log rather than in `peers`).
     dynamic_membership: bool = False
@@ -635,6 +638,7 @@ handshake_timeout = 2.0            # an inbound Raft connection must authenticat
 max_unauthenticated = 64           # concurrent unauthenticated inbound connections, at most
 snapshot_entries = 1000            # applied entries between snapshots (log compaction)
 sync_off_loop = true               # a leader syncs a multi-decision Ready on a worker thread
+sign_off_loop = true               # several chains: Ed25519 signs on a native thread
 dynamic_membership = false         # true allows `nebula cluster add|remove` (same on all)
 # join = true                      # only on a new member's first start (`nebula cluster add`)
 [[raft.peers]]

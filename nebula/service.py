@@ -268,16 +268,25 @@ class SigningService:
                     rec = await self._with_extension(rec, ext_bytes)
                 self.last_phases = Phases(guard=t1 - t0)
                 return rec, pre.timestamp
+            later = None
             if threshold:
                 # The store decides, then combines the members' shares (a retry of a
                 # decision whose signature this leader does not hold goes this way too).
                 sig = ext_sig = b""
+            elif self.backend.signs_later():
+                # Other decisions are in flight: the store has the signatures made off
+                # the loop thread and decides the signed record (nebula.crypto.signworker).
+                sig = ext_sig = b""
+                later = self.backend.sign_later
             else:
                 sig = await self._sign(sign_bytes)
                 ext_sig = await self._sign(ext_bytes) if ext_bytes else b""
             t2 = time.perf_counter()
             record = SignRecord(*hrs, sign_bytes, sig, ext_bytes, ext_sig)
-            decision = await store.commit(chain, record)
+            if later is None:
+                decision = await store.commit(chain, record)
+            else:
+                decision = await store.commit(chain, record, later)
             t3 = time.perf_counter()
             sign_s, commit_s = t2 - t1, t3 - t2
             if threshold:

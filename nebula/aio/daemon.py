@@ -44,6 +44,7 @@ from nebula.state.base import (
 
 if TYPE_CHECKING:
     from nebula.backends._vault_common import VaultSettings
+    from nebula.crypto.signworker import SignWorker
 
 log = logging.getLogger("nebula.daemon")
 
@@ -283,6 +284,7 @@ class Daemon:
         self.admin: AdminServer | None = None
         self._stop = asyncio.Event()
         self._bg: set[asyncio.Task[None]] = set()
+        self.sign_worker: SignWorker | None = None
 
     @property
     def dialers(self) -> list[Dialer]:
@@ -356,6 +358,8 @@ class Daemon:
             ]
             addr = address_of(backend.key_type, backend.public_key).hex().upper()
             self.chains[spec.chain_id] = ChainRuntime(spec, backend, service, dialers, addr)
+        if self.store.replicated and raw.raft is not None and raw.raft.sign_off_loop:
+            self._use_sign_worker(backends)
         await self.store.start()
         for chain_id in self.chains:
             rec = self.store.last(chain_id)
@@ -452,6 +456,8 @@ class Daemon:
                 "key_type": rt.backend.key_type,
                 "address": rt.address,
                 "signing_mode": rt.spec.signing_mode,
+                # "worker": signed on the native signing thread (nebula.crypto.signworker)
+                "signs_on": "worker" if rt.backend.signs_later() else "loop",
                 "validators_connected": sum(1 for d in rt.dialers if d.connected),
                 "validators": len(rt.dialers),
                 "state": states.get(chain_id),
@@ -549,6 +555,27 @@ class Daemon:
     async def wait(self) -> None:
         await self._stop.wait()
 
+    def _use_sign_worker(self, backends: dict[str, Backend]) -> None:
+        """With several chains on a Raft cluster, native Ed25519 keys sign on one native
+        thread (nebula.crypto.signworker): the event loop reads and answers the other
+        chains' requests meanwhile, and a loop pass's decisions still share one Raft
+        round.  One chain keeps signing on the loop (a hand-over would only add a
+        wake-up to its latency: BENCHMARKS.md)."""
+        from nebula.backends.native import NativeBackend
+        from nebula.crypto.signworker import SignWorker
+
+        natives = [
+            b for b in backends.values() if isinstance(b, NativeBackend) and b.key_type == "ed25519"
+        ]
+        if len(backends) < 2 or not natives:
+            return
+        self.sign_worker = SignWorker()
+        for b in natives:
+            b.use_worker(self.sign_worker)
+        log.info(
+            "%d chain(s) with a native Ed25519 key sign on the signing thread", len(natives)
+        )
+
     async def close(self) -> None:
         """Stop in the order that keeps the state safe: validators first (no new request
         is read; a decision in flight is either durable or was never answered), then
@@ -559,6 +586,8 @@ class Daemon:
             await dialer.stop()
         if self.store is not None:
             await self.store.close()
+        if self.sign_worker is not None:
+            self.sign_worker.close()
         if self.admin is not None:
             await self.admin.close()
         if self.health is not None:

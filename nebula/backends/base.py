@@ -12,6 +12,7 @@ Backends raise :class:`nebula.errors.BackendError` when they cannot sign.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 from nebula.crypto.keys import address_of
@@ -39,6 +40,20 @@ class Backend(ABC):
     def sign_sync(self, msg: bytes) -> bytes | None:
         """The signature, computed without blocking on I/O; None if only ``sign`` can."""
         return None
+
+    def signs_later(self) -> bool:
+        """True when this request's signatures should be made off the event loop thread,
+        by :meth:`sign_later` (nebula.crypto.signworker); False: ``sign_sync``/``sign``."""
+        return False
+
+    def sign_later(
+        self,
+        msgs: tuple[bytes, ...],
+        done: Callable[[list[bytes] | None, BaseException | None], None],
+    ) -> None:
+        """Sign ``msgs`` off the loop thread and call ``done`` on the loop (only after
+        :meth:`signs_later` said True)."""
+        raise NotImplementedError(f"{type(self).__name__} signs on the loop")
 
     async def close(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release connections or other resources; the backend is unusable afterwards."""

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 from nebula.backends.base import Backend
 from nebula.crypto.keys import SigningKey
+
+if TYPE_CHECKING:
+    from nebula.crypto.signworker import Ed25519WorkerKey, SignWorker
 
 
 class NativeBackend(Backend):
     """Signs with a :class:`~nebula.crypto.keys.SigningKey` held in this process."""
 
-    __slots__ = ("_key", "_sign", "key_type", "public_key")
+    __slots__ = ("_key", "_sign", "_worker", "_worker_key", "key_type", "public_key")
     inline: ClassVar[bool] = True
 
     def __init__(self, key: SigningKey) -> None:
@@ -19,6 +23,17 @@ class NativeBackend(Backend):
         self._sign = key.sign
         self.key_type = key.key_type
         self.public_key = key.public_key
+        self._worker: SignWorker | None = None
+        self._worker_key: Ed25519WorkerKey | None = None
+
+    def use_worker(self, worker: SignWorker) -> bool:
+        """Sign on ``worker``'s thread from now on (nebula.crypto.signworker).  An Ed25519
+        key only: False for the others, which keep signing on the loop."""
+        if self.key_type != "ed25519":
+            return False
+        self._worker_key = worker.key(self._key.secret_bytes())
+        self._worker = worker
+        return True
 
     @property
     def address(self) -> bytes:
@@ -33,6 +48,19 @@ class NativeBackend(Backend):
 
     async def sign(self, msg: bytes) -> bytes:
         return self._sign(msg)
+
+    def signs_later(self) -> bool:
+        return self._worker is not None
+
+    def sign_later(
+        self,
+        msgs: tuple[bytes, ...],
+        done: Callable[[list[bytes] | None, BaseException | None], None],
+    ) -> None:
+        worker, key = self._worker, self._worker_key
+        if worker is None or key is None:
+            raise NotImplementedError("no signing worker")
+        worker.sign(key, msgs, done)
 
     async def close(self) -> None:
         return None

@@ -43,6 +43,12 @@ from typing import Any, ClassVar
 from nebula.errors import ConfigError, StateError
 from nebula.guard import Decision, SignRecord
 
+#: ``sign_later(msgs, done)``: have ``msgs`` signed off the event loop thread and call
+#: ``done(signatures, None)`` or ``done(None, error)`` on the loop (a backend's
+#: ``sign_later``, nebula.crypto.signworker).
+Signed = Callable[[list[bytes] | None, BaseException | None], None]
+SignLater = Callable[[tuple[bytes, ...], Signed], None]
+
 COMMIT_TIMEOUT_MAX = 4.0
 """Longest a store may wait for one decision to become durable (seconds, exclusive).
 
@@ -89,11 +95,17 @@ class SignStore(ABC):
         """The last durable sign state of every chain this store knows."""
 
     @abstractmethod
-    async def commit(self, chain_id: str, record: SignRecord) -> Decision:
+    async def commit(
+        self, chain_id: str, record: SignRecord, sign_later: SignLater | None = None
+    ) -> Decision:
         """Check-and-set ``record``; durable before an ACCEPT returns.
 
         Raises a :class:`~nebula.errors.SigningRefused` subclass when the outcome is
         unknown (timeout, lost quorum, I/O error): the caller must release nothing.
+
+        ``sign_later`` (a Raft store's only): ``record`` carries no signatures yet;
+        the store has its sign bytes (and extension sign bytes) signed with it and
+        decides the signed record (a failed signing is a refusal, nothing decided).
         """
 
     async def start(self) -> None:  # noqa: B027 - optional hook

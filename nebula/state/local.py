@@ -87,7 +87,7 @@ from typing import ClassVar
 from nebula.durable import ExclusiveLock, pwrite_all, read_all, write_file_durably
 from nebula.errors import StateError
 from nebula.guard import Decision, SignRecord, Verdict, apply
-from nebula.state.base import SingleNodeStore, record_from_json, record_json_bytes
+from nebula.state.base import SignLater, SingleNodeStore, record_from_json, record_json_bytes
 
 FORMAT_VERSION = 1
 """Version of the JSON payload (the whole file in the previous format)."""
@@ -474,7 +474,11 @@ class LocalStore(SingleNodeStore):
     def all(self) -> dict[str, SignRecord]:
         return dict(self._states)
 
-    async def commit(self, chain_id: str, record: SignRecord) -> Decision:
+    async def commit(
+        self, chain_id: str, record: SignRecord, sign_later: SignLater | None = None
+    ) -> Decision:
+        if sign_later is not None:  # (the daemon gives a worker to Raft stores only)
+            raise StateError("the local store decides signed records only")
         if not self._batch_armed:
             # The first decision of this loop pass is written at once; the ones that
             # arrive later in the same pass (other chains) share the flush's one write.

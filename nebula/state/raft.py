@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nebula.durable import ExclusiveLock
-from nebula.errors import ConfigError, NotLeader, ReplicationError, StateError
+from nebula.errors import BackendError, ConfigError, NotLeader, ReplicationError, StateError
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.guard import apply as guard_apply
 from nebula.raft import commands
@@ -47,7 +47,7 @@ from nebula.raft.node import (
 from nebula.raft.storage import RaftLog
 from nebula.raft.timing import check_timing
 from nebula.raft.transport import Transport
-from nebula.state.base import SignStore, check_commit_timeout, record_to_json
+from nebula.state.base import SignLater, SignStore, check_commit_timeout, record_to_json
 from nebula.state.threshold import ThresholdShares, check_cluster, digest
 
 if TYPE_CHECKING:
@@ -519,13 +519,19 @@ class RaftStore(SignStore):
     def all(self) -> dict[str, SignRecord]:
         return {c.decode(errors="replace"): r for c, r in self._sm.states.items()}
 
-    async def commit(self, chain_id: str, record: SignRecord) -> Decision:
-        share = self._threshold.get(chain_id.encode())
+    async def commit(
+        self, chain_id: str, record: SignRecord, sign_later: SignLater | None = None
+    ) -> Decision:
+        chain = chain_id.encode()
+        share = self._threshold.get(chain)
         if share is not None:
-            return await self._commit_threshold(chain_id.encode(), record, share)
-        res = await self._propose(
-            commands.encode_command(commands.OP_SIGN, chain_id.encode(), record)
-        )
+            if sign_later is not None:
+                raise StateError("a threshold chain's signature is combined, not signed later")
+            return await self._commit_threshold(chain, record, share)
+        if sign_later is None:
+            res = await self._propose(commands.encode_command(commands.OP_SIGN, chain, record))
+        else:
+            res = await self._propose_signed(chain, record, sign_later)
         if not isinstance(res, Decision):
             raise StateError(f"raft state machine returned {type(res).__name__}")
         return res
@@ -555,15 +561,72 @@ class RaftStore(SignStore):
         # follower and one acknowledgement back (BENCHMARKS.md: proposing the first one
         # at once gave a one-entry Ready per pass and no lower single-chain latency).
         _term, index = self._node.propose(data, resolve, batch=True)
-        if not self._batch_armed:
-            self._batch_armed = True
-            self._loop.call_soon(self._flush_batch)
+        self._arm_flush()
         # The deadline resolves the future first; a late apply then finds it done and
         # releases nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)
         expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
         if meanwhile is not None:
             meanwhile(index)
         try:
+            result, err = await fut
+        finally:
+            expiry.cancel()
+        if err is not None:
+            raise err
+        return result
+
+    def _arm_flush(self) -> None:
+        if not self._batch_armed:
+            self._batch_armed = True
+            self._loop.call_soon(self._flush_batch)
+
+    async def _propose_signed(self, chain: bytes, record: SignRecord, sign_later: SignLater) -> Any:
+        """:meth:`_propose` of ``record`` once ``sign_later`` has made its signatures
+        (off the loop thread; several chains' signatures come back together and their
+        decisions are queued in the same pass, so they still share one Raft round).  The
+        commit deadline runs from now: signing counts against it.  A failed signing, or
+        a deadline passed before the signatures came back, proposes nothing."""
+        if self._closed or not self._started:
+            raise ReplicationError("raft store is not running")
+        fut: asyncio.Future = self._loop.create_future()
+
+        def resolve(result: Any, err: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_result((result, err))
+
+        def signed(sigs: list[bytes] | None, err: BaseException | None) -> None:
+            if fut.done():
+                return  # the deadline passed: nothing is proposed
+            if err is not None or sigs is None:
+                resolve(
+                    None,
+                    err
+                    if isinstance(err, BackendError)
+                    else BackendError(f"signing failed: {err}"),
+                )
+                return
+            rec = dataclasses.replace(
+                record,
+                signature=sigs[0],
+                ext_signature=sigs[1] if record.ext_sign_bytes else b"",
+            )
+            try:
+                self._node.propose(
+                    commands.encode_command(commands.OP_SIGN, chain, rec), resolve, batch=True
+                )
+            except (NotLeader, StateError) as e:  # nothing proposed
+                resolve(None, e)
+                return
+            self._arm_flush()
+
+        msgs = (
+            (record.sign_bytes, record.ext_sign_bytes)
+            if record.ext_sign_bytes
+            else (record.sign_bytes,)
+        )
+        expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
+        try:
+            sign_later(msgs, signed)
             result, err = await fut
         finally:
             expiry.cancel()

@@ -31,6 +31,8 @@
 
 use std::cmp;
 
+mod signer;
+
 use protobuf::Message as PbMessage;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
@@ -794,6 +796,8 @@ fn encode_conf_change<'py>(
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Node>()?;
+    m.add_class::<signer::Ed25519Key>()?;
+    m.add_class::<signer::SignWorker>()?;
     m.add_function(wrap_pyfunction!(message_info, m)?)?;
     m.add_function(wrap_pyfunction!(message_with_context, m)?)?;
     m.add_function(wrap_pyfunction!(encode_conf_change, m)?)?;

@@ -70,6 +70,8 @@ def test_one_cluster_signs_two_chains_through_leader_kills(tmp_path, local_chain
         assert set(served) == {c.chain_id for c in chains}, served
         for chain, key in zip(chains, keys, strict=True):
             assert served[chain.chain_id]["address"] == key.address.hex().upper(), served
+            # Two chains with native Ed25519 keys: signed on the native signing thread.
+            assert served[chain.chain_id]["signs_on"] == "worker", served
         for chain in chains:
             chain.start()
         for chain in chains:

@@ -933,3 +933,87 @@ def test_a_log_io_error_takes_the_node_out_and_the_cluster_continues(cluster_fac
     assert released.get((CHAIN, 2, 0, 2)) == want, released
     converge(c, released)
     assert c.nodes[leader.node_id].status()["fatal"] is None
+
+
+def test_decisions_signed_off_the_loop_share_a_raft_round_and_fail_closed(
+    tmp_path: Path,
+) -> None:
+    """``commit(..., sign_later)`` (several chains with native Ed25519 keys): the store has
+    the signatures made on the signing thread and decides the signed records; a pass of
+    16 chains still takes one Raft round.  A failed signing, or a deadline that passes
+    before the signatures come back, proposes nothing."""
+    import nacl.bindings
+
+    from nebula.crypto.signworker import SignWorker
+    from nebula.errors import BackendError
+
+    chains = [f"chain-{i}" for i in range(16)]
+    seeds = {c: bytes([i + 1]) * 32 for i, c in enumerate(chains)}
+
+    def sodium(c: str, msg: bytes) -> bytes:
+        return nacl.bindings.crypto_sign(msg, nacl.bindings.crypto_sign_seed_keypair(seeds[c])[1])[
+            :64
+        ]
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, 3, common={"commit_timeout": 0.5}) as (stores, _):
+            leader = await leader_of(stores)
+            worker = SignWorker()
+            keys = {c: worker.key(s) for c, s in seeds.items()}
+            try:
+                for c in chains:
+                    await leader.commit(c, rec(1, b"a"))
+                j0 = leader.status()["journal"]
+
+                def unsigned(c: str, ext: bool) -> SignRecord:
+                    return SignRecord(2, 0, 3, b"vote-" + c.encode(), b"", b"ext" if ext else b"")
+
+                def later(c: str):
+                    return lambda msgs, done: worker.sign(keys[c], msgs, done)
+
+                outs = await asyncio.gather(
+                    *(
+                        leader.commit(c, unsigned(c, k % 2 == 0), later(c))
+                        for k, c in enumerate(chains)
+                    )
+                )
+                j1 = leader.status()["journal"]
+                # Sixteen decisions signed off the loop share Raft rounds: the worker
+                # hands back what it has once its queue is empty, so a pass's decisions
+                # are proposed together (two rounds when it drained its queue once while
+                # the loop was still handing over).
+                rounds = j1["appends"] - j0["appends"]
+                assert j1["entries_appended"] - j0["entries_appended"] == 16, j1
+                assert rounds <= 2, j1
+                for k, (c, d) in enumerate(zip(chains, outs, strict=True)):
+                    assert d.verdict == Verdict.ACCEPT
+                    assert d.record.signature == sodium(c, b"vote-" + c.encode())
+                    if k % 2 == 0:
+                        assert d.record.ext_signature == sodium(c, b"ext")
+                    else:
+                        assert d.record.ext_signature == b""
+                    for s in stores:  # the signed record is what every member holds
+                        await until(lambda s=s, c=c, d=d: s.last(c) == d.record, 10, "applied")
+
+                # A signing that fails: refused, nothing proposed.
+                def failing(msgs, done) -> None:
+                    asyncio.get_running_loop().call_soon(done, None, OSError("HSM gone"))
+
+                with pytest.raises(BackendError, match="HSM gone"):
+                    await leader.commit(chains[0], SignRecord(3, 0, 2, b"x", b""), failing)
+                # A signing slower than the deadline: refused, and its late signatures
+                # propose nothing.
+                late: list = []
+                with pytest.raises(ReplicationError, match="outcome unknown"):
+                    await leader.commit(
+                        chains[1], SignRecord(3, 0, 2, b"y", b""), lambda m, d: late.append(d)
+                    )
+                late[0]([b"s" * 64], None)
+                await asyncio.sleep(0.2)
+                j2 = leader.status()["journal"]
+                assert j2["entries_appended"] == j1["entries_appended"], j2
+                assert leader.last(chains[0]).height == 2 and leader.last(chains[1]).height == 2
+            finally:
+                worker.close()
+
+    run(go())
