@@ -572,9 +572,7 @@ class Daemon:
         self.sign_worker = SignWorker()
         for b in natives:
             b.use_worker(self.sign_worker)
-        log.info(
-            "%d chain(s) with a native Ed25519 key sign on the signing thread", len(natives)
-        )
+        log.info("%d chain(s) with a native Ed25519 key sign on the signing thread", len(natives))
 
     async def close(self) -> None:
         """Stop in the order that keeps the state safe: validators first (no new request

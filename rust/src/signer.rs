@@ -32,7 +32,9 @@ impl Ed25519Key {
             .as_ref()
             .try_into()
             .map_err(|_| PyValueError::new_err("an Ed25519 seed is 32 bytes"))?;
-        Ok(Self { key: Arc::new(SigningKey::from_bytes(&seed)) })
+        Ok(Self {
+            key: Arc::new(SigningKey::from_bytes(&seed)),
+        })
     }
 
     /// The 32-byte public key.
@@ -90,7 +92,11 @@ fn run(shared: Arc<Shared>) {
                 st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let sigs: Vec<[u8; 64]> = job.msgs.iter().map(|m| job.key.sign(m).to_bytes()).collect();
+        let sigs: Vec<[u8; 64]> = job
+            .msgs
+            .iter()
+            .map(|m| job.key.sign(m).to_bytes())
+            .collect();
         let wake = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.done.push((job.token, sigs));
@@ -118,19 +124,32 @@ pub struct SignWorker {
 impl SignWorker {
     #[new]
     fn new(eventfd: i32) -> PyResult<Self> {
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new(), efd: eventfd });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            efd: eventfd,
+        });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name("nebula-sign".into())
             .spawn(move || run(s2))
-            .map_err(|e| PyRuntimeError::new_err(format!("cannot start the signing thread: {e}")))?;
-        Ok(Self { shared, thread: Some(thread) })
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start the signing thread: {e}"))
+            })?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// Queue ``msgs`` to be signed with ``key``; the result comes back from ``take``
     /// under ``token``.
     fn submit(&self, token: u64, key: &Ed25519Key, msgs: Vec<PyBackedBytes>) -> PyResult<()> {
-        let job = Job { token, key: key.key.clone(), msgs: msgs.iter().map(|m| m.to_vec()).collect() };
+        let job = Job {
+            token,
+            key: key.key.clone(),
+            msgs: msgs.iter().map(|m| m.to_vec()).collect(),
+        };
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.stop || self.thread.is_none() {
             return Err(PyRuntimeError::new_err("the signing worker is closed"));
@@ -153,7 +172,10 @@ impl SignWorker {
         let out = PyList::empty(py);
         for (token, sigs) in done {
             let sigs = PyList::new(py, sigs.iter().map(|s| PyBytes::new(py, s)))?;
-            out.append(PyTuple::new(py, [token.into_pyobject(py)?.into_any(), sigs.into_any()])?)?;
+            out.append(PyTuple::new(
+                py,
+                [token.into_pyobject(py)?.into_any(), sigs.into_any()],
+            )?)?;
         }
         Ok(out)
     }
@@ -161,7 +183,11 @@ impl SignWorker {
     /// Jobs submitted and not taken yet.
     #[getter]
     fn outstanding(&self) -> usize {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).outstanding
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .outstanding
     }
 
     /// Stop the thread (jobs not yet signed are dropped) and wait for it.
