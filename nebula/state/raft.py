@@ -43,6 +43,7 @@ from nebula.raft.node import (
     LEADER,
     ROLE_NAMES,
     RaftNode,
+    Resolver,
 )
 from nebula.raft.storage import RaftLog
 from nebula.raft.timing import check_timing
@@ -547,6 +548,60 @@ class RaftStore(SignStore):
     async def _propose(self, data: bytes, meanwhile: Callable[[int], Any] | None = None) -> Any:
         """Propose ``data`` and return the state machine's result for it; ``meanwhile``
         (index) runs once the entry is on its way, before the wait."""
+
+        def start(resolve: Resolver, _expired: Callable[[], bool]) -> None:
+            # NotLeader / StateError propagate: nothing proposed.  Queued: every decision
+            # of this loop pass (several chains' requests read together) goes to raft-rs
+            # as one proposal at the end of the pass - one Ready, one fdatasync, one append
+            # to each follower and one acknowledgement back (BENCHMARKS.md: proposing the
+            # first one at once gave a one-entry Ready per pass and no lower single-chain
+            # latency).
+            _term, index = self._node.propose(data, resolve, batch=True)
+            self._arm_flush()
+            if meanwhile is not None:
+                meanwhile(index)
+
+        return await self._decided(start)
+
+    async def _propose_signed(self, chain: bytes, record: SignRecord, sign_later: SignLater) -> Any:
+        """:meth:`_propose` of ``record`` once ``sign_later`` has made its signatures
+        (off the loop thread; several chains' signatures come back together and their
+        decisions are queued in the same pass, so they still share one Raft round).  The
+        commit deadline runs from now: signing counts against it.  A failed signing, or
+        a deadline passed before the signatures came back, proposes nothing."""
+
+        def start(resolve: Resolver, expired: Callable[[], bool]) -> None:
+            def signed(sigs: list[bytes] | None, err: BaseException | None) -> None:
+                if expired():
+                    return  # the deadline passed: nothing is proposed
+                if err is not None or sigs is None:
+                    if not isinstance(err, BackendError):
+                        err = BackendError(f"signing failed: {err}")
+                    resolve(None, err)
+                    return
+                rec = dataclasses.replace(
+                    record,
+                    signature=sigs[0],
+                    ext_signature=sigs[1] if record.ext_sign_bytes else b"",
+                )
+                data = commands.encode_command(commands.OP_SIGN, chain, rec)
+                try:
+                    self._node.propose(data, resolve, batch=True)
+                except (NotLeader, StateError) as e:  # nothing proposed
+                    resolve(None, e)
+                    return
+                self._arm_flush()
+
+            ext = record.ext_sign_bytes
+            sign_later((record.sign_bytes, ext) if ext else (record.sign_bytes,), signed)
+
+        return await self._decided(start)
+
+    async def _decided(self, start: Callable[[Resolver, Callable[[], bool]], None]) -> Any:
+        """``start(resolve, expired)`` sets a decision on its way; wait for ``resolve(result,
+        error)`` at most ``commit_timeout`` and return the result (raise the error).  The
+        deadline resolves first; a late apply then finds ``expired()`` and releases
+        nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)"""
         if self._closed or not self._started:
             raise ReplicationError("raft store is not running")
         fut: asyncio.Future = self._loop.create_future()
@@ -555,19 +610,9 @@ class RaftStore(SignStore):
             if not fut.done():
                 fut.set_result((result, err))
 
-        # NotLeader / StateError propagate: nothing proposed.  Queued: every decision of
-        # this loop pass (several chains' requests read together) goes to raft-rs as one
-        # proposal at the end of the pass - one Ready, one fdatasync, one append to each
-        # follower and one acknowledgement back (BENCHMARKS.md: proposing the first one
-        # at once gave a one-entry Ready per pass and no lower single-chain latency).
-        _term, index = self._node.propose(data, resolve, batch=True)
-        self._arm_flush()
-        # The deadline resolves the future first; a late apply then finds it done and
-        # releases nothing (S3).  (A timer handle, not asyncio.wait_for: no extra task.)
         expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
-        if meanwhile is not None:
-            meanwhile(index)
         try:
+            start(resolve, fut.done)
             result, err = await fut
         finally:
             expiry.cancel()
@@ -579,60 +624,6 @@ class RaftStore(SignStore):
         if not self._batch_armed:
             self._batch_armed = True
             self._loop.call_soon(self._flush_batch)
-
-    async def _propose_signed(self, chain: bytes, record: SignRecord, sign_later: SignLater) -> Any:
-        """:meth:`_propose` of ``record`` once ``sign_later`` has made its signatures
-        (off the loop thread; several chains' signatures come back together and their
-        decisions are queued in the same pass, so they still share one Raft round).  The
-        commit deadline runs from now: signing counts against it.  A failed signing, or
-        a deadline passed before the signatures came back, proposes nothing."""
-        if self._closed or not self._started:
-            raise ReplicationError("raft store is not running")
-        fut: asyncio.Future = self._loop.create_future()
-
-        def resolve(result: Any, err: BaseException | None) -> None:
-            if not fut.done():
-                fut.set_result((result, err))
-
-        def signed(sigs: list[bytes] | None, err: BaseException | None) -> None:
-            if fut.done():
-                return  # the deadline passed: nothing is proposed
-            if err is not None or sigs is None:
-                resolve(
-                    None,
-                    err
-                    if isinstance(err, BackendError)
-                    else BackendError(f"signing failed: {err}"),
-                )
-                return
-            rec = dataclasses.replace(
-                record,
-                signature=sigs[0],
-                ext_signature=sigs[1] if record.ext_sign_bytes else b"",
-            )
-            try:
-                self._node.propose(
-                    commands.encode_command(commands.OP_SIGN, chain, rec), resolve, batch=True
-                )
-            except (NotLeader, StateError) as e:  # nothing proposed
-                resolve(None, e)
-                return
-            self._arm_flush()
-
-        msgs = (
-            (record.sign_bytes, record.ext_sign_bytes)
-            if record.ext_sign_bytes
-            else (record.sign_bytes,)
-        )
-        expiry = self._loop.call_later(self.commit_timeout, _expire, fut, self.commit_timeout)
-        try:
-            sign_later(msgs, signed)
-            result, err = await fut
-        finally:
-            expiry.cancel()
-        if err is not None:
-            raise err
-        return result
 
     # -- threshold BLS (nebula.state.threshold) -----------------------------------------
 
