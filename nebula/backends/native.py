@@ -50,7 +50,8 @@ class NativeBackend(Backend):
         return self._sign(msg)
 
     def signs_later(self) -> bool:
-        return self._worker is not None
+        worker = self._worker
+        return worker is not None and worker.alive
 
     def sign_later(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 
@@ -27,6 +28,8 @@ from nebula.raft import _core
 from nebula.state.base import Signed
 
 Ed25519WorkerKey = _core.Ed25519Key
+
+log = logging.getLogger("nebula.signer")
 
 
 class SignWorker:
@@ -49,6 +52,19 @@ class SignWorker:
     def key(seed: bytes) -> Ed25519WorkerKey:
         """The worker's copy of an Ed25519 key (from its 32-byte seed)."""
         return _core.Ed25519Key(seed)
+
+    @property
+    def alive(self) -> bool:
+        """The signing thread runs.  If it ever stopped on its own (it should not), what it
+        owed fails with BackendError (refused, nothing released), the worker closes, and
+        the backends sign on the loop again: no chain waits on a thread that is gone."""
+        if self._closed:
+            return False
+        if self._core.alive:
+            return True
+        log.error("the signing thread stopped; signing on the event loop from now on")
+        self.close("the signing thread stopped")
+        return False
 
     @property
     def waiting(self) -> int:
@@ -77,8 +93,8 @@ class SignWorker:
             if done is not None:
                 done(sigs, None)
 
-    def close(self) -> None:
-        """Stop the thread; signatures still awaited fail with BackendError."""
+    def close(self, why: str = "the signing worker was closed") -> None:
+        """Stop the thread; signatures still awaited fail with BackendError(``why``)."""
         if self._closed:
             return
         self._closed = True
@@ -88,7 +104,7 @@ class SignWorker:
         os.close(self._efd)
         waiting, self._waiting = self._waiting, {}
         for done in waiting.values():
-            done(None, BackendError("the signing worker was closed"))
+            done(None, BackendError(why))
 
 
 __all__ = ["Ed25519WorkerKey", "SignWorker"]

@@ -180,6 +180,12 @@ impl SignWorker {
         Ok(out)
     }
 
+    /// The signing thread runs (False once closed, or if it ever stopped).
+    #[getter]
+    fn alive(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Jobs submitted and not taken yet.
     #[getter]
     fn outstanding(&self) -> usize {

@@ -76,3 +76,53 @@ def test_a_closed_worker_fails_what_it_owes_and_takes_nothing_more() -> None:
         worker.close()  # twice: nothing happens
 
     asyncio.run(go())
+
+
+def test_a_stopped_thread_fails_what_it_owed_and_the_backend_signs_on_the_loop() -> None:
+    """The thread should never stop on its own; if it did, the chains it served must not
+    wait on it: what it owed is refused and the backend signs on the loop again."""
+    from nebula.backends.native import NativeBackend
+    from nebula.crypto.keys import generate
+
+    class Stopped:  # the real worker core, whose thread reports itself gone
+        alive = False
+
+        def __init__(self, core: object) -> None:
+            self._core = core
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._core, name)
+
+    async def go() -> None:
+        worker = SignWorker()
+        key = generate("ed25519")
+        backend = NativeBackend(key)
+        assert backend.use_worker(worker) and backend.signs_later()
+        assert worker._core.alive
+        owed: list[tuple[object, object]] = []
+        worker._waiting[10**9] = lambda s, e: owed.append((s, e))  # a job never answered
+        worker._core = Stopped(worker._core)
+        assert not backend.signs_later()
+        assert len(owed) == 1 and owed[0][0] is None
+        assert isinstance(owed[0][1], BackendError) and "stopped" in str(owed[0][1])
+        msg = b"sign bytes"
+        assert backend.sign_sync(msg) == _sodium(key.secret_bytes(), msg)
+        assert not worker._core._core.alive  # closed: the real thread was stopped too
+
+    asyncio.run(go())
+
+
+def test_a_secp256k1_key_keeps_signing_on_the_loop() -> None:
+    from nebula.backends.native import NativeBackend
+    from nebula.crypto.keys import generate
+
+    async def go() -> None:
+        worker = SignWorker()
+        try:
+            backend = NativeBackend(generate("secp256k1"))
+            assert not backend.use_worker(worker)
+            assert not backend.signs_later()
+        finally:
+            worker.close()
+
+    asyncio.run(go())
