@@ -574,6 +574,9 @@ class RaftStore(SignStore):
             def signed(sigs: list[bytes] | None, err: BaseException | None) -> None:
                 if expired():
                     return  # the deadline passed: nothing is proposed
+                if self._closed:
+                    resolve(None, ReplicationError("raft store is not running"))
+                    return
                 if err is not None or sigs is None:
                     if not isinstance(err, BackendError):
                         err = BackendError(f"signing failed: {err}")

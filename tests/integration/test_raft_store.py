@@ -956,7 +956,7 @@ def test_decisions_signed_off_the_loop_share_a_raft_round_and_fail_closed(
         ]
 
     async def go() -> None:
-        async with local_cluster(tmp_path, 3, common={"commit_timeout": 0.5}) as (stores, _):
+        async with local_cluster(tmp_path, 3, common={"commit_timeout": 2.0}) as (stores, _):
             leader = await leader_of(stores)
             worker = SignWorker()
             keys = {c: worker.key(s) for c, s in seeds.items()}
@@ -1013,6 +1013,23 @@ def test_decisions_signed_off_the_loop_share_a_raft_round_and_fail_closed(
                 j2 = leader.status()["journal"]
                 assert j2["entries_appended"] == j1["entries_appended"], j2
                 assert leader.last(chains[0]).height == 2 and leader.last(chains[1]).height == 2
+                # Leadership lost while the signatures were being made: NotLeader, and
+                # nothing proposed anywhere.
+                held: list = []
+                waiting = asyncio.ensure_future(
+                    leader.commit(
+                        chains[2], SignRecord(3, 0, 2, b"z", b""), lambda m, d: held.append(d)
+                    )
+                )
+                await until(lambda: bool(held), 2, "handed over for signing")
+                target = next(s for s in stores if s is not leader)
+                assert await leader.transfer_leadership(target.node_id) == target.node_id
+                held[0]([sodium(chains[2], b"z")], None)
+                with pytest.raises(NotLeader):
+                    await waiting
+                await asyncio.sleep(0.2)
+                for s in stores:
+                    assert s.last(chains[2]).height == 2
             finally:
                 worker.close()
 
