@@ -274,8 +274,8 @@ class SigningService:
                 # decision whose signature this leader does not hold goes this way too).
                 sig = ext_sig = b""
             elif self.backend.signs_later():
-                # Other decisions are in flight: the store has the signatures made off
-                # the loop thread and decides the signed record (nebula.crypto.signworker).
+                # Several chains: the store has the signatures made off the loop thread
+                # and decides the signed record (nebula.crypto.signworker).
                 sig = ext_sig = b""
                 later = self.backend.sign_later
             else:
@@ -289,11 +289,12 @@ class SigningService:
                 decision = await store.commit(chain, record, later)
             t3 = time.perf_counter()
             sign_s, commit_s = t2 - t1, t3 - t2
-            if threshold:
-                # The signature is made after the commit, inside store.commit: gathering,
-                # combining and verifying the shares is this request's "sign" phase.
-                combine = min(store.combine_seconds(chain), commit_s)
-                sign_s, commit_s = combine, commit_s - combine
+            if threshold or later is not None:
+                # The signature is made inside store.commit: gathering, combining and
+                # verifying the shares after the decision, or the signing thread's work
+                # before it, is this request's "sign" phase.
+                made = min(store.combine_seconds(chain), commit_s)
+                sign_s, commit_s = made, commit_s - made
             self.last_phases = Phases(guard=t1 - t0, sign=sign_s, commit=commit_s)
             m = self.metrics
             if m is not None:

@@ -85,9 +85,10 @@ class SignStore(ABC):
         """The last durable sign state of ``chain_id`` (None if never signed)."""
 
     def combine_seconds(self, chain_id: str) -> float:
-        """Of the last ``commit`` of ``chain_id``: the seconds after the decision
-        committed that went into making its signature (threshold BLS: gathering,
-        combining and verifying the members' shares); 0 when the store only decides."""
+        """Of the last ``commit`` of ``chain_id``: the seconds that went into making its
+        signature inside the store (threshold BLS: gathering, combining and verifying
+        the members' shares after the decision; ``sign_later``: from the hand-over to
+        the signatures' return, before it); 0 when the store only decides."""
         return 0.0
 
     @abstractmethod

@@ -572,6 +572,7 @@ class RaftStore(SignStore):
 
         def start(resolve: Resolver, expired: Callable[[], bool]) -> None:
             def signed(sigs: list[bytes] | None, err: BaseException | None) -> None:
+                self._combine_s[chain] = time.perf_counter() - handed
                 if expired():
                     return  # the deadline passed: nothing is proposed
                 if self._closed:
@@ -596,6 +597,8 @@ class RaftStore(SignStore):
                 self._arm_flush()
 
             ext = record.ext_sign_bytes
+            handed = time.perf_counter()
+            self._combine_s[chain] = 0.0
             sign_later((record.sign_bytes, ext) if ext else (record.sign_bytes,), signed)
 
         return await self._decided(start)

@@ -987,6 +987,7 @@ def test_decisions_signed_off_the_loop_share_a_raft_round_and_fail_closed(
                 assert rounds <= 2, j1
                 for k, (c, d) in enumerate(zip(chains, outs, strict=True)):
                     assert d.verdict == Verdict.ACCEPT
+                    assert leader.combine_seconds(c) > 0  # the "sign" phase of the request
                     assert d.record.signature == sodium(c, b"vote-" + c.encode())
                     if k % 2 == 0:
                         assert d.record.ext_signature == sodium(c, b"ext")
