@@ -283,10 +283,7 @@ class SigningService:
                 ext_sig = await self._sign(ext_bytes) if ext_bytes else b""
             t2 = time.perf_counter()
             record = SignRecord(*hrs, sign_bytes, sig, ext_bytes, ext_sig)
-            if later is None:
-                decision = await store.commit(chain, record)
-            else:
-                decision = await store.commit(chain, record, later)
+            decision = await store.commit(chain, record, later)
             t3 = time.perf_counter()
             sign_s, commit_s = t2 - t1, t3 - t2
             if threshold or later is not None:

@@ -7,6 +7,7 @@ encoding concerns; ``nebula.proto`` turns bytes into these and back.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -199,3 +200,8 @@ def extension_signature_required(family: WireFamily, req: SignVoteRequest) -> bo
     ):
         return False
     return not (family is WireFamily.V1_0 and req.skip_extension_signing)
+
+
+#: ``done(signatures, None)`` or ``done(None, error)``: how signatures made off the event
+#: loop thread come back (a backend's ``sign_later``, nebula.crypto.signworker).
+Signed = Callable[[list[bytes] | None, BaseException | None], None]

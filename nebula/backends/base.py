@@ -12,10 +12,10 @@ Backends raise :class:`nebula.errors.BackendError` when they cannot sign.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import ClassVar
 
 from nebula.crypto.keys import address_of
+from nebula.types import Signed
 
 
 class Backend(ABC):
@@ -49,7 +49,7 @@ class Backend(ABC):
     def sign_later(
         self,
         msgs: tuple[bytes, ...],
-        done: Callable[[list[bytes] | None, BaseException | None], None],
+        done: Signed,
     ) -> None:
         """Sign ``msgs`` off the loop thread and call ``done`` on the loop (only after
         :meth:`signs_later` said True)."""

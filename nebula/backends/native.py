@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 from nebula.backends.base import Backend
 from nebula.crypto.keys import SigningKey
+from nebula.types import Signed
 
 if TYPE_CHECKING:
     from nebula.crypto.signworker import Ed25519WorkerKey, SignWorker
@@ -56,7 +56,7 @@ class NativeBackend(Backend):
     def sign_later(
         self,
         msgs: tuple[bytes, ...],
-        done: Callable[[list[bytes] | None, BaseException | None], None],
+        done: Signed,
     ) -> None:
         worker, key = self._worker, self._worker_key
         if worker is None or key is None:

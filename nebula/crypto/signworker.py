@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from nebula.errors import BackendError
 from nebula.raft import _core
-from nebula.state.base import Signed
+from nebula.types import Signed
 
 Ed25519WorkerKey = _core.Ed25519Key
 
@@ -79,7 +79,7 @@ class SignWorker:
             raise BackendError("the signing worker is closed")
         token = self._next
         self._next = token + 1
-        self._core.submit(token, key, list(msgs))
+        self._core.submit(token, key, msgs)
         self._waiting[token] = done
 
     def _ready(self) -> None:
@@ -91,7 +91,10 @@ class SignWorker:
         for token, sigs in self._core.take():
             done = waiting.pop(token, None)
             if done is not None:
-                done(sigs, None)
+                try:
+                    done(sigs, None)
+                except Exception:  # its request times out (refused); the others go on
+                    log.exception("a signature's continuation failed")
 
     def close(self, why: str = "the signing worker was closed") -> None:
         """Stop the thread; signatures still awaited fail with BackendError(``why``)."""

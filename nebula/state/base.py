@@ -42,11 +42,10 @@ from typing import Any, ClassVar
 
 from nebula.errors import ConfigError, StateError
 from nebula.guard import Decision, SignRecord
+from nebula.types import Signed
 
 #: ``sign_later(msgs, done)``: have ``msgs`` signed off the event loop thread and call
-#: ``done(signatures, None)`` or ``done(None, error)`` on the loop (a backend's
-#: ``sign_later``, nebula.crypto.signworker).
-Signed = Callable[[list[bytes] | None, BaseException | None], None]
+#: ``done`` on the loop (a backend's ``sign_later``, nebula.crypto.signworker).
 SignLater = Callable[[tuple[bytes, ...], Signed], None]
 
 COMMIT_TIMEOUT_MAX = 4.0

@@ -5,8 +5,9 @@
 //! makes the results available to `take`, writing to an eventfd the loop watches once
 //! its queue is empty (or `BATCH` results wait).  The loop reads the eventfd, then
 //! `take`s, which clears the "written" flag under the same lock that results are pushed
-//! under: a result pushed after the take writes again, one pushed before it is taken.  Signatures are RFC 8032 Ed25519 (the same
-//! bytes as libsodium's for the same key and message; tested against it).
+//! under: a result pushed after the take writes again, one pushed before it is taken.
+//! Signatures are RFC 8032 Ed25519 (the same bytes as libsodium's for the same key and
+//! message; tested against it).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -56,8 +57,6 @@ struct Job {
 struct State {
     jobs: VecDeque<Job>,
     done: Vec<(u64, Vec<[u8; 64]>)>,
-    /// Jobs submitted and not taken yet (queued, being signed, or done).
-    outstanding: usize,
     /// The eventfd was written since the last `take`.
     notified: bool,
     stop: bool,
@@ -155,7 +154,6 @@ impl SignWorker {
             return Err(PyRuntimeError::new_err("the signing worker is closed"));
         }
         st.jobs.push_back(job);
-        st.outstanding += 1;
         drop(st);
         self.shared.wake.notify_one();
         Ok(())
@@ -165,7 +163,6 @@ impl SignWorker {
     fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let done = {
             let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.outstanding -= st.done.len();
             st.notified = false;
             std::mem::take(&mut st.done)
         };
@@ -186,24 +183,9 @@ impl SignWorker {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Jobs submitted and not taken yet.
-    #[getter]
-    fn outstanding(&self) -> usize {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .outstanding
-    }
-
     /// Stop the thread (jobs not yet signed are dropped) and wait for it.
     fn close(&mut self, py: Python<'_>) {
-        {
-            let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.stop = true;
-            st.jobs.clear();
-        }
-        self.shared.wake.notify_all();
+        self.halt();
         if let Some(t) = self.thread.take() {
             py.allow_threads(|| {
                 let _ = t.join();
@@ -212,14 +194,21 @@ impl SignWorker {
     }
 }
 
-impl Drop for SignWorker {
-    fn drop(&mut self) {
+impl SignWorker {
+    /// Tell the thread to stop after the job it signs now; drop the queued ones.
+    fn halt(&self) {
         {
             let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.stop = true;
             st.jobs.clear();
         }
         self.shared.wake.notify_all();
+    }
+}
+
+impl Drop for SignWorker {
+    fn drop(&mut self) {
+        self.halt();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -27,6 +27,7 @@ from nebula.crypto.keys import Ed25519Key
 from nebula.errors import ProtocolError
 from nebula.guard import Decision, SignRecord
 from nebula.service import SigningService
+from nebula.state.base import SignLater
 from nebula.state.local import LocalStore
 from nebula.types import (
     PingRequest,
@@ -54,11 +55,13 @@ class GatedStore(LocalStore):
         self.gate = asyncio.Event()
         self.waiting = asyncio.Event()
 
-    async def commit(self, chain_id: str, record: SignRecord) -> Decision:
+    async def commit(
+        self, chain_id: str, record: SignRecord, sign_later: SignLater | None = None
+    ) -> Decision:
         if record.height in self.gated:
             self.waiting.set()
             await self.gate.wait()
-        return await super().commit(chain_id, record)
+        return await super().commit(chain_id, record, sign_later)
 
 
 def _run(body: Callable[[], Awaitable[None]]) -> None:
