@@ -29,7 +29,7 @@ from nebula.bench.workload import Item, plan
 from nebula.crypto import keys
 from nebula.guard import Decision, SignRecord, apply
 from nebula.service import SigningService
-from nebula.state.base import SignStore, SingleNodeStore
+from nebula.state.base import SignLater, SignStore, SingleNodeStore
 from nebula.state.local import LocalStore
 from nebula.types import SignedProposalResponse, SignedVoteResponse, WireFamily
 
@@ -58,7 +58,10 @@ class MemoryStore(SingleNodeStore):
         self._states[chain_id] = record
         return True
 
-    async def commit(self, chain_id: str, record: SignRecord) -> Decision:
+    async def commit(
+        self, chain_id: str, record: SignRecord, sign_later: SignLater | None = None
+    ) -> Decision:
+        assert sign_later is None  # (the daemon gives a signing thread to Raft stores only)
         new, decision = apply(self._states.get(chain_id), record)
         if new is not None:
             self._states[chain_id] = new
