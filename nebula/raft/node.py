@@ -37,7 +37,10 @@ queues every decision of one loop pass (several chains at once: group commit).
 A leader's sync off the loop (``offload``, ``RaftStore(sync_off_loop=True)``).  When a
 leader's Ready carries at least ``offload_min_entries`` entries (several decisions: several
 chains at once), step 3's ``fdatasync`` runs on a worker thread and the Ready is finished
-(steps 4-6) when it returns; the event loop serves other requests meanwhile.  The node
+(steps 4-6) when it returns; the event loop serves other requests meanwhile.  The sync is
+handed over before the Ready's messages are sent (a leader may send its appends before
+its own entries are durable; they count for its own vote only once they are), so the
+disk works while the appends travel.  The node
 takes no input while the sync runs, so raft-rs sees the same sequence of calls as with an
 inline sync: messages and ticks that arrive are stepped afterwards in arrival order (to
 raft-rs, a network delay); proposals are placed right after the Ready, each at the (term,
@@ -104,8 +107,9 @@ CONF_ADD, CONF_REMOVE, CONF_ADD_LEARNER = 0, 1, 2
 # Callback of a proposal: (result, None) once applied, or (None, exception) when lost.
 Resolver = Callable[[Any, BaseException | None], None]
 
-# offload(work, done): run work() on another thread, then call done() on the loop thread.
-Offload = Callable[[Callable[[], None], Callable[[], None]], None]
+# offload(job, done): run the sync job (job.run(), or an fdatasync of job.os_fd recorded
+# with job.ran) on another thread, then call done() on the loop thread.
+Offload = Callable[[SyncJob, Callable[[], None]], None]
 
 
 class StateMachine(Protocol):
@@ -397,7 +401,17 @@ class RaftNode:
             _number, ss, hs, snap, entries, msgs, committed, pmsgs, must_sync = rd
             if ss is not None:
                 self._soft_state(ss[0], ss[1])
-            if msgs:
+            # A leader's sync that runs off the loop starts before its messages go out
+            # (raft-rs lets a leader send before persisting): the sync thread takes a core
+            # while the followers are still idle, and the disk works while the appends
+            # travel.
+            offload = (
+                must_sync
+                and self._offload is not None
+                and self.role == LEADER
+                and len(entries) >= self._offload_min
+            )
+            if msgs and not offload:
                 self._transmit(msgs)
             if snap is not None:
                 s = Snapshot(snap[0], snap[1], tuple(snap[2]), tuple(snap[3]), snap[4])
@@ -429,18 +443,18 @@ class RaftNode:
                 # (a commit index lost in a crash is learned again from the leader).
                 self._pending_hs = HardState(*hs)
             if must_sync:  # raft-rs: new entries, or a new term or vote
-                if (
-                    self._offload is not None
-                    and self.role == LEADER
-                    and len(entries) >= self._offload_min
-                ):
+                if offload:
                     job = self._log.sync_job()
                     if job is not None:
                         # Off the loop thread: the loop serves other work (other chains'
                         # requests, which propose into the next Ready) meanwhile.
                         self._inflight = (job, committed, pmsgs)
-                        self._offload(job.run, self._on_synced)
+                        self._offload(job, self._on_synced)
+                        if msgs:
+                            self._transmit(msgs)
                         return
+                if offload and msgs:
+                    self._transmit(msgs)
                 self._log.sync()
                 self.syncs += 1
             self._finish(committed, pmsgs)

@@ -573,6 +573,20 @@ class SyncJob:
         else:
             self.ok = True
 
+    @property
+    def os_fd(self) -> int | None:
+        """The descriptor to ``fdatasync`` directly (a native thread may run the sync, then
+        :meth:`ran`); None when the log is not on the real file system (a test's or the
+        simulation's, whose ``fdatasync`` must be the one called)."""
+        return self.fd if type(self.fs) is OsFileSystem else None
+
+    def ran(self, err: int) -> None:
+        """Record the outcome of an ``fdatasync(os_fd)`` made elsewhere: 0, or its errno."""
+        if err == 0:
+            self.ok = True
+        else:
+            self.error = OSError(err, os.strerror(err))
+
 
 class RaftLog:
     """The durable Raft log of one node (see the module docstring for the format).

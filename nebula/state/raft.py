@@ -45,7 +45,8 @@ from nebula.raft.node import (
     RaftNode,
     Resolver,
 )
-from nebula.raft.storage import RaftLog
+from nebula.raft.storage import RaftLog, SyncJob
+from nebula.raft.syncthread import SyncThread
 from nebula.raft.timing import check_timing
 from nebula.raft.transport import Transport
 from nebula.state.base import SignLater, SignStore, check_commit_timeout, record_to_json
@@ -215,6 +216,7 @@ class RaftStore(SignStore):
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._syncer: SyncThread | None = None
         # Group commit: every proposal of a loop pass is queued; the pass's flush hands
         # them to raft-rs as one proposal (one Ready, one fdatasync, one append each).
         self._batch_armed = False
@@ -302,9 +304,15 @@ class RaftStore(SignStore):
                 self._imports[chain_id.encode()] = rec
         self._drop_satisfied_imports()
 
-    def _offload(self, work: Callable[[], None], done: Callable[[], None]) -> None:
-        """The node's offload hook: ``work`` (a leader's fdatasync) on the sync thread,
-        then ``done`` on the loop."""
+    def _offload(self, job: SyncJob, done: Callable[[], None]) -> None:
+        """The node's offload hook: ``job`` (a leader's fdatasync) on the native sync
+        thread (nebula.raft.syncthread), or a Python thread for a log not on the real file
+        system; then ``done`` on the loop."""
+        syncer = self._syncer
+        if syncer is None and job.os_fd is not None:
+            syncer = self._syncer = SyncThread(self._loop)
+        if syncer is not None and syncer.sync(job, done):
+            return
         pool = self._sync_pool
         if pool is None:
             pool = self._sync_pool = concurrent.futures.ThreadPoolExecutor(
@@ -316,7 +324,7 @@ class RaftStore(SignStore):
             with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
                 loop.call_soon_threadsafe(done)
 
-        pool.submit(work).add_done_callback(finished)
+        pool.submit(job.run).add_done_callback(finished)
 
     def _threshold_hooks(self) -> dict[str, Any]:
         if not self._threshold:
@@ -368,6 +376,8 @@ class RaftStore(SignStore):
             return
         self._timer = self._loop.call_later(self._tick_interval, self._on_tick)
         self._node.tick()
+        if self._syncer is not None:
+            self._syncer.check()
         self._run()
         if self._imports and not self._import_in_flight and self._node.authoritative:
             self._propose_imports()
@@ -913,8 +923,11 @@ class RaftStore(SignStore):
         try:
             await self._transport.close()
         finally:
+            syncer, self._syncer = self._syncer, None
+            if syncer is not None:
+                syncer.close()  # a sync in flight ends before the log closes
             pool, self._sync_pool = self._sync_pool, None
             if pool is not None:
-                pool.shutdown(wait=True)  # a sync in flight ends before the log closes
+                pool.shutdown(wait=True)
             self._node.close()
             self._lock.release()

@@ -32,6 +32,7 @@
 use std::cmp;
 
 mod signer;
+mod syncer;
 
 use protobuf::Message as PbMessage;
 use pyo3::create_exception;
@@ -798,6 +799,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Node>()?;
     m.add_class::<signer::Ed25519Key>()?;
     m.add_class::<signer::SignWorker>()?;
+    m.add_class::<syncer::SyncWorker>()?;
     m.add_function(wrap_pyfunction!(message_info, m)?)?;
     m.add_function(wrap_pyfunction!(message_with_context, m)?)?;
     m.add_function(wrap_pyfunction!(encode_conf_change, m)?)?;

@@ -68,7 +68,7 @@ struct Shared {
     efd: i32,
 }
 
-fn notify(efd: i32) {
+pub(crate) fn notify(efd: i32) {
     let one: u64 = 1;
     // An eventfd write only fails when its counter would overflow (it is read at every
     // wake-up) or the fd is closed (the worker is being shut down): nothing to do then.

@@ -470,6 +470,8 @@ def test_decisions_of_many_chains_in_one_pass_share_a_raft_round(
             syncs = journal["syncs"] - journal0["syncs"]
             off = journal["syncs_off_loop"] - journal0["syncs_off_loop"]
             assert off >= 1 if off_loop else off == 0, (off, journal)
+            # off the loop: on the native sync thread (the log is on the real disk)
+            assert (leader._syncer is not None) == off_loop
             verdicts = [getattr(o, "verdict", o) for o in outs]
             assert verdicts[:16] == [Verdict.ACCEPT] * 16, verdicts
             assert verdicts[16] == Verdict.SAME

@@ -75,7 +75,7 @@ from nebula.errors import NebulaError, NotLeader, StateError
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import _core, commands
 from nebula.raft.node import CONF_ADD, CONF_REMOVE, LEADER, RaftNode
-from nebula.raft.storage import RaftLog
+from nebula.raft.storage import RaftLog, SyncJob
 from nebula.state.raft import SignStateMachine
 from tests.support.memfs import CrashPoint, MemFS
 
@@ -487,13 +487,13 @@ class Simulation:
         return self.now / 1000.0
 
     def _offloader(self, node_id: int, inc: int) -> Callable[..., None]:
-        def offload(work: Callable[[], None], done: Callable[[], None]) -> None:
+        def offload(work: SyncJob, done: Callable[[], None]) -> None:
             self.stats["syncs_offloaded"] += 1
             self._at(self.now + self.rng.randint(0, 4), _SYNC_DONE, node_id, inc, (work, done))
 
         return offload
 
-    def _sync_done(self, node_id: int, inc: int, job: tuple[Callable[[], None], ...]) -> None:
+    def _sync_done(self, node_id: int, inc: int, job: tuple[Any, ...]) -> None:
         m = self._live(node_id, inc)
         if m is None:
             return  # crashed meanwhile: what the sync would have made durable is lost
@@ -502,7 +502,7 @@ class Simulation:
             return
         work, done = job
         self._note("sync-done", node_id)
-        work()
+        work.run()
         self._guard(m, "sync done", done)
         self._after(m)
 

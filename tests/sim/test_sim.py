@@ -108,34 +108,41 @@ def test_same_trace_in_another_process() -> None:
 
 def test_faults_are_exercised() -> None:
     """Every fault the sweep claims to inject happens within a few dozen seeds, so a
-    change that quietly disables one is seen."""
+    change that quietly disables one is seen.  At least 60 seeds; the rarest (a queued
+    proposal whose leader is deposed before the flush: once or twice in 100 seeds) may
+    take up to 200."""
     totals: collections.Counter[str] = collections.Counter()
-    for seed in range(60):
+    for seed in range(200):
         totals.update(run_seed(seed, 3)["stats"])
         totals.update(run_seed(seed, 5)["stats"])
-    for what in (
-        "msgs_dropped",
-        "msgs_held",  # delivered much later: stale frames
-        "msgs_cut",  # partitions
-        "pauses",
-        "crashes",
-        "crash_points",  # a power loss inside a Ready
-        "injected_io_errors",
-        "torn_tails_recovered",  # unsynced writes cut, found and discarded at restart
-        "restarts",
-        "snapshot_installs",  # a follower caught up by the leader's snapshot
-        "transfers",
-        "refused",  # conflicting or regressing requests the guard refused
-        "released",
-        "proposals_lost",  # outcomes lost with leadership: nothing released
-        "conf_changes",
-        "syncs_offloaded",  # a leader's fdatasync off the loop (odd seeds)
-        "proposals_during_sync",  # proposed while it ran: placed right after its Ready
-        "proposals_queued",  # queued (as the event loop does), proposed together later
-        "queued_lost",  # queued, then deposed (or replaced) before the flush: lost, unreleased
-        "members_joined",  # a new member (join = true) caught up and counted as a voter
-    ):
+        if seed >= 59 and all(totals[what] > 0 for what in _EXERCISED):
+            break
+    for what in _EXERCISED:
         assert totals[what] > 0, (what, totals)
+
+
+_EXERCISED = (
+    "msgs_dropped",
+    "msgs_held",  # delivered much later: stale frames
+    "msgs_cut",  # partitions
+    "pauses",
+    "crashes",
+    "crash_points",  # a power loss inside a Ready
+    "injected_io_errors",
+    "torn_tails_recovered",  # unsynced writes cut, found and discarded at restart
+    "restarts",
+    "snapshot_installs",  # a follower caught up by the leader's snapshot
+    "transfers",
+    "refused",  # conflicting or regressing requests the guard refused
+    "released",
+    "proposals_lost",  # outcomes lost with leadership: nothing released
+    "conf_changes",
+    "syncs_offloaded",  # a leader's fdatasync off the loop (odd seeds)
+    "proposals_during_sync",  # proposed while it ran: placed right after its Ready
+    "proposals_queued",  # queued (as the event loop does), proposed together later
+    "queued_lost",  # queued, then deposed (or replaced) before the flush: lost, unreleased
+    "members_joined",  # a new member (join = true) caught up and counted as a voter
+)
 
 
 # -- the checker fails on real violations ------------------------------------------------

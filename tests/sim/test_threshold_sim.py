@@ -27,7 +27,7 @@ from nebula.errors import ConfigError
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import _core, commands
 from nebula.raft.node import RaftNode
-from nebula.raft.storage import RaftLog
+from nebula.raft.storage import RaftLog, SyncJob
 from nebula.state.raft import SignStateMachine
 from nebula.state.threshold import ThresholdShares, check_cluster, decode_shares, digest
 from tests.support.memfs import MemFS
@@ -99,7 +99,7 @@ class TNet:
     ) -> None:
         self.rng = random.Random(seed)
         self.offload = offload
-        self.jobs: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.jobs: list[tuple[SyncJob, Callable[[], None]]] = []
         self.offloaded = 0
         self.whole = Bls12381Key((1 + self.rng.randrange(2**250)).to_bytes(32, "big"))
         self.ids = list(range(1, n + 1))
@@ -118,7 +118,7 @@ class TNet:
     def linked(self, a: int, b: int) -> bool:
         return self.groups is None or any(a in g and b in g for g in self.groups)
 
-    def offloader(self, work: Callable[[], None], done: Callable[[], None]) -> None:
+    def offloader(self, work: SyncJob, done: Callable[[], None]) -> None:
         """A sync off the loop: finished later, between deliveries (``deliver``)."""
         self.jobs.append((work, done))
         self.offloaded += 1
@@ -127,7 +127,7 @@ class TNet:
         for _ in range(limit):
             if self.jobs and (not self.queue or self.rng.random() < 0.3):
                 work, done = self.jobs.pop(self.rng.randrange(len(self.jobs)))
-                work()
+                work.run()
                 done()
                 continue
             if not self.queue:

@@ -18,7 +18,7 @@ from nebula.errors import NotLeader, ReplicationError, StateError
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import _core, commands
 from nebula.raft.node import CONF_ADD, LEADER, RaftNode
-from nebula.raft.storage import RaftLog
+from nebula.raft.storage import RaftLog, SyncJob
 from nebula.state.raft import SignStateMachine
 from tests.support.memfs import MemFS
 
@@ -305,17 +305,17 @@ class Offload:
     """Keeps every offloaded sync until the test finishes it (``finish``, ``settle``)."""
 
     def __init__(self) -> None:
-        self.jobs: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.jobs: list[tuple[SyncJob, Callable[[], None]]] = []
 
-    def __call__(self, work: Callable[[], None], done: Callable[[], None]) -> None:
-        self.jobs.append((work, done))
+    def __call__(self, job: SyncJob, done: Callable[[], None]) -> None:
+        self.jobs.append((job, done))
 
     def finish(self, *, error: OSError | None = None) -> None:
-        work, done = self.jobs.pop(0)
+        job, done = self.jobs.pop(0)
         if error is None:
-            work()
+            job.run()
         else:
-            work.__self__.error = error  # type: ignore[attr-defined]
+            job.error = error
         done()
 
     def settle(self, net: Net) -> None:
@@ -388,8 +388,8 @@ def test_close_with_a_sync_in_flight_drops_its_ready_and_snapshots_wait() -> Non
     net.queue.clear()  # the appends left before the sync (they vouch for nothing)
     lead.snapshot_now()  # not while the sync runs (it may rewrite the log file)
     assert lead._snapshot_due
-    work, done = off.jobs.pop()
-    work()
+    job, done = off.jobs.pop()
+    job.run()
     lead.close()
     done()  # late: nothing is sent or applied after close
     assert not net.queue
