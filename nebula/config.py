@@ -72,7 +72,8 @@ class RaftConfig(_Strict):
     # Applied entries between snapshots (the log before a snapshot is dropped).
     snapshot_entries: int = 1000
     # A leader's fdatasync of a Ready with several decisions (several chains at once) runs
-    # on a worker thread while the event loop serves other requests (nebula/raft/node.py).
+    # on a native thread while the event loop serves other requests (nebula/raft/node.py,
+    # nebula/raft/syncthread.py).
     sync_off_loop: bool = True
     # With several chains, native Ed25519 keys sign on a native thread, not on the event
     # loop thread (nebula/crypto/signworker.py).
@@ -637,7 +638,7 @@ connection_retry = 0.1             # first reconnect delay to a peer (doubles up
 handshake_timeout = 2.0            # an inbound Raft connection must authenticate within this
 max_unauthenticated = 64           # concurrent unauthenticated inbound connections, at most
 snapshot_entries = 1000            # applied entries between snapshots (log compaction)
-sync_off_loop = true               # a leader syncs a multi-decision Ready on a worker thread
+sync_off_loop = true               # a leader syncs a multi-decision Ready on a native thread
 sign_off_loop = true               # several chains: Ed25519 signs on a native thread
 dynamic_membership = false         # true allows `nebula cluster add|remove` (same on all)
 # join = true                      # only on a new member's first start (`nebula cluster add`)
