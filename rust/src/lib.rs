@@ -33,6 +33,7 @@ use std::cmp;
 
 mod signer;
 mod syncer;
+mod worker;
 
 use protobuf::Message as PbMessage;
 use pyo3::create_exception;

@@ -11,6 +11,7 @@ import pytest
 
 from nebula.crypto.signworker import SignWorker
 from nebula.errors import BackendError
+from tests.support.native import StoppedThread
 
 
 def _sodium(seed: bytes, msg: bytes) -> bytes:
@@ -84,15 +85,6 @@ def test_a_stopped_thread_fails_what_it_owed_and_the_backend_signs_on_the_loop()
     from nebula.backends.native import NativeBackend
     from nebula.crypto.keys import generate
 
-    class Stopped:  # the real worker core, whose thread reports itself gone
-        alive = False
-
-        def __init__(self, core: object) -> None:
-            self._core = core
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._core, name)
-
     async def go() -> None:
         worker = SignWorker()
         key = generate("ed25519")
@@ -101,7 +93,7 @@ def test_a_stopped_thread_fails_what_it_owed_and_the_backend_signs_on_the_loop()
         assert worker._core.alive
         owed: list[tuple[object, object]] = []
         worker._waiting[10**9] = lambda s, e: owed.append((s, e))  # a job never answered
-        worker._core = Stopped(worker._core)
+        worker._core = StoppedThread(worker._core)
         assert not backend.signs_later()
         assert len(owed) == 1 and owed[0][0] is None
         assert isinstance(owed[0][1], BackendError) and "stopped" in str(owed[0][1])

@@ -14,6 +14,7 @@ import pytest
 from nebula.errors import StateError
 from nebula.raft.storage import Entry, HardState, RaftLog, SyncJob
 from nebula.raft.syncthread import SyncThread
+from tests.support.native import StoppedThread
 
 
 class _CountingFS:
@@ -130,14 +131,6 @@ def test_a_log_not_on_the_real_file_system_is_not_synced_natively(tmp_path: Path
 def test_a_closed_thread_takes_nothing_and_a_stopped_one_fails_what_it_owed(
     tmp_path: Path,
 ) -> None:
-    class Stopped:  # the real worker core, whose thread reports itself gone
-        alive = False
-
-        def __init__(self, core: object) -> None:
-            self._core = core
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._core, name)
 
     async def go() -> None:
         loop = asyncio.get_running_loop()
@@ -151,7 +144,7 @@ def test_a_closed_thread_takes_nothing_and_a_stopped_one_fails_what_it_owed(
         owed: list[int] = []
         syncer._waiting[10**9] = (job, lambda: owed.append(1))  # a sync never answered
         real = syncer._core
-        syncer._core = Stopped(real)
+        syncer._core = StoppedThread(real)
         assert not syncer.sync(job, lambda: None)  # a stopped thread takes nothing new
         syncer.check()
         assert owed == [1] and not job.ok
