@@ -217,6 +217,7 @@ class RaftStore(SignStore):
         self._kicked = False
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._syncer: SyncThread | None = None
+        self._syncer_failed = False  # could not start one: the Python thread from then on
         # Group commit: every proposal of a loop pass is queued; the pass's flush hands
         # them to raft-rs as one proposal (one Ready, one fdatasync, one append each).
         self._batch_armed = False
@@ -309,8 +310,16 @@ class RaftStore(SignStore):
         thread (nebula.raft.syncthread), or a Python thread for a log not on the real file
         system; then ``done`` on the loop."""
         syncer = self._syncer
-        if syncer is None and job.os_fd is not None:
-            syncer = self._syncer = SyncThread(self._loop)
+        if syncer is None and job.os_fd is not None and not self._syncer_failed:
+            try:
+                syncer = self._syncer = SyncThread(self._loop)
+            except (OSError, RuntimeError) as e:  # no eventfd or thread to be had
+                self._syncer_failed = True
+                logger.warning(
+                    "raft node %d: no native sync thread (%s); syncing on a Python thread",
+                    self.node_id,
+                    e,
+                )
         if syncer is not None and syncer.sync(job, done):
             return
         pool = self._sync_pool

@@ -495,6 +495,42 @@ def test_decisions_of_many_chains_in_one_pass_share_a_raft_round(
     run(go())
 
 
+def test_without_a_native_sync_thread_the_leader_syncs_on_a_python_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No eventfd or thread to be had for the native sync thread (EMFILE, injected): the
+    leader says so once and syncs its multi-decision Readies on a Python thread; nothing
+    fails and every decision commits."""
+    import errno
+
+    import nebula.state.raft as raft_store
+
+    tries: list[int] = []
+
+    def no_thread(loop: object) -> None:
+        tries.append(1)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(raft_store, "SyncThread", no_thread)
+    chains = [f"chain-{i}" for i in range(8)]
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, 3, common={"sync_off_loop": True}) as (stores, _):
+            leader = await leader_of(stores)
+            aud = Audited()
+            for h in (1, 2, 3):
+                outs = await asyncio.gather(
+                    *(aud.commit(leader, rec(h, b"%d" % h + c.encode()), c) for c in chains)
+                )
+                assert [o.verdict for o in outs] == [Verdict.ACCEPT] * len(chains)
+            journal = leader.status()["journal"]
+            assert journal["syncs_off_loop"] >= 1, journal
+            assert leader._syncer is None and leader._sync_pool is not None
+            assert len(tries) == 1  # tried once, not at every Ready
+
+    run(go())
+
+
 def test_a_closed_store_can_be_freed_on_any_thread(tmp_path: Path) -> None:
     """Found while writing these tests (bug, open): a closed RaftStore is only freed by
     the cyclic garbage collector (store <-> node callbacks), which runs on whichever
