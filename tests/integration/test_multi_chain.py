@@ -237,7 +237,7 @@ def test_each_chains_state_survives_a_cluster_restart_and_import_raft(tmp_path) 
                 cfg = cl.dirs[leader - 1].config_path
                 assert _export(cfg, A)["height"] == "100"
                 assert _export(cfg, B) == b_before
-                low = await da.request_once(SignVoteRequest(vote(99), A), timeout=10)
+                low = await da.answer(SignVoteRequest(vote(99), A))
                 assert low.error is not None and "height regression" in low.error.description
                 await sign(da, db, range(101, 106), range(11, 16))
         aud_a.check()
@@ -357,7 +357,7 @@ def test_adding_a_chain_with_a_rolling_restart_leaves_the_other_chains_state(tmp
                 cfg = cl.dirs[leader - 1].config_path
                 # B's mark is its import; it signs above it and refuses below.
                 assert _export(cfg, B)["height"] == "500"
-                low = await db.request_once(SignVoteRequest(vote(400), B), timeout=10)
+                low = await db.answer(SignVoteRequest(vote(400), B))
                 assert low.error is not None and "height regression" in low.error.description
                 await db.sign(SignVoteRequest(vote(501), B), deadline=30)
                 # B came with its initial state: no leader warned about it.

@@ -399,8 +399,10 @@ class Driver:
         self._audit(req, resp)
         return resp
 
-    async def sign(self, req, i: int = 0, deadline: float = 20.0):
-        """Send ``req`` until it is signed (retrying identically), as a node would."""
+    async def answer(self, req, i: int = 0, deadline: float = 20.0):
+        """Send ``req`` until a signer answers it (signed or refused), retrying
+        identically on a connection that fails, as a node would.  After a restart the
+        newest connection may be the old leader's, closed but not yet read as closed."""
         end = time.monotonic() + deadline
         last_err = ""
         while time.monotonic() < end:
@@ -415,6 +417,19 @@ class Driver:
                 await asyncio.sleep(0.02)
                 continue
             self._audit(req, resp)
+            return resp
+        raise TimeoutError(f"request not answered within {deadline}s: {last_err}")
+
+    async def sign(self, req, i: int = 0, deadline: float = 20.0):
+        """Send ``req`` until it is signed (retrying identically), as a node would."""
+        end = time.monotonic() + deadline
+        last_err = ""
+        while time.monotonic() < end:
+            try:
+                resp = await self.answer(req, i, deadline=max(0.1, end - time.monotonic()))
+            except TimeoutError as e:
+                last_err = str(e)
+                break
             err = resp.error
             if err is None:
                 return resp
