@@ -18,13 +18,12 @@ nothing about what is decided or released changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import Sequence
 
 from nebula.errors import BackendError
 from nebula.raft import _core
+from nebula.raft.nativethread import NativeThread
 from nebula.types import Signed
 
 Ed25519WorkerKey = _core.Ed25519Key
@@ -32,21 +31,11 @@ Ed25519WorkerKey = _core.Ed25519Key
 log = logging.getLogger("nebula.signer")
 
 
-class SignWorker:
+class SignWorker(NativeThread[Signed]):
     """One native signing thread serving the event loop it was created on."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            self._core = _core.SignWorker(self._efd)
-        except BaseException:
-            os.close(self._efd)
-            raise
-        self._waiting: dict[int, Signed] = {}
-        self._next = 0
-        self._closed = False
-        self._loop.add_reader(self._efd, self._ready)
+        super().__init__(loop or asyncio.get_running_loop(), _core.SignWorker)
 
     @staticmethod
     def key(seed: bytes) -> Ed25519WorkerKey:
@@ -60,16 +49,11 @@ class SignWorker:
         the backends sign on the loop again: no chain waits on a thread that is gone."""
         if self._closed:
             return False
-        if self._core.alive:
+        if not self._thread_gone():
             return True
         log.error("the signing thread stopped; signing on the event loop from now on")
         self.close("the signing thread stopped")
         return False
-
-    @property
-    def waiting(self) -> int:
-        """Jobs asked for and not handed back yet."""
-        return len(self._waiting)
 
     def sign(self, key: Ed25519WorkerKey, msgs: Sequence[bytes], done: Signed) -> None:
         """Sign ``msgs`` with ``key``; ``done(signatures, None)`` is called on the loop
@@ -77,36 +61,16 @@ class SignWorker:
         together are handed back in one loop callback, in the order they finished."""
         if self._closed:
             raise BackendError("the signing worker is closed")
-        token = self._next
-        self._next = token + 1
-        self._core.submit(token, key, msgs)
-        self._waiting[token] = done
+        self._hand_over(done, key, msgs)
 
-    def _ready(self) -> None:
-        # Read the eventfd first, then take: a result finished after the take writes it
-        # again (see the Rust side), one finished before it is taken now.
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._efd)
-        waiting = self._waiting
-        for token, sigs in self._core.take():
-            done = waiting.pop(token, None)
-            if done is not None:
-                try:
-                    done(sigs, None)
-                except Exception:  # its request times out (refused); the others go on
-                    log.exception("a signature's continuation failed")
+    def _deliver(self, done: Signed, sigs: list[bytes]) -> None:
+        done(sigs, None)
 
     def close(self, why: str = "the signing worker was closed") -> None:
         """Stop the thread; signatures still awaited fail with BackendError(``why``)."""
         if self._closed:
             return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            self._loop.remove_reader(self._efd)
-        self._core.close()
-        os.close(self._efd)
-        waiting, self._waiting = self._waiting, {}
-        for done in waiting.values():
+        for done in self._shut().values():
             done(None, BackendError(why))
 
 

@@ -1,11 +1,11 @@
 """A leader's ``fdatasync`` on a native thread (``RaftStore(sync_off_loop=True)``).
 
 When a leader's Ready carries several decisions, its sync runs off the event loop
-(:class:`~nebula.raft.node.RaftNode`, ``offload``).  A Python worker thread would have
-to take the GIL before it could even call ``fdatasync``, and the loop holds the GIL while
-it sends the Ready's appends, so the sync started late: traced on a 16-chain run, ~290 µs
-after it was handed over, and the leader's own sync, not the followers', was the last
-thing a commit waited for.  :class:`SyncThread` hands the descriptor to a thread of the
+(:class:`~nebula.raft.node.RaftNode`, ``offload``).  A Python worker thread has to take
+the GIL before it can even call ``fdatasync``, while the loop holds it and the followers,
+woken by the appends, hold the cores: traced on a 16-chain run, the sync started ~300-380
+µs after the proposal, and the leader's own sync, not the followers', was the last thing
+a commit waited for (BENCHMARKS.md, eleventh session).  :class:`SyncThread` hands the descriptor to a thread of the
 Rust extension (``nebula.raft._core.SyncWorker``) that calls ``fdatasync`` without the
 GIL and announces the outcome on an eventfd the loop watches.
 
@@ -18,37 +18,23 @@ simulation) keep the Python thread: their ``fdatasync`` is the one to call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import Callable
 
 from nebula.raft import _core
+from nebula.raft.nativethread import NativeThread
 from nebula.raft.storage import SyncJob
 
 log = logging.getLogger("nebula.raft")
 
+_Kept = tuple[SyncJob, Callable[[], None]]
 
-class SyncThread:
+
+class SyncThread(NativeThread[_Kept]):
     """One native sync thread serving the event loop it was created on."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            self._core = _core.SyncWorker(self._efd)
-        except BaseException:
-            os.close(self._efd)
-            raise
-        self._waiting: dict[int, tuple[SyncJob, Callable[[], None]]] = {}
-        self._next = 0
-        self._closed = False
-        loop.add_reader(self._efd, self._ready)
-
-    @property
-    def waiting(self) -> int:
-        """Syncs handed over and not finished yet."""
-        return len(self._waiting)
+        super().__init__(loop, _core.SyncWorker)
 
     def sync(self, job: SyncJob, done: Callable[[], None]) -> bool:
         """Run ``job``'s ``fdatasync`` on the thread, record its outcome in the job and
@@ -57,44 +43,27 @@ class SyncThread:
         fd = job.os_fd
         if fd is None or self._closed or not self._core.alive:
             return False
-        token = self._next
-        self._next = token + 1
-        self._core.submit(token, fd)
-        self._waiting[token] = (job, done)
+        self._hand_over((job, done), fd)
         return True
 
     def check(self) -> None:
         """If the thread stopped with syncs owed (it should not), fail each of them (the
         log, and the node, then fail closed) instead of waiting forever.  Cheap: call it
         from a timer."""
-        if self._waiting and not self._closed and not self._core.alive:
+        if self._waiting and self._thread_gone():
             log.error("the raft sync thread stopped with %d sync(s) owed", len(self._waiting))
             owed, self._waiting = self._waiting, {}
             for job, done in owed.values():
                 job.error = OSError("the raft sync thread stopped")
                 done()
 
-    def _ready(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._efd)
-        for token, err in self._core.take():
-            item = self._waiting.pop(token, None)
-            if item is None:
-                continue
-            job, done = item
-            job.ran(err)
-            try:
-                done()
-            except Exception:  # done() fails the node itself; nothing may strand the rest
-                log.exception("raft sync continuation failed")
+    def _deliver(self, kept: _Kept, err: int) -> None:
+        job, done = kept
+        job.ran(err)
+        done()  # the node's continuation fails the node itself on an error
 
     def close(self) -> None:
         """Wait for the sync in progress (its descriptor may be closed afterwards), drop
         the rest, stop the thread.  Jobs not finished are not answered: the node closes."""
-        if self._closed:
-            return
-        self._closed = True
-        self._core.close()
-        self._loop.remove_reader(self._efd)
-        os.close(self._efd)
-        self._waiting.clear()
+        if not self._closed:
+            self._shut()
