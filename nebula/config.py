@@ -69,8 +69,12 @@ class RaftConfig(_Strict):
     handshake_timeout: float = 2.0
     # Inbound Raft connections that have not authenticated yet, at most (more are closed).
     max_unauthenticated: int = 64
-    # Applied entries between snapshots (the log before a snapshot is dropped).
-    snapshot_entries: int = 1000
+    # Applied entries between snapshots (the log before a snapshot is dropped).  A snapshot
+    # stops the node's loop for its fsyncs and the log rewrite (~2-4 ms on the benchmark
+    # VM); every 1,000 entries, 16 busy chains had a p99 1.4-1.6x the one they have with
+    # 10,000 (BENCHMARKS.md, twelfth session).  10,000 entries are ~3 MB of log, replayed
+    # in ~13 ms at start.
+    snapshot_entries: int = 10_000
     # A leader's fdatasync of a Ready with several decisions (several chains at once) runs
     # on a native thread while the event loop serves other requests (nebula/raft/node.py,
     # nebula/raft/syncthread.py).
@@ -637,7 +641,7 @@ election_timeout_max = 0.6         #   [min, max) starts an election: roughly th
 connection_retry = 0.1             # first reconnect delay to a peer (doubles up to 1 s)
 handshake_timeout = 2.0            # an inbound Raft connection must authenticate within this
 max_unauthenticated = 64           # concurrent unauthenticated inbound connections, at most
-snapshot_entries = 1000            # applied entries between snapshots (log compaction)
+snapshot_entries = 10000           # applied entries between snapshots (log compaction)
 sync_off_loop = true               # a leader syncs a multi-decision Ready on a native thread
 sign_off_loop = true               # several chains: Ed25519 signs on a native thread
 dynamic_membership = false         # true allows `nebula cluster add|remove` (same on all)

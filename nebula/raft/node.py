@@ -160,7 +160,7 @@ class RaftNode:
         check_quorum: bool = True,
         max_inflight_msgs: int = 256,
         skip_bcast_commit: bool = True,
-        snapshot_entries: int = 1000,
+        snapshot_entries: int = 10_000,
         on_role: Callable[[int, int, int], None] | None = None,
         on_authority: Callable[[bool], None] | None = None,
         on_membership: Callable[[int, int, bytes, list[int]], None] | None = None,

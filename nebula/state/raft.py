@@ -170,7 +170,7 @@ class RaftStore(SignStore):
         connection_retry: float = 0.1,
         handshake_timeout: float = 2.0,
         max_unauthenticated: int = 64,
-        snapshot_entries: int = 1000,
+        snapshot_entries: int = 10_000,
         dynamic_membership: bool = False,
         join: bool = False,
         threshold: Mapping[str, KeyShare] | None = None,

@@ -160,7 +160,9 @@ def _try(fn: Any) -> Any:
 def test_a_follower_that_missed_5000_entries_catches_up_by_snapshot_and_can_lead(
     cluster_factory,  # type: ignore[no-untyped-def]
 ) -> None:
-    c = cluster_factory(3)
+    # Snapshots every 1,000 entries: 5,200 entries later the leader's log has dropped
+    # what the lagging member needs.
+    c = cluster_factory(3, store={"snapshot_entries": 1000})
     c.start()
     leader = c.wait_leader()
     assert leader.commit(1, b"b1")["verdict"] == "ACCEPT"
@@ -276,7 +278,10 @@ def test_idle_connections_and_descriptor_pressure_do_not_stop_the_cluster(
     pressured = 1
     limit = 48
     c = cluster_factory(
-        3, proxies=True, store={"handshake_timeout": 1.0}, nofile={pressured: limit}
+        3,
+        proxies=True,
+        store={"handshake_timeout": 1.0, "snapshot_entries": 1000},
+        nofile={pressured: limit},
     )
     c.start()
     p = c.nodes[pressured]
