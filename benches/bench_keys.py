@@ -47,3 +47,44 @@ def test_bench_verify(benchmark, key_type: str) -> None:
     key = keys.generate(key_type)
     sig = key.sign(_MSG)
     assert benchmark(key.verify, _MSG, sig)
+
+
+def test_bench_sign_worker_burst_hand_over(benchmark) -> None:
+    """The event loop's cost of handing a burst of 16 signing jobs (16 chains' requests of
+    one pass) to the native signing thread: the first wakes it, the other 15 find it busy.
+    Each round starts with the thread asleep and every earlier signature delivered."""
+    from nebula.crypto.signworker import SignWorker
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    seed = bytes(range(32))
+    got: list[bytes] = []
+
+    def done(sigs, err) -> None:
+        assert err is None
+        got.extend(sigs)
+
+    async def start() -> SignWorker:
+        return SignWorker()
+
+    worker = loop.run_until_complete(start())
+    wkey = SignWorker.key(seed)
+
+    def drain() -> None:
+        while worker.waiting:
+            loop.run_until_complete(asyncio.sleep(0.0002))
+
+    def burst() -> None:
+        for _ in range(16):
+            worker.sign(wkey, (_MSG,), done)
+
+    try:
+        benchmark.pedantic(burst, setup=drain, rounds=200)
+        drain()
+    finally:
+        worker.close()
+        loop.close()
+        asyncio.set_event_loop(None)
+    key = keys.Ed25519Key.from_seed(seed)
+    assert got and len(got) % 16 == 0
+    assert all(key.verify(_MSG, s) for s in got)
