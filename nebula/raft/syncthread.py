@@ -5,9 +5,10 @@ When a leader's Ready carries several decisions, its sync runs off the event loo
 the GIL before it can even call ``fdatasync``, while the loop holds it and the followers,
 woken by the appends, hold the cores: traced on a 16-chain run, the sync started ~300-380
 µs after the proposal, and the leader's own sync, not the followers', was the last thing
-a commit waited for (BENCHMARKS.md, eleventh session).  :class:`SyncThread` hands the descriptor to a thread of the
-Rust extension (``nebula.raft._core.SyncWorker``) that calls ``fdatasync`` without the
-GIL and announces the outcome on an eventfd the loop watches.
+a commit waited for (BENCHMARKS.md, eleventh session).  :class:`SyncThread` hands the
+descriptor to a thread of the Rust extension (``nebula.raft._core.SyncWorker``) that
+calls ``fdatasync`` without the GIL and announces the outcome on an eventfd the loop
+watches.
 
 What is made durable, and when the node counts it as durable, does not change: the job's
 outcome goes through :meth:`~nebula.raft.storage.RaftLog.sync_done` as before (a failed
