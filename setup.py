@@ -17,7 +17,9 @@ if os.environ.get("NEBULA_NO_EXT") != "1":
     from Cython.Build import cythonize
 
     # A kernel whose .pyx is absent is skipped (its pure twin serves).
-    kernels = [k for k in ("_keccak", "_frame", "_pb") if os.path.exists(f"nebula/_fast/{k}.pyx")]
+    kernels = [
+        k for k in ("_keccak", "_frame", "_pb", "_cmd") if os.path.exists(f"nebula/_fast/{k}.pyx")
+    ]
     ext_modules = cythonize(
         [
             Extension(

@@ -13,7 +13,7 @@ import importlib
 import os
 from types import ModuleType
 
-KERNELS = ("keccak", "frame", "pb")
+KERNELS = ("keccak", "frame", "pb", "cmd")
 
 FORCE_PURE = os.environ.get("NEBULA_PURE") == "1"
 REQUIRE_COMPILED = os.environ.get("NEBULA_REQUIRE_COMPILED") == "1"

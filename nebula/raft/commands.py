@@ -31,81 +31,35 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
+from nebula import _fast
 from nebula.errors import StateError
 from nebula.guard import SignRecord
 
-VERSION = 1
-OP_SIGN = 1
-OP_RAISE = 2
-OP_TSIGN = 3
-_OPS = (OP_SIGN, OP_RAISE, OP_TSIGN)
+# The byte codec and the state machine's apply: a compiled kernel with a pure twin
+# (nebula/_fast/cmd_py.py is the specification).
+_k = _fast.load("cmd")
+VERSION: int = _k.VERSION
+OP_SIGN: int = _k.OP_SIGN
+OP_RAISE: int = _k.OP_RAISE
+OP_TSIGN: int = _k.OP_TSIGN
 
-_HEAD = struct.Struct("<BB")
-_HRS = struct.Struct("<QIB")
-_HRS_LEN = struct.Struct("<QIBI")  # height, round, step, then the sign bytes' length
+#: (op, chain, record)
+Command = tuple[int, bytes, SignRecord]
+
+encode_command = _k.encode_command
+#: ``encode_command(op, chain, rec)`` with the record's signatures replaced.
+encode_signed = _k.encode_signed
+#: (op, chain, record); StateError for anything this release cannot read.
+decode_command = _k.decode_command
+#: Apply one committed command to ``states`` (chain -> record): a Decision, or for
+#: RAISE whether it raised the mark; StateError (``states`` unchanged) if unreadable.
+apply_command = _k.apply
+_record_bytes = _k.record_bytes
+_read_record = _k.read_record
+
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _SNAP_MAGIC = b"NBSM"
-
-Command = tuple[int, bytes, SignRecord]
-
-
-def _record_bytes(chain: bytes, rec: SignRecord) -> bytes:
-    if len(chain) > 0xFFFF:
-        raise StateError("chain id too long")
-    parts = [_U16.pack(len(chain)), chain, _HRS.pack(rec.height, rec.round, rec.step)]
-    for b in (rec.sign_bytes, rec.signature, rec.ext_sign_bytes, rec.ext_signature):
-        parts.append(_U32.pack(len(b)))
-        parts.append(b)
-    return b"".join(parts)
-
-
-def _read_record(buf: bytes, off: int) -> tuple[bytes, SignRecord, int]:
-    # Slices of ``buf`` (bytes): a slice past the end comes back short, which is checked.
-    (n,) = _U16.unpack_from(buf, off)
-    off += 2
-    chain = buf[off : off + n]
-    if len(chain) != n:
-        raise StateError("truncated chain id")
-    off += n
-    h, r, s, m = _HRS_LEN.unpack_from(buf, off)
-    off += _HRS_LEN.size
-    if s > 3:
-        raise StateError(f"step {s} out of range")
-    fields = [buf[off : off + m]]
-    off += m
-    for _ in range(3):  # signature, extension sign bytes, extension signature
-        (m,) = _U32.unpack_from(buf, off)
-        off += 4
-        fields.append(buf[off : off + m])
-        off += m
-    if off > len(buf):
-        raise StateError("truncated field")
-    return chain, SignRecord(h, r, s, *fields), off
-
-
-def encode_command(op: int, chain: bytes, rec: SignRecord) -> bytes:
-    if op not in _OPS:
-        raise ValueError(f"unknown op {op}")
-    return _HEAD.pack(VERSION, op) + _record_bytes(chain, rec)
-
-
-def decode_command(data: bytes) -> Command:
-    """(op, chain, record); StateError for anything this release cannot read."""
-    buf = bytes(data)
-    try:
-        version, op = _HEAD.unpack_from(buf, 0)
-        if version != VERSION:
-            raise StateError(f"log command version {version} is not known to this release")
-        if op not in _OPS:
-            raise StateError(f"log command op {op} is not known to this release")
-        chain, rec, off = _read_record(buf, _HEAD.size)
-    except struct.error as e:
-        raise StateError(f"malformed log command: {e}") from None
-    if off != len(buf):
-        raise StateError("malformed log command: trailing bytes")
-    return op, chain, rec
-
 
 _U64 = struct.Struct("<Q")
 

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 from nebula.durable import ExclusiveLock
 from nebula.errors import BackendError, ConfigError, NotLeader, ReplicationError, StateError
 from nebula.guard import Decision, SignRecord, Verdict
-from nebula.guard import apply as guard_apply
 from nebula.raft import commands
 from nebula.raft.node import (
     CONF_ADD,
@@ -96,21 +95,11 @@ class SignStateMachine:
         self.on_restore: Callable[[], None] | None = None
 
     def apply(self, index: int, data: bytes) -> Decision | bool:
-        op, chain, rec = commands.decode_command(data)
-        cur = self.states.get(chain)
-        if op == commands.OP_SIGN or op == commands.OP_TSIGN:
-            if op == commands.OP_SIGN:
-                new, decision = guard_apply(cur, rec)
-            else:  # threshold BLS: the signature is combined after the decision
-                new, decision = guard_apply(cur, rec, deterministic=True)
-            if new is not None and new is not cur:
-                self.states[chain] = new
-            return decision
-        # OP_RAISE: an import only ever raises the mark (S4).
-        if cur is None or rec.hrs > cur.hrs:
-            self.states[chain] = rec
-            return True
-        return False
+        # SIGN / TSIGN: the guard's check-and-set (TSIGN: threshold BLS, the signature is
+        # combined after the decision); RAISE (an import) only ever raises the mark (S4).
+        # Decoding and deciding are one compiled kernel (nebula/_fast/cmd_py.py is its
+        # specification).
+        return commands.apply_command(self.states, data)
 
     def snapshot_data(self) -> bytes:
         return commands.encode_states(self.states, self.members)
@@ -602,12 +591,13 @@ class RaftStore(SignStore):
                         err = BackendError(f"signing failed: {err}")
                     resolve(None, err)
                     return
-                rec = dataclasses.replace(
+                data = commands.encode_signed(
+                    commands.OP_SIGN,
+                    chain,
                     record,
-                    signature=sigs[0],
-                    ext_signature=sigs[1] if record.ext_sign_bytes else b"",
+                    sigs[0],
+                    sigs[1] if record.ext_sign_bytes else b"",
                 )
-                data = commands.encode_command(commands.OP_SIGN, chain, rec)
                 try:
                     self._node.propose(data, resolve, batch=True)
                 except (NotLeader, StateError) as e:  # nothing proposed

@@ -160,12 +160,18 @@ def _first_violation(max_seeds: int, nodes: int = 3, **kw: object) -> tuple[int,
 def test_checker_catches_a_guard_that_signs_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     """A guard that accepts a conflicting request at an already-signed HRS: invariant 1."""
 
-    def sloppy(last: SignRecord | None, rec: SignRecord) -> tuple[SignRecord | None, Decision]:
-        if last is not None and last.hrs == rec.hrs and last.sign_bytes != rec.sign_bytes:
-            return rec, Decision(Verdict.ACCEPT, record=rec)
-        return real_guard_apply(last, rec)
+    real_apply = commands.apply_command
 
-    monkeypatch.setattr("nebula.state.raft.guard_apply", sloppy)
+    def sloppy(states: dict[bytes, SignRecord], data: bytes) -> Decision | bool:
+        _op, chain, rec = commands.decode_command(data)
+        last = states.get(chain)
+        if last is not None and last.hrs == rec.hrs and last.sign_bytes != rec.sign_bytes:
+            states[chain] = rec
+            return Decision(Verdict.ACCEPT, record=rec)
+        return real_apply(states, data)
+
+    # Every member's state machine applies committed commands through this.
+    monkeypatch.setattr(commands, "apply_command", sloppy)
     seed, v = _first_violation(20)
     text = str(v)
     assert "two signatures released" in text
