@@ -157,18 +157,35 @@ class Metrics:
             "nebula_backend_errors_total", "Signing backend failures", ["backend"], registry=r
         )
 
-        # Labelled children are looked up once (``labels()`` costs a few µs per call,
-        # four calls per signature): per (chain_id, kind) for the signature counter and
-        # per chain for the three gauges.
-        self._signed: dict[tuple[str, str], tuple[Counter, Gauge, Gauge, Gauge]] = {}
+        # Signatures are tallied in plain dicts on the loop (~0.1 µs, where a labelled
+        # counter and three gauges cost ~1.2 µs per signature) and folded into the
+        # Prometheus objects by flush(), before every exposition: a scrape shows the
+        # same values as if each had been set at once.
+        self._signed_counts: dict[tuple[str, str], int] = {}
+        self._last_hrs: dict[str, tuple[int, int, int]] = {}
+        self._signed_counters: dict[tuple[str, str], Counter] = {}
         self._chain_gauges: dict[str, tuple[Gauge, Gauge, Gauge]] = {}
 
     def phase(self, name: str, seconds: float) -> None:
         self._phase[name].observe(seconds)
 
     def signed(self, chain_id: str, height: int, round: int, step: int, kind: str) -> None:
-        children = self._signed.get((chain_id, kind))
-        if children is None:
+        key = (chain_id, kind)
+        counts = self._signed_counts
+        counts[key] = counts.get(key, 0) + 1
+        self._last_hrs[chain_id] = (height, round, step)
+
+    def flush(self) -> None:
+        """Fold the signatures tallied since the last call into nebula_signatures_total
+        and the last-signed gauges (the event loop's thread, like :meth:`signed`)."""
+        counts, self._signed_counts = self._signed_counts, {}
+        for key, n in counts.items():
+            counter = self._signed_counters.get(key)
+            if counter is None:
+                counter = self._signed_counters[key] = self.signatures.labels(*key)
+            counter.inc(n)
+        last, self._last_hrs = self._last_hrs, {}
+        for chain_id, (height, round, step) in last.items():
             gauges = self._chain_gauges.get(chain_id)
             if gauges is None:
                 gauges = self._chain_gauges[chain_id] = (
@@ -176,17 +193,12 @@ class Metrics:
                     self.last_round.labels(chain_id),
                     self.last_step.labels(chain_id),
                 )
-            children = self._signed[(chain_id, kind)] = (
-                self.signatures.labels(chain_id, kind),
-                *gauges,
-            )
-        counter, h, r, s = children
-        counter.inc()
-        h.set(height)
-        r.set(round)
-        s.set(step)
+            gauges[0].set(height)
+            gauges[1].set(round)
+            gauges[2].set(step)
 
     def expose(self) -> bytes:
+        self.flush()
         if self.before_expose is not None:
             try:
                 self.before_expose()

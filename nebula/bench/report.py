@@ -52,8 +52,16 @@ def machine_info() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "loadavg_at_end": load,
-        "kernels_compiled": dict(_fast.COMPILED),
+        # Every kernel, loaded here if this process has not yet (the signer processes
+        # load the same ones from the same installation).
+        "kernels_compiled": {k: _loaded(k) for k in _fast.KERNELS},
     }
+
+
+def _loaded(name: str) -> bool:
+    if name not in _fast.COMPILED:
+        _fast.load(name)
+    return _fast.COMPILED[name]
 
 
 def _clean(x: float) -> float | None:

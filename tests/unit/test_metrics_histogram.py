@@ -48,3 +48,26 @@ def test_raft_commit_histogram_is_unlabelled() -> None:
     assert 'nebula_raft_commit_seconds_bucket{le="0.0005"} 1.0' in text
     assert 'nebula_raft_commit_seconds_bucket{le="+Inf"} 3.0' in text
     assert "# TYPE nebula_raft_commit_seconds histogram" in text
+
+
+def test_signatures_tallied_on_the_loop_show_at_every_scrape() -> None:
+    """signed() only tallies; every exposition first folds the tallies into the counter
+    and the last-signed gauges, so a scrape sees what live updates would have shown."""
+    m = Metrics()
+    m.signed("a", 5, 0, 2, "prevote")
+    m.signed("a", 5, 0, 3, "precommit")
+    m.signed("b", 9, 1, 1, "proposal")
+    m.signed("a", 6, 0, 1, "proposal")
+    text = m.expose().decode()
+    assert 'nebula_signatures_total{chain_id="a",type="prevote"} 1.0' in text
+    assert 'nebula_signatures_total{chain_id="a",type="proposal"} 1.0' in text
+    assert 'nebula_signatures_total{chain_id="b",type="proposal"} 1.0' in text
+    assert 'nebula_last_signed_height{chain_id="a"} 6.0' in text
+    assert 'nebula_last_signed_step{chain_id="a"} 1.0' in text
+    assert 'nebula_last_signed_round{chain_id="b"} 1.0' in text
+    m.signed("a", 6, 0, 2, "prevote")
+    text = m.expose().decode()
+    assert 'nebula_signatures_total{chain_id="a",type="prevote"} 2.0' in text
+    assert 'nebula_last_signed_step{chain_id="a"} 2.0' in text
+    assert 'nebula_last_signed_height{chain_id="b"} 9.0' in text  # unchanged since
+    assert m.expose().decode().count("nebula_signatures_total{") == 4
