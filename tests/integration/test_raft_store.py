@@ -304,6 +304,45 @@ def test_a_timed_out_commit_releases_nothing_even_if_it_commits_later(tmp_path: 
     assert released[(CHAIN, 2, 0, 2)] == b"b2"
 
 
+def test_each_waiting_commit_expires_at_its_own_deadline(tmp_path: Path) -> None:
+    """The store keeps one timer for every decision in flight (a queue in deadline
+    order): commits started at different times while the followers are unreachable each
+    fail at their own commit_timeout, not before it and not all at the first one's."""
+    a = Audited()
+    timeout = 0.3
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, proxied=True, common={"commit_timeout": timeout}) as (
+            stores,
+            proxies,
+        ):
+            leader = await leader_of(stores)
+            assert (await a.commit(leader, rec(1, b"b1"))).verdict == Verdict.ACCEPT
+            for px in proxies.values():
+                px.delay(2000)
+            loop = asyncio.get_running_loop()
+            failed_after: dict[int, float] = {}
+
+            async def one(h: int) -> None:
+                t0 = loop.time()
+                with pytest.raises(ReplicationError, match="outcome unknown"):
+                    await a.commit(leader, rec(h, b"b%d" % h))
+                failed_after[h] = loop.time() - t0
+
+            tasks = []
+            for h in (2, 3, 4):
+                tasks.append(asyncio.ensure_future(one(h)))
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*tasks)
+            for h, took in failed_after.items():
+                assert timeout - 0.01 <= took < timeout + 0.5, (h, took)
+            for px in proxies.values():
+                px.heal()
+
+    run(go())
+    assert (CHAIN, 2, 0, 2) not in a.auditor.check()
+
+
 def test_two_concurrent_conflicting_commits_exactly_one_accept(tmp_path: Path) -> None:
     a = Audited()
 
