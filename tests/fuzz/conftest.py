@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from nebula import _fast
 from nebula.errors import NebulaError
@@ -76,3 +77,18 @@ def outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
         if not str(exc).strip():
             raise AssertionError(f"{type(exc).__name__} without a message") from exc
         return "error", type(exc)
+
+
+def mutations(base: bytes, random_size: int = 200) -> st.SearchStrategy[bytes]:
+    """Damaged copies of ``base`` (a hypothesis strategy): random bytes, a byte flipped,
+    truncated, or extended."""
+    return st.one_of(
+        st.binary(max_size=random_size),
+        st.integers(0, len(base) - 1).flatmap(
+            lambda i: st.integers(1, 255).map(
+                lambda x: base[:i] + bytes([base[i] ^ x]) + base[i + 1 :]
+            )
+        ),
+        st.integers(0, len(base) - 1).map(lambda i: base[:i]),
+        st.binary(min_size=1, max_size=16).map(lambda tail: base + tail),
+    )

@@ -25,7 +25,7 @@ from nebula import proto
 from nebula.errors import StateError
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.types import BlockID, SignedMsgType, Timestamp, Vote
-from tests.fuzz.conftest import both_kernels, fuzz_settings
+from tests.fuzz.conftest import both_kernels, fuzz_settings, mutations
 
 REC = SignRecord(7, 1, 2, b"sign-bytes", b"sig", b"ext", b"ext-sig")
 
@@ -82,19 +82,6 @@ def test_encoding_refusals_are_the_same() -> None:
             k.encode_command(4, b"c", REC)
 
 
-def _mutations(base: bytes) -> st.SearchStrategy[bytes]:
-    return st.one_of(
-        st.binary(max_size=120),
-        st.integers(0, len(base) - 1).flatmap(
-            lambda i: st.integers(1, 255).map(
-                lambda x: base[:i] + bytes([base[i] ^ x]) + base[i + 1 :]
-            )
-        ),
-        st.integers(0, len(base) - 1).map(lambda i: base[:i]),
-        st.binary(min_size=1, max_size=16).map(lambda tail: base + tail),
-    )
-
-
 _GOOD = (
     bytes([1, 1])
     + b"\x05\x00chain"
@@ -107,7 +94,7 @@ _GOOD = (
 
 
 @fuzz_settings(600)
-@given(_mutations(_GOOD))
+@given(mutations(_GOOD, 120))
 @example(b"")
 @example(b"\x01")
 @example(_GOOD[:-1])

@@ -24,7 +24,7 @@ from nebula.raft import _core, commands
 from nebula.raft.node import RaftNode
 from nebula.raft.storage import LOG_NAME, SNAP_NAME, HardState, RaftLog
 from nebula.state.raft import SignStateMachine
-from tests.fuzz.conftest import fuzz_settings, outcome
+from tests.fuzz.conftest import fuzz_settings, mutations, outcome
 from tests.support.memfs import MemFS
 
 REC = SignRecord(7, 1, 2, b"sign-bytes", b"sig", b"ext", b"ext-sig")
@@ -32,22 +32,8 @@ GOOD_CMD = commands.encode_command(commands.OP_SIGN, b"chain", REC)
 GOOD_SNAP = commands.encode_states({b"chain": REC}, {4: "127.0.0.1:9"})
 
 
-def _mutations(base: bytes) -> st.SearchStrategy[bytes]:
-    """Damaged copies of ``base``: a byte flipped, truncated, extended, or spliced."""
-    return st.one_of(
-        st.binary(max_size=200),
-        st.integers(0, len(base) - 1).flatmap(
-            lambda i: st.integers(1, 255).map(
-                lambda x: base[:i] + bytes([base[i] ^ x]) + base[i + 1 :]
-            )
-        ),
-        st.integers(0, len(base) - 1).map(lambda i: base[:i]),
-        st.binary(min_size=1, max_size=16).map(lambda tail: base + tail),
-    )
-
-
 @fuzz_settings(400)
-@given(_mutations(GOOD_CMD))
+@given(mutations(GOOD_CMD))
 @example(b"")
 @example(bytes([commands.VERSION, 9]) + GOOD_CMD[2:])
 def test_log_commands_decode_or_refuse(data: bytes) -> None:
@@ -60,7 +46,7 @@ def test_log_commands_decode_or_refuse(data: bytes) -> None:
 
 
 @fuzz_settings(400)
-@given(_mutations(GOOD_SNAP))
+@given(mutations(GOOD_SNAP))
 @example(b"NBSM")
 def test_snapshot_data_decodes_or_refuses(data: bytes) -> None:
     kind, res = outcome(commands.decode_states, data)
