@@ -68,15 +68,6 @@ _STEP_OF_VOTE = {SignedMsgType.PREVOTE: Step.PREVOTE, SignedMsgType.PRECOMMIT: S
 _STEP_NAMES = {0: "none", 1: "propose", 2: "prevote", 3: "precommit"}
 
 
-@dataclasses.dataclass(slots=True)
-class Phases:
-    """Per-request timings in seconds (for metrics and `nebula bench`)."""
-
-    guard: float = 0.0
-    sign: float = 0.0
-    commit: float = 0.0
-
-
 class SigningService:
     def __init__(
         self,
@@ -96,7 +87,6 @@ class SigningService:
         self.lock = asyncio.Lock()
         self.on_signed = on_signed
         self.on_refused = on_refused
-        self.last_phases = Phases()
         self.metrics = metrics
         self._replicated = store.replicated
         self._threshold = bool(getattr(backend, "threshold", False))
@@ -255,7 +245,6 @@ class SigningService:
                 )
             ):
                 # A retry this leader already combined.
-                self.last_phases = Phases(guard=t1 - t0)
                 return pre.record, pre.timestamp
             if (
                 not threshold
@@ -266,7 +255,6 @@ class SigningService:
                 rec = pre.record
                 if ext_bytes:
                     rec = await self._with_extension(rec, ext_bytes)
-                self.last_phases = Phases(guard=t1 - t0)
                 return rec, pre.timestamp
             later = None
             if threshold:
@@ -292,7 +280,6 @@ class SigningService:
                 # before it, is this request's "sign" phase.
                 made = min(store.combine_seconds(chain), commit_s)
                 sign_s, commit_s = made, commit_s - made
-            self.last_phases = Phases(guard=t1 - t0, sign=sign_s, commit=commit_s)
             m = self.metrics
             if m is not None:
                 m.phase("guard", t1 - t0)
@@ -366,4 +353,4 @@ class SigningService:
             self.on_refused(chain_id, reason, hrs, text)
 
 
-__all__ = ["NebulaError", "Phases", "SigningService"]
+__all__ = ["NebulaError", "SigningService"]
