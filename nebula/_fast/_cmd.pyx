@@ -7,13 +7,14 @@ field through ``object.__setattr__``): the instance is made and its slots are fi
 directly.  ``apply`` decides the common case itself, a record strictly above the stored
 one that carries its sign bytes and signature (TSIGN: sign bytes); every other case goes
 to :func:`nebula.guard.apply` exactly as the pure twin does.  Results, errors and bytes
-are identical to the pure twin (tests/unit/test_cmd_kernel.py).
+are identical to the pure twin (tests/fuzz/test_fuzz_cmd.py compares them).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.object cimport PyObject
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
 
 from nebula.errors import StateError
 from nebula.guard import Decision, SignRecord, Verdict
@@ -88,10 +89,7 @@ cdef inline uint8_t *_put32(uint8_t *p, uint32_t v) noexcept nogil:
 cdef inline uint8_t *_put_field(uint8_t *p, bytes b):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
     p = _put32(p, <uint32_t>n)
-    cdef const char *src = PyBytes_AS_STRING(b)
-    cdef Py_ssize_t i
-    for i in range(n):
-        p[i] = <uint8_t>src[i]
+    memcpy(p, PyBytes_AS_STRING(b), n)
     return p + n
 
 
@@ -128,8 +126,6 @@ cdef bytes _encode(int op, object chain, object height, object round, object ste
     )
     cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
     cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
-    cdef const char *cp = PyBytes_AS_STRING(c)
-    cdef Py_ssize_t i
     if head:
         p[0] = 1
         p[1] = <uint8_t>op
@@ -137,8 +133,7 @@ cdef bytes _encode(int op, object chain, object height, object round, object ste
     p[0] = nc & 0xFF
     p[1] = (nc >> 8) & 0xFF
     p += 2
-    for i in range(nc):
-        p[i] = <uint8_t>cp[i]
+    memcpy(p, PyBytes_AS_STRING(c), nc)
     p += nc
     p = _put32(p, <uint32_t>(h & 0xFFFFFFFF))
     p = _put32(p, <uint32_t>(h >> 32))

@@ -4,7 +4,7 @@ The format is documented in :mod:`nebula.raft.commands`.  ``apply`` is what ever
 member runs for every committed SIGN / RAISE / TSIGN entry: decode, then the guard's
 check-and-set (:func:`nebula.guard.apply`) against the chain's stored record.  The
 compiled twin (``_cmd.pyx``) gives the same results, byte for byte and decision for
-decision (tests/unit/test_cmd_kernel.py compares them).
+decision (tests/fuzz/test_fuzz_cmd.py compares them).
 """
 
 from __future__ import annotations
