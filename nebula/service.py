@@ -18,6 +18,7 @@ a time across every validator connection (``self.lock``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -37,7 +38,7 @@ from nebula.errors import (
     Unavailable,
     wire_error,
 )
-from nebula.guard import SignRecord, Verdict
+from nebula.guard import Decision, SignRecord, Verdict
 from nebula.metrics import Metrics
 from nebula.state.base import SignStore
 from nebula.types import (
@@ -68,6 +69,66 @@ _STEP_OF_VOTE = {SignedMsgType.PREVOTE: Step.PREVOTE, SignedMsgType.PRECOMMIT: S
 _STEP_NAMES = {0: "none", 1: "propose", 2: "prevote", 3: "precommit"}
 
 
+class DecisionLock:
+    """One signing decision at a time for a chain: an asyncio lock (first come, first
+    served; a released lock goes straight to the first waiter) that a callback can also
+    take without waiting (:meth:`try_acquire`, :meth:`SigningService.begin`).  Not
+    thread-safe: the event loop's thread only."""
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        # Waiters in arrival order; a cancelled one stays until release skips it.  While
+        # any wait, the lock is held: release hands it over without unlocking.
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (no one waits then); False, and nothing queued, if
+        it is held."""
+        if self._locked:
+            return False
+        self._locked = True
+        return True
+
+    async def acquire(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed the lock, then cancelled before it ran: pass it on
+            raise
+
+    def release(self) -> None:
+        if not self._locked:
+            raise RuntimeError("DecisionLock is not acquired")
+        waiters = self._waiters
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # still locked: now the waiter's
+                return
+        self._locked = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+#: ``answer(response, error)`` of a request started by :meth:`SigningService.begin`.
+Answer = Callable[[Response | None, BaseException | None], None]
+
+
 class SigningService:
     def __init__(
         self,
@@ -84,7 +145,7 @@ class SigningService:
         self.family = family
         self.backend = backend
         self.store = store
-        self.lock = asyncio.Lock()
+        self.lock = DecisionLock()
         self.on_signed = on_signed
         self.on_refused = on_refused
         self.metrics = metrics
@@ -93,6 +154,9 @@ class SigningService:
         #: Requests are decided without waiting (a native key, the local store): the
         #: validator connection answers them inside its socket callback.
         self.inline = bool(backend.inline and store.inline and not self._threshold)
+        #: New decisions can start without a coroutine (:meth:`begin`): a key that signs
+        #: without waiting and a store that begins commits (Raft).
+        self.begins = bool(backend.inline and store.begins_commits and not self._threshold)
 
     # ---- dispatch --------------------------------------------------------------------
 
@@ -130,36 +194,56 @@ class SigningService:
     # ---- votes -----------------------------------------------------------------------
 
     async def _vote(self, req: SignVoteRequest) -> SignedVoteResponse:
-        vote = req.vote
         hrs: tuple[int, int, int] | None = None
         try:
-            if req.chain_id != self.chain_id:
-                raise ChainIdMismatch(
-                    f"unable to sign vote: chain id {req.chain_id!r} is not {self.chain_id!r}"
-                )
-            step = _STEP_OF_VOTE.get(vote.type)  # type: ignore[call-overload]
-            if step is None:
-                raise InvalidRequest(f"unable to sign vote: unknown vote type {vote.type}")
-            hrs = (vote.height, vote.round, int(step))
-            self._check_hr(vote.height, vote.round)
-            is_non_nil_precommit = (
-                vote.type == SignedMsgType.PRECOMMIT and not vote.block_id.is_zero()
-            )
-            if vote.extension and not is_non_nil_precommit:
-                raise InvalidRequest(
-                    "unexpected vote extension - extensions are only allowed in non-nil precommits"
-                )
-            need_ext = extension_signature_required(self.family, req)
-            sign_bytes = proto.vote_sign_bytes(req.chain_id, vote)
-            ext_bytes = proto.vote_extension_sign_bytes(req.chain_id, vote) if need_ext else b""
+            hrs = self._vote_hrs(req)
+            sign_bytes, ext_bytes, need_ext = self._vote_bytes(req, hrs)
             rec, ts = await self._decide(hrs, sign_bytes, ext_bytes)
         except SigningRefused as e:
-            self._refused(req.chain_id, e.reason, hrs, str(e))
-            if isinstance(e, Unavailable):
-                raise  # the connection is dropped and the node retries (errors.Unavailable)
-            code, desc = wire_error(e)
-            return SignedVoteResponse(vote=Vote(), error=RemoteSignerError(code, desc))
+            return self._vote_refused(req, hrs, e)
+        return self._vote_signed(req, need_ext, rec, ts)
 
+    def _vote_hrs(self, req: SignVoteRequest) -> tuple[int, int, int]:
+        if req.chain_id != self.chain_id:
+            raise ChainIdMismatch(
+                f"unable to sign vote: chain id {req.chain_id!r} is not {self.chain_id!r}"
+            )
+        vote = req.vote
+        step = _STEP_OF_VOTE.get(vote.type)  # type: ignore[call-overload]
+        if step is None:
+            raise InvalidRequest(f"unable to sign vote: unknown vote type {vote.type}")
+        return (vote.height, vote.round, int(step))
+
+    def _vote_bytes(
+        self, req: SignVoteRequest, hrs: tuple[int, int, int]
+    ) -> tuple[bytes, bytes, bool]:
+        """(sign bytes, extension sign bytes or b"", extension signature required)."""
+        vote = req.vote
+        self._check_hr(vote.height, vote.round)
+        is_non_nil_precommit = vote.type == SignedMsgType.PRECOMMIT and not vote.block_id.is_zero()
+        if vote.extension and not is_non_nil_precommit:
+            raise InvalidRequest(
+                "unexpected vote extension - extensions are only allowed in non-nil precommits"
+            )
+        need_ext = extension_signature_required(self.family, req)
+        sign_bytes = proto.vote_sign_bytes(req.chain_id, vote)
+        ext_bytes = proto.vote_extension_sign_bytes(req.chain_id, vote) if need_ext else b""
+        return sign_bytes, ext_bytes, need_ext
+
+    def _vote_refused(
+        self, req: SignVoteRequest, hrs: tuple[int, int, int] | None, e: SigningRefused
+    ) -> SignedVoteResponse:
+        self._refused(req.chain_id, e.reason, hrs, str(e))
+        if isinstance(e, Unavailable):
+            raise e  # the connection is dropped and the node retries (errors.Unavailable)
+        code, desc = wire_error(e)
+        return SignedVoteResponse(vote=Vote(), error=RemoteSignerError(code, desc))
+
+    @staticmethod
+    def _vote_signed(
+        req: SignVoteRequest, need_ext: bool, rec: SignRecord, ts: Any
+    ) -> SignedVoteResponse:
+        vote = req.vote
         out = Vote(
             type=vote.type,
             height=vote.height,
@@ -179,32 +263,50 @@ class SigningService:
     # ---- proposals -------------------------------------------------------------------
 
     async def _proposal(self, req: SignProposalRequest) -> SignedProposalResponse:
-        p = req.proposal
         hrs: tuple[int, int, int] | None = None
         try:
-            if req.chain_id != self.chain_id:
-                raise ChainIdMismatch(
-                    f"unable to sign proposal: chain id {req.chain_id!r} is not {self.chain_id!r}"
-                )
-            if p.type not in (SignedMsgType.PROPOSAL, SignedMsgType.UNKNOWN):
-                raise InvalidRequest(f"unable to sign proposal: wrong message type {p.type}")
-            hrs = (p.height, p.round, int(Step.PROPOSE))
-            self._check_hr(p.height, p.round)
-            if p.pol_round < -1 or p.pol_round >= p.round:
-                raise InvalidRequest(
-                    f"unable to sign proposal: invalid pol_round {p.pol_round} for round {p.round}"
-                )
-            sign_bytes = proto.proposal_sign_bytes(req.chain_id, p)
+            hrs = self._proposal_hrs(req)
+            sign_bytes = self._proposal_bytes(req)
             rec, ts = await self._decide(hrs, sign_bytes, b"")
         except SigningRefused as e:
-            self._refused(req.chain_id, e.reason, hrs, str(e))
-            if isinstance(e, Unavailable):
-                raise
-            code, desc = wire_error(e)
-            return SignedProposalResponse(
-                proposal=Proposal(type=0), error=RemoteSignerError(code, desc)
+            return self._proposal_refused(req, hrs, e)
+        return self._proposal_signed(req, rec, ts)
+
+    def _proposal_hrs(self, req: SignProposalRequest) -> tuple[int, int, int]:
+        p = req.proposal
+        if req.chain_id != self.chain_id:
+            raise ChainIdMismatch(
+                f"unable to sign proposal: chain id {req.chain_id!r} is not {self.chain_id!r}"
             )
-        out = dataclasses.replace(p, signature=rec.signature)
+        if p.type not in (SignedMsgType.PROPOSAL, SignedMsgType.UNKNOWN):
+            raise InvalidRequest(f"unable to sign proposal: wrong message type {p.type}")
+        return (p.height, p.round, int(Step.PROPOSE))
+
+    def _proposal_bytes(self, req: SignProposalRequest) -> bytes:
+        p = req.proposal
+        self._check_hr(p.height, p.round)
+        if p.pol_round < -1 or p.pol_round >= p.round:
+            raise InvalidRequest(
+                f"unable to sign proposal: invalid pol_round {p.pol_round} for round {p.round}"
+            )
+        return proto.proposal_sign_bytes(req.chain_id, p)
+
+    def _proposal_refused(
+        self, req: SignProposalRequest, hrs: tuple[int, int, int] | None, e: SigningRefused
+    ) -> SignedProposalResponse:
+        self._refused(req.chain_id, e.reason, hrs, str(e))
+        if isinstance(e, Unavailable):
+            raise e
+        code, desc = wire_error(e)
+        return SignedProposalResponse(
+            proposal=Proposal(type=0), error=RemoteSignerError(code, desc)
+        )
+
+    @staticmethod
+    def _proposal_signed(
+        req: SignProposalRequest, rec: SignRecord, ts: Any
+    ) -> SignedProposalResponse:
+        out = dataclasses.replace(req.proposal, signature=rec.signature)
         if ts is not None:
             out.timestamp = ts
         return SignedProposalResponse(proposal=out)
@@ -272,39 +374,161 @@ class SigningService:
             t2 = time.perf_counter()
             record = SignRecord(*hrs, sign_bytes, sig, ext_bytes, ext_sig)
             decision = await store.commit(chain, record, later)
-            t3 = time.perf_counter()
-            sign_s, commit_s = t2 - t1, t3 - t2
-            if threshold or later is not None:
-                # The signature is made inside store.commit: gathering, combining and
-                # verifying the shares after the decision, or the signing thread's work
-                # before it, is this request's "sign" phase.
-                made = min(store.combine_seconds(chain), commit_s)
-                sign_s, commit_s = made, commit_s - made
-            m = self.metrics
-            if m is not None:
-                m.phase("guard", t1 - t0)
-                m.phase("sign", sign_s)
-                m.phase("replicate", commit_s)
-                if self._replicated:
-                    m.raft_commit_seconds.observe(commit_s)
-            if decision.verdict == Verdict.REFUSE:
-                assert decision.error is not None
-                raise decision.error
-            if decision.record is None:
-                raise StateError("store returned no record")
-            rec = decision.record
-            if decision.verdict == Verdict.ACCEPT:
-                kind = _STEP_NAMES.get(rec.step, "?")
-                if m is not None:
-                    m.signed(chain, rec.height, rec.round, rec.step, kind)
-                if self.on_signed is not None:
-                    self.on_signed(chain, rec, kind)
-                return rec, None
-            # Another decision for this HRS won (e.g. a retry raced through another
-            # leader): answer with what the state machine holds.
-            if ext_bytes and not threshold:
+            rec, ts, accepted = self._settle(decision, t0, t1, t2, later is not None)
+            if not accepted and ext_bytes and not threshold:
                 rec = await self._with_extension(rec, ext_bytes)
-            return rec, decision.timestamp
+            return rec, ts
+
+    def _settle(
+        self, decision: Any, t0: float, t1: float, t2: float, signed_in_store: bool
+    ) -> tuple[SignRecord, Any, bool]:
+        """The store's ``decision`` (reached now) of a request that passed the guard at
+        ``t1`` and went to the store at ``t2``: metrics, then (record to release,
+        timestamp override or None, accepted), or the refusal raised."""
+        t3 = time.perf_counter()
+        chain = self.chain_id
+        if not isinstance(decision, Decision):
+            raise StateError(f"store returned {type(decision).__name__}, not a decision")
+        sign_s, commit_s = t2 - t1, t3 - t2
+        if self._threshold or signed_in_store:
+            # The signature is made inside the store: gathering, combining and verifying
+            # the shares after the decision, or the signing thread's work before it, is
+            # this request's "sign" phase.
+            made = min(self.store.combine_seconds(chain), commit_s)
+            sign_s, commit_s = made, commit_s - made
+        m = self.metrics
+        if m is not None:
+            m.phase("guard", t1 - t0)
+            m.phase("sign", sign_s)
+            m.phase("replicate", commit_s)
+            if self._replicated:
+                m.raft_commit_seconds.observe(commit_s)
+        if decision.verdict == Verdict.REFUSE:
+            assert decision.error is not None
+            raise decision.error
+        if decision.record is None:
+            raise StateError("store returned no record")
+        rec = decision.record
+        if decision.verdict == Verdict.ACCEPT:
+            kind = _STEP_NAMES.get(rec.step, "?")
+            if m is not None:
+                m.signed(chain, rec.height, rec.round, rec.step, kind)
+            if self.on_signed is not None:
+                self.on_signed(chain, rec, kind)
+            return rec, None, True
+        # Another decision for this HRS won (e.g. a retry raced through another leader):
+        # answer with what the state machine holds.
+        return rec, decision.timestamp, False
+
+    # ---- the same decision from callbacks -----------------------------------------------
+
+    def begin(self, req: Request, answer: Answer) -> bool:
+        """Start ``req`` without a coroutine (``self.begins``); True: ``answer(response,
+        None)`` - or ``answer(None, error)`` where :meth:`handle` would raise - follows
+        once, from a later callback (the store's).  False: nothing was started (a request
+        that is not a new vote or proposal decision, a refusal, a retry, the chain's lock
+        held): :meth:`handle` answers it.
+
+        The same path as :meth:`handle`: the checks, the guard's pre-check against the
+        applied state, the signature (or the store's signing thread), the store's decision
+        as the authority (S2), the same metrics; one decision at a time per chain."""
+        kind = type(req)
+        try:
+            if kind is SignVoteRequest:
+                hrs = self._vote_hrs(req)  # type: ignore[arg-type]
+                sign_bytes, ext_bytes, need_ext = self._vote_bytes(req, hrs)  # type: ignore[arg-type]
+            elif kind is SignProposalRequest:
+                hrs = self._proposal_hrs(req)  # type: ignore[arg-type]
+                sign_bytes, ext_bytes, need_ext = self._proposal_bytes(req), b"", False  # type: ignore[arg-type]
+            else:
+                return False
+        except SigningRefused:
+            return False  # handle() refuses it (log, metric, answer)
+        if not self.begins or not self.lock.try_acquire():
+            return False
+        started = False
+        try:
+            started = self._begin_decision(req, hrs, sign_bytes, ext_bytes, need_ext, answer)
+        finally:
+            if not started:
+                self.lock.release()
+        return started
+
+    def _begin_decision(
+        self,
+        req: Request,
+        hrs: tuple[int, int, int],
+        sign_bytes: bytes,
+        ext_bytes: bytes,
+        need_ext: bool,
+        answer: Answer,
+    ) -> bool:
+        """:meth:`begin` once the chain's lock is held: True when the store took the
+        decision (its callback releases the lock)."""
+        chain = self.chain_id
+        store = self.store
+        if not store.is_authoritative():
+            return False
+        t0 = time.perf_counter()
+        pre = guard.check(store.last(chain), *hrs, sign_bytes)
+        t1 = time.perf_counter()
+        if pre.verdict != Verdict.ACCEPT:
+            return False  # a refusal or a retry: handle() answers it
+        backend = self.backend
+        later = None
+        if backend.signs_later():
+            sig = ext_sig = b""
+            later = backend.sign_later
+        else:
+            sig = self._sign_now(sign_bytes)
+            ext_sig = self._sign_now(ext_bytes) if ext_bytes else b""
+        t2 = time.perf_counter()
+        record = SignRecord(*hrs, sign_bytes, sig, ext_bytes, ext_sig)
+        kind = type(req)
+
+        def decided(decision: Any, err: BaseException | None) -> None:
+            try:
+                try:
+                    if err is not None:
+                        raise err
+                    rec, ts, accepted = self._settle(decision, t0, t1, t2, later is not None)
+                    if not accepted and ext_bytes:
+                        rec = self._with_extension_now(rec, ext_bytes)
+                except SigningRefused as e:
+                    if kind is SignVoteRequest:
+                        resp: Response = self._vote_refused(req, hrs, e)  # type: ignore[arg-type]
+                    else:
+                        resp = self._proposal_refused(req, hrs, e)  # type: ignore[arg-type]
+                else:
+                    if kind is SignVoteRequest:
+                        resp = self._vote_signed(req, need_ext, rec, ts)  # type: ignore[arg-type]
+                    else:
+                        resp = self._proposal_signed(req, rec, ts)  # type: ignore[arg-type]
+            except BaseException as e:  # what handle() would raise: the connection ends
+                self.lock.release()
+                answer(None, e)
+                return
+            self.lock.release()
+            answer(resp, None)
+
+        try:
+            return store.begin_commit(chain, record, later, decided)
+        except SigningRefused:
+            return False  # nothing on its way: handle() meets the same refusal and answers it
+
+    def _sign_now(self, msg: bytes) -> bytes:
+        sig = self.backend.sign_sync(msg)
+        if sig is None:  # self.begins: the backend signs without waiting
+            raise BackendError(f"{type(self.backend).__name__} cannot sign without waiting")
+        return sig
+
+    def _with_extension_now(self, rec: SignRecord, ext_bytes: bytes) -> SignRecord:
+        """:meth:`_with_extension` with a key that signs without waiting."""
+        if rec.ext_sign_bytes == ext_bytes and rec.ext_signature:
+            return rec
+        return dataclasses.replace(
+            rec, ext_sign_bytes=ext_bytes, ext_signature=self._sign_now(ext_bytes)
+        )
 
     async def _with_extension(self, rec: SignRecord, ext_bytes: bytes) -> SignRecord:
         # Extension signatures are not slashable; FilePV signs them afresh on retries.

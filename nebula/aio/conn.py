@@ -154,7 +154,8 @@ class Dialer:
                     extra={"chain_id": self.service.chain_id},
                 )
                 served = True
-                if self.service.inline and _stream_buffer(reader) is not None:
+                service = self.service
+                if (service.inline or service.begins) and _stream_buffer(reader) is not None:
                     await self._serve_inline(reader, writer, session)
                 else:
                     await self._serve(reader, writer, session)
@@ -348,16 +349,32 @@ async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
     return await _delegate(coro, yielded)
 
 
-class _InlineServing(asyncio.Protocol):
-    """The request loop of one connection after its handshake, for an inline service.
+class _Begun:
+    """``_InlineServing.waiting`` while a request started by ``SigningService.begin``
+    waits for its answer."""
 
-    ``data_received`` opens the frames, decodes each request and starts the service's
-    ``handle`` coroutine by hand: it completes there (the common case: the decision is
-    durable and the signature made before it returns) and the answer is written at once.
-    A request that waits after all (another chain's decision shares this loop pass's
-    write, or a second connection holds the chain's lock) continues in a task; requests
-    behind it wait in order.  The coroutine never needs a current task before it first
-    waits: an inline service uses no ``asyncio.timeout`` (see ``SigningService.inline``).
+    __slots__ = ("req", "t_dec")
+
+    def __init__(self, req: Any, t_dec: float) -> None:
+        self.req = req
+        self.t_dec = t_dec
+
+
+class _InlineServing(asyncio.Protocol):
+    """The request loop of one connection after its handshake, for an inline service or
+    one that begins decisions from callbacks.
+
+    ``data_received`` opens the frames and decodes each request.  A service that
+    ``begins`` (the Raft store) starts a new vote or proposal decision with
+    ``service.begin``: the store's callback that ends the decision writes the answer -
+    no task, future or stream wake-up per request.  Any other request starts the
+    service's ``handle`` coroutine by hand: for an inline service it completes there
+    (the common case: the decision is durable and the signature made before it returns)
+    and the answer is written at once.  A request that waits after all (another chain's
+    decision shares this loop pass's write, a second connection holds the chain's lock,
+    a Raft decision) continues in a task.  Requests behind a waiting one wait in order.
+    The coroutine never needs a current task before it first waits: neither service
+    uses ``asyncio.timeout`` (``SigningService.inline``, ``SignStore.begins_commits``).
     Any error ends the connection (``ended`` raises it), as in :meth:`Dialer._serve`.
     """
 
@@ -368,7 +385,8 @@ class _InlineServing(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.framer = proto.DelimitedReader(proto.MAX_REQUEST_SIZE)
         self.ended: asyncio.Future[None] = self.loop.create_future()
-        self.waiting: asyncio.Task[Any] | None = None  # a request continuing in a task
+        # A request continuing in a task, or one the service began (its answer is due).
+        self.waiting: asyncio.Task[Any] | _Begun | None = None
         self.backlog: list[bytes] = []  # requests behind it (plaintext, in order)
         self.paused = False
         self.eof = False  # the validator's side shut down its writing half
@@ -384,8 +402,9 @@ class _InlineServing(asyncio.Protocol):
             self.watchdog.cancel()
             self.watchdog = None
         task, self.waiting = self.waiting, None
-        if task is not None:
+        if isinstance(task, asyncio.Task):
             task.cancel()
+        # A begun decision goes on in the store; its answer is dropped (_begun_answer).
 
     def _end(self, exc: BaseException | None) -> None:
         """End the connection: ``ended`` raises ``exc`` (None: the dialer stopped)."""
@@ -442,7 +461,9 @@ class _InlineServing(asyncio.Protocol):
             self._queue(msgs)
             return
         dialer = self.dialer
-        handle = dialer.service.handle
+        service = dialer.service
+        handle = service.handle
+        begin = service.begin if service.begins else None
         family = dialer.family
         for k, msg in enumerate(msgs):
             if not dialer._running:
@@ -450,6 +471,11 @@ class _InlineServing(asyncio.Protocol):
                 return
             req = proto.decode_request(msg, family)
             t_dec = time.perf_counter()
+            if begin is not None and begin(req, self._begun_answer):
+                # Its answer comes from the store's callback; the others queue.
+                self.waiting = _Begun(req, t_dec)
+                self._queue(msgs[k + 1 :])
+                return
             coro = handle(req)
             try:
                 yielded = coro.send(None)
@@ -477,12 +503,51 @@ class _InlineServing(asyncio.Protocol):
         self.waiting = None
         try:
             self._answer(req, task.result(), t_dec)  # raises what the service raised
+        except BaseException as e:
+            self._end(e)
+            return
+        self._next()
+
+    def _begun_answer(self, resp: Any, err: BaseException | None) -> None:
+        """``answer`` of the request ``service.begin`` started: called by the store's
+        callback that ended its decision (inside the Raft apply loop, for one)."""
+        begun = self.waiting
+        if not isinstance(begun, _Begun) or self.ended.done():
+            return  # the connection ended meanwhile: nothing is written
+        self.waiting = None
+        try:
+            if err is not None:
+                raise err  # what handle() would have raised
+            self._answer(begun.req, resp, begun.t_dec)
+        except BaseException as e:
+            self._end(e)
+            return
+        if self.backlog:
+            # Requests the validator sent ahead start on the next loop pass, outside
+            # the store's callback.
+            self.waiting = _Begun(None, 0.0)
+            self.loop.call_soon(self._resume, self.waiting)
+        else:
+            self._after()
+
+    def _resume(self, marker: _Begun) -> None:
+        if self.waiting is marker and not self.ended.done():
+            self.waiting = None
+            self._next()
+
+    def _next(self) -> None:
+        """After an answer: the requests queued behind it, then an end of stream seen
+        meanwhile, or reading resumed."""
+        try:
             backlog, self.backlog = self.backlog, []
             self.t_in = time.perf_counter()
             self._serve(backlog)
         except BaseException as e:
             self._end(e)
             return
+        self._after()
+
+    def _after(self) -> None:
         if self.waiting is None and not self.ended.done():
             if self.eof:
                 self._end(self._closed())

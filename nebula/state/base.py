@@ -21,6 +21,8 @@ never ask a store what it can do:
 ``replicated``              True when a decision is durable only once a majority holds it
 ``inline``                  True when ``commit`` completes without waiting, save for decisions
                             that share a loop pass's write (and needs no current task)
+``begin_commit``            ``commit`` with a callback for its outcome instead of a coroutine
+                            (``begins_commits``: the Raft store)
 ``close``                   release files, sockets and locks
 ==========================  =================================================================
 
@@ -78,6 +80,10 @@ class SignStore(ABC):
     #: needs a current task (no ``asyncio.timeout``): the validator connection then
     #: answers inside its socket callback (``nebula.aio.conn``).  False for Raft.
     inline: ClassVar[bool] = False
+    #: True when :meth:`begin_commit` starts a non-threshold decision without a coroutine
+    #: (the Raft store): the validator connection then answers from the callback that
+    #: ends the decision, with no task or future per request (``nebula.aio.conn``).
+    begins_commits: ClassVar[bool] = False
 
     @abstractmethod
     def last(self, chain_id: str) -> SignRecord | None:
@@ -107,6 +113,19 @@ class SignStore(ABC):
         the store has its sign bytes (and extension sign bytes) signed with it and
         decides the signed record (a failed signing is a refusal, nothing decided).
         """
+
+    def begin_commit(
+        self,
+        chain_id: str,
+        record: SignRecord,
+        sign_later: SignLater | None,
+        answer: Callable[[Any, BaseException | None], None],
+    ) -> bool:
+        """:meth:`commit` without a coroutine, where ``begins_commits``: ``answer(decision,
+        None)`` or ``answer(None, error)`` follows once, from a later callback; raises
+        like :meth:`commit` when nothing could be set on its way.  False: not offered
+        for this chain (use :meth:`commit`); nothing was started."""
+        return False
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Begin serving (a replicated store binds its port here)."""

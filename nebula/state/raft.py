@@ -31,7 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from nebula.durable import ExclusiveLock
 from nebula.errors import BackendError, ConfigError, NotLeader, ReplicationError, StateError
@@ -73,13 +73,34 @@ def _parse_addr(addr: str, what: str) -> tuple[str, int]:
     return host, port
 
 
-def _expire(fut: asyncio.Future, timeout: float) -> None:
-    if not fut.done():
-        # The entry may still commit later; its decision then stands in the state
-        # machine, and nothing is released for it here.
-        fut.set_result(
-            (None, ReplicationError(f"raft commit timed out after {timeout:g}s (outcome unknown)"))
-        )
+class _Waiter:
+    """One decision on its way, answered once: by the state machine, by an error, or by
+    its deadline (then nothing is released for it, S3).  ``expired()`` is True once it
+    is answered, or once whoever waited for it gave up (:meth:`RaftStore._decided`)."""
+
+    __slots__ = ("_answer", "done")
+
+    def __init__(self, answer: Callable[[Any, BaseException | None], None]) -> None:
+        self.done = False
+        self._answer = answer
+
+    def resolve(self, result: Any, err: BaseException | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._answer(result, err)
+        except Exception:  # the answer's own failure must not stop the Raft apply loop
+            logger.exception("raft: answering a decision failed")
+
+    def expired(self) -> bool:
+        return self.done
+
+
+def _timed_out(timeout: float) -> ReplicationError:
+    # The entry may still commit later; its decision then stands in the state machine,
+    # and nothing is released for it here.
+    return ReplicationError(f"raft commit timed out after {timeout:g}s (outcome unknown)")
 
 
 # ---- the state machine -----------------------------------------------------------------
@@ -143,6 +164,8 @@ class RaftStore(SignStore):
     Call :meth:`start` (binds the Raft port) before use.
     """
 
+    begins_commits: ClassVar[bool] = True
+
     def __init__(
         self,
         node_id: int,
@@ -205,7 +228,7 @@ class RaftStore(SignStore):
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
         # (deadline, waiter) of each decision in flight, in deadline order (_expire_due).
-        self._deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()
+        self._deadlines: collections.deque[tuple[float, _Waiter]] = collections.deque()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._sync_pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -541,13 +564,34 @@ class RaftStore(SignStore):
             if sign_later is not None:
                 raise StateError("a threshold chain's signature is combined, not signed later")
             return await self._commit_threshold(chain, record, share)
-        if sign_later is None:
-            res = await self._propose(commands.encode_command(commands.OP_SIGN, chain, record))
-        else:
-            res = await self._propose_signed(chain, record, sign_later)
+        res = await self._decided(self._start_sign(chain, record, sign_later))
         if not isinstance(res, Decision):
             raise StateError(f"raft state machine returned {type(res).__name__}")
         return res
+
+    def begin_commit(
+        self,
+        chain_id: str,
+        record: SignRecord,
+        sign_later: SignLater | None,
+        answer: Callable[[Any, BaseException | None], None],
+    ) -> bool:
+        """:meth:`commit` without a coroutine: ``answer(decision, None)`` or ``answer(None,
+        error)`` follows once, from a later callback (the apply of the entry, the signing
+        thread's hand-back, or the deadline).  False for a threshold chain (use
+        :meth:`commit`).  Raises like :meth:`commit` when nothing could be set on its way."""
+        chain = chain_id.encode()
+        if chain in self._threshold:
+            return False
+        self._wait(self._start_sign(chain, record, sign_later), answer)
+        return True
+
+    def _start_sign(
+        self, chain: bytes, record: SignRecord, sign_later: SignLater | None
+    ) -> Callable[[Resolver, Callable[[], bool]], None]:
+        if sign_later is None:
+            return self._start_propose(commands.encode_command(commands.OP_SIGN, chain, record))
+        return self._start_signed(chain, record, sign_later)
 
     async def raise_to(self, chain_id: str, record: SignRecord) -> bool:
         """Import a sign state through the log: it only ever raises the mark (S4)."""
@@ -560,7 +604,11 @@ class RaftStore(SignStore):
     async def _propose(self, data: bytes, meanwhile: Callable[[int], Any] | None = None) -> Any:
         """Propose ``data`` and return the state machine's result for it; ``meanwhile``
         (index) runs once the entry is on its way, before the wait."""
+        return await self._decided(self._start_propose(data, meanwhile))
 
+    def _start_propose(
+        self, data: bytes, meanwhile: Callable[[int], Any] | None = None
+    ) -> Callable[[Resolver, Callable[[], bool]], None]:
         def start(resolve: Resolver, _expired: Callable[[], bool]) -> None:
             # NotLeader / StateError propagate: nothing proposed.  Queued: every decision
             # of this loop pass (several chains' requests read together) goes to raft-rs
@@ -573,10 +621,12 @@ class RaftStore(SignStore):
             if meanwhile is not None:
                 meanwhile(index)
 
-        return await self._decided(start)
+        return start
 
-    async def _propose_signed(self, chain: bytes, record: SignRecord, sign_later: SignLater) -> Any:
-        """:meth:`_propose` of ``record`` once ``sign_later`` has made its signatures
+    def _start_signed(
+        self, chain: bytes, record: SignRecord, sign_later: SignLater
+    ) -> Callable[[Resolver, Callable[[], bool]], None]:
+        """Propose ``record`` once ``sign_later`` has made its signatures
         (off the loop thread; several chains' signatures come back together and their
         decisions are queued in the same pass, so they still share one Raft round).  The
         commit deadline runs from now: signing counts against it.  A failed signing, or
@@ -614,39 +664,56 @@ class RaftStore(SignStore):
             self._combine_s[chain] = 0.0
             sign_later((record.sign_bytes, ext) if ext else (record.sign_bytes,), signed)
 
-        return await self._decided(start)
+        return start
 
     async def _decided(self, start: Callable[[Resolver, Callable[[], bool]], None]) -> Any:
-        """``start(resolve, expired)`` sets a decision on its way; wait for ``resolve(result,
-        error)`` at most ``commit_timeout`` and return the result (raise the error).  The
-        deadline resolves first; a late apply then finds ``expired()`` and releases
-        nothing (S3).  (The store's deadline queue, not asyncio.wait_for: no extra task,
-        no timer handle per decision.)"""
-        if self._closed or not self._started:
-            raise ReplicationError("raft store is not running")
-        loop = self._loop
-        fut: asyncio.Future = loop.create_future()
+        """:meth:`_wait` for ``start``'s decision and return its result (raise its error).
+        A cancelled wait marks the decision expired: nothing is proposed for it from then
+        on (a signature still being made is dropped)."""
+        fut: asyncio.Future = self._loop.create_future()
 
-        def resolve(result: Any, err: BaseException | None) -> None:
+        def answer(result: Any, err: BaseException | None) -> None:
             if not fut.done():
                 fut.set_result((result, err))
 
-        # The deadline joins the store's queue (one timer for all of them, see _expire_due).
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][1].done():
-            deadlines.popleft()  # answered ones at the head: the queue stays short
-        deadlines.append((loop.time() + self.commit_timeout, fut))
-        if self._deadline_timer is None:
-            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due)
+        waiter = self._wait(start, answer)
         try:
-            start(resolve, fut.done)
-        except BaseException:
-            fut.cancel()  # nothing on its way: the queue drops it
+            result, err = await fut
+        except asyncio.CancelledError:
+            waiter.done = True
             raise
-        result, err = await fut
         if err is not None:
             raise err
         return result
+
+    def _wait(
+        self,
+        start: Callable[[Resolver, Callable[[], bool]], None],
+        answer: Callable[[Any, BaseException | None], None],
+    ) -> _Waiter:
+        """``start(resolve, expired)`` sets a decision on its way; ``answer(result,
+        error)`` is called once: with what ``resolve`` gets, or with a timeout error after
+        ``commit_timeout``.  The deadline answers first; a late apply then finds
+        ``expired()`` and releases nothing (S3).  (The store's deadline queue, not
+        asyncio.wait_for: no extra task, no timer handle per decision.)  Raises what
+        ``start`` raises (nothing is on its way then)."""
+        if self._closed or not self._started:
+            raise ReplicationError("raft store is not running")
+        loop = self._loop
+        waiter = _Waiter(answer)
+        # The deadline joins the store's queue (one timer for all of them, see _expire_due).
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1].done:
+            deadlines.popleft()  # answered ones at the head: the queue stays short
+        deadlines.append((loop.time() + self.commit_timeout, waiter))
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due)
+        try:
+            start(waiter.resolve, waiter.expired)
+        except BaseException:
+            waiter.done = True  # nothing on its way: the queue drops it
+            raise
+        return waiter
 
     def _expire_due(self) -> None:
         """The deadline timer: resolve every waiter whose deadline has passed (S3:
@@ -659,11 +726,11 @@ class RaftStore(SignStore):
         deadlines = self._deadlines
         now = self._loop.time()
         while deadlines:
-            at, fut = deadlines[0]
-            if not fut.done():
+            at, waiter = deadlines[0]
+            if not waiter.done:
                 if at > now:
                     break
-                _expire(fut, self.commit_timeout)
+                waiter.resolve(None, _timed_out(self.commit_timeout))
             deadlines.popleft()
         if deadlines and not self._closed:
             self._deadline_timer = self._loop.call_at(deadlines[0][0], self._expire_due)
@@ -951,10 +1018,9 @@ class RaftStore(SignStore):
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
-        for _at, fut in self._deadlines:
-            if not fut.done():
-                fut.set_result((None, ReplicationError("raft store closed")))
-        self._deadlines.clear()
+        deadlines, self._deadlines = self._deadlines, collections.deque()
+        for _at, waiter in deadlines:
+            waiter.resolve(None, ReplicationError("raft store closed"))
         if self._announced:
             self._announced = False
             for cb in list(self._role_callbacks):
