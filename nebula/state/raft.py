@@ -224,6 +224,7 @@ class RaftStore(SignStore):
         self._config_peers = frozenset(peers)
         self._tick_interval = float(tick_interval)
         self._quorum_window = float(election_timeout_min)
+        self._quorum_until = 0.0  # _quorum_recent holds before this (monotonic) time
         self._closed = False
         self._started = False
         self._timer: asyncio.TimerHandle | None = None
@@ -453,6 +454,7 @@ class RaftStore(SignStore):
                 self._loop.call_soon(cb, auth)
 
     def _on_membership(self, change: int, node_id: int, context: bytes, voters: list[int]) -> None:
+        self._quorum_until = 0.0  # another majority: count again
         # Runs while the conf-change entry is applied, on every member alike: the address
         # book in the state machine stays deterministic and snapshots carry it.
         if change == CONF_ADD and context:
@@ -474,19 +476,34 @@ class RaftStore(SignStore):
     # -- leadership --------------------------------------------------------------------
 
     def _quorum_recent(self) -> bool:
+        """A majority of the voters (this node counts) was heard within the last
+        ``election_timeout_min``.  Answered from ``_quorum_until`` while that holds: the
+        majority last found stays recent at least until then (heard times only move
+        forward), so the answer is the same as counting again (every request asks)."""
+        now = time.monotonic()
+        if now < self._quorum_until:
+            return True
         voters = self._node.voters
         if not voters:
             return False
-        since = time.monotonic() - self._quorum_window
-        alive = 0
+        since = now - self._quorum_window
+        need = len(voters) // 2 + 1
+        heard: list[float] = []
         for v in voters:
             if v == self.node_id:
-                alive += 1
+                need -= 1
             else:
                 t = self._transport.last_heard(v)
                 if t is not None and t > since:
-                    alive += 1
-        return alive * 2 > len(voters)
+                    heard.append(t)
+        if need <= 0:
+            return True
+        if len(heard) < need:
+            return False
+        heard.sort(reverse=True)
+        # Recent until the need-th most recently heard peer falls out of the window.
+        self._quorum_until = heard[need - 1] + self._quorum_window
+        return True
 
     def is_authoritative(self) -> bool:
         """Leader of the current term, its first entry applied, a majority heard recently."""

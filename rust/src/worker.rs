@@ -22,6 +22,10 @@ struct State<J, R> {
     done: Vec<R>,
     /// The eventfd was written since the last `take`.
     notified: bool,
+    /// The thread waits on the condvar (set and cleared under the lock): `submit` wakes
+    /// it only then.  A notify costs a futex syscall even with no one waiting, and the
+    /// loop hands over a job per request while the thread is mostly busy.
+    sleeping: bool,
     stop: bool,
 }
 
@@ -63,6 +67,7 @@ impl<J: Send + 'static, R: Send + 'static> Worker<J, R> {
                 jobs: VecDeque::new(),
                 done: Vec::new(),
                 notified: false,
+                sleeping: false,
                 stop: false,
             }),
             wake: Condvar::new(),
@@ -87,8 +92,11 @@ impl<J, R> Worker<J, R> {
             return false;
         }
         st.jobs.push_back(job);
+        let sleeping = st.sleeping;
         drop(st);
-        self.shared.wake.notify_one();
+        if sleeping {
+            self.shared.wake.notify_one();
+        }
         true
     }
 
@@ -145,7 +153,9 @@ fn serve<J, R>(shared: &Shared<J, R>, run: impl Fn(J) -> R) {
                 if let Some(job) = st.jobs.pop_front() {
                     break job;
                 }
+                st.sleeping = true;
                 st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.sleeping = false;
             }
         };
         let result = run(job);
