@@ -197,7 +197,7 @@ class SigningService:
         hrs: tuple[int, int, int] | None = None
         try:
             hrs = self._vote_hrs(req)
-            sign_bytes, ext_bytes, need_ext = self._vote_bytes(req, hrs)
+            sign_bytes, ext_bytes, need_ext = self._vote_bytes(req)
             rec, ts = await self._decide(hrs, sign_bytes, ext_bytes)
         except SigningRefused as e:
             return self._vote_refused(req, hrs, e)
@@ -214,9 +214,7 @@ class SigningService:
             raise InvalidRequest(f"unable to sign vote: unknown vote type {vote.type}")
         return (vote.height, vote.round, int(step))
 
-    def _vote_bytes(
-        self, req: SignVoteRequest, hrs: tuple[int, int, int]
-    ) -> tuple[bytes, bytes, bool]:
+    def _vote_bytes(self, req: SignVoteRequest) -> tuple[bytes, bytes, bool]:
         """(sign bytes, extension sign bytes or b"", extension signature required)."""
         vote = req.vote
         self._check_hr(vote.height, vote.round)
@@ -432,11 +430,13 @@ class SigningService:
         The same path as :meth:`handle`: the checks, the guard's pre-check against the
         applied state, the signature (or the store's signing thread), the store's decision
         as the authority (S2), the same metrics; one decision at a time per chain."""
+        if not self.begins:
+            return False
         kind = type(req)
         try:
             if kind is SignVoteRequest:
                 hrs = self._vote_hrs(req)  # type: ignore[arg-type]
-                sign_bytes, ext_bytes, need_ext = self._vote_bytes(req, hrs)  # type: ignore[arg-type]
+                sign_bytes, ext_bytes, need_ext = self._vote_bytes(req)  # type: ignore[arg-type]
             elif kind is SignProposalRequest:
                 hrs = self._proposal_hrs(req)  # type: ignore[arg-type]
                 sign_bytes, ext_bytes, need_ext = self._proposal_bytes(req), b"", False  # type: ignore[arg-type]
@@ -444,7 +444,7 @@ class SigningService:
                 return False
         except SigningRefused:
             return False  # handle() refuses it (log, metric, answer)
-        if not self.begins or not self.lock.try_acquire():
+        if not self.lock.try_acquire():
             return False
         started = False
         try:
