@@ -471,11 +471,17 @@ class _InlineServing(asyncio.Protocol):
                 return
             req = proto.decode_request(msg, family)
             t_dec = time.perf_counter()
-            if begin is not None and begin(req, self._begun_answer):
-                # Its answer comes from the store's callback; the others queue.
-                self.waiting = _Begun(req, t_dec)
-                self._queue(msgs[k + 1 :])
-                return
+            if begin is not None:
+                begun = self.waiting = _Begun(req, t_dec)
+                if begin(req, self._begun_answer):
+                    if self.waiting is not None:
+                        # Its answer comes from the store's callback; the others queue.
+                        self._queue(msgs[k + 1 :])
+                        return
+                    if self.ended.done():
+                        return
+                    continue  # answered already (a store may call back at once)
+                self.waiting = None
             coro = handle(req)
             try:
                 yielded = coro.send(None)

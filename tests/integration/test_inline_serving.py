@@ -337,3 +337,60 @@ def test_a_coroutine_started_by_hand_finishes_in_a_task_like_yield_from() -> Non
         assert log[-1] == "finally" and coro.cr_frame is None  # closed, not leaked
 
     _run(body)
+
+
+class CallsBack(LocalStore):
+    """The local store offering ``begin_commit`` (as the Raft store does): ``commit_sync``
+    decides, durable before it returns; the answer is given inside ``begin_commit``
+    (``at_once``, which the contract allows a store to do) or on the next loop pass."""
+
+    begins_commits = True
+
+    def __init__(self, path: Path, at_once: bool) -> None:
+        super().__init__(path)
+        self.at_once = at_once
+        self.begun = 0
+
+    def begin_commit(
+        self,
+        chain_id: str,
+        record: SignRecord,
+        sign_later: SignLater | None,
+        answer: Callable[[Any, BaseException | None], None],
+    ) -> bool:
+        decision = self.commit_sync(chain_id, record)
+        self.begun += 1
+        if self.at_once:
+            answer(decision, None)
+        else:
+            asyncio.get_running_loop().call_soon(answer, decision, None)
+        return True
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["answered-inside", "answered-later"])
+def test_begun_decisions_pipelined_in_one_write_are_answered_in_order(
+    tmp_path: Path, at_once: bool
+) -> None:
+    """Requests read together while a begun decision waits queue behind it and start, in
+    order, once it is answered (on the next loop pass, outside the store's callback); a
+    store that answers inside ``begin_commit`` is served too."""
+
+    async def body() -> None:
+        store = CallsBack(tmp_path / "s.json", at_once)
+        listener, dialer, conn = await _connected(tmp_path, "tcp", store)
+        try:
+            assert dialer.service.begins
+            await conn.send_raw(b"".join(signed_request(h) for h in range(1, 6)))
+            got = await _responses(conn, 5)
+            assert [r.vote.height for r in got] == [1, 2, 3, 4, 5]
+            for r in got:
+                assert r.error is None
+                assert KEY.verify(proto.vote_sign_bytes(CHAIN, r.vote), r.vote.signature)
+            resp = await conn.request(SignVoteRequest(vote(6), CHAIN))
+            assert resp.error is None
+            assert store.begun == 6 and store.last(CHAIN).height == 6
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
