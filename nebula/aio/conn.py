@@ -472,7 +472,7 @@ class _InlineServing(asyncio.Protocol):
             req = proto.decode_request(msg, family)
             t_dec = time.perf_counter()
             if begin is not None:
-                begun = self.waiting = _Begun(req, t_dec)
+                self.waiting = _Begun(req, t_dec)
                 if begin(req, self._begun_answer):
                     if self.waiting is not None:
                         # Its answer comes from the store's callback; the others queue.
