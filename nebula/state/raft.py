@@ -80,7 +80,7 @@ class _Waiter:
 
     __slots__ = ("_answer", "done")
 
-    def __init__(self, answer: Callable[[Any, BaseException | None], None]) -> None:
+    def __init__(self, answer: Resolver) -> None:
         self.done = False
         self._answer = answer
 
@@ -591,7 +591,7 @@ class RaftStore(SignStore):
         chain_id: str,
         record: SignRecord,
         sign_later: SignLater | None,
-        answer: Callable[[Any, BaseException | None], None],
+        answer: Resolver,
     ) -> bool:
         """:meth:`commit` without a coroutine: ``answer(decision, None)`` or ``answer(None,
         error)`` follows once, from a later callback (the apply of the entry, the signing
@@ -706,7 +706,7 @@ class RaftStore(SignStore):
     def _wait(
         self,
         start: Callable[[Resolver, Callable[[], bool]], None],
-        answer: Callable[[Any, BaseException | None], None],
+        answer: Resolver,
     ) -> _Waiter:
         """``start(resolve, expired)`` sets a decision on its way; ``answer(result,
         error)`` is called once: with what ``resolve`` gets, or with a timeout error after
