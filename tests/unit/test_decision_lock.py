@@ -72,7 +72,8 @@ def test_a_cancelled_waiter_is_skipped_or_passes_the_lock_on(handed: bool) -> No
             a.cancel()
             await asyncio.sleep(0)
             lock.release()
-        await asyncio.gather(a, b, return_exceptions=True)
+        # A lock that leaked would leave b waiting: fail, do not hang.
+        await asyncio.wait_for(asyncio.gather(a, b, return_exceptions=True), 5)
         assert a.cancelled()
         assert not lock.locked()
         return got
