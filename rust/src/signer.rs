@@ -2,7 +2,8 @@
 //!
 //! The event loop thread hands a job (its token, a key, one or more messages) to
 //! `submit` and goes on; a native thread (`worker.rs`) signs without ever taking the GIL
-//! and hands the signatures back through `take` once its queue is empty.  Signatures are
+//! and hands the signatures back through `take` once its queue is empty.  The loop thread
+//! may sign a queued job itself when it has nothing else to do (`steal`).  Signatures are
 //! RFC 8032 Ed25519 (the same bytes as libsodium's for the same key and message; tested
 //! against it).
 
@@ -85,6 +86,20 @@ impl SignWorker {
         } else {
             Err(PyRuntimeError::new_err("the signing worker is closed"))
         }
+    }
+
+    /// Sign the most recently queued job on the calling thread (the event loop's; the
+    /// GIL is released meanwhile) if the signing thread is busy with another: False when
+    /// it is not, or nothing is queued.  Its signatures come back from ``take`` with the
+    /// thread's.
+    fn steal(&self, py: Python<'_>) -> bool {
+        py.allow_threads(|| self.worker.steal())
+    }
+
+    /// ``(jobs queued, jobs being signed)`` now.
+    #[getter]
+    fn load(&self) -> (usize, usize) {
+        self.worker.load()
     }
 
     /// The finished jobs: a list of ``(token, [signature, ...])``.

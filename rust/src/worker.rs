@@ -2,9 +2,11 @@
 //!
 //! The loop thread hands a job to `submit` and goes on; the thread runs it without ever
 //! taking the GIL and keeps the result for `take`.  It writes the eventfd the loop watches
-//! once its queue is empty (or `BATCH` results wait), at most once until the next `take`:
-//! `take` clears the "written" flag under the same lock the results are pushed under, so a
-//! result pushed after a take writes again and one pushed before it is taken with it.
+//! once its queue is empty and no job is running (or `BATCH` results wait), at most once
+//! until the next `take`: `take` clears the "written" flag under the same lock the results
+//! are pushed under, so a result pushed after a take writes again and one pushed before it
+//! is taken with it.  While the thread is busy, the loop thread may run a queued job
+//! itself (`steal`, when it has nothing else to do); its result joins the same hand-back.
 //! Used by the signing thread (`signer.rs`) and the Raft leader's sync thread
 //! (`syncer.rs`).
 
@@ -26,6 +28,8 @@ struct State<J, R> {
     /// it only then.  A notify costs a futex syscall even with no one waiting, and the
     /// loop hands over a job per request while the thread is mostly busy.
     sleeping: bool,
+    /// Jobs taken off the queue and not finished (by the thread, or by `steal`).
+    running: usize,
     stop: bool,
 }
 
@@ -38,6 +42,29 @@ struct Shared<J, R> {
 impl<J, R> Shared<J, R> {
     fn lock(&self) -> MutexGuard<'_, State<J, R>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A job taken off the queue ended (with its result, or none if it panicked): write
+    /// the eventfd if the results should go back now.
+    fn finished(&self, result: Option<R>) {
+        let wake = {
+            let mut st = self.lock();
+            st.running -= 1;
+            if let Some(r) = result {
+                st.done.push(r);
+            }
+            // The results go back together: once nothing is queued or running (every
+            // job the loop handed over in one pass is done, so, for signatures, their
+            // decisions share one proposal), or when many are waiting.
+            let wake = !st.notified
+                && !st.done.is_empty()
+                && ((st.jobs.is_empty() && st.running == 0) || st.done.len() >= BATCH);
+            st.notified |= wake;
+            wake
+        };
+        if wake {
+            notify(self.efd);
+        }
     }
 }
 
@@ -54,32 +81,36 @@ fn notify(efd: i32) {
 pub struct Worker<J, R> {
     shared: Arc<Shared<J, R>>,
     thread: Option<JoinHandle<()>>,
+    run: Arc<dyn Fn(J) -> R + Send + Sync>,
 }
 
 impl<J: Send + 'static, R: Send + 'static> Worker<J, R> {
     pub fn start(
         name: &str,
         eventfd: i32,
-        run: impl Fn(J) -> R + Send + 'static,
+        run: impl Fn(J) -> R + Send + Sync + 'static,
     ) -> std::io::Result<Self> {
+        let run: Arc<dyn Fn(J) -> R + Send + Sync> = Arc::new(run);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
                 done: Vec::new(),
                 notified: false,
                 sleeping: false,
+                running: 0,
                 stop: false,
             }),
             wake: Condvar::new(),
             efd: eventfd,
         });
-        let s2 = shared.clone();
+        let (s2, r2) = (shared.clone(), run.clone());
         let thread = std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || serve(&s2, run))?;
+            .spawn(move || serve(&s2, &*r2))?;
         Ok(Self {
             shared,
             thread: Some(thread),
+            run,
         })
     }
 }
@@ -98,6 +129,45 @@ impl<J, R> Worker<J, R> {
             self.shared.wake.notify_one();
         }
         true
+    }
+
+    /// Run the most recently queued job on the calling thread, if the worker's thread is
+    /// busy with another one: false (nothing run) when it is not, or nothing is queued.
+    /// The result is handed back with the thread's, by the same rule.  For a loop thread
+    /// with nothing else to do: the thread and the loop then work through the queue from
+    /// both ends.  A job that panics here leaves no result (its caller's deadline ends
+    /// it) and the panic goes on to the caller.
+    pub fn steal(&self) -> bool {
+        let job = {
+            let mut st = self.shared.lock();
+            if st.stop || st.running == 0 {
+                return false;
+            }
+            match st.jobs.pop_back() {
+                Some(job) => {
+                    st.running += 1;
+                    job
+                }
+                None => return false,
+            }
+        };
+        let run = &self.run;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(job))) {
+            Ok(result) => {
+                self.shared.finished(Some(result));
+                true
+            }
+            Err(panic) => {
+                self.shared.finished(None);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// (jobs queued, jobs being run) now.
+    pub fn load(&self) -> (usize, usize) {
+        let st = self.shared.lock();
+        (st.jobs.len(), st.running)
     }
 
     /// The results finished since the last `take`, in the order they finished.
@@ -142,7 +212,7 @@ impl<J, R> Drop for Worker<J, R> {
     }
 }
 
-fn serve<J, R>(shared: &Shared<J, R>, run: impl Fn(J) -> R) {
+fn serve<J, R>(shared: &Shared<J, R>, run: &dyn Fn(J) -> R) {
     loop {
         let job = {
             let mut st = shared.lock();
@@ -151,6 +221,7 @@ fn serve<J, R>(shared: &Shared<J, R>, run: impl Fn(J) -> R) {
                     return;
                 }
                 if let Some(job) = st.jobs.pop_front() {
+                    st.running += 1;
                     break job;
                 }
                 st.sleeping = true;
@@ -159,18 +230,6 @@ fn serve<J, R>(shared: &Shared<J, R>, run: impl Fn(J) -> R) {
             }
         };
         let result = run(job);
-        let wake = {
-            let mut st = shared.lock();
-            st.done.push(result);
-            // The results go back together: once the queue is empty (every job the loop
-            // handed over in one pass is done, so, for signatures, their decisions share
-            // one proposal), or when many are waiting.
-            let wake = !st.notified && (st.jobs.is_empty() || st.done.len() >= BATCH);
-            st.notified |= wake;
-            wake
-        };
-        if wake {
-            notify(shared.efd);
-        }
+        shared.finished(Some(result));
     }
 }

@@ -4,7 +4,10 @@ signatures as libsodium, every job answered once, a closed worker fails what it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
+import time
 
 import nacl.bindings
 import pytest
@@ -118,3 +121,126 @@ def test_a_secp256k1_key_keeps_signing_on_the_loop() -> None:
             worker.close()
 
     asyncio.run(go())
+
+
+def test_the_loop_signs_queued_jobs_while_the_thread_is_busy_and_they_go_back_together() -> None:
+    """``steal`` (rust/src/worker.rs) at the Rust level: it runs a queued job on the
+    caller's thread only while the thread is busy with another; every job comes back once,
+    the same signature as libsodium's, and the eventfd is written once for all of them."""
+    from nebula.raft import _core
+
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    core = _core.SignWorker(efd)
+    try:
+        seed = os.urandom(32)
+        key = _core.Ed25519Key(seed)
+        assert not core.steal()  # nothing queued, the thread asleep
+        # 20 jobs (under BATCH, 32) of 100 messages, ~1.3 ms each: long enough for this
+        # thread to get a core back after the one it woke.
+        msgs = {t: [os.urandom(40 + t + k) for k in range(100)] for t in range(20)}
+        for t, m in msgs.items():
+            core.submit(t, key, m)
+        stolen = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if core.steal():
+                stolen += 1
+            elif stolen:
+                break  # the queue is empty (or only the thread's job is left)
+        assert stolen >= 1
+        got: dict[int, list[bytes]] = {}
+        while len(got) < len(msgs) and time.monotonic() < deadline:
+            select.select([efd], [], [], 1)
+            with contextlib.suppress(BlockingIOError):
+                assert os.eventfd_read(efd) == 1  # one write: all of them at once
+                for token, sigs in core.take():
+                    assert token not in got
+                    got[token] = sigs
+                assert len(got) == len(msgs)
+        assert {t: s for t, s in got.items()} == {
+            t: [_sodium(seed, m) for m in ms] for t, ms in msgs.items()
+        }
+        assert not core.steal()  # nothing left
+        core.close()  # closed: submit refuses, steal finds nothing
+        with pytest.raises(RuntimeError, match="closed"):
+            core.submit(99, key, [b"x"])
+        assert not core.steal()
+    finally:
+        core.close()
+        os.close(efd)
+
+
+def test_an_idle_loop_signs_part_of_the_queue_and_every_job_is_answered_once() -> None:
+    """At the loop level: jobs handed over together (100 messages each: the thread needs
+    ~1.3 ms for one), the loop then idle: it signs some of them itself (``stolen``), the
+    thread the others; each signature libsodium's, each job answered once."""
+
+    async def go() -> None:
+        worker = SignWorker()
+        try:
+            seed = os.urandom(32)
+            key = worker.key(seed)
+            loop = asyncio.get_running_loop()
+            jobs = []
+            for i in range(40):
+                msgs = [os.urandom(100 + i + k) for k in range(100)]
+                fut: asyncio.Future = loop.create_future()
+                calls: list[object] = []
+
+                def done(sigs, err, fut=fut, calls=calls) -> None:
+                    calls.append((sigs, err))
+                    if not fut.done():
+                        fut.set_result((sigs, err))
+
+                worker.sign(key, msgs, done)
+                jobs.append((msgs, fut, calls))
+            for msgs, fut, _calls in jobs:
+                sigs, err = await asyncio.wait_for(fut, 10)
+                assert err is None
+                assert sigs == [_sodium(seed, m) for m in msgs]
+            await asyncio.sleep(0.05)
+            assert all(len(calls) == 1 for *_, calls in jobs)
+            assert 1 <= worker.stolen < len(jobs)
+            assert worker.waiting == 0
+        finally:
+            worker.close()
+
+    asyncio.run(go())
+
+
+def test_the_thread_does_not_hand_back_while_a_stolen_job_is_still_signing() -> None:
+    """The thread finishes its job while the loop still signs the one it took: the eventfd
+    is written only once that one is done too, so both decisions share one proposal."""
+    import threading
+
+    from nebula.raft import _core
+
+    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    core = _core.SignWorker(efd)
+    try:
+        seed = os.urandom(32)
+        key = _core.Ed25519Key(seed)
+        # Many short messages: ~13 µs each to sign, far less to hand over.  The thread is
+        # still on a (~40 ms) when b is queued and stolen, and b (~100 ms) ends after a.
+        a = [os.urandom(64) for _ in range(3_000)]
+        b = [os.urandom(64) for _ in range(8_000)]
+        assert core.load == (0, 0)
+        core.submit(1, key, a)
+        deadline = time.monotonic() + 10
+        while core.load != (0, 1) and time.monotonic() < deadline:
+            time.sleep(0.0005)  # until the thread has taken a
+        core.submit(2, key, b)
+        assert core.load == (1, 1)
+        took: list[bool] = []
+        stealer = threading.Thread(target=lambda: took.append(core.steal()))
+        stealer.start()  # steal() signs b without the GIL: this thread watches meanwhile
+        ready, _, _ = select.select([efd], [], [], 20)
+        assert ready
+        results = dict(core.take())
+        stealer.join(20)
+        assert took == [True]  # b was signed here, while the thread signed a
+        assert set(results) == {1, 2}, "handed back before the stolen job was done"
+        assert results == {1: [_sodium(seed, m) for m in a], 2: [_sodium(seed, m) for m in b]}
+    finally:
+        core.close()
+        os.close(efd)
