@@ -22,33 +22,43 @@ def _sodium(seed: bytes, msg: bytes) -> bytes:
     return nacl.bindings.crypto_sign(msg, sk)[:64]
 
 
+async def _sign_and_check(worker: SignWorker, jobs: list[tuple[bytes, list[bytes]]]) -> None:
+    """Hand every ``(seed, messages)`` job to ``worker`` at once, then check that each is
+    answered exactly once, with libsodium's signatures."""
+    loop = asyncio.get_running_loop()
+    pending = []
+    for seed, msgs in jobs:
+        fut: asyncio.Future = loop.create_future()
+        calls: list[object] = []
+
+        def done(sigs, err, fut=fut, calls=calls) -> None:
+            calls.append((sigs, err))
+            if not fut.done():
+                fut.set_result((sigs, err))
+
+        worker.sign(worker.key(seed), msgs, done)
+        pending.append((seed, msgs, fut, calls))
+    assert worker.waiting > 0
+    for seed, msgs, fut, _calls in pending:
+        sigs, err = await asyncio.wait_for(fut, 10)
+        assert err is None
+        assert sigs == [_sodium(seed, m) for m in msgs]
+    await asyncio.sleep(0.05)
+    assert all(len(calls) == 1 for *_, calls in pending)
+    assert worker.waiting == 0
+
+
 def test_signatures_are_libsodiums_and_every_job_is_answered_once() -> None:
     async def go() -> None:
         worker = SignWorker()
         try:
-            loop = asyncio.get_running_loop()
-            jobs = []
-            for i in range(300):
-                seed = os.urandom(32)
-                msgs = [os.urandom((i * 7 + k) % 400) for k in range(1 + i % 3)]
-                fut: asyncio.Future = loop.create_future()
-                calls: list[object] = []
-
-                def done(sigs, err, fut=fut, calls=calls) -> None:
-                    calls.append((sigs, err))
-                    if not fut.done():
-                        fut.set_result((sigs, err))
-
-                worker.sign(worker.key(seed), msgs, done)
-                jobs.append((seed, msgs, fut, calls))
-            assert worker.waiting > 0
-            for seed, msgs, fut, _calls in jobs:
-                sigs, err = await asyncio.wait_for(fut, 10)
-                assert err is None
-                assert sigs == [_sodium(seed, m) for m in msgs]
-            await asyncio.sleep(0.05)
-            assert all(len(calls) == 1 for *_, calls in jobs)
-            assert worker.waiting == 0
+            await _sign_and_check(
+                worker,
+                [
+                    (os.urandom(32), [os.urandom((i * 7 + k) % 400) for k in range(1 + i % 3)])
+                    for i in range(300)
+                ],
+            )
         finally:
             worker.close()
 
@@ -179,29 +189,9 @@ def test_an_idle_loop_signs_part_of_the_queue_and_every_job_is_answered_once() -
         worker = SignWorker()
         try:
             seed = os.urandom(32)
-            key = worker.key(seed)
-            loop = asyncio.get_running_loop()
-            jobs = []
-            for i in range(40):
-                msgs = [os.urandom(100 + i + k) for k in range(100)]
-                fut: asyncio.Future = loop.create_future()
-                calls: list[object] = []
-
-                def done(sigs, err, fut=fut, calls=calls) -> None:
-                    calls.append((sigs, err))
-                    if not fut.done():
-                        fut.set_result((sigs, err))
-
-                worker.sign(key, msgs, done)
-                jobs.append((msgs, fut, calls))
-            for msgs, fut, _calls in jobs:
-                sigs, err = await asyncio.wait_for(fut, 10)
-                assert err is None
-                assert sigs == [_sodium(seed, m) for m in msgs]
-            await asyncio.sleep(0.05)
-            assert all(len(calls) == 1 for *_, calls in jobs)
+            jobs = [(seed, [os.urandom(100 + i + k) for k in range(100)]) for i in range(40)]
+            await _sign_and_check(worker, jobs)
             assert 1 <= worker.stolen < len(jobs)
-            assert worker.waiting == 0
         finally:
             worker.close()
 
