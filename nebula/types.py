@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SignedMsgType(enum.IntEnum):
@@ -205,3 +206,7 @@ def extension_signature_required(family: WireFamily, req: SignVoteRequest) -> bo
 #: ``done(signatures, None)`` or ``done(None, error)``: how signatures made off the event
 #: loop thread come back (a backend's ``sign_later``, nebula.crypto.signworker).
 Signed = Callable[[list[bytes] | None, BaseException | None], None]
+
+#: ``resolve(result, None)`` once a decision or proposal is settled, or ``resolve(None,
+#: error)`` when it is lost: a store's ``begin_commit`` answer, a Raft proposal's callback.
+Resolver = Callable[[Any, BaseException | None], None]

@@ -84,6 +84,7 @@ from typing import Any, Protocol
 from nebula.errors import NotLeader, ReplicationError, StateError
 from nebula.raft import _core
 from nebula.raft.storage import Entry, HardState, RaftLog, Snapshot, SnapshotNotSaved, SyncJob
+from nebula.types import Resolver
 
 log = logging.getLogger("nebula.raft")
 
@@ -104,8 +105,6 @@ class _Stopped(Exception):
 
 CONF_ADD, CONF_REMOVE, CONF_ADD_LEARNER = 0, 1, 2
 
-# Callback of a proposal: (result, None) once applied, or (None, exception) when lost.
-Resolver = Callable[[Any, BaseException | None], None]
 
 # offload(job, done): run the sync job (job.run(), or an fdatasync of job.os_fd recorded
 # with job.ran) on another thread, then call done() on the loop thread.

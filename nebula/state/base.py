@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 from nebula.errors import ConfigError, StateError
 from nebula.guard import Decision, SignRecord
-from nebula.types import Signed
+from nebula.types import Resolver, Signed
 
 #: ``sign_later(msgs, done)``: have ``msgs`` signed off the event loop thread and call
 #: ``done`` on the loop (a backend's ``sign_later``, nebula.crypto.signworker).
@@ -119,7 +119,7 @@ class SignStore(ABC):
         chain_id: str,
         record: SignRecord,
         sign_later: SignLater | None,
-        answer: Callable[[Any, BaseException | None], None],
+        answer: Resolver,
     ) -> bool:
         """:meth:`commit` without a coroutine, where ``begins_commits``: ``answer(decision,
         None)`` or ``answer(None, error)`` follows once, from a later callback; raises

@@ -43,7 +43,6 @@ from nebula.raft.node import (
     LEADER,
     ROLE_NAMES,
     RaftNode,
-    Resolver,
 )
 from nebula.raft.storage import RaftLog, SyncJob
 from nebula.raft.syncthread import SyncThread
@@ -51,6 +50,7 @@ from nebula.raft.timing import check_timing
 from nebula.raft.transport import Transport
 from nebula.state.base import SignLater, SignStore, check_commit_timeout, record_to_json
 from nebula.state.threshold import ThresholdShares, check_cluster, digest
+from nebula.types import Resolver
 
 if TYPE_CHECKING:
     from nebula.crypto.threshold import KeyShare

@@ -31,6 +31,7 @@ from nebula.state.base import SignLater
 from nebula.state.local import LocalStore
 from nebula.types import (
     PingRequest,
+    Resolver,
     SignVoteRequest,
     WireFamily,
 )
@@ -356,7 +357,7 @@ class CallsBack(LocalStore):
         chain_id: str,
         record: SignRecord,
         sign_later: SignLater | None,
-        answer: Callable[[Any, BaseException | None], None],
+        answer: Resolver,
     ) -> bool:
         decision = self.commit_sync(chain_id, record)
         self.begun += 1
