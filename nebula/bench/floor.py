@@ -66,6 +66,7 @@ __all__ = [
     "SCENARIOS",
     "FloorResult",
     "Scenario",
+    "chains_comparison",
     "floor_json",
     "format_floor",
     "group_scenario",
@@ -459,9 +460,31 @@ def run_floor(
         shutil.rmtree(directory, ignore_errors=True)
 
 
+_ONE_AT_A_TIME = "3 nodes, majority durable"
+
+
+def chains_comparison(results: list[FloorResult]) -> list[dict[str, Any]]:
+    """Each ``3 nodes, K at once`` scenario against ``3 nodes, majority durable`` (one
+    request at a time): the ratios ``nebula bench --local 3 --chains 1,K`` reports for
+    Nebula (aggregate requests/s and p50), here for the machine with no Nebula work."""
+    one = next((r for r in results if r.scenario.name == _ONE_AT_A_TIME), None)
+    if one is None or one.throughput_rps <= 0 or one.latency.p50 <= 0:
+        return []
+    return [
+        {
+            "connections": r.scenario.connections,
+            "throughput_ratio": round(r.throughput_rps / one.throughput_rps, 3),
+            "p50_ratio": round(r.latency.p50 / one.latency.p50, 3),
+        }
+        for r in results
+        if r.scenario.connections > 1
+    ]
+
+
 def floor_json(results: list[FloorResult], setup: dict[str, Any]) -> dict[str, Any]:
     return {
         "setup": setup,
+        "chains_comparison": chains_comparison(results),
         "request_size": REQUEST_SIZE,
         "scenarios": {
             r.scenario.name: {
@@ -504,6 +527,12 @@ def format_floor(results: list[FloorResult], setup: dict[str, Any]) -> str:
     lines.append(
         "nor use less CPU (ms per request: the server or leader, and the busiest follower)."
     )
+    for c in chains_comparison(results):
+        lines.append(
+            f"{c['connections']} at once against one at a time (3 nodes): "
+            f"{c['throughput_ratio']:.2f}x the requests/s, {c['p50_ratio']:.2f}x the p50 "
+            f"(the ratios `--local 3 --chains 1,{c['connections']}` gives for Nebula)."
+        )
     return "\n".join(lines)
 
 

@@ -338,6 +338,7 @@ def test_bench_floor_json(tmp_path) -> None:
     d = _floor(tmp_path)
     assert d["setup"]["mode"] == "floor" and d["setup"]["requests"] == 150
     assert set(d["scenarios"]) == set(_FLOOR_SCENARIOS)
+    assert d["chains_comparison"] == []  # no --chains: nothing at once to compare
     for name, (followers, syncs) in _FLOOR_SCENARIOS.items():
         sc = d["scenarios"][name]
         assert (sc["followers"], sc["fdatasyncs_per_node"]) == (followers, syncs)
@@ -373,7 +374,16 @@ def test_bench_floor_chains_adds_a_group_commit_scenario(tmp_path) -> None:
     assert (sc["followers"], sc["fdatasyncs_per_node"], sc["connections"]) == (2, 1, 8)
     _check_latency(sc["latency_ms"], 8 * 150)
     assert set(sc["cpu_ms_per_request"]) == {"leader", "follower"}
-    assert d["scenarios"]["3 nodes, majority durable"]["connections"] == 1
+    one = d["scenarios"]["3 nodes, majority durable"]
+    assert one["connections"] == 1
+    # the ratios --local 3 --chains 1,8 reports for Nebula, here for the floor: from the
+    # two scenarios' own numbers
+    (cmp,) = d["chains_comparison"]
+    assert cmp["connections"] == 8
+    want_rps = sc["throughput_rps"] / one["throughput_rps"]
+    want_p50 = sc["latency_ms"]["p50"] / one["latency_ms"]["p50"]
+    assert cmp["throughput_ratio"] == pytest.approx(want_rps, rel=0.01)
+    assert cmp["p50_ratio"] == pytest.approx(want_p50, rel=0.01)
 
 
 def test_the_group_commit_floor_shares_one_sync_among_the_clients(tmp_path) -> None:
