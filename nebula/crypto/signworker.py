@@ -12,8 +12,9 @@ chain keeps signing on the loop (a hand-over only adds a wake-up to its latency)
 
 When the loop has read every request that came and the thread still has a queue (it signs
 ~13-20 µs per signature, depending on the machine; the loop reads a request in less), the
-loop signs the last queued job itself, one per loop pass, while the thread signs from the front (``steal``): the
-queue empties sooner and is still handed back once, with the loop's signatures in it.
+loop signs the last queued job itself, one per loop pass, while the thread signs from the
+front (``steal``): the queue empties sooner and is still handed back once, with the loop's
+signatures in it.
 
 The signature is the same either way (RFC 8032 Ed25519 is deterministic; the tests compare
 the worker with libsodium), and it is made before the decision is proposed, as before:
