@@ -624,6 +624,7 @@ class RaftLog:
         self._end = HEADER_SIZE  # end of the last record
         self._alloc = HEADER_SIZE  # file size: zeros from _end to _alloc
         self._synced = HEADER_SIZE  # the synced mark
+        self._unsynced_from = HEADER_SIZE  # on opening: the last record's synced mark
         self._dirty = False
         self._sealed = False
         self._syncs = 0
@@ -666,10 +667,19 @@ class RaftLog:
         except OSError as e:
             raise StateError(f"{self._dir}: cannot open the raft log: {e}") from None
         self._replay(raw)
+        replayed = self._fd
         self._reconcile(snap_flags)
         try:
             # What a restart reads may still be only in the page cache (a process crash):
             # make it durable before the node acts on it and before marks refer to it.
+            # After a failed fdatasync Linux keeps the unwritten pages in the page cache
+            # but marks them clean, and an fsync then has nothing to write: the bytes the
+            # records wrote past the last synced mark are written again first, so the
+            # fsync either puts them on the disk or fails.  (A log _reconcile rewrote is
+            # a new file, synced already.)
+            unsynced = self._unsynced_from
+            if self._fd == replayed and unsynced < self._end:
+                fs.pwrite(self._fd, memoryview(raw)[unsynced : self._end], unsynced)
             fs.fsync(self._fd)
             fs.fsync_dir(self._dir)
         except OSError as e:
@@ -736,6 +746,7 @@ class RaftLog:
             self._sealed = kind == KIND_SEAL
             pos = end
         self._end = self._alloc = pos
+        self._unsynced_from = mark  # what the records wrote from here on may not be durable
         if pos < n:
             self._check_tail(raw, pos)
 

@@ -540,6 +540,12 @@ class Simulation:
         elif "injected into" in reason:
             self._note("io-error", m.id, reason)
             self.stats["injected_io_errors"] += 1
+            # Failed closed on an I/O error: restarted by its supervisor with the page
+            # cache intact (no power loss) as often as after a power loss of any kind.
+            if self.rng.random() < 0.5:
+                self._power_loss(m, "process")
+                self._at(self.now + self.rng.randint(5, 60) * TICK, _RESTART, m.id, m.incarnation)
+                return
         elif node.voters and m.id not in node.voters:
             # Removed from the cluster, then stopped: failing closed is what it should do.
             self._note("removed-member-stopped", m.id, reason)

@@ -586,6 +586,35 @@ def test_eio_on_fdatasync_fails_closed() -> None:
     log.close()
 
 
+@pytest.mark.parametrize("later", ["drop", "prefix", "pages"])
+def test_a_restart_after_a_failed_fdatasync_makes_what_it_reads_durable(later: str) -> None:
+    """After a failed fdatasync, Linux keeps the unwritten pages in the page cache and
+    marks them clean.  A process restart (no reboot) then reads the record that was
+    never synced.  An fsync alone would have nothing to write, yet the node treats what
+    it opened as durable: it acknowledges it without another write.  Opening writes the
+    bytes past the last synced mark again before its fsync.  So what a restarted node is
+    handed survives a later power loss, whatever the crash tears (found in review: the
+    simulator case is tests/sim/test_bug_eio_restart.py)."""
+    fs = MemFS()
+    log = RaftLog("/r", fs=fs, segment_prealloc=PREALLOC)
+    log.append([E(1)], HardState(1, 1, 0))
+    log.sync()
+    log.append([E(2), E(3)], HardState(1, 1, 1))
+    fs.fail_next("fdatasync")
+    with pytest.raises(StateError, match="fdatasync failed"):
+        log.sync()
+    log.close()
+    fs.crash(random.Random(3), "process")  # the operator (or systemd) restarts it
+    log = RaftLog("/r", fs=fs, segment_prealloc=PREALLOC)
+    opened = log.load()
+    assert [e.index for e in opened.entries] == [1, 2, 3]  # read from the page cache
+    log.close()
+    fs.crash(random.Random(4), later)  # a power loss while the restarted node runs
+    log = RaftLog("/r", fs=fs, segment_prealloc=PREALLOC)
+    assert log.load() == opened
+    log.close()
+
+
 @pytest.mark.parametrize("op", ["pwrite", "fsync", "replace", "fsync_dir"])
 def test_other_io_errors_fail_closed(op: str) -> None:
     fs = MemFS()
