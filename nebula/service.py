@@ -449,6 +449,8 @@ class SigningService:
         started = False
         try:
             started = self._begin_decision(req, hrs, sign_bytes, ext_bytes, need_ext, answer)
+        except SigningRefused:
+            pass  # nothing on its way (the key failed, the store refused): handle() answers
         finally:
             if not started:
                 self.lock.release()
@@ -511,10 +513,9 @@ class SigningService:
             self.lock.release()
             answer(resp, None)
 
-        try:
-            return store.begin_commit(chain, record, later, decided)
-        except SigningRefused:
-            return False  # nothing on its way: handle() meets the same refusal and answers it
+        # A SigningRefused raised here (by the key above or by the store) is begin()'s:
+        # nothing is on its way, and handle() meets the same refusal and answers it.
+        return store.begin_commit(chain, record, later, decided)
 
     def _sign_now(self, msg: bytes) -> bytes:
         sig = self.backend.sign_sync(msg)

@@ -390,6 +390,9 @@ class _InlineServing(asyncio.Protocol):
         self.backlog: list[bytes] = []  # requests behind it (plaintext, in order)
         self.paused = False
         self.eof = False  # the validator's side shut down its writing half
+        # _serve is going through the requests read together: an answer given inside
+        # the store's begin_commit leaves what comes after them to _serve's caller.
+        self.serving = False
         self.last_read = self.t_in = time.perf_counter()
         self.watchdog: asyncio.TimerHandle | None = None
 
@@ -455,11 +458,20 @@ class _InlineServing(asyncio.Protocol):
             self._serve(self.framer.feed(self.session.feed(data)))
         except Exception as e:
             self._end(e)
+            return
+        self._after()
 
     def _serve(self, msgs: list[bytes]) -> None:
         if self.waiting is not None:
             self._queue(msgs)
             return
+        self.serving = True
+        try:
+            self._serve_each(msgs)
+        finally:
+            self.serving = False
+
+    def _serve_each(self, msgs: list[bytes]) -> None:
         dialer = self.dialer
         service = dialer.service
         handle = service.handle
@@ -533,7 +545,9 @@ class _InlineServing(asyncio.Protocol):
             # the store's callback.
             self.waiting = _Begun(None, 0.0)
             self.loop.call_soon(self._resume, self.waiting)
-        else:
+        elif not self.serving:
+            # Answered inside begin_commit (serving): the requests read with this one
+            # are still to be served, and _serve's caller looks at the end of stream.
             self._after()
 
     def _resume(self, marker: _Begun) -> None:

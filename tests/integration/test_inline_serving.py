@@ -24,7 +24,7 @@ from nebula.aio.validator_side import PrivvalListener, SignerConnection
 from nebula.backends.native import NativeBackend
 from nebula.config import Endpoint
 from nebula.crypto.keys import Ed25519Key
-from nebula.errors import ProtocolError
+from nebula.errors import BackendError, ProtocolError
 from nebula.guard import Decision, SignRecord
 from nebula.service import SigningService
 from nebula.state.base import SignLater
@@ -390,6 +390,87 @@ def test_begun_decisions_pipelined_in_one_write_are_answered_in_order(
             resp = await conn.request(SignVoteRequest(vote(6), CHAIN))
             assert resp.error is None
             assert store.begun == 6 and store.last(CHAIN).height == 6
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
+class FirstLater(CallsBack):
+    """Answers the first begun decision on a later loop pass and every other one inside
+    ``begin_commit`` (the contract allows both)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, at_once=True)
+
+    def begin_commit(
+        self, chain_id: str, record: SignRecord, sign_later: SignLater | None, answer: Any
+    ) -> bool:
+        decision = self.commit_sync(chain_id, record)
+        self.begun += 1
+        if self.begun == 1:
+            asyncio.get_running_loop().call_later(0.2, answer, decision, None)
+        else:
+            answer(decision, None)
+        return True
+
+
+def test_requests_queued_before_the_end_of_stream_are_all_answered(tmp_path: Path) -> None:
+    """Four requests in one write, then the validator shuts down its writing half: the
+    first waits for its answer, the other three queue behind it.  Once it is answered the
+    queue is served; the second is answered inside ``begin_commit``, which must not end
+    the connection (the end of stream was seen) before the third and fourth are served
+    (found in review: ``_begun_answer`` ended it from inside ``_serve``)."""
+
+    async def body() -> None:
+        store = FirstLater(tmp_path / "s.json")
+        listener, dialer, conn = await _connected(tmp_path, "tcp", store)
+        try:
+            assert dialer.service.begins
+            await conn.send_raw(b"".join(signed_request(h) for h in range(1, 5)))
+            conn.writer.write_eof()
+            got = await _responses(conn, 4)
+            assert [r.vote.height for r in got] == [1, 2, 3, 4]
+            assert all(r.error is None for r in got)
+            assert store.begun == 4
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError, ProtocolError)):
+                await conn._read_message()  # then the connection ends
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    _run(body)
+
+
+class FailingKey(NativeBackend):
+    """A key that signs without waiting, except that it fails (a token pulled out)."""
+
+    def sign_sync(self, msg: bytes) -> bytes:
+        raise BackendError("the key is gone")
+
+
+def test_a_key_that_fails_on_a_begun_request_is_answered_with_an_error(tmp_path: Path) -> None:
+    """A backend error while a request is begun is answered as :meth:`handle` answers it
+    (a RemoteSignerError; nothing signed, nothing stored), and the connection stays up
+    (found in review: it used to end the connection)."""
+
+    async def body() -> None:
+        store = CallsBack(tmp_path / "s.json", at_once=False)
+        addr, endpoint = _address(tmp_path, "tcp")
+        listener = PrivvalListener(addr, FAMILY)
+        await listener.start()
+        service = SigningService(CHAIN, FAMILY, FailingKey(KEY), store)
+        assert service.begins
+        dialer = Dialer(endpoint, service, FAMILY, identity_seed=bytes(32))
+        dialer.start()
+        try:
+            conn = await listener.accept()
+            for h in (1, 2):
+                resp = await conn.request(SignVoteRequest(vote(h), CHAIN))
+                assert resp.error is not None and "the key is gone" in resp.error.description
+                assert not resp.vote.signature
+            assert dialer.connects == 1 and store.begun == 0 and store.last(CHAIN) is None
         finally:
             await dialer.stop()
             await listener.close()
