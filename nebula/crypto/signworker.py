@@ -86,11 +86,16 @@ class SignWorker(NativeThread[Signed]):
             return
         if self._handed != self._idle_at:
             self._idle_at = self._handed
-        elif self._core.steal():
-            self.stolen += 1
         else:
-            self._idle_at = -1
-            return
+            try:
+                stole = self._core.steal()
+            except BaseException:
+                self._idle_at = -1  # the next hand-over schedules a look again
+                raise
+            if not stole:
+                self._idle_at = -1
+                return
+            self.stolen += 1
         self._loop.call_soon(self._when_idle)
 
     def _deliver(self, done: Signed, sigs: list[bytes]) -> None:

@@ -234,3 +234,54 @@ def test_the_thread_does_not_hand_back_while_a_stolen_job_is_still_signing() -> 
     finally:
         core.close()
         os.close(efd)
+
+
+def test_a_steal_that_raises_does_not_stop_the_loop_from_stealing_later() -> None:
+    """A ``steal`` that raises (a panic in the Rust signer would) is reported, and the
+    next hand-over schedules the loop's look again: stealing is not off until restart.
+    (This one raises before taking the job, so the thread still signs it; a job lost to
+    a real panic is never answered, and its decision ends at its deadline, releasing
+    nothing.)  Every job is answered once, with libsodium's signature."""
+
+    class RaisesOnce:
+        def __init__(self, core: object) -> None:
+            self.core = core
+            self.raised = 0
+            self.steals = 0
+
+        def steal(self) -> bool:
+            if not self.raised:
+                self.raised += 1
+                raise RuntimeError("panicked")
+            self.steals += 1
+            return self.core.steal()  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.core, name)
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[BaseException] = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx.get("exception")))
+        worker = SignWorker()
+        core = worker._core = RaisesOnce(worker._core)  # type: ignore[assignment]
+        try:
+            seed = os.urandom(32)
+            first: list[object] = []
+            worker.sign(
+                worker.key(seed),
+                [os.urandom(100) for _ in range(100)],
+                lambda sigs, err: first.append((sigs, err)),
+            )
+            for _ in range(3):  # the look after the hand-over; then nothing is scheduled
+                await asyncio.sleep(0)
+            assert core.raised == 1 and [type(e) for e in errors] == [RuntimeError]
+            assert worker._idle_at == -1
+            jobs = [(seed, [os.urandom(100 + i + k) for k in range(100)]) for i in range(40)]
+            await _sign_and_check(worker, jobs)
+            assert core.steals >= 1  # looked again after the failed steal
+            assert len(first) == 1 and first[0][1] is None
+        finally:
+            worker.close()
+
+    asyncio.run(go())
