@@ -41,9 +41,12 @@ sequence number wins (when both copies of it are valid they must hold the same p
   one copy; the other copy, 1 MiB away, holds the same state.  Only losing both copies
   of the newest pair would fall back one decision; the copies are placed a region apart
   so that one failing sector, page or erase unit cannot take both.
-* A store that opens a file whose newest state is in one valid copy only (a torn write
-  left one copy whole: that state was never released, but a retry could release it
-  without writing) writes it again, whole, before it answers anything.
+* A store that opens a file writes its newest state again, whole (a new sequence
+  number, both copies, one ``fdatasync``), before it answers anything: a retry could
+  release that state without a write, and it may not be durable.  A torn write can leave
+  it in one valid copy only (never released); and after a failed ``fdatasync`` Linux
+  keeps the unwritten pages in the page cache but marks them clean, so a process
+  restarted without a reboot reads a slot that never reached the disk.
 * Every slot invalid (or a corrupted header) is a :class:`StateError`: the signer
   refuses to start rather than start from zero.  Sequence numbers are 64-bit; reaching
   the maximum raises :class:`StateError` instead of wrapping.
@@ -332,22 +335,22 @@ class LocalStore(SingleNodeStore):
             self.path.with_name(self.path.name + ".lock"), f"state file {self.path}"
         )
         try:
-            exists, complete = self._load()
+            exists, _complete = self._load()
             # An imported initial state only ever raises the high-water mark (S4).
-            changed = False
             for chain_id, rec in (initial or {}).items():
                 if rec is None:
                     continue
                 cur = self._states.get(chain_id)
                 if cur is None or rec.hrs > cur.hrs:
                     self._states[chain_id] = rec
-                    changed = True
-            if changed or not exists or not complete:
-                # Also when the newest state is in one copy only (a write torn by a crash
-                # left one copy whole) or in an older format: a retry may release that
-                # state again without a new write, so it is made whole (both copies,
-                # synced) before anything is answered.
-                self._write(self._states)
+            # Written again, whole and synced, before anything is answered, whatever was
+            # read: a retry may release the newest state without a new write, and that
+            # state may not be durable.  A write torn by a crash can leave it in one copy
+            # only; and after a failed fdatasync Linux keeps the unwritten pages in the
+            # page cache but marks them clean, so a process restarted without a reboot
+            # reads a state that never reached the disk, and a sync alone would have
+            # nothing to write.  (An older format is converted on the way.)
+            self._write(self._states)
             self.created = not exists
         except BaseException:
             self._release()

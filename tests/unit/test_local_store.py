@@ -112,6 +112,38 @@ def test_write_failure_refuses(tmp_path, monkeypatch) -> None:
     assert oct(p.stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_restart_after_a_failed_fdatasync_writes_what_it_reads_again(
+    tmp_path, monkeypatch
+) -> None:
+    """After a failed fdatasync Linux keeps the unwritten pages in the page cache and marks
+    them clean: a process restarted without a reboot reads the state whose commit failed
+    (here the page cache is all there is to read), and an identical retry would release
+    it with no write.  Opening writes the newest state again, as a new slot, and syncs it
+    before anything is answered (found in review, with the Raft log's case)."""
+    p = tmp_path / "state.json"
+    s = LocalStore(p)
+    s.commit_sync("c", r(1))
+
+    def boom(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", boom)
+    with pytest.raises(StateError, match="cannot persist"):
+        s.commit_sync("c", r(2))
+    monkeypatch.undo()
+    s.close_sync()  # the process stops (fails closed, or is restarted by the operator)
+    seq_failed = local._parse(p.read_bytes(), p).seq  # the slot whose sync failed
+    datasyncs = _count(monkeypatch, "fdatasync")
+    s = LocalStore(p)
+    assert s.last("c") == r(2)
+    assert len(datasyncs) == 1
+    assert local._parse(p.read_bytes(), p).seq == seq_failed + 1
+    assert on_disk(p) == r(2)
+    datasyncs.clear()
+    assert s.commit_sync("c", r(2)).verdict == Verdict.SAME  # the retry: no write needed
+    assert datasyncs == []
+
+
 def test_creation_failure_refuses(tmp_path, monkeypatch) -> None:
     def boom(fd):
         raise OSError(5, "Input/output error")
@@ -216,9 +248,10 @@ def _before_and_after(tmp_path) -> tuple[bytes, bytes, list[tuple[int, bytes]]]:
     s.commit_sync("c", big(5))
     s.commit_sync("c", big(6))  # durable: commit returned, its signature may have left
     s.close_sync()
-    before = p.read_bytes()
     q = tmp_path / "after.json"
-    q.write_bytes(before)
+    q.write_bytes(p.read_bytes())
+    t = LocalStore(q)  # opening writes big(6) again, as a new slot
+    before = q.read_bytes()
     writes: list[tuple[int, bytes]] = []
     real = local.pwrite_all
 
@@ -228,7 +261,6 @@ def _before_and_after(tmp_path) -> tuple[bytes, bytes, list[tuple[int, bytes]]]:
 
     local.pwrite_all = spy
     try:
-        t = LocalStore(q)
         t.commit_sync("c", big(7))
         t.close_sync()
     finally:
@@ -416,9 +448,9 @@ def test_sequence_is_64_bit_and_never_wraps(tmp_path) -> None:
     LocalStore(p).commit_sync("c", r(5))
     # A file whose newest pair is near the end of the 64-bit range (and past 2**32).
     payload = json.dumps({"version": 1, "chains": {"c": record_to_json(r(6))}}).encode()
-    seq = local.MAX_SEQ - 1  # even: pair 0
+    seq = local.MAX_SEQ - 2  # odd: pair 1 (opening writes it again as MAX_SEQ - 1)
     size = _size(p)
-    for off in local.slot_offsets(size, 0):
+    for off in local.slot_offsets(size, 1):
         _overwrite(p, off, bytes(local.encode_slot(seq, payload, size)))
     s = LocalStore(p)
     assert s.last("c") == r(6)
