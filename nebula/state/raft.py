@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nebula.durable import ExclusiveLock
-from nebula.errors import BackendError, ConfigError, NotLeader, ReplicationError, StateError
+from nebula.errors import (
+    BackendError,
+    ConfigError,
+    NotLeader,
+    ReplicationError,
+    StateError,
+    Unavailable,
+)
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import commands
 from nebula.raft.node import (
@@ -405,8 +412,7 @@ class RaftStore(SignStore):
         if self._syncer is not None:
             self._syncer.check()
         self._run()
-        if self._imports and not self._import_in_flight and self._node.authoritative:
-            self._propose_imports()
+        self._maybe_import()
         ts = self.tshares
         if ts is not None and ts.appended_count > 256:
             # A leader appends its own TSIGN entries but never acknowledges them, and a
@@ -444,6 +450,9 @@ class RaftStore(SignStore):
             self._node.process()
 
     def _on_authority(self, auth: bool) -> None:
+        if auth and self._imports:
+            # The config's initial states go first: their chains refuse until applied.
+            self._loop.call_soon(self._maybe_import)
         self._announce()
 
     def _announce(self) -> None:
@@ -526,6 +535,33 @@ class RaftStore(SignStore):
 
     # -- imports -----------------------------------------------------------------------
 
+    def _maybe_import(self) -> None:
+        if (
+            self._imports
+            and not self._import_in_flight
+            and not self._closed
+            and self._node.authoritative
+        ):
+            self._propose_imports()
+
+    def _check_imported(self, chain: bytes) -> None:
+        """Refuse a decision for ``chain`` while the initial sign state its config names
+        is not applied: decided before it, a request could be signed below or against
+        what that state says was signed already (a migration's double sign).  Raises
+        :class:`Unavailable` (the validator retries; the import lands within a tick)."""
+        rec = self._imports.get(chain)
+        if rec is None:
+            return
+        cur = self._sm.states.get(chain)
+        if cur is not None and cur.hrs >= rec.hrs:
+            del self._imports[chain]
+            return
+        self._maybe_import()
+        raise Unavailable(
+            f"chain {chain.decode(errors='replace')!r}: its initial sign state "
+            f"{rec.height}/{rec.round}/{rec.step} is not imported yet"
+        )
+
     def _drop_satisfied_imports(self) -> None:
         for chain, rec in list(self._imports.items()):
             cur = self._sm.states.get(chain)
@@ -576,6 +612,7 @@ class RaftStore(SignStore):
         self, chain_id: str, record: SignRecord, sign_later: SignLater | None = None
     ) -> Decision:
         chain = chain_id.encode()
+        self._check_imported(chain)
         share = self._threshold.get(chain)
         if share is not None:
             if sign_later is not None:
@@ -600,6 +637,7 @@ class RaftStore(SignStore):
         chain = chain_id.encode()
         if chain in self._threshold:
             return False
+        self._check_imported(chain)
         self._wait(self._start_sign(chain, record, sign_later), answer)
         return True
 

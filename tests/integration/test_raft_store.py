@@ -28,7 +28,14 @@ from typing import Any
 
 import pytest
 
-from nebula.errors import ConfigError, DoubleSignRefused, NotLeader, ReplicationError, StateError
+from nebula.errors import (
+    ConfigError,
+    DoubleSignRefused,
+    NotLeader,
+    ReplicationError,
+    StateError,
+    Unavailable,
+)
 from nebula.guard import SignRecord, Verdict
 from nebula.state.raft import RaftStore
 from tests.integration.conftest import FAST, audit
@@ -393,6 +400,45 @@ def test_initial_state_only_raises_the_mark_and_reaches_every_node(tmp_path: Pat
 
     run(go())
     a.auditor.check()
+
+
+def test_no_decision_for_a_chain_before_its_initial_state_is_applied(tmp_path: Path) -> None:
+    """The config's initial sign state (a migration: the old signer's export) is proposed
+    by a new leader, but a validator's request can reach that leader first.  Decided
+    before the import, a precommit for another block at the imported height/round/step
+    was signed - a double sign (found in review).  The chain now refuses (Unavailable:
+    the validator retries) until its import is applied; then the state machine refuses
+    the conflict.  Asked at the moment authority is gained, on whichever node gains it."""
+    imported = {CHAIN: SignRecord(100, 0, 3, b"old-block", b"old-sig")}
+    conflicting = rec(100, b"new-block", s=3)
+
+    async def go() -> None:
+        outcomes: list[object] = []
+        async with local_cluster(tmp_path, common={"initial": imported}) as (stores, _):
+            for store in stores:
+
+                def gained(auth: bool, store: RaftStore = store) -> None:
+                    if not auth or outcomes:
+                        return
+                    try:
+                        store.begin_commit(CHAIN, conflicting, None, lambda d, e: None)
+                    except Unavailable as e:
+                        outcomes.append(e)
+                    else:
+                        outcomes.append("started")
+
+                store.on_role_change(gained)
+            leader = await leader_of(stores)
+            await until(lambda: bool(outcomes), 5, "a request at the first authority")
+            assert isinstance(outcomes[0], Unavailable), outcomes
+            assert "not imported yet" in str(outcomes[0])
+            await until(lambda: leader.last(CHAIN) == imported[CHAIN], 5, "import")
+            assert (await leader.commit(CHAIN, conflicting)).verdict == Verdict.REFUSE
+            assert leader.last(CHAIN) == imported[CHAIN]
+            nxt = rec(101, b"b101", s=1)
+            assert (await leader.commit(CHAIN, nxt)).verdict == Verdict.ACCEPT
+
+    run(go())
 
 
 def test_leadership_transfer_and_role_callbacks(tmp_path: Path) -> None:
