@@ -250,22 +250,48 @@ def record_json_bytes(rec: SignRecord) -> bytes:
     return b"".join(parts)
 
 
+#: CometBFT's bounds: a height is an int64, a round an int32, a step one of 0..3.
+_FIELD_MAX = {"height": (1 << 63) - 1, "round": (1 << 31) - 1, "step": 3}
+
+
+def _hrs_field(obj: dict[str, Any], key: str, where: str) -> int:
+    """``obj[key]``: an integer or a string of decimal digits (CometBFT writes the height
+    as a string), within CometBFT's bounds.  A missing key, a float, a bool or anything
+    else is an error: a file that is not a sign state must not read as 0/0/0."""
+    if key not in obj:
+        raise StateError(f"{where}: not a sign state: no {key!r} field")
+    v = obj[key]
+    if isinstance(v, str) and v.isascii() and v.isdigit():
+        n = int(v)
+    elif isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    else:
+        raise StateError(f"{where}: malformed sign state: {key} {v!r} is not an integer")
+    if not 0 <= n <= _FIELD_MAX[key]:
+        raise StateError(
+            f"{where}: {key} {n} out of range (0 to {_FIELD_MAX[key]}, as in CometBFT)"
+        )
+    return n
+
+
 def record_from_json(obj: Any, where: str) -> SignRecord | None:
-    """Parse priv_validator_state.json content; None for the initial (0/0/0) state."""
+    """Parse priv_validator_state.json content; None for the initial (0/0/0) state.
+
+    ``height``, ``round`` and ``step`` must be there (CometBFT always writes them) and be
+    integers within CometBFT's bounds; other fields (another signer's, e.g. a
+    ``block_id``) are ignored."""
     if not isinstance(obj, dict):
         raise StateError(f"{where}: expected a JSON object")
+    height = _hrs_field(obj, "height", where)
+    rnd = _hrs_field(obj, "round", where)
+    step = _hrs_field(obj, "step", where)
     try:
-        height = int(obj.get("height", 0))
-        rnd = int(obj.get("round", 0))
-        step = int(obj.get("step", 0))
         sig = base64.b64decode(obj.get("signature") or "", validate=True)
         sb = bytes.fromhex(obj.get("signbytes") or "")
         esig = base64.b64decode(obj.get("ext_signature") or "", validate=True)
         esb = bytes.fromhex(obj.get("ext_signbytes") or "")
     except (TypeError, ValueError) as e:
         raise StateError(f"{where}: malformed sign state: {e}") from None
-    if height < 0 or rnd < 0 or not 0 <= step <= 3:
-        raise StateError(f"{where}: height/round/step out of range: {height}/{rnd}/{step}")
     if height == 0 and rnd == 0 and step == 0 and not sig and not sb:
         return None
     return SignRecord(height, rnd, step, sb, sig, esb, esig)

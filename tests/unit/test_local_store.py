@@ -14,7 +14,12 @@ from hypothesis import strategies as st
 from nebula.errors import StateError
 from nebula.guard import SignRecord, Verdict
 from nebula.state import local
-from nebula.state.base import load_priv_validator_state, record_json_bytes, record_to_json
+from nebula.state.base import (
+    load_priv_validator_state,
+    record_from_json,
+    record_json_bytes,
+    record_to_json,
+)
 from nebula.state.local import LocalStore, read_states
 
 
@@ -178,6 +183,43 @@ def test_priv_validator_state_json_round_trip(tmp_path) -> None:
     f.write_text('{"height": "x"}')
     with pytest.raises(StateError):
         load_priv_validator_state(f)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        # A priv_validator_key.json given by mistake (found in review: it read as 0/0/0).
+        ('{"address": "AB", "pub_key": {}, "priv_key": {}}', "no 'height'"),
+        ('{"Height": "500", "Round": 0, "Step": 3}', "no 'height'"),
+        ('{"height": "500", "step": 3}', "no 'round'"),
+        ('{"height": 1e3, "round": 0, "step": 3}', "not an integer"),
+        ('{"height": "5.9", "round": 0, "step": 3}', "not an integer"),
+        ('{"height": true, "round": 0, "step": 3}', "not an integer"),
+        ('{"height": "-5", "round": 0, "step": 3}', "not an integer"),
+        ('{"height": -5, "round": 0, "step": 3}', "out of range"),
+        # Could never be encoded or signed past (found in review: retried forever).
+        ('{"height": "99999999999999999999999", "round": 0, "step": 3}', "out of range"),
+        ('{"height": "9223372036854775808", "round": 0, "step": 3}', "out of range"),
+        ('{"height": "5", "round": 2147483648, "step": 3}', "out of range"),
+        ('{"height": "5", "round": 0, "step": 4}', "out of range"),
+    ],
+)
+def test_a_file_that_is_not_a_sign_state_is_an_error_naming_it(
+    tmp_path, content: str, why: str
+) -> None:
+    f = tmp_path / "init.json"
+    f.write_text(content)
+    with pytest.raises(StateError, match=why) as e:
+        load_priv_validator_state(f)
+    assert str(f) in str(e.value)
+
+
+def test_sign_states_of_other_signers_and_the_bounds_are_read() -> None:
+    # tmkms writes the round as a string and adds a block_id; the largest values load.
+    tmkms = {"height": "1200", "round": "2", "step": 3, "block_id": "ABCD"}
+    assert record_from_json(tmkms, "x") == SignRecord(1200, 2, 3, b"", b"")
+    top = {"height": str((1 << 63) - 1), "round": (1 << 31) - 1, "step": 3}
+    assert record_from_json(top, "x") == SignRecord((1 << 63) - 1, (1 << 31) - 1, 3, b"", b"")
 
 
 # ---- the state file (format 2: two pairs, each slot in two copies a region apart) ------
