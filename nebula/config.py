@@ -369,6 +369,9 @@ def _explain(msg: str) -> str:
     return msg
 
 
+#: CometBFT's limit on a chain id (types.MaxChainIDLen), in bytes.
+MAX_CHAIN_ID_LEN = 50
+
 _TOP_LEVEL_CHAIN_KEYS = (
     "chain_id",
     "version",
@@ -536,6 +539,16 @@ def _chain(
     pre = f"{key}." if key else ""
     if not chain_id.strip():
         raise ConfigError(f"{p}: {pre}chain_id must not be empty")
+    if chain_id != chain_id.strip() or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in chain_id):
+        raise ConfigError(
+            f"{p}: {pre}chain_id {chain_id!r}: no spaces at either end and no control "
+            "characters (requests carry the chain's exact id)"
+        )
+    if len(chain_id.encode()) > MAX_CHAIN_ID_LEN:
+        raise ConfigError(
+            f"{p}: {pre}chain_id is {len(chain_id.encode())} bytes long; CometBFT allows "
+            f"{MAX_CHAIN_ID_LEN} at most"
+        )
     try:
         family = WireFamily.from_config(version)
     except ValueError as e:
@@ -560,6 +573,17 @@ def _chain(
         raise ConfigError(
             f"{p}: {pre}signing_mode = {signing_mode!r} needs a "
             f"[{pre}signing.{signing_mode}] section"
+        )
+    bls = signing_mode == "threshold_bls" or (
+        signing_mode == "native" and mode_section.key_type == "bls12381"
+    )
+    if bls and family is WireFamily.V0_34:
+        what = "signing_mode = 'threshold_bls'"
+        if signing_mode == "native":
+            what = "signing.native.key_type = 'bls12381'"
+        raise ConfigError(
+            f"{p}: {pre}{what}: BLS12-381 keys need CometBFT v0.38 or later, but "
+            f"{pre}version = {version!r} (v0.34/v0.37 have no BLS public key)"
         )
     if signing_mode == "pkcs11":
         if not mode_section.pin_path:

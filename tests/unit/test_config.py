@@ -81,6 +81,11 @@ def test_unix_and_tcp_addresses() -> None:
         (('key_type = "ed25519"', 'key_type = "rsa"'), "key_type"),
         (('host = "127.0.0.1"', 'host = "127.0.0.1"\naddress = "tcp://x:1"'), "not both"),
         (("chain_id", "= broken"), "invalid TOML"),
+        # Found in review: a stray space made every request a mismatch; a control
+        # character reached the logs; a 70,000-byte id failed every Raft commit.
+        (('"test-chain-v1"', '"test-chain-v1 "'), "no spaces at either end"),
+        (('"test-chain-v1"', '"test\\nchain"'), "no control characters"),
+        (('"test-chain-v1"', '"' + "c" * 51 + '"'), "CometBFT allows 50"),
     ],
 )
 def test_broken_configs_name_the_key(edit, message, tmp_path) -> None:
@@ -260,3 +265,16 @@ def test_pkcs11_section_validation(tmp_path) -> None:
         assert old in base
         with pytest.raises(ConfigError, match=msg):
             config.loads(base.replace(old, new, 1), tmp_path / "n.toml")
+
+
+@pytest.mark.parametrize("version", ["v0_34", "v0_37"])
+def test_a_bls_key_on_a_line_without_bls_is_a_config_error(version: str, tmp_path) -> None:
+    """v0.34/v0.37 have no BLS public key: the chain would drop the connection on every
+    public-key request (found in review), so the config is refused at load."""
+    text = RUST_NEBULA_EXAMPLE.replace('key_type = "ed25519"', 'key_type = "bls12381"')
+    assert config.loads(text).chains[0].family.value == "v1_0"
+    with pytest.raises(ConfigError, match=r"signing\.native\.key_type = 'bls12381'") as e:
+        config.loads(
+            text.replace('version = "v1_0"', f'version = "{version}"'), tmp_path / "b.toml"
+        )
+    assert "b.toml" in str(e.value) and f"version = '{version}'" in str(e.value)
