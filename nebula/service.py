@@ -552,25 +552,36 @@ class SigningService:
         return sig
 
     def _refused(
-        self, chain_id: str, reason: str, hrs: tuple[int, int, int] | None, text: str
+        self, requested: str, reason: str, hrs: tuple[int, int, int] | None, text: str
     ) -> None:
-        last = self.store.last(self.chain_id)
+        """Log, count and report a refusal.  It is counted and logged under this
+        service's chain (the connection's): the chain id a request names is the
+        validator's input, so it is only quoted (repr) - never a label of its own (one
+        series per id sent) or raw text in the log (a forged line)."""
+        chain_id = self.chain_id
+        last = self.store.last(chain_id)
         last_txt = f"{last.height}/{last.round}/{last.step}" if last else "none"
         at = f"{hrs[0]}/{hrs[1]}/{hrs[2]}" if hrs else "-"
+        extra = {
+            "event": "refused",
+            "chain_id": chain_id,
+            "hrs": at,
+            "reason": reason,
+            "last_signed": last_txt,
+        }
+        asked = ""
+        if requested != chain_id:
+            asked = f" requested_chain_id={requested[:64]!r}"
+            extra["requested_chain_id"] = requested[:64]
         log.warning(
-            "refused chain=%s hrs=%s reason=%s last_signed=%s: %s",
+            "refused chain=%s hrs=%s reason=%s last_signed=%s%s: %s",
             chain_id,
             at,
             reason,
             last_txt,
+            asked,
             text,
-            extra={
-                "event": "refused",
-                "chain_id": chain_id,
-                "hrs": at,
-                "reason": reason,
-                "last_signed": last_txt,
-            },
+            extra=extra,
         )
         if self.metrics is not None:
             self.metrics.refusals.labels(chain_id, reason).inc()

@@ -105,7 +105,10 @@ def test_two_chains_sign_concurrently_and_a_foreign_chain_id_is_refused(tmp_path
             await _sign(cb, B, kb, 61)
             await _sign(ca, A, ka, 61)
             text = _metrics(mport)
-            assert f'nebula_refusals_total{{chain_id="{B}",reason="chain_id_mismatch"}} 2.0' in text
+            # Counted under the chain of the connection they came on: the id a request
+            # names is the validator's input, never a label of its own (found in review).
+            assert f'nebula_refusals_total{{chain_id="{A}",reason="chain_id_mismatch"}} 2.0' in text
+            assert f'nebula_refusals_total{{chain_id="{B}",reason="chain_id_mismatch"}}' not in text
             assert f'nebula_last_signed_height{{chain_id="{A}"}} 61.0' in text
             assert f'nebula_last_signed_height{{chain_id="{B}"}} 61.0' in text
             # every request counted under the chain of the connection it came on

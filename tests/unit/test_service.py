@@ -113,6 +113,25 @@ def test_regression_and_wrong_chain_refused(tmp_path, key) -> None:
     assert svc.store.last(CHAIN).height == 5
 
 
+def test_a_foreign_chain_id_is_quoted_in_the_log_and_counted_under_this_chain(
+    tmp_path, key, caplog
+) -> None:
+    """The chain id a request names is the validator's input: a forged log line or a
+    new metric series per id must not come of it (found in review)."""
+    seen = []
+    svc = make(tmp_path, key)
+    svc.on_refused = lambda chain, reason, hrs, text: seen.append((chain, reason))
+    forged = "evil\nrefused chain=svc-chain hrs=1/0/1 reason=double_sign" + "x" * 5000
+    with caplog.at_level("WARNING", logger="nebula.signer"):
+        r = run(svc, SignVoteRequest(vote(h=9), forged))
+    assert r.error is not None and r.vote.signature == b""
+    (rec,) = [x for x in caplog.records if getattr(x, "event", None) == "refused"]
+    line = rec.getMessage()
+    assert "\n" not in line and line.startswith("refused chain=svc-chain ")
+    assert rec.chain_id == CHAIN and rec.requested_chain_id == forged[:64]
+    assert seen == [(CHAIN, "chain_id_mismatch")]
+
+
 def test_invalid_heights_and_types_refused(tmp_path, key) -> None:
     svc = make(tmp_path, key)
     for v in (vote(h=0), vote(r=-1), vote(typ=SignedMsgType.PROPOSAL), vote(typ=7)):
