@@ -246,6 +246,7 @@ def _running(cfg) -> bool:
 def cmd_state_export(args: argparse.Namespace) -> int:
     from nebula import config
     from nebula.cli.cluster import export_raft_state
+    from nebula.errors import StateError
     from nebula.state.base import record_to_json
     from nebula.state.local import read_states
 
@@ -256,6 +257,12 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     else:
         p = cfg.resolve(cfg.raw.state_path)
         assert p is not None
+        if not p.exists():
+            # Not zeros: an export is what a migration trusts (found in review).
+            raise StateError(
+                f"{p}: no state file (state_path in {cfg.path}): a wrong path, or a signer "
+                "that never started - nothing to export"
+            )
         rec = read_states(p).get(chain_id)  # reads only; creates nothing
     obj = record_to_json(rec) if rec is not None else {"height": "0", "round": 0, "step": 0}
     # CometBFT's file has only these keys; Nebula's extension fields are left out.
@@ -283,12 +290,19 @@ def cmd_state_import(args: argparse.Namespace) -> int:
     assert p is not None
     store = LocalStore(p)  # holds the state file's lock: refused while a node runs on it
     try:
-        store.force_import(chain_id, rec)
+        raised = store.force_import(chain_id, rec)
         after = store.last(chain_id)
     finally:
         store.close_sync()
     shown = f"{after.height}/{after.round}/{after.step}" if after else "0/0/0"
-    print(f"state for {chain_id}: {shown} (an import only ever raises it)")
+    if raised:
+        print(f"state for {chain_id}: raised to {shown}")
+    else:
+        given = f"{rec.height}/{rec.round}/{rec.step}" if rec else "0/0/0"
+        print(
+            f"state for {chain_id}: unchanged at {shown} ({args.file} holds {given}, not "
+            "higher: an import only ever raises it)"
+        )
     return 0
 
 

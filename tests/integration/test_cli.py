@@ -90,9 +90,19 @@ def test_start_status_and_state_export_import(tmp_path) -> None:
     nebula("keys", "generate", "-c", str(cfg))
     pvs = tmp_path / "priv_validator_state.json"
     pvs.write_text(json.dumps({"height": "7", "round": 0, "step": 3}))
+    # No state file yet: an export is an error, not zeros a migration would trust.
+    r = nebula("state", "export", "-c", str(cfg), check=False)
+    assert r.returncode != 0 and "no state file" in r.stderr and r.stdout == ""
     # Not running: import goes straight to the state file.
-    nebula("state", "import", "-c", str(cfg), str(pvs))
+    assert "raised to 7/0/3" in nebula("state", "import", "-c", str(cfg), str(pvs)).stdout
     assert json.loads(nebula("state", "export", "-c", str(cfg)).stdout)["height"] == "7"
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps({"height": "5", "round": 0, "step": 3}))
+    out = nebula("state", "import", "-c", str(cfg), str(older)).stdout
+    assert "unchanged at 7/0/3" in out and "holds 5/0/3, not higher" in out
+    # A file that is not a sign state (a key file given by mistake) is an error.
+    r = nebula("state", "import", "-c", str(cfg), str(tmp_path / "privkey"), check=False)
+    assert r.returncode != 0 and "privkey" in r.stderr
 
     async def main() -> None:
         lst = PrivvalListener(f"tcp://127.0.0.1:{port}", WireFamily.V0_38)
