@@ -425,6 +425,15 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
             raise ConfigError(
                 f"{p}: chain_id is required (or list the chains to serve as [[chains]])"
             )
+        if (
+            cfg.raft is not None
+            and cfg.raft.initial_state_path is not None
+            and cfg.initial_state_path is not None
+        ):
+            raise ConfigError(
+                f"{p}: initial_state_path and raft.initial_state_path name the one chain's "
+                "initial state twice: keep one"
+            )
         chains.append(
             _chain(
                 p,

@@ -918,6 +918,30 @@ def decode_uvarint(data: bytes, pos: int = 0) -> tuple[int, int]:
     return value, r.pos
 
 
+def canonical_chain_id(sign_bytes: bytes) -> str:
+    """The chain id inside stored sign bytes: field 6 of a CanonicalVote, 7 of a
+    CanonicalProposal (type 32).  A cold path (checking a sign state before it is
+    imported), so the pure codec only.  Raises DecodeError for bytes that are not one."""
+    data = _as_bytes(sign_bytes)
+    r = _Reader(data, "canonical sign bytes")
+    length = r.uvarint()
+    if length != r.end - r.pos:
+        raise r.error(f"length prefix {length} but {r.end - r.pos} bytes follow")
+    msg_type = 0  # field 1 comes first in canonical encoding
+    chain_id = ""
+    while r.more():
+        field, wt = r.key()
+        if field == 1:
+            r.check(field, wt, VARINT)
+            msg_type = r.int32()
+        elif field == (7 if msg_type == PROPOSAL_TYPE else 6):
+            r.check(field, wt, LEN)
+            chain_id = r.string("chain_id")
+        else:
+            r.skip(wt)
+    return chain_id
+
+
 def canonical_vote_without_timestamp(
     sign_bytes: bytes, proposal: bool | None = None
 ) -> tuple[bytes, Timestamp]:

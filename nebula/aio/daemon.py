@@ -37,6 +37,7 @@ from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
 from nebula.service import SigningService
 from nebula.state.base import (
     SignStore,
+    check_state_chain,
     load_priv_validator_state,
     record_from_json,
     record_to_json,
@@ -179,7 +180,7 @@ def _initial_paths(cfg: LoadedConfig) -> dict[str, Path]:
 
 def _initial(cfg: LoadedConfig) -> dict[str, SignRecord | None]:
     """Each chain's initial state, read: chain id -> record."""
-    return {c: load_priv_validator_state(p) for c, p in _initial_paths(cfg).items()}
+    return {c: load_priv_validator_state(p, c) for c, p in _initial_paths(cfg).items()}
 
 
 def make_store(
@@ -509,6 +510,7 @@ class Daemon:
         assert store is not None
         chain_id = self._chain_arg(req)
         rec = record_from_json(req.get("state"), "imported state")
+        check_state_chain(rec, chain_id, "imported state")
         if rec is not None:
             await store.raise_to(chain_id, rec)
         cur = store.last(chain_id)

@@ -283,7 +283,7 @@ def cmd_state_import(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     chain_id = cfg.chain(args.chain).chain_id
-    rec = load_priv_validator_state(args.file)
+    rec = load_priv_validator_state(args.file, chain_id)
     if cfg.raw.persist == "raft" or _running(cfg):
         return import_raft_state(cfg, chain_id, rec)  # through the running node
     p = cfg.resolve(cfg.raw.state_path)

@@ -42,6 +42,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nebula import _fast
+
+# A cold path (a sign state checked before an import): the pure codec serves both builds.
+from nebula._fast.pb_py import canonical_chain_id
 from nebula.types import (
     PingRequest,
     Proposal,
@@ -65,6 +68,7 @@ __all__ = [
     "MAX_RESPONSE_SIZE",
     "MAX_VOTE_EXTENSION_SIZE",
     "DelimitedReader",
+    "canonical_chain_id",
     "canonical_vote_without_timestamp",
     "decode_request",
     "decode_request_for_signing",

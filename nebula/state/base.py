@@ -42,8 +42,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from nebula.errors import ConfigError, StateError
+from nebula.errors import ConfigError, DecodeError, StateError
 from nebula.guard import Decision, SignRecord
+from nebula.proto import canonical_chain_id
 from nebula.types import Resolver, Signed
 
 #: ``sign_later(msgs, done)``: have ``msgs`` signed off the event loop thread and call
@@ -297,8 +298,28 @@ def record_from_json(obj: Any, where: str) -> SignRecord | None:
     return SignRecord(height, rnd, step, sb, sig, esb, esig)
 
 
-def load_priv_validator_state(path: str | Path) -> SignRecord | None:
-    """Read CometBFT's ``priv_validator_state.json``."""
+def check_state_chain(rec: SignRecord | None, chain_id: str, where: str) -> None:
+    """A sign state about to be imported for ``chain_id`` must not be another chain's:
+    the chain id inside its sign bytes (when it has any) is ``chain_id``.  (Another
+    chain's mark would only ever raise this one's - no double sign - but it could stop
+    the chain signing until it reaches that height, and this chain's own state would
+    still be missing.)"""
+    if rec is None or not rec.sign_bytes:
+        return
+    try:
+        inside = canonical_chain_id(rec.sign_bytes)
+    except DecodeError as e:
+        raise StateError(f"{where}: signbytes are not canonical sign bytes: {e}") from None
+    if inside != chain_id:
+        raise StateError(
+            f"{where}: a sign state of chain {inside!r} (the chain id in its signbytes), "
+            f"not of {chain_id!r}"
+        )
+
+
+def load_priv_validator_state(path: str | Path, chain_id: str | None = None) -> SignRecord | None:
+    """Read CometBFT's ``priv_validator_state.json``; with ``chain_id``, it must be that
+    chain's (:func:`check_state_chain`)."""
     p = Path(path)
     try:
         obj = json.loads(p.read_text())
@@ -306,4 +327,7 @@ def load_priv_validator_state(path: str | Path) -> SignRecord | None:
         raise StateError(f"{p}: initial state file not found") from None
     except (OSError, ValueError) as e:
         raise StateError(f"{p}: cannot read initial state: {e}") from None
-    return record_from_json(obj, str(p))
+    rec = record_from_json(obj, str(p))
+    if chain_id is not None:
+        check_state_chain(rec, chain_id, str(p))
+    return rec

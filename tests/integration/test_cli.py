@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from nebula import __version__
+from nebula import __version__, proto
 from nebula.aio.validator_side import PrivvalListener
+from nebula.guard import SignRecord
+from nebula.state.base import record_to_json
 from nebula.types import SignVoteRequest, WireFamily
 from tests.integration.test_single_node import vote
 from tests.support import vectors
@@ -100,9 +102,16 @@ def test_start_status_and_state_export_import(tmp_path) -> None:
     older.write_text(json.dumps({"height": "5", "round": 0, "step": 3}))
     out = nebula("state", "import", "-c", str(cfg), str(older)).stdout
     assert "unchanged at 7/0/3" in out and "holds 5/0/3, not higher" in out
-    # A file that is not a sign state (a key file given by mistake) is an error.
+    # A file that is not a sign state (a key file given by mistake) is an error, and so
+    # is another chain's (the chain id in its sign bytes).
     r = nebula("state", "import", "-c", str(cfg), str(tmp_path / "privkey"), check=False)
     assert r.returncode != 0 and "privkey" in r.stderr
+    other = tmp_path / "other.json"
+    sb = proto.vote_sign_bytes("other-chain", vote(9))
+    other.write_text(json.dumps(record_to_json(SignRecord(9, 0, 2, sb, b"s" * 64))))
+    r = nebula("state", "import", "-c", str(cfg), str(other), check=False)
+    assert r.returncode != 0 and "of chain 'other-chain'" in r.stderr
+    assert json.loads(nebula("state", "export", "-c", str(cfg)).stdout)["height"] == "7"
 
     async def main() -> None:
         lst = PrivvalListener(f"tcp://127.0.0.1:{port}", WireFamily.V0_38)

@@ -101,6 +101,12 @@ def test_raft_cross_field_checks(tmp_path) -> None:
         'signing_mode = "native"', 'signing_mode = "native"\npersist = "raft"'
     ).replace('initial_state_path = "./initial_state.json"', 'secret_path = "./s"')
     assert config.loads(base).raw.persist == "raft"
+    # One chain's initial state named twice: one of them would be ignored (found in review).
+    both = base.replace("log_level", 'initial_state_path = "./a.json"\nlog_level', 1).replace(
+        'secret_path = "./s"', 'secret_path = "./s"\ninitial_state_path = "./b.json"'
+    )
+    with pytest.raises(ConfigError, match="initial state twice"):
+        config.loads(both)
     with pytest.raises(ConfigError, match="not listed"):
         config.loads(base.replace("node_id = 1", "node_id = 2"))
     dup = base + '[[raft.peers]]\nid = 1\naddr = "127.0.0.1:8081"\n'

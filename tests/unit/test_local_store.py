@@ -222,6 +222,33 @@ def test_sign_states_of_other_signers_and_the_bounds_are_read() -> None:
     assert record_from_json(top, "x") == SignRecord((1 << 63) - 1, (1 << 31) - 1, 3, b"", b"")
 
 
+def test_a_sign_state_of_another_chain_is_refused_for_import(tmp_path) -> None:
+    """The chain id inside the sign bytes must be the chain's (found in review: chain-a's
+    export imported into chain-b raised chain-b's mark to chain-a's height)."""
+    from nebula import proto
+    from nebula.state.base import check_state_chain
+    from nebula.types import Proposal, Timestamp
+    from tests.support.votes import vote
+
+    sb = proto.vote_sign_bytes("chain-a", vote(7))
+    rec = SignRecord(7, 0, 2, sb, b"s" * 64)
+    check_state_chain(rec, "chain-a", "x")
+    with pytest.raises(StateError, match=r"a sign state of chain 'chain-a'.*not of 'chain-b'"):
+        check_state_chain(rec, "chain-b", "x")
+    prop = Proposal(32, 7, 0, -1, vote(7).block_id, Timestamp(1_700_000_000, 1))
+    psb = proto.proposal_sign_bytes("chain-b", prop)
+    check_state_chain(SignRecord(7, 0, 1, psb, b"s" * 64), "chain-b", "x")
+    with pytest.raises(StateError, match="not canonical sign bytes"):
+        check_state_chain(SignRecord(7, 0, 1, b"\x05abc", b"s"), "chain-b", "x")
+    check_state_chain(SignRecord(7, 0, 1, b"", b""), "chain-b", "x")  # nothing to check
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps(record_to_json(rec)))
+    assert load_priv_validator_state(f, "chain-a") == rec
+    with pytest.raises(StateError) as e:
+        load_priv_validator_state(f, "chain-b")
+    assert str(f) in str(e.value)
+
+
 # ---- the state file (format 2: two pairs, each slot in two copies a region apart) ------
 
 
