@@ -31,7 +31,7 @@ from nebula.config import (
     VaultTransitSigning,
     parse_hostport,
 )
-from nebula.errors import ConfigError, NotLeader
+from nebula.errors import ConfigError, KeyFileError, NotLeader
 from nebula.guard import SignRecord
 from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
 from nebula.service import SigningService
@@ -66,7 +66,12 @@ def make_backend(cfg: LoadedConfig, chain: ChainSpec | None = None) -> Backend:
             raise ConfigError(f"{cfg.path}: missing [{chain.where('signing.native')}]")
         path = cfg.resolve(n.private_key_path)
         dst = n.bls_dst.encode() if n.bls_dst else BLS_DEFAULT_DST
-        return NativeBackend(load_key_file(path, n.key_type, bls_dst=dst))
+        try:
+            key = load_key_file(path, n.key_type, bls_dst=dst)
+        except KeyFileError as e:
+            where = chain.where("signing.native.private_key_path")
+            raise KeyFileError(f"{cfg.path}: {where}: {e}") from None
+        return NativeBackend(key)
     if chain.signing_mode == "vault_transit":
         from nebula.backends.vault_transit import VaultTransitBackend
 
@@ -161,6 +166,18 @@ def _vault_settings(
         timeout=section.timeout,
         where=where,
     )
+
+
+def load_identity_for(cfg: LoadedConfig, spec: ChainSpec) -> bytes:
+    """The SecretConnection identity seed of ``spec``'s connections (a fresh one when the
+    chain names no ``connection_key_path``); a key file error names the config key."""
+    try:
+        return load_or_make_identity(cfg.resolve(spec.connection_key_path))
+    except KeyFileError as e:
+        where = spec.where("connection_key_path")
+        raise KeyFileError(
+            f"{cfg.path}: {where} (the SecretConnection identity key): {e}"
+        ) from None
 
 
 def _initial_paths(cfg: LoadedConfig) -> dict[str, Path]:
@@ -340,9 +357,7 @@ class Daemon:
             )
             seed = seeds.get(spec.connection_key_path)
             if seed is None:
-                seed = seeds[spec.connection_key_path] = load_or_make_identity(
-                    cfg.resolve(spec.connection_key_path)
-                )
+                seed = seeds[spec.connection_key_path] = load_identity_for(cfg, spec)
             dialers = [
                 Dialer(
                     ep,

@@ -195,6 +195,21 @@ def test_multi_chain_config(tmp_path) -> None:
         cfg.chain("gamma")
 
 
+def test_a_missing_key_file_names_the_config_key(tmp_path) -> None:
+    """Found in review: "key file key_missing does not exist" named neither the config
+    key nor the chain; a missing connection key read like a consensus key."""
+    from nebula.aio import daemon
+    from nebula.errors import KeyFileError
+
+    cfg = config.loads(MULTI, tmp_path / "n.toml")
+    with pytest.raises(KeyFileError) as e:
+        daemon.make_backend(cfg, cfg.chain("alpha-1"))
+    text = str(e.value)
+    assert "n.toml: chains[0].signing.native.private_key_path" in text and "alpha_key" in text
+    with pytest.raises(KeyFileError, match=r"connection_key_path \(the SecretConnection"):
+        daemon.load_identity_for(cfg, cfg.chains[0])
+
+
 def test_single_chain_config_is_one_chain(tmp_path) -> None:
     cfg = config.loads(RUST_NEBULA_EXAMPLE, tmp_path / "n.toml")
     assert not cfg.multi_chain and cfg.chain_ids == ("test-chain-v1",)
