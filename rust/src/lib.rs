@@ -400,6 +400,19 @@ impl Node {
                 m.from, m.to
             )));
         }
+        // A leader's heartbeat commits at most what this node acknowledged (raft-rs sends
+        // min(matched, committed)), and an acknowledged entry is durable here.  One that
+        // commits past the log came from no correct leader (a member of another cluster
+        // sharing the secret, an old incarnation, a bug): raft-rs would panic on it and
+        // the node would stop for good, so it is refused like any other bad message.
+        let last = self.raw.raft.raft_log.last_index();
+        if m.get_msg_type() == MessageType::MsgHeartbeat && m.commit > last {
+            return Err(RaftError::new_err(format!(
+                "heartbeat from {peer} (term {}) commits index {} past this log's last \
+                 index {last}; refused",
+                m.term, m.commit
+            )));
+        }
         self.raw.step(m).map_err(raft_err)
     }
 

@@ -590,3 +590,46 @@ def test_the_core_takes_proposals_only_as_leader() -> None:
         follower._core.propose_conf_change(CONF_ADD, 9, b"")
     with pytest.raises(ValueError):
         lead._core.propose_many([])
+
+
+def _msg(**fields: int) -> bytes:
+    """An eraftpb.Message with the given varint fields (msg_type 1, to 2, from 3, term 4,
+    log_term 5, index 6, commit 8), encoded by hand: no correct member sends these."""
+    numbers = {"msg_type": 1, "to": 2, "frm": 3, "term": 4, "log_term": 5, "index": 6, "commit": 8}
+    out = bytearray()
+    for name, value in fields.items():
+        for v in ((numbers[name] << 3), value):
+            while True:
+                b, v = v & 0x7F, v >> 7
+                out.append(b | (0x80 if v else 0))
+                if not v:
+                    break
+    return bytes(out)
+
+
+def test_a_heartbeat_that_commits_past_the_log_is_refused_and_the_node_goes_on() -> None:
+    """raft-rs panics on a heartbeat whose commit index is past the receiver's log, and a
+    panic stops the node for good.  No correct leader sends one (it commits at most what
+    the follower acknowledged); a member of another cluster with the same secret and ids,
+    or an old incarnation, can.  The core refuses it like any bad message (found in
+    review: one such message stopped a node)."""
+    net = Net([1, 2, 3])
+    lead = net.leader()
+    got, resolve = _collect()
+    lead.propose(_sign(5), resolve)
+    lead.process()
+    net.deliver()
+    follower = next(n for i, n in net.nodes.items() if n is not lead)
+    forged = _msg(msg_type=8, to=follower.id, frm=lead.id, term=follower.term, commit=1000)
+    assert _core.message_info(forged)[0] == _core.MSG_HEARTBEAT
+    follower.receive(lead.id, forged)
+    follower.process()
+    assert follower.fatal is None
+    assert follower.commit_index < 1000
+    # ... and the cluster goes on committing through it.
+    net.down.add(next(i for i, n in net.nodes.items() if n is not lead and n is not follower))
+    lead.propose(_sign(6), resolve)
+    lead.process()
+    net.deliver()
+    assert [r.verdict for r, _ in got] == [Verdict.ACCEPT, Verdict.ACCEPT]
+    assert follower.fatal is None
