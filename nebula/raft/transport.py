@@ -32,7 +32,10 @@ keepalive, ``TCP_USER_TIMEOUT`` so a vanished peer is noticed in seconds).
 * Unauthenticated inbound connections are capped at ``max_unauthenticated``: a connection
   accepted beyond the cap closes the *oldest* unauthenticated one at once, so idle
   connections held by someone without the secret cannot lock a real peer out (a real
-  handshake completes in one round trip).  Each must complete the handshake within
+  handshake completes in one round trip).  The oldest from an address that is no
+  configured peer's host goes first: a steady flood faster than ``max_unauthenticated``
+  per round trip would otherwise close every real handshake before its authenticator
+  arrived (a peer far away, found in review).  Each must complete the handshake within
   ``handshake_timeout`` or is closed.
 * The listener never stops: a non-blocking listening socket with ``loop.add_reader`` and
   our own ``accept()`` loop.  On ``EMFILE``/``ENFILE``/``ENOBUFS``/``ENOMEM`` it closes the
@@ -1170,11 +1173,21 @@ class Transport:
         self._resume = None
         self._start_reading()
 
+    def _oldest_to_evict(self) -> _Inbound:
+        """The unauthenticated connection a new one replaces: the oldest from an address
+        that is no configured peer's host, else the oldest."""
+        hosts = {p.host for p in self._peers.values()}
+        for conn in self._unauth:
+            remote = conn.remote
+            if not (isinstance(remote, tuple) and remote and remote[0] in hosts):
+                return conn
+        return next(iter(self._unauth))
+
     def _accepted_one(self, sock: socket.socket, remote: Any) -> None:
         self._accepted += 1
         if len(self._unauth) >= self._max_unauth:
             self._evicted += 1
-            next(iter(self._unauth)).abort()
+            self._oldest_to_evict().abort()
             self._note(
                 ("cap",),
                 logging.WARNING,

@@ -432,6 +432,98 @@ def _flood(
         done.set()
 
 
+# Opens idle connections to 127.0.0.1:PORT from 127.0.0.2 at RATE per second, holding
+# the last 2,000, until killed.
+_STEADY_FLOOD = """
+import collections, socket, sys, time
+port, rate = int(sys.argv[1]), float(sys.argv[2])
+held, t0, n = collections.deque(), time.monotonic(), 0
+while True:
+    while n < int((time.monotonic() - t0) * rate):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind(("127.0.0.2", 0))
+        s.connect_ex(("127.0.0.1", port))
+        held.append(s)
+        n += 1
+        if len(held) > 2000:
+            held.popleft().close()
+    time.sleep(0.001)
+"""
+
+
+async def _delayed_proxy(listen: int, target: int, one_way: float) -> asyncio.AbstractServer:
+    """127.0.0.1:``listen`` forwards to ``target``, each byte ``one_way`` s late each way."""
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def pump() -> None:
+            while True:
+                t, data = await queue.get()
+                if not data:
+                    break
+                await asyncio.sleep(max(0.0, t + one_way - time.monotonic()))
+                w.write(data)
+
+        task = asyncio.create_task(pump())
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(65536):
+                queue.put_nowait((time.monotonic(), data))
+        queue.put_nowait((0.0, b""))
+        with contextlib.suppress(Exception):
+            await task
+        w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        try:
+            sr, sw = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            cw.close()
+            return
+        await asyncio.gather(pipe(cr, sw), pipe(sr, cw), return_exceptions=True)
+
+    return await asyncio.start_server(handle, "127.0.0.1", listen)
+
+
+def test_a_steady_flood_from_elsewhere_cannot_lock_out_a_peer_far_away() -> None:
+    """A flood faster than ``max_unauthenticated`` connections per round trip used to
+    close every handshake of a peer far away before its authenticator arrived, so a
+    restarted peer never got back in (found in review).  The flood's connections, from
+    an address that is no peer's host, are now closed first.  Here: a cap of 16, a round
+    trip of 200 ms to peer 1, and ~400 idle connections per second from 127.0.0.2 (five
+    times what closes every handshake by age alone)."""
+
+    async def main() -> None:
+        p1, p2, pproxy = free_ports(3)
+        n2 = await Node(2, {1: p1, 2: p2}, max_unauthenticated=16, handshake_timeout=2.0).start()
+        proxy = await _delayed_proxy(pproxy, p2, 0.1)
+        flood = subprocess.Popen([sys.executable, "-c", _STEADY_FLOOD, str(p2), "400"])
+        n1 = None
+        try:
+            await until(lambda: n2.t.listener_stats()["evicted"] > 100, 10, "the flood")
+            n1 = await Node(1, {1: p1, 2: pproxy}).start()
+            k = 0
+
+            def through() -> bool:
+                nonlocal k
+                k += 1
+                n1.t.send(2, b"after %d" % k)
+                return any(p.startswith(b"after") for p in n2.got(1))
+
+            await until(through, 8.0, "peer 1 authenticated through the flood")
+            assert n2.t.listener_stats()["evicted"] > 200, n2.t.listener_stats()
+        finally:
+            flood.kill()
+            flood.wait()
+            if n1 is not None:
+                await n1.t.close()
+            proxy.close()
+            await n2.t.close()
+
+    uvloop.run(asyncio.wait_for(main(), 40))
+
+
 def test_a_thousand_idle_unauthenticated_connections_do_not_stop_the_messages(run: Runner) -> None:
     async def main() -> None:
         cap = 64
