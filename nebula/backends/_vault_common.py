@@ -354,6 +354,12 @@ def vault_error_text(status: int, body: bytes) -> str:
     hint = ""
     if status == 403:
         hint = " (token revoked, expired, or without the needed policy)"
+    elif 300 <= status < 400:
+        hint = (
+            " (a redirect, as a standby node answers: Nebula does not follow redirects on "
+            "the signing path; set address to the active node, or to a load balancer that "
+            "forwards to it)"
+        )
     return f"HTTP {status}{hint}: {detail or 'no details'}"
 
 
@@ -442,6 +448,8 @@ class AsyncVaultHTTP:
             raise BackendError(
                 f"{what}: connection to Vault at {s.address} failed: {_describe(exc)}"
             ) from None
+        except ValueError as exc:  # StreamReader.readline: a line past the buffer limit
+            raise BackendError(f"{what}: {s.address}: malformed HTTP answer: {exc}") from None
 
     async def _exchange(self, req: bytes, method: str, *, reuse: bool) -> tuple[int, bytes]:
         conn: _Conn | None = None
@@ -449,7 +457,8 @@ class AsyncVaultHTTP:
         if reuse:
             while self._idle:
                 r, w = self._idle.pop()
-                if r.at_eof() or w.is_closing():
+                if r.at_eof() or w.is_closing() or getattr(r, "_buffer", None):
+                    # Closed, or bytes nobody asked for: never read them as an answer.
                     w.transport.abort()
                     continue
                 conn, reused = (r, w), True
@@ -499,10 +508,34 @@ def _describe(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+#: Interim (1xx) answers skipped before the final one, at most.
+_MAX_INTERIM = 8
+
+
 async def _read_response(
     reader: asyncio.StreamReader, status_line: bytes, method: str
 ) -> tuple[int, bytes, bool]:
-    """Parse one HTTP/1.x answer after its status line: (status, body, keep-alive)."""
+    """Parse one HTTP/1.x answer after its status line: (status, body, keep-alive).
+
+    Interim answers (``100 Continue``, ``103 Early Hints``, from Vault or a proxy before
+    it) are read past: returned as the answer, they left the real one on the connection
+    for the next request to read."""
+    for _ in range(_MAX_INTERIM):
+        status, body, keep = await _read_one(reader, status_line, method)
+        if not 100 <= status < 200:
+            return status, body, keep
+        if status == 101:
+            raise BackendError("Vault's answer switches protocols (HTTP 101)")
+        status_line = await reader.readline()
+        if not status_line:
+            raise asyncio.IncompleteReadError(b"", None)
+    raise BackendError(f"more than {_MAX_INTERIM} interim (1xx) answers from Vault")
+
+
+async def _read_one(
+    reader: asyncio.StreamReader, status_line: bytes, method: str
+) -> tuple[int, bytes, bool]:
+    """One answer (final or interim) after its status line: (status, body, keep-alive)."""
     parts = status_line.split(None, 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
         raise BackendError(f"not an HTTP answer: {status_line[:60]!r}")
@@ -547,10 +580,12 @@ async def _read_response(
         if length > _MAX_BODY:
             raise BackendError(f"Vault's answer is too large ({length} bytes)")
         return status, await reader.readexactly(length), keep
-    body = await reader.read(_MAX_BODY + 1)  # close-delimited
-    if len(body) > _MAX_BODY:
-        raise BackendError("Vault's answer is too large")
-    return status, body, False
+    body = bytearray()  # close-delimited: everything up to the end of the stream
+    while chunk := await reader.read(_MAX_BODY + 1 - len(body)):
+        body += chunk
+        if len(body) > _MAX_BODY:
+            raise BackendError("Vault's answer is too large")
+    return status, bytes(body), False
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -559,10 +594,10 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         line = await reader.readline()
         if not line.endswith(b"\n"):
             raise asyncio.IncompleteReadError(line, None)
-        try:
-            size = int(line.split(b";", 1)[0].strip(), 16)
-        except ValueError:
-            raise BackendError(f"bad chunk size {line[:40]!r}") from None
+        digits = line.split(b";", 1)[0].strip()
+        if not digits or digits.strip(b"0123456789abcdefABCDEF"):  # int() takes -1, 0x5, 1_0
+            raise BackendError(f"bad chunk size {line[:40]!r}")
+        size = int(digits, 16)
         if size == 0:
             while True:  # trailers up to the empty line
                 t = await reader.readline()
