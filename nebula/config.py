@@ -369,6 +369,10 @@ def _explain(msg: str) -> str:
     return msg
 
 
+#: The longest one request may take inside Nebula (seconds): CometBFT gives up on its
+#: signer after 5 s, and the network and the validator's side need the rest.
+REQUEST_BUDGET = 4.5
+
 #: CometBFT's limit on a chain id (types.MaxChainIDLen), in bytes.
 MAX_CHAIN_ID_LEN = 50
 
@@ -520,6 +524,26 @@ def _validate(cfg: Config, p: Path) -> LoadedConfig:
             raise ConfigError(f"{p}: raft.snapshot_entries must be in [2, 10000000]")
         if any(i <= 0 for i in ids):
             raise ConfigError(f"{p}: raft node ids must be positive")
+
+    # One request's worst case must leave CometBFT's 5 s with room to spare: every call to
+    # a backend that waits (its timeout; two in a row on v0.38/v1.0, where a precommit
+    # also signs its vote extension) plus the Raft commit (found in review: 3.0 s backend
+    # timeouts answered a precommit after 5.2 s).
+    commit = cfg.raft.commit_timeout if cfg.persist == "raft" and cfg.raft else 0.0
+    for c in chains:
+        section = getattr(c.signing, c.signing_mode, None)
+        timeout = getattr(section, "timeout", None)
+        if c.signing_mode == "threshold_bls" or not isinstance(timeout, int | float):
+            continue
+        calls = 1 if c.family is WireFamily.V0_34 else 2
+        worst = calls * timeout + commit
+        if not worst <= REQUEST_BUDGET:
+            raise ConfigError(
+                f"{p}: {c.where(f'signing.{c.signing_mode}.timeout')} = {timeout:g}: "
+                f"{calls} backend call(s) of up to {timeout:g} s"
+                + (f" and raft.commit_timeout = {commit:g}" if commit else "")
+                + f" can take {worst:g} s, more than {REQUEST_BUDGET:g} s of CometBFT's 5 s"
+            )
 
     if cfg.metrics.listen:
         host, _ = parse_hostport(cfg.metrics.listen, f"{p}: metrics.listen")

@@ -92,7 +92,7 @@ def pkcs11_toml(
     key_type: str = "ed25519",
     key_label: str = "validator",
     pin_path: str = f"./{PIN_NAME}",
-    timeout: float = 2.0,
+    timeout: float = 1.5,
     public_key: bytes | None = None,
     section: str = "signing.pkcs11",
 ) -> str:

@@ -271,7 +271,7 @@ address = "http://127.0.0.1:{proxy.listen_port}"
 mount = "transit"
 key_name = "val"
 token_path = "{tmp_path / "token"}"
-timeout = 3.0
+timeout = 2.0
 [[chains.connections]]
 address = "{aa}"
 """

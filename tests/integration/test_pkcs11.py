@@ -360,7 +360,7 @@ token_label = "{label}"
 pin_path = "./hsm_pin"
 key_label = "validator"
 key_type = "ed25519"
-timeout = 2.0
+timeout = 1.5
 [[chains.connections]]
 address = "{addr}"
 """
@@ -514,7 +514,7 @@ def test_a_cluster_whose_members_sign_from_their_own_tokens(tmp_path) -> None:
         kf.unlink()
     extra = (
         f'[signing.pkcs11]\nmodule_path = "{hsms[0].module}"\ntoken_label = "member"\n'
-        'pin_path = "./hsm_pin"\nkey_label = "validator"\ntimeout = 2.0\n'
+        'pin_path = "./hsm_pin"\nkey_label = "validator"\ntimeout = 1.5\n'
     )
     cl = ProcCluster(
         tmp_path / "cluster",

@@ -299,3 +299,18 @@ def test_a_bls_key_on_a_line_without_bls_is_a_config_error(version: str, tmp_pat
             text.replace('version = "v1_0"', f'version = "{version}"'), tmp_path / "b.toml"
         )
     assert "b.toml" in str(e.value) and f"version = '{version}'" in str(e.value)
+
+
+def test_a_request_that_could_outlast_cometbfts_5_s_is_a_config_error(tmp_path) -> None:
+    """Each backend timeout is under 4 s, but a v0.38/v1.0 precommit calls the backend
+    twice (its vote extension too) and a cluster adds its commit: 3.0 s timeouts answered
+    after 5.2 s, when CometBFT had given up (found in review).  The sum is bounded."""
+    beta = MULTI.replace('key_name = "beta"', 'key_name = "beta"\ntimeout = 2.0')
+    config.loads(beta)  # 2 x 2.0 s on v1.0, a local store: 4.0 s
+    with pytest.raises(ConfigError) as e:
+        config.loads(beta.replace("timeout = 2.0", "timeout = 2.5"), tmp_path / "n.toml")
+    text = str(e.value)
+    assert "n.toml: chains[1].signing.vault_transit.timeout = 2.5" in text
+    assert "can take 5 s, more than 4.5 s" in text
+    on_v034 = beta.replace('version = "v1_0"', 'version = "v0_34"')
+    config.loads(on_v034.replace("timeout = 2.0", "timeout = 3.0"))  # one call: 3.0 s
