@@ -186,14 +186,21 @@ def test_an_idle_loop_signs_part_of_the_queue_and_every_job_is_answered_once() -
     thread the others; each signature libsodium's, each job answered once."""
 
     async def go() -> None:
-        worker = SignWorker()
-        try:
-            seed = os.urandom(32)
-            jobs = [(seed, [os.urandom(100 + i + k) for k in range(100)]) for i in range(40)]
-            await _sign_and_check(worker, jobs)
-            assert 1 <= worker.stolen < len(jobs)
-        finally:
-            worker.close()
+        # The loop steals only while the thread is busy with another job: on a loaded
+        # machine the thread can drain a round before the loop runs again, so a few
+        # rounds are allowed to find it (CI saw one round with no steal).
+        for _round in range(5):
+            worker = SignWorker()
+            try:
+                seed = os.urandom(32)
+                jobs = [(seed, [os.urandom(100 + i + k) for k in range(100)]) for i in range(40)]
+                await _sign_and_check(worker, jobs)
+                assert worker.stolen < len(jobs)
+                if worker.stolen >= 1:
+                    return
+            finally:
+                worker.close()
+        raise AssertionError("the idle loop signed no queued job in five rounds")
 
     asyncio.run(go())
 
