@@ -31,7 +31,7 @@ from nebula.config import (
     VaultTransitSigning,
     parse_hostport,
 )
-from nebula.errors import ConfigError, KeyFileError, NotLeader
+from nebula.errors import BackendError, ConfigError, KeyFileError, NebulaError, NotLeader
 from nebula.guard import SignRecord
 from nebula.metrics import ROLE_VALUES, HealthServer, Metrics
 from nebula.service import SigningService
@@ -293,6 +293,9 @@ class ChainRuntime:
 
 
 class Daemon:
+    #: First retry (seconds) of a backend that could not connect at start; doubles to 30.
+    BACKEND_RETRY = 1.0
+
     def __init__(self, cfg: LoadedConfig) -> None:
         self.cfg = cfg
         self.store: SignStore | None = None
@@ -303,6 +306,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._bg: set[asyncio.Task[None]] = set()
         self.sign_worker: SignWorker | None = None
+        #: chains whose backend could not connect yet: chain id -> why
+        self.pending: dict[str, str] = {}
+        self._seeds: dict[str | None, bytes] = {}
 
     @property
     def dialers(self) -> list[Dialer]:
@@ -320,14 +326,21 @@ class Daemon:
         return rt.backend if rt is not None else None
 
     async def start(self) -> None:
-        from nebula.crypto.keys import address_of
 
         cfg, raw = self.cfg, self.cfg.raw
         loop = asyncio.get_running_loop()
         backends: dict[str, Backend] = {}
         try:
             for spec in cfg.chains:
-                backends[spec.chain_id] = make_backend(cfg, spec)
+                try:
+                    backends[spec.chain_id] = make_backend(cfg, spec)
+                except BackendError as e:
+                    # One chain's backend down at start (Vault unreachable, a token
+                    # missing) must not keep the other chains down: they start, this one
+                    # retries in the background.  A single chain fails fast as before.
+                    if len(cfg.chains) < 2:
+                        raise
+                    self.pending[spec.chain_id] = str(e)
         except BaseException:
             for b in backends.values():
                 with contextlib.suppress(Exception):
@@ -348,41 +361,15 @@ class Daemon:
                 lambda chain, member: bad.labels(chain, str(member)).inc()
             )
         # The services exist before the store serves, so that close() finds every backend.
-        d = raw.dial
-        seeds: dict[str | None, bytes] = {}
         for spec in cfg.chains:
-            backend = backends[spec.chain_id]
-            service = SigningService(
-                spec.chain_id, spec.family, backend, self.store, metrics=self.metrics
-            )
-            seed = seeds.get(spec.connection_key_path)
-            if seed is None:
-                seed = seeds[spec.connection_key_path] = load_identity_for(cfg, spec)
-            dialers = [
-                Dialer(
-                    ep,
-                    service,
-                    spec.family,
-                    identity_seed=seed,
-                    handshake_timeout=d.handshake_timeout,
-                    backoff_min=d.backoff_min,
-                    backoff_max=d.backoff_max,
-                    idle_timeout=d.idle_timeout,
-                    metrics=self.metrics,
-                )
-                for ep in spec.endpoints
-            ]
-            addr = address_of(backend.key_type, backend.public_key).hex().upper()
-            self.chains[spec.chain_id] = ChainRuntime(spec, backend, service, dialers, addr)
+            backend = backends.get(spec.chain_id)
+            if backend is not None:
+                self._add_chain(spec, backend)
         if self.store.replicated and raw.raft is not None and raw.raft.sign_off_loop:
             self._use_sign_worker(backends)
         await self.store.start()
         for chain_id in self.chains:
-            rec = self.store.last(chain_id)
-            if rec is not None:
-                self.metrics.last_height.labels(chain_id).set(rec.height)
-                self.metrics.last_round.labels(chain_id).set(rec.round)
-                self.metrics.last_step.labels(chain_id).set(rec.step)
+            self._show_last(chain_id)
         if self.store.replicated:
             self.metrics.before_expose = self._update_raft_gauges
         if raw.metrics.listen:
@@ -415,6 +402,104 @@ class Daemon:
         self.store.on_role_change(self._dial)
         if self.store.is_authoritative():
             self._dial(True)
+        for spec in cfg.chains:
+            if spec.chain_id in self.pending:
+                log.error(
+                    "chain %s: its backend is unavailable (%s); the other chains are "
+                    "served, this one connects when it can",
+                    spec.chain_id,
+                    self.pending[spec.chain_id],
+                    extra={"event": "backend_unavailable", "chain_id": spec.chain_id},
+                )
+                task = loop.create_task(self._connect_later(spec), name=f"backend {spec}")
+                self._bg.add(task)
+                task.add_done_callback(self._bg.discard)
+
+    def _add_chain(self, spec: ChainSpec, backend: Backend) -> ChainRuntime:
+        """Serve ``spec`` with ``backend``: its signing service and its dialers."""
+        from nebula.crypto.keys import address_of
+
+        assert self.store is not None and self.metrics is not None
+        d = self.cfg.raw.dial
+        service = SigningService(
+            spec.chain_id, spec.family, backend, self.store, metrics=self.metrics
+        )
+        seed = self._seeds.get(spec.connection_key_path)
+        if seed is None:
+            seed = self._seeds[spec.connection_key_path] = load_identity_for(self.cfg, spec)
+        dialers = [
+            Dialer(
+                ep,
+                service,
+                spec.family,
+                identity_seed=seed,
+                handshake_timeout=d.handshake_timeout,
+                backoff_min=d.backoff_min,
+                backoff_max=d.backoff_max,
+                idle_timeout=d.idle_timeout,
+                metrics=self.metrics,
+            )
+            for ep in spec.endpoints
+        ]
+        addr = address_of(backend.key_type, backend.public_key).hex().upper()
+        rt = self.chains[spec.chain_id] = ChainRuntime(spec, backend, service, dialers, addr)
+        return rt
+
+    def _show_last(self, chain_id: str) -> None:
+        assert self.store is not None and self.metrics is not None
+        rec = self.store.last(chain_id)
+        if rec is not None:
+            self.metrics.last_height.labels(chain_id).set(rec.height)
+            self.metrics.last_round.labels(chain_id).set(rec.round)
+            self.metrics.last_step.labels(chain_id).set(rec.step)
+
+    async def _connect_later(self, spec: ChainSpec) -> None:
+        """Connect ``spec``'s backend (off the loop: the start-up calls block), retrying
+        with backoff up to 30 s; then serve the chain, dialing if this node leads."""
+        loop = asyncio.get_running_loop()
+        delay = self.BACKEND_RETRY
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                backend = await loop.run_in_executor(None, make_backend, self.cfg, spec)
+            except BackendError as e:
+                self.pending[spec.chain_id] = str(e)
+                delay = min(delay * 2, 30.0)
+                log.warning(
+                    "chain %s: backend still unavailable (%s); next try in %.0f s",
+                    spec.chain_id,
+                    e,
+                    delay,
+                    extra={"chain_id": spec.chain_id},
+                )
+                continue
+            except NebulaError as e:  # a key or config problem: no retry mends it
+                self.pending[spec.chain_id] = str(e)
+                log.error("chain %s: not served: %s", spec.chain_id, e)
+                return
+            if self._stop.is_set() or self.store is None:
+                await backend.close()
+                return
+            try:
+                rt = self._add_chain(spec, backend)
+            except NebulaError as e:  # its connection key
+                self.pending[spec.chain_id] = str(e)
+                log.error("chain %s: not served: %s", spec.chain_id, e)
+                await backend.close()
+                return
+            del self.pending[spec.chain_id]
+            self._show_last(spec.chain_id)
+            log.info(
+                "chain %s: backend connected (%s key, address %s); serving it",
+                spec.chain_id,
+                backend.key_type,
+                rt.address,
+                extra={"event": "chain", "chain_id": spec.chain_id},
+            )
+            if self.store.is_authoritative():
+                for dialer in rt.dialers:
+                    dialer.start()
+            return
 
     def _dial(self, leader: bool) -> None:
         if leader:
@@ -480,6 +565,16 @@ class Daemon:
             }
             for chain_id, rt in self.chains.items()
         }
+        for chain_id, why in self.pending.items():
+            spec = self.cfg.chain(chain_id)
+            node["served"][chain_id] = {
+                "version": spec.family.value,
+                "signing_mode": spec.signing_mode,
+                "backend_unavailable": why,
+                "validators_connected": 0,
+                "validators": len(spec.endpoints),
+                "state": states.get(chain_id),
+            }
         if len(self.chains) == 1:
             rt = next(iter(self.chains.values()))
             node["chain_id"] = rt.spec.chain_id

@@ -126,10 +126,13 @@ def _chains_table(sts: list[dict[str, Any]]) -> Any:
             if st
             else "never signed"
         )
+        key = f"{c.get('key_type', '')} ({c.get('signing_mode', '')})"
+        if c.get("backend_unavailable"):
+            key = f"backend unavailable ({c.get('signing_mode', '')}), retrying"
         t.add_row(
             chain_id,
             str(c.get("version", "")),
-            f"{c.get('key_type', '')} ({c.get('signing_mode', '')})",
+            key,
             str(c.get("address", ""))[:12],
             f"{c.get('validators_connected', 0)}/{c.get('validators', 0)}",
             last,

@@ -316,6 +316,63 @@ address = "{aa}"
             proxy.stop()
 
 
+def test_a_backend_down_at_start_keeps_only_its_own_chain_waiting(tmp_path) -> None:
+    """Chain A's Vault is unreachable when the signer starts: chain B is served at once
+    (it used to exit, and systemd's restarts kept every chain down), A is shown as
+    waiting on its backend, and once Vault answers A connects and signs - no restart
+    (found in review)."""
+    from tests.support.openbao import OpenBao
+
+    kb = generate("ed25519")
+    aa, ab = _addrs(2)
+    with OpenBao() as bao:
+        bao.client().secrets.transit.create_key("val", key_type="ed25519", mount_point="transit")
+        proxy = Proxy(free_port(), bao.port)  # not started: the address refuses connections
+        try:
+            (tmp_path / "token").write_text(bao.root_token)
+            (tmp_path / "token").chmod(0o600)
+            node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])])
+            with node.config_path.open("a") as f:
+                f.write(f"""
+[[chains]]
+chain_id = "{A}"
+version = "v0_38"
+signing_mode = "vault_transit"
+[chains.signing.vault_transit]
+address = "http://127.0.0.1:{proxy.listen_port}"
+key_name = "val"
+token_path = "{tmp_path / "token"}"
+[[chains.connections]]
+address = "{aa}"
+""")
+
+            async def main() -> None:
+                la = PrivvalListener(aa, WireFamily.V0_38)
+                lb = PrivvalListener(ab, WireFamily.V0_38)
+                await la.start()
+                await lb.start()
+                with node:
+                    cb = await lb.accept(timeout=30)
+                    for h in range(1, 6):
+                        await _sign(cb, B, kb, h)
+                    st = json.loads(_cli("status", "-c", str(node.config_path), "--json").stdout)
+                    served = st[0]["served"]
+                    assert "cannot reach Vault" in served[A]["backend_unavailable"], served
+                    assert served[B]["validators_connected"] == 1
+                    proxy.start()  # Vault reachable now
+                    ca = await la.accept(timeout=40)
+                    r = await ca.request(SignVoteRequest(vote(1), A), timeout=10)
+                    assert r.error is None and r.vote.signature
+                    await _sign(cb, B, kb, 6)
+                    assert "backend connected" in node.log_tail(200_000)
+                await la.close()
+                await lb.close()
+
+            asyncio.run(main())
+        finally:
+            proxy.stop()
+
+
 def test_adding_a_chain_with_a_rolling_restart_leaves_the_other_chains_state(tmp_path) -> None:
     """A config change and a restart of one member at a time adds chain B to a cluster
     that signs chain A: A keeps its mark and keeps signing, B starts from its import."""
