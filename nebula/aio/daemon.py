@@ -156,15 +156,17 @@ def _vault_settings(
 
     where = f"{cfg.path}: {chain.where('signing.' + mode)}"
     ca_cert = cfg.resolve(section.ca_cert)
+    token_path = cfg.resolve(section.token_path)
     return VaultSettings.create(
         section.address,
         section.mount,
         section.key_name,
-        load_token(cfg.resolve(section.token_path), section.token_env, where=where),
+        load_token(token_path, section.token_env, where=where),
         ca_cert=str(ca_cert) if ca_cert is not None else None,
         insecure_skip_verify=section.insecure_skip_verify,
         timeout=section.timeout,
         where=where,
+        token_path=str(token_path) if token_path is not None else None,
     )
 
 

@@ -72,6 +72,9 @@ class VaultSettings:
     ca_cert: str | None = None
     insecure_skip_verify: bool = False
     timeout: float = 1.0
+    #: where ``token`` was read from: read again when Vault refuses it (HTTP 403), so a
+    #: token renewed in the file (Vault Agent's sink) is taken without a restart
+    token_path: str | None = None
     #: filled in from ``address``
     scheme: str = "http"
     host: str = "127.0.0.1"
@@ -90,6 +93,7 @@ class VaultSettings:
         timeout: float = 1.0,
         where: str = "vault",
         max_timeout: float = 4.0,
+        token_path: str | None = None,
     ) -> VaultSettings:
         """Validated settings; every problem is a ConfigError naming ``where``.
 
@@ -133,6 +137,7 @@ class VaultSettings:
             ca_cert=ca_cert,
             insecure_skip_verify=insecure_skip_verify,
             timeout=float(timeout),
+            token_path=token_path,
             scheme=scheme,
             host=host,
             port=port,
@@ -401,19 +406,42 @@ class AsyncVaultHTTP:
     same deadline (safe here: a consensus signature is deterministic).
     """
 
-    __slots__ = ("_closed", "_head", "_idle", "_settings", "_ssl")
+    __slots__ = ("_closed", "_head", "_idle", "_settings", "_ssl", "_token")
 
     def __init__(self, settings: VaultSettings, ssl_ctx: ssl.SSLContext | None) -> None:
         self._settings = settings
         self._ssl = ssl_ctx
         self._idle: list[_Conn] = []
         self._closed = False
+        self._token = ""
+        self._head = b""
+        self._use_token(settings.token)
+
+    def _use_token(self, token: str) -> None:
+        s = self._settings
+        self._token = token
         self._head = (
-            f"Host: {_host_port(settings.host, settings.port)}\r\n"
-            f"X-Vault-Token: {settings.token}\r\n"
+            f"Host: {_host_port(s.host, s.port)}\r\n"
+            f"X-Vault-Token: {token}\r\n"
             "X-Vault-Request: true\r\n"
             "User-Agent: nebula-signer\r\n"
         ).encode("ascii")
+
+    def _token_renewed(self) -> bool:
+        """After a 403: True if ``token_path`` now holds another valid token (taken)."""
+        path = self._settings.token_path
+        if not path:
+            return False
+        try:
+            token = load_token(path, None, where="Vault token file")
+        except NebulaError as exc:
+            log.warning("cannot read the Vault token again from %s: %s", path, exc)
+            return False
+        if token == self._token or not _TOKEN_RE.match(token):
+            return False
+        log.info("Vault refused the token; using the new one in %s", path)
+        self._use_token(token)
+        return True
 
     async def request(
         self, method: str, path: str, body: bytes | None = None, *, what: str
@@ -422,20 +450,25 @@ class AsyncVaultHTTP:
         s = self._settings
         if self._closed:
             raise BackendError(f"{what}: the Vault client is closed")
-        req = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), path.encode(), self._head)
-        if body is not None:
-            req += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+
+        def build() -> bytes:
+            req = b"%s %s HTTP/1.1\r\n%s" % (method.encode(), path.encode(), self._head)
+            if body is None:
+                return req + b"\r\n"
+            return req + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
                 len(body),
                 body,
             )
-        else:
-            req += b"\r\n"
+
         try:
             async with asyncio.timeout(s.timeout):
                 try:
-                    return await self._exchange(req, method, reuse=True)
+                    status, data = await self._exchange(build(), method, reuse=True)
                 except _Retry:
-                    return await self._exchange(req, method, reuse=False)
+                    status, data = await self._exchange(build(), method, reuse=False)
+                if status == 403 and self._token_renewed():
+                    status, data = await self._exchange(build(), method, reuse=False)
+                return status, data
         except TimeoutError:
             raise BackendError(
                 f"{what}: Vault at {s.address} did not answer within {s.timeout} s"

@@ -257,6 +257,39 @@ def test_transit_revoked_token_is_refused_quickly(bao: OpenBao, caplog) -> None:
     assert run(go()) < ANSWER_TIMEOUT  # the server's 403, not the timeout (see the match)
 
 
+def test_a_token_renewed_in_token_path_is_taken_without_a_restart(
+    bao: OpenBao, tmp_path: Path
+) -> None:
+    """Vault Agent (or an operator) writes a new token to ``token_path`` when the old one
+    expires or is revoked: the 403 makes the client read the file again and retry once
+    with the new token (found in review: only a restart recovered).  A file that still
+    holds the refused token leaves the refusal as it was."""
+    old = bao.create_token(ttl="1h")
+    path = tmp_path / "token"
+    path.write_text(old)
+    path.chmod(0o600)
+    s = VaultSettings.create(
+        bao.address, "transit", "val", old, timeout=ANSWER_TIMEOUT, token_path=str(path)
+    )
+    backend = VaultTransitBackend.connect(s)
+
+    async def go() -> None:
+        try:
+            await backend.sign(MSGS[0])
+            bao.revoke_token(old)
+            with pytest.raises(BackendError, match=r"HTTP 403"):
+                await backend.sign(MSGS[1])  # the file still holds the revoked token
+            new = bao.create_token(ttl="1h")
+            path.write_text(new + "\n")
+            sig = await backend.sign(MSGS[1])
+            assert keys.verify_signature("ed25519", backend.public_key, MSGS[1], sig)
+            await backend.sign(MSGS[2])  # and it stays in use
+        finally:
+            await backend.close()
+
+    run(go())
+
+
 def test_transit_server_killed_is_refused_within_the_timeout() -> None:
     with OpenBao() as server:
         server.client().secrets.transit.create_key("k", key_type="ed25519", mount_point="transit")
