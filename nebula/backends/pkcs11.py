@@ -14,7 +14,9 @@ is set).  A token that answers with anything else is refused, never relayed.
 
 Operation:
 
-* One session, logged in, opened at start and reused for every request.
+* One session, opened at start and reused for every request.  The token's login is held by
+  a separate session per token and process that is never closed, so that one backend
+  closing its session never logs another backend on the same token out.
 * Calls into the module run on a dedicated worker thread (python-pkcs11 releases the GIL in
   ``C_Sign``), under the backend's ``timeout``: a slow or hung HSM refuses its own chain's
   request and never blocks the event loop, other chains or the process.  While a call
@@ -206,17 +208,54 @@ def _token(lib: Any, s: Pkcs11Settings) -> Any:
         ) from None
 
 
+# A PKCS#11 login belongs to the application, not to a session: every session of the
+# process sees the private objects once one session logged in, and closing the session that
+# logged in logs them all out (python-pkcs11's Session.close calls C_Logout).  So the login
+# is held by one session per token that is never closed ("the anchor"), and every backend
+# and tool works in sessions of its own opened without the PIN: one chain dropping its
+# session (its key gone, a reconnect) never logs another chain on the same token out
+# (found in review), and a reconnect never opens a session whose login fails with
+# "already logged in" (python-pkcs11 leaves such a session open: one leaked per try).
+# (module path, token label) -> (the anchor session, the PIN it logged in with)
+_LOGINS: dict[tuple[str, str], tuple[Any, str]] = {}
+_LOGIN_LOCK = threading.Lock()
+
+
+def _anchor_alive(anchor: Any) -> bool:
+    import pkcs11
+
+    try:  # any call on a closed session (token removed) fails
+        next(iter(anchor.get_objects({pkcs11.Attribute.LABEL: "\x00nebula-probe"})), None)
+    except pkcs11.PKCS11Error:
+        return False
+    return True
+
+
 def _open_session(lib: Any, s: Pkcs11Settings, *, rw: bool = False) -> Any:
     import pkcs11
 
     tok = _token(lib, s)
+    key = (s.module_path, s.token_label)
     try:
-        try:
-            return tok.open(user_pin=s.pin, rw=rw)
-        except pkcs11.UserAlreadyLoggedIn:
-            # PKCS#11 logins belong to the application: another session of this process
-            # is logged in, so this one sees the private objects without logging in.
-            return tok.open(rw=rw)
+        with _LOGIN_LOCK:
+            held = _LOGINS.get(key)
+            if held is not None and not _anchor_alive(held[0]):
+                del _LOGINS[key]
+                held = None
+            if held is None:
+                try:
+                    _LOGINS[key] = (tok.open(user_pin=s.pin), s.pin)
+                except pkcs11.UserAlreadyLoggedIn:
+                    pass  # logged in already, by a session this process does not hold
+            elif held[1] != s.pin:
+                # One user PIN per token: a backend configured with another cannot be
+                # checked while the token is logged in, and is not let in unchecked.
+                raise CredentialRejected(
+                    f"the PIN was rejected for PKCS#11 token {s.token_label!r}: it is not "
+                    "the PIN this process is logged in to the token with (a token has one "
+                    "user PIN); check pin_path. Nebula does not retry a rejected PIN"
+                )
+        return tok.open(rw=rw)
     except pkcs11.PinIncorrect:
         raise CredentialRejected(
             f"the PIN was rejected by PKCS#11 token {s.token_label!r} (CKR_PIN_INCORRECT); "

@@ -232,6 +232,72 @@ def test_wrong_pin_is_refused_clearly_and_not_retried(softhsm, token, tmp_path) 
     backend.release()
 
 
+def _two_chains_on_one_token(softhsm, token, tmp_path):
+    ka, kb = generate("ed25519"), generate("ed25519")
+    sa = settings(softhsm, tmp_path, token, key_label="chain-a")
+    sb = settings(softhsm, tmp_path, token, key_label="chain-b")
+    hsm.import_key(sa, ka.secret_bytes(), ka.public_key)
+    hsm.import_key(sb, kb.secret_bytes(), kb.public_key)
+    return sa, sb, hsm.Pkcs11Backend.connect(sa), hsm.Pkcs11Backend.connect(sb)
+
+
+def test_one_chains_key_failure_leaves_another_chain_on_the_token_signing(
+    softhsm, token, tmp_path
+) -> None:
+    """Two chains' keys on one token.  A login belongs to the process: the session that
+    logged in used to be a backend's own, and closing it (chain A's key deleted, its
+    session dropped) logged chain B out too (found in review)."""
+    sa, _sb, a, b = _two_chains_on_one_token(softhsm, token, tmp_path)
+    try:
+        assert sign_attempts(a, 1) == sign_attempts(b, 1) == ["signed"]
+        hsm.delete_key(sa)
+        (err,) = sign_attempts(a, 1)
+        assert "failed to sign" in err, err
+        assert sign_attempts(b, 5) == ["signed"] * 5
+        a._next_attempt = 0.0  # A reconnects (and fails: its key is gone) ...
+        assert sign_attempts(a, 1) != ["signed"]
+        assert sign_attempts(b, 5) == ["signed"] * 5  # ... and B signs on
+    finally:
+        a.release()
+        b.release()
+
+
+def _open_sessions(module: str, upto: int = 5000) -> int:
+    """Sessions open in this process (C_GetSessionInfo on every handle; SoftHSM numbers
+    them from 1)."""
+    import ctypes
+
+    lib = ctypes.CDLL(module)  # the library already loaded: the same state
+    info = (ctypes.c_ulong * 4)()
+    return sum(
+        1
+        for h in range(1, upto)
+        if lib.C_GetSessionInfo(ctypes.c_ulong(h), ctypes.byref(info)) == 0
+    )
+
+
+def test_reconnects_do_not_leak_sessions_while_another_chain_is_logged_in(
+    softhsm, token, tmp_path
+) -> None:
+    """Each reconnect used to open a session whose login failed with "already logged in",
+    and python-pkcs11 left it open: one leaked per try (found in review)."""
+    _sa, sb, a, b = _two_chains_on_one_token(softhsm, token, tmp_path)
+    try:
+        before = _open_sessions(softhsm.module)
+        hsm.delete_key(sb)  # B's key is gone: B reconnects (and fails) again and again
+
+        def no_backoff() -> None:
+            b._next_attempt = 0.0  # 40 reconnects in a row, not over minutes
+
+        errs = sign_attempts(b, 40, no_backoff)
+        assert all("signed" != e for e in errs)
+        assert _open_sessions(softhsm.module) <= before + 1
+        assert sign_attempts(a, 3) == ["signed"] * 3
+    finally:
+        a.release()
+        b.release()
+
+
 def test_missing_token_and_missing_key(softhsm, token, tmp_path) -> None:
     with pytest.raises(BackendError, match=r"no PKCS#11 token labelled 'nope-\d'"):
         hsm.Pkcs11Backend.connect(settings(softhsm, tmp_path, "nope-1"))
