@@ -185,27 +185,41 @@ def load_module(path: str) -> Any:
 
 
 def _token(lib: Any, s: Pkcs11Settings) -> Any:
+    """The token labelled ``s.token_label``.  Slots are read one by one: a slot that
+    fails (another token removed, a broken one) is skipped, never an error for a token
+    elsewhere (python-pkcs11's get_token gave up on the first failing slot; found in
+    review: one removed token stopped every other token's reconnects)."""
     import pkcs11
 
     try:
-        return lib.get_token(token_label=s.token_label)
-    except pkcs11.NoSuchToken:
+        slots = lib.get_slots(token_present=True)
+    except pkcs11.PKCS11Error as e:  # e.g. CKR_GENERAL_ERROR while listing the slots
+        raise BackendError(
+            f"cannot read the slots of PKCS#11 module {s.module_path}: {_describe(e)}"
+        ) from None
+    found: list[Any] = []
+    labels: set[str] = set()
+    unreadable: list[str] = []
+    for slot in slots:
         try:
-            labels = sorted({t.label for t in lib.get_tokens() if t.label})
-        except pkcs11.PKCS11Error:
-            labels = []
-        raise BackendError(
-            f"no PKCS#11 token labelled {s.token_label!r} in {s.module_path}"
-            + (f" (tokens present: {', '.join(labels)})" if labels else " (no tokens present)")
-        ) from None
-    except pkcs11.MultipleTokensReturned:
-        raise BackendError(
-            f"more than one token is labelled {s.token_label!r} in {s.module_path}"
-        ) from None
-    except pkcs11.PKCS11Error as e:  # e.g. CKR_GENERAL_ERROR while reading the slots
-        raise BackendError(
-            f"cannot read the tokens of PKCS#11 module {s.module_path}: {_describe(e)}"
-        ) from None
+            tok = slot.get_token()
+            label = tok.label
+        except pkcs11.PKCS11Error as e:
+            unreadable.append(f"slot {getattr(slot, 'slot_id', '?')}: {_describe(e)}")
+            continue
+        if label == s.token_label:
+            found.append(tok)
+        elif label:
+            labels.add(label)
+    if len(found) > 1:
+        raise BackendError(f"more than one token is labelled {s.token_label!r} in {s.module_path}")
+    if found:
+        return found[0]
+    raise BackendError(
+        f"no PKCS#11 token labelled {s.token_label!r} in {s.module_path}"
+        + (f" (tokens present: {', '.join(sorted(labels))})" if labels else " (no tokens present)")
+        + (f"; unreadable: {'; '.join(unreadable)}" if unreadable else "")
+    )
 
 
 # A PKCS#11 login belongs to the application, not to a session: every session of the

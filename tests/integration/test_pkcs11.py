@@ -298,6 +298,38 @@ def test_reconnects_do_not_leak_sessions_while_another_chain_is_logged_in(
         b.release()
 
 
+def test_another_token_removed_does_not_stop_this_chains_reconnect(softhsm, tmp_path) -> None:
+    """Chains on two tokens of one module: one token is deleted while running.  Its chain
+    is refused; the other chain, after its own session ends, reconnects and signs (the
+    token lookup gave up on the first slot that failed; found in review)."""
+    import os
+
+    ta, tb = f"tok{next(_TOKENS)}", f"tok{next(_TOKENS)}"
+    softhsm.init_token(ta)
+    softhsm.init_token(tb)
+    ka, kb = generate("ed25519"), generate("ed25519")
+    sa, sb = settings(softhsm, tmp_path, ta), settings(softhsm, tmp_path, tb)
+    hsm.import_key(sa, ka.secret_bytes(), ka.public_key)
+    hsm.import_key(sb, kb.secret_bytes(), kb.public_key)
+    a, b = hsm.Pkcs11Backend.connect(sa), hsm.Pkcs11Backend.connect(sb)
+    try:
+        assert sign_attempts(b, 1) == ["signed"]
+        subprocess.run(
+            ["softhsm2-util", "--delete-token", "--token", ta],
+            env={**os.environ, **softhsm.env},
+            check=True,
+            capture_output=True,
+        )
+        assert sign_attempts(a, 1) != ["signed"]
+        b._drop_session()  # B's session ends for a reason of its own
+        b._next_attempt = 0.0
+        assert sign_attempts(b, 3) == ["signed"] * 3
+        assert b.reconnects == 1
+    finally:
+        a.release()
+        b.release()
+
+
 def test_missing_token_and_missing_key(softhsm, token, tmp_path) -> None:
     with pytest.raises(BackendError, match=r"no PKCS#11 token labelled 'nope-\d'"):
         hsm.Pkcs11Backend.connect(settings(softhsm, tmp_path, "nope-1"))
