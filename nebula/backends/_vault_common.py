@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
@@ -169,6 +170,14 @@ def _parse_address(address: str, where: str) -> tuple[str, str, int]:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -406,7 +415,7 @@ class AsyncVaultHTTP:
     same deadline (safe here: a consensus signature is deterministic).
     """
 
-    __slots__ = ("_closed", "_head", "_idle", "_settings", "_ssl", "_token")
+    __slots__ = ("_closed", "_head", "_idle", "_lookup", "_settings", "_ssl", "_token")
 
     def __init__(self, settings: VaultSettings, ssl_ctx: ssl.SSLContext | None) -> None:
         self._settings = settings
@@ -415,6 +424,7 @@ class AsyncVaultHTTP:
         self._closed = False
         self._token = ""
         self._head = b""
+        self._lookup: asyncio.Future[Any] | None = None
         self._use_token(settings.token)
 
     def _use_token(self, token: str) -> None:
@@ -426,6 +436,33 @@ class AsyncVaultHTTP:
             "X-Vault-Request: true\r\n"
             "User-Agent: nebula-signer\r\n"
         ).encode("ascii")
+
+    async def _address(self) -> str:
+        """The server's address for a new connection: its host name resolved, with at most
+        one lookup in flight.  A lookup that hangs (a DNS outage) keeps one thread of the
+        event loop's resolver pool busy until it returns, whatever timed out meanwhile; a
+        new lookup per request would soon hold every thread of that pool, and every other
+        chain's new connections would wait behind them (found in review)."""
+        host = self._settings.host
+        if _is_ip(host):
+            return host
+        task = self._lookup
+        if task is None:
+            loop = asyncio.get_running_loop()
+            task = self._lookup = asyncio.ensure_future(
+                loop.getaddrinfo(host, self._settings.port, type=socket.SOCK_STREAM)
+            )
+            task.add_done_callback(self._lookup_done)
+        infos = await asyncio.shield(task)
+        if not infos:
+            raise OSError(f"{host}: no address")
+        return str(infos[0][4][0])
+
+    def _lookup_done(self, task: asyncio.Future[Any]) -> None:
+        if self._lookup is task:
+            self._lookup = None  # the next connection looks up again (the DNS may change)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure is the request's, raised there
 
     def _token_renewed(self) -> bool:
         """After a 403: True if ``token_path`` now holds another valid token (taken)."""
@@ -498,7 +535,14 @@ class AsyncVaultHTTP:
                 break
         if conn is None:
             s = self._settings
-            conn = await asyncio.open_connection(s.host, s.port, ssl=self._ssl, limit=_MAX_BODY)
+            host = await self._address()
+            conn = await asyncio.open_connection(
+                host,
+                s.port,
+                ssl=self._ssl,
+                server_hostname=s.host if self._ssl is not None else None,
+                limit=_MAX_BODY,
+            )
         reader, writer = conn
         started = False
         try:

@@ -179,3 +179,42 @@ def test_a_malformed_answer_is_answered_as_a_refusal_by_the_service(server, tmp_
     resp = asyncio.run(svc.handle(SignVoteRequest(vote(1), "c")))
     assert resp.error is not None and "bad chunk size" in resp.error.description
     assert resp.vote.signature == b"" and svc.store.last("c") is None
+
+
+def test_a_hanging_name_lookup_is_shared_by_the_requests_behind_it(server) -> None:
+    """A lookup that hangs (a DNS outage) holds one thread of the loop's resolver pool
+    until it returns; a new lookup per timed-out request would soon hold them all, and
+    other chains' new connections would wait behind them (found in review).  One lookup
+    is in flight per backend; the requests behind it wait for that one."""
+    port = int(server.address.rsplit(":", 1)[1])
+    s = VaultSettings.create(f"http://vault.test:{port}", "transit", "val", "tok", timeout=0.1)
+    backend = VaultTransitBackend(s, server.key.public_key, 1)
+    lookups: list[str] = []
+
+    async def go() -> list[str]:
+        loop = asyncio.get_running_loop()
+
+        async def slow_dns(host: str, port: int, **kw: object) -> list:
+            lookups.append(host)
+            if len(lookups) == 1:
+                await asyncio.sleep(0.5)  # the outage: longer than five requests' timeouts
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+        loop.getaddrinfo = slow_dns  # type: ignore[method-assign]
+        out = []
+        for i in range(5):
+            try:
+                await backend.sign(b"m%d" % i)
+                out.append("signed")
+            except BackendError as e:
+                out.append(str(e))
+        assert lookups == ["vault.test"]  # five requests, one lookup
+        await asyncio.sleep(0.5)  # the DNS answers again
+        await backend.sign(b"after")
+        out.append("signed")
+        await backend.close()
+        return out
+
+    out = asyncio.run(go())
+    assert all("did not answer within 0.1 s" in e for e in out[:5]), out
+    assert out[5] == "signed" and lookups == ["vault.test", "vault.test"]
