@@ -78,12 +78,12 @@ def _address(tmp_path: Path, transport: str) -> tuple[str, Endpoint]:
 
 
 async def _connected(
-    tmp_path: Path, transport: str, store: LocalStore
+    tmp_path: Path, transport: str, store: LocalStore, backend: NativeBackend | None = None
 ) -> tuple[PrivvalListener, Dialer, SignerConnection]:
     addr, endpoint = _address(tmp_path, transport)
     listener = PrivvalListener(addr, FAMILY)
     await listener.start()
-    service = SigningService(CHAIN, FAMILY, NativeBackend(KEY), store)
+    service = SigningService(CHAIN, FAMILY, backend or NativeBackend(KEY), store)
     assert service.inline
     dialer = Dialer(endpoint, service, FAMILY, identity_seed=bytes(32))
     dialer.start()
@@ -457,15 +457,9 @@ def test_a_key_that_fails_on_a_begun_request_is_answered_with_an_error(tmp_path:
 
     async def body() -> None:
         store = CallsBack(tmp_path / "s.json", at_once=False)
-        addr, endpoint = _address(tmp_path, "tcp")
-        listener = PrivvalListener(addr, FAMILY)
-        await listener.start()
-        service = SigningService(CHAIN, FAMILY, FailingKey(KEY), store)
-        assert service.begins
-        dialer = Dialer(endpoint, service, FAMILY, identity_seed=bytes(32))
-        dialer.start()
+        listener, dialer, conn = await _connected(tmp_path, "tcp", store, FailingKey(KEY))
         try:
-            conn = await listener.accept()
+            assert dialer.service.begins
             for h in (1, 2):
                 resp = await conn.request(SignVoteRequest(vote(h), CHAIN))
                 assert resp.error is not None and "the key is gone" in resp.error.description
