@@ -49,7 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from nebula.backends.base import Backend
-from nebula.crypto.keys import read_private_file, signature_verifier
+from nebula.crypto.keys import (
+    read_private_file,
+    secp256k1_low_s,
+    signature_verifier,
+)
 from nebula.errors import BackendError, ConfigError, CredentialRejected
 
 log = logging.getLogger("nebula.backend.pkcs11")
@@ -68,7 +72,6 @@ __all__ = [
 KEY_TYPES = ("ed25519", "secp256k1")
 ED25519_OID = "1.3.101.112"
 SECP256K1_OID = "1.3.132.0.10"
-SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 MAX_TIMEOUT = 4.0  # CometBFT gives up on its signer after 5 s
@@ -390,11 +393,15 @@ def _raw_ecdsa(sig: bytes) -> tuple[int, int]:
 def normalize_secp256k1(sig: bytes) -> bytes:
     """CometBFT's 64-byte ``r || s`` with ``s`` in the lower half of the group order."""
     r, s = _raw_ecdsa(sig)
-    if not (0 < r < SECP256K1_N and 0 < s < SECP256K1_N):
-        raise BackendError("the token returned an out-of-range ECDSA signature")
-    if s > SECP256K1_N // 2:
-        s = SECP256K1_N - s
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    try:
+        return secp256k1_low_s(_int32(r) + _int32(s))
+    except ValueError:
+        raise BackendError("the token returned an out-of-range ECDSA signature") from None
+
+
+def _int32(v: int) -> bytes:
+    """``v`` as 32 big-endian bytes (all zeros when it does not fit: out of range)."""
+    return v.to_bytes(32, "big") if 0 <= v < 1 << 256 else bytes(32)
 
 
 # ---- the backend --------------------------------------------------------------------------

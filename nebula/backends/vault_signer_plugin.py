@@ -39,7 +39,7 @@ from nebula.backends._vault_common import (
 )
 from nebula.backends.base import Backend
 from nebula.backends.vault_transit import SELF_TEST_PREFIX
-from nebula.crypto.keys import BLS_DEFAULT_DST, signature_verifier
+from nebula.crypto.keys import BLS_DEFAULT_DST, secp256k1_low_s, signature_verifier
 from nebula.errors import BackendError, KeyFileError
 
 log = logging.getLogger("nebula.vault")
@@ -169,6 +169,14 @@ class VaultSignerPluginBackend(Backend):
 
     def _check(self, msg: bytes, text: str, what: str) -> bytes:
         _, sig = parse_vault_signature(text, self._sig_size, what)
+        if self.key_type == "secp256k1":
+            # A high-S signature is as valid for ECDSA, but CometBFT accepts only the
+            # low-S form: made low, as the PKCS#11 backend does (it used to be refused as
+            # "does not verify", found in review).
+            try:
+                sig = secp256k1_low_s(sig)
+            except ValueError as exc:
+                raise BackendError(f"{what}: {exc}; refusing to use it") from None
         if not self._verify(msg, sig):
             hint = " (or the plugin used another BLS DST)" if self.key_type == "bls12381" else ""
             raise BackendError(

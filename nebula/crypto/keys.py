@@ -262,6 +262,21 @@ class Bls12381Key(SigningKey):
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _SECP256K1_HALF_N = SECP256K1_N // 2
 
+
+def secp256k1_low_s(sig: bytes) -> bytes:
+    """A 64-byte ``r || s`` secp256k1 signature with ``s`` in the lower half of the group
+    order (``n - s`` for a high one: the same signature for ECDSA, and the only form
+    CometBFT accepts).  ValueError if it is not 64 bytes or ``r``/``s`` is out of range."""
+    if len(sig) != 64:
+        raise ValueError(f"a secp256k1 signature is 64 bytes, got {len(sig)}")
+    r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
+    if not (0 < r < SECP256K1_N and 0 < s < SECP256K1_N):
+        raise ValueError("an out-of-range ECDSA signature")
+    if s > _SECP256K1_HALF_N:
+        s = SECP256K1_N - s
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
 # BLS12-381: base field modulus p, group order r, the G1 generator (compressed).
 BLS_P = int(
     "1a0111ea397fe69a4b1ba7b6434bacd764774b84f38512bf6730d2a0f6b0f6241eabfffeb153ffffb9feffffffffaaab",

@@ -26,6 +26,7 @@ from nebula import proto
 from nebula.aio.validator_side import PrivvalListener
 from nebula.backends import pkcs11 as hsm
 from nebula.crypto.keys import (
+    SECP256K1_N,
     generate,
     signature_verifier,
     write_priv_validator_key_json,
@@ -95,7 +96,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
-SECP256K1_HALF_N = hsm.SECP256K1_N // 2
+SECP256K1_HALF_N = SECP256K1_N // 2
 
 
 @pytest.mark.parametrize("key_type", ["ed25519", "secp256k1"])
@@ -432,7 +433,7 @@ def test_a_call_that_does_not_return_is_refused_at_the_timeout(softhsm, token, t
 
 
 def test_low_s_normalisation() -> None:
-    r, s_high = 5, hsm.SECP256K1_N - 7
+    r, s_high = 5, SECP256K1_N - 7
     sig = hsm.normalize_secp256k1(r.to_bytes(32, "big") + s_high.to_bytes(32, "big"))
     assert int.from_bytes(sig[32:], "big") == 7
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature

@@ -639,6 +639,25 @@ def test_plugin_wrong_key_type_is_refused_at_start(plugin: SignerPluginServer) -
         VaultSignerPluginBackend.connect(plugin_settings(plugin, "missing"))
 
 
+def test_plugin_high_s_secp256k1_signature_is_made_low(plugin: SignerPluginServer) -> None:
+    """A plugin that answers the high-S form of a secp256k1 signature (valid ECDSA, not
+    what CometBFT accepts): made low-S, as the PKCS#11 backend does, then verified (it
+    used to be refused as "does not verify", found in review)."""
+    backend = VaultSignerPluginBackend.connect(plugin_settings(plugin, "secp"))
+
+    async def go() -> bytes:
+        try:
+            plugin.mode = "high_s"
+            return await backend.sign(MSGS[0])
+        finally:
+            plugin.mode = "ok"
+            await backend.close()
+
+    sig = run(go())
+    assert sig == plugin.keys["secp"].sign(MSGS[0])  # RFC 6979, low-S: the same bytes
+    assert int.from_bytes(sig[32:], "big") <= keys.SECP256K1_N // 2
+
+
 def test_plugin_signature_that_does_not_verify_is_refused(plugin: SignerPluginServer) -> None:
     plugin.mode = "bad_signature"
     with pytest.raises(BackendError, match=r"self-test.*does not verify"):

@@ -33,7 +33,7 @@ from typing import Any
 
 import coincurve
 
-from nebula.crypto.keys import BLS_DEFAULT_DST, Bls12381Key, SigningKey
+from nebula.crypto.keys import BLS_DEFAULT_DST, SECP256K1_N, Bls12381Key, SigningKey
 
 _OTHER_TYPE = {"ed25519": "secp256k1", "secp256k1": "ed25519", "bls12381": "ed25519"}
 
@@ -56,7 +56,7 @@ class SignerPluginServer:
         self.token = token
         self.mount = mount.strip("/")
         self.keys: dict[str, SigningKey] = {}
-        self.mode = "ok"
+        self.mode = "ok"  # or "bad_signature", "slow", "high_s"
         self.delay = 0.0
         self.sign_requests = 0
         self.last_dst: bytes | None = None
@@ -136,6 +136,9 @@ class SignerPluginServer:
         sig = bytearray(signer.sign(payload))
         if self.mode == "bad_signature":
             sig[7] ^= 0x01
+        elif self.mode == "high_s" and len(sig) == 64 and signer.key_type == "secp256k1":
+            s = int.from_bytes(sig[32:], "big")  # the other valid form: n - s (high)
+            sig[32:] = (SECP256K1_N - s).to_bytes(32, "big")
         return 200, {"data": {"signature": "vault:v1:" + base64.b64encode(bytes(sig)).decode()}}
 
     # ---- lifecycle -----------------------------------------------------------------------
