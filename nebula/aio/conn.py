@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 from nebula import proto
+from nebula.aio.lookup import Lookup
 from nebula.aio.session import READ_CHUNK, PlainSession, secret_handshake
 from nebula.config import Endpoint
 from nebula.crypto.secretconn import Identity
@@ -50,6 +51,7 @@ class Dialer:
         metrics: Metrics | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._lookup = Lookup(endpoint.host or "", endpoint.port or 0)
         self.service = service
         self.family = family
         self.identity_seed = identity_seed
@@ -194,9 +196,13 @@ class Dialer:
             return await asyncio.wait_for(
                 asyncio.open_unix_connection(ep.path, limit=READ_CHUNK), self.handshake_timeout
             )
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(ep.host, ep.port, limit=READ_CHUNK), self.handshake_timeout
-        )
+
+        async def dial() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            # A validator's host name is looked up once at a time (nebula.aio.lookup).
+            host = await self._lookup.address()
+            return await asyncio.open_connection(host, ep.port, limit=READ_CHUNK)
+
+        reader, writer = await asyncio.wait_for(dial(), self.handshake_timeout)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -25,7 +25,6 @@ import ipaddress
 import logging
 import os
 import re
-import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from nebula.aio.lookup import Lookup
 from nebula.crypto.keys import canonical_key_type, read_private_file
 from nebula.errors import BackendError, ConfigError, NebulaError
 
@@ -170,14 +170,6 @@ def _parse_address(address: str, where: str) -> tuple[str, str, int]:
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_loopback(host: str) -> bool:
@@ -424,7 +416,9 @@ class AsyncVaultHTTP:
         self._closed = False
         self._token = ""
         self._head = b""
-        self._lookup: asyncio.Future[Any] | None = None
+        # One name lookup in flight (nebula.aio.lookup): a hanging DNS cannot take the
+        # loop's resolver threads from other chains' connections.
+        self._lookup = Lookup(settings.host, settings.port)
         self._use_token(settings.token)
 
     def _use_token(self, token: str) -> None:
@@ -436,33 +430,6 @@ class AsyncVaultHTTP:
             "X-Vault-Request: true\r\n"
             "User-Agent: nebula-signer\r\n"
         ).encode("ascii")
-
-    async def _address(self) -> str:
-        """The server's address for a new connection: its host name resolved, with at most
-        one lookup in flight.  A lookup that hangs (a DNS outage) keeps one thread of the
-        event loop's resolver pool busy until it returns, whatever timed out meanwhile; a
-        new lookup per request would soon hold every thread of that pool, and every other
-        chain's new connections would wait behind them (found in review)."""
-        host = self._settings.host
-        if _is_ip(host):
-            return host
-        task = self._lookup
-        if task is None:
-            loop = asyncio.get_running_loop()
-            task = self._lookup = asyncio.ensure_future(
-                loop.getaddrinfo(host, self._settings.port, type=socket.SOCK_STREAM)
-            )
-            task.add_done_callback(self._lookup_done)
-        infos = await asyncio.shield(task)
-        if not infos:
-            raise OSError(f"{host}: no address")
-        return str(infos[0][4][0])
-
-    def _lookup_done(self, task: asyncio.Future[Any]) -> None:
-        if self._lookup is task:
-            self._lookup = None  # the next connection looks up again (the DNS may change)
-        if not task.cancelled():
-            task.exception()  # retrieved: a failure is the request's, raised there
 
     def _token_renewed(self) -> bool:
         """After a 403: True if ``token_path`` now holds another valid token (taken)."""
@@ -535,7 +502,7 @@ class AsyncVaultHTTP:
                 break
         if conn is None:
             s = self._settings
-            host = await self._address()
+            host = await self._lookup.address()
             conn = await asyncio.open_connection(
                 host,
                 s.port,
