@@ -383,7 +383,19 @@ class RaftStore(SignStore):
                 self._addrs[nid] = addr
                 changed = True
         if changed:
-            self._transport.set_peers({p: a for p, a in self._addrs.items() if p != self.node_id})
+            self._transport.set_peers(self._peer_addrs())
+
+    def _peer_addrs(self, also: int | None = None) -> dict[int, str]:
+        """The transport's peers: the known addresses of the current voters (and ``also``,
+        a member being added).  A removed member stays out: re-admitted by the next
+        addition, it was stepped again until that change applied (found in review).  A
+        node that knows no membership yet (joining) keeps every address it knows."""
+        voters = set(self._node.voters)
+        return {
+            p: a
+            for p, a in self._addrs.items()
+            if p != self.node_id and (not voters or p in voters or p == also)
+        }
 
     async def start(self) -> None:
         """Bind the Raft port and start ticking."""
@@ -1048,7 +1060,7 @@ class RaftStore(SignStore):
         if node_id in self._node.voters:
             raise ConfigError(f"raft: node {node_id} is already a member")
         self._addrs[node_id] = address
-        self._transport.set_peers({p: a for p, a in self._addrs.items() if p != self.node_id})
+        self._transport.set_peers(self._peer_addrs(also=node_id))
         await self._conf_change(CONF_ADD, node_id, address.encode())
 
     async def remove_member(self, node_id: int) -> None:

@@ -441,6 +441,29 @@ def test_no_decision_for_a_chain_before_its_initial_state_is_applied(tmp_path: P
     run(go())
 
 
+def test_a_removed_members_address_is_not_a_transport_peer_again(tmp_path: Path) -> None:
+    """The transport admits the current voters (and a member being added).  A removed
+    member's learned address used to come back with the next addition, and its messages
+    were stepped until that change applied (found in review)."""
+
+    async def go() -> None:
+        p1, p2, p3 = free_ports(3)
+        peers = {1: f"127.0.0.1:{p1}", 2: f"127.0.0.1:{p2}", 3: f"127.0.0.1:{p3}"}
+        store = RaftStore(
+            1, peers[1], peers, tmp_path / "n1", SECRET, loop=asyncio.get_running_loop()
+        )
+        try:
+            store._addrs[4] = "127.0.0.1:1"  # learned when 4 was added; 4 since removed
+            assert set(store._peer_addrs()) == {2, 3}
+            assert set(store._peer_addrs(also=5)) == {2, 3}  # 5: no address known yet
+            store._addrs[5] = "127.0.0.1:2"
+            assert set(store._peer_addrs(also=5)) == {2, 3, 5}
+        finally:
+            await store.close()
+
+    run(go())
+
+
 def test_leadership_transfer_and_role_callbacks(tmp_path: Path) -> None:
     a = Audited()
 
