@@ -73,9 +73,14 @@ reorders, replays or replaces any file) and up to ``t - 1`` members:
   deal from another ceremony (other member keys or another t) is refused, and a dealer
   cannot re-sign another dealer's ciphertexts as its own (they name the other dealer).
 * *Bad deals.*  A dealer that deals inconsistent values is caught by the Feldman check
-  at the member that received them and named there; the dealer cannot pick a
-  constant-term commitment whose logarithm it does not know (rogue key), since n >= t
-  consistent evaluations determine ``a_i0``.  Disputes ("dealer i's value for me is
+  at the member that received them and named there.  The dealer cannot pick a
+  constant-term commitment whose logarithm it does not know (rogue key) as long as the
+  honest members' checks pin its polynomial: with t-1 colluding dealers, n-t+1 honest
+  members each check one evaluation, which is at least t only when n >= 2t-1.  A larger
+  t is refused (a review found a rushing dealer of a 3-of-3 ceremony learning the whole
+  key: a constant term ``x*G1 - Q`` against the others' sum ``Q``, with higher
+  coefficients that cancel ``Q`` at the two honest members' points).  A proof of knowledge
+  of each ``a_i0`` would lift the limit; it is not built.  Disputes ("dealer i's value for me is
   wrong" vs "member j lies") can be settled by member j revealing its ceremony X25519
   secret (the ceremony is void anyway; j makes a new identity); this is not automated.
 * *Bias.*  Pedersen's DKG lets a rushing dealer (one who deals last, having seen the
@@ -164,6 +169,16 @@ def _check_size(threshold: int, shares: int) -> None:
         raise KeyFileError(
             f"a {t}-of-{n} key generation: need {MIN_THRESHOLD} <= t <= n <= {MAX_SHARES} "
             "(with t = 1 every share is the whole key: use `nebula keys generate`)"
+        )
+    if n < 2 * t - 1:
+        # t-1 colluding dealers leave n-t+1 honest members, each checking one evaluation
+        # of every deal; fewer than t checks do not pin a deal's polynomial, and a dealer
+        # that deals last can then choose a constant term that cancels the others' and
+        # learn the group secret (found in review: 3-of-3, one dealer, the whole key).
+        raise KeyFileError(
+            f"a {t}-of-{n} key generation is refused: the dealerless ceremony needs "
+            f"n >= 2t - 1 (at most t = {(n + 1) // 2} for n = {n}), or a dealer can learn "
+            "the whole key; for a larger t, split a key with `nebula keys split`"
         )
 
 
@@ -309,7 +324,6 @@ class Ceremony:
 
     def __post_init__(self) -> None:
         n = len(self.members)
-        _check_size(self.threshold, n)
         got = [m.index for m in self.members]
         if got != list(range(1, n + 1)):
             missing = sorted(set(range(1, n + 1)) - set(got))
@@ -319,6 +333,7 @@ class Ceremony:
                 + (f" (two files for member {dup})" if dup else "")
                 + (f" (none for member {missing})" if missing else "")
             )
+        _check_size(self.threshold, n)
         for attr in ("encryption_key", "verify_key"):
             seen: dict[bytes, int] = {}
             for m in self.members:

@@ -315,16 +315,28 @@ def test_a_deal_from_another_ceremony_is_refused() -> None:
 
 
 def test_a_deal_for_another_threshold_is_refused() -> None:
-    run = _ceremony(2, 3)
+    run = _ceremony(2, 5)
     other_t = dkg.Ceremony.of(3, [m.public for m in run.members])
     assert other_t.id != run.ceremony.id  # t is part of the ceremony id
     mismatched = dkg.make_deal(other_t, run.members[2])
-    e = _refused(run, 1, [*run.deals[:2], mismatched])
-    assert e.dealers == (3,) and "3-of-3 key" in str(e) and "2-of-3" in str(e)
-    # The same deal relabelled as 2-of-3 (and signed again): its ceremony id gives it away.
+    e = _refused(run, 1, [*run.deals[:2], mismatched, *run.deals[3:]])
+    assert e.dealers == (3,) and "3-of-5 key" in str(e) and "2-of-5" in str(e)
+    # The same deal relabelled as 2-of-5 (and signed again): its ceremony id gives it away.
     relabelled = _resign(run, mismatched, threshold=2, commitments=mismatched.commitments[:2])
-    e = _refused(run, 1, [*run.deals[:2], relabelled])
+    e = _refused(run, 1, [*run.deals[:2], relabelled, *run.deals[3:]])
     assert e.dealers == (3,) and "another ceremony" in str(e)
+
+
+@pytest.mark.parametrize(("t", "n"), [(3, 3), (3, 4), (4, 5), (5, 5)])
+def test_a_ceremony_whose_honest_checks_cannot_pin_a_deal_is_refused(t: int, n: int) -> None:
+    """With t-1 colluding dealers, n-t+1 honest members each check one evaluation of a
+    deal: below t checks, a dealer that deals last can pick a constant term that cancels
+    the others' and learn the group secret (found in review, 3-of-3).  n >= 2t-1 is
+    required; 2-of-3 and 3-of-5 (the cluster sizes) pass."""
+    members = [dkg.new_member(i).public for i in range(1, n + 1)]
+    with pytest.raises(KeyFileError, match=rf"a {t}-of-{n} key generation is refused"):
+        dkg.Ceremony.of(t, members)
+    dkg.Ceremony.of((n + 1) // 2, members)
 
 
 def test_several_bad_deals_are_all_named_at_once() -> None:
