@@ -828,6 +828,8 @@ class RaftStore(SignStore):
             # signatures are verified with one pairing check (one Miller loop and one final
             # exponentiation less on the critical path, BENCHMARKS.md).
             at.append(index)
+            assert self.tshares is not None
+            self.tshares.expect(index)  # shares for this entry are pooled from now on
             msgs = tuple(m for m in (record.sign_bytes, record.ext_sign_bytes) if m)
             hashed[msgs] = key.public.prepare_batch(msgs)
 

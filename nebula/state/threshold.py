@@ -197,7 +197,6 @@ class ThresholdShares:
         term_at: Callable[[int], int | None],
         *,
         on_share: Callable[[int], None] | None = None,
-        max_pool: int = 4096,
     ) -> None:
         self.node_id = node_id
         self.shares = dict(shares)
@@ -205,8 +204,8 @@ class ThresholdShares:
         self._term_at = term_at
         self.on_share = on_share
         self._appended: dict[int, tuple[int, bytes]] = {}  # index -> (term, command)
-        self.pool: dict[int, dict[int, Share]] = {}  # leader: index -> member -> share
-        self._max_pool = max_pool
+        # leader: index -> member -> share, for the entries it waits on (expect/release)
+        self.pool: dict[int, dict[int, Share]] = {}
         self.bad: dict[int, int] = {}  # member -> bad shares seen
         self.signed_shares = 0  # shares this member attached (follower side)
 
@@ -307,14 +306,23 @@ class ThresholdShares:
         except (ValueError, struct.error) as e:
             log.warning("threshold: malformed shares from member %d dropped: %s", peer, e)
             return
+        # Only for entries this leader waits on (``expect``), one share per member and
+        # entry: shares for made-up indices used to fill the pool until its eviction
+        # dropped the real entries' shares, and signing stalled (found in review).
+        pooled = []
         for index, sh in items:
-            self.pool.setdefault(index, {})[peer] = sh
-        if len(self.pool) > self._max_pool:
-            for i in sorted(self.pool)[: len(self.pool) - self._max_pool]:
-                del self.pool[i]
+            slot = self.pool.get(index)
+            if slot is not None and peer not in slot:
+                slot[peer] = sh
+                pooled.append(index)
         if self.on_share is not None:
-            for index, _ in items:
+            for index in pooled:
                 self.on_share(index)
+
+    def expect(self, index: int) -> None:
+        """The leader proposed a signing entry at ``index``: pool the followers' shares
+        for it (until :meth:`release`).  Shares for any other index are dropped."""
+        self.pool.setdefault(index, {})
 
     def candidates(self, index: int, msg_digest: bytes, ext: bool) -> dict[int, bytes]:
         """Followers' shares for entry ``index`` over the message with ``msg_digest``."""

@@ -29,7 +29,14 @@ from nebula.raft import _core, commands
 from nebula.raft.node import RaftNode
 from nebula.raft.storage import RaftLog, SyncJob
 from nebula.state.raft import SignStateMachine
-from nebula.state.threshold import ThresholdShares, check_cluster, decode_shares, digest
+from nebula.state.threshold import (
+    Share,
+    ThresholdShares,
+    check_cluster,
+    decode_shares,
+    digest,
+    encode_shares,
+)
 from tests.support.memfs import MemFS
 
 CHAIN = b"tbls-sim"
@@ -168,6 +175,7 @@ class TNet:
         _term, index = m.node.propose(
             commands.encode_command(commands.OP_TSIGN, CHAIN, rec), resolve
         )
+        m.ts.expect(index)  # as RaftStore does once the entry is on its way
         m.node.process()
         out.append(index)
         return out
@@ -315,3 +323,42 @@ def test_a_member_with_a_wrong_share_is_named_and_excluded() -> None:
     # and named; never a good member's.
     assert 4 in net.bad and set(net.bad) == {4}
     assert lead.ts.bad[4] == len(net.bad)
+
+
+def test_shares_for_entries_the_leader_does_not_wait_on_are_dropped() -> None:
+    """A member floods the leader with shares for made-up entry indices (255 per
+    acknowledgement): they used to fill the pool until its eviction dropped the real
+    entry's honest shares, and nothing was released (found in review).  Only entries the
+    leader proposed are pooled, one share per member; the real one still combines."""
+    net = TNet(3, 2, seed=3)
+    lead = net.leader()
+    evil = next(m for m in net.members.values() if m is not lead)
+    seen: list[tuple[int, int, bytes]] = []
+
+    class Recorded(list):  # type: ignore[type-arg]
+        def append(self, item: Any) -> None:
+            seen.append(item)
+            super().append(item)
+
+    net.queue = Recorded(net.queue)
+    pending = net.propose(lead, 5, 0, 2, b"honest 5/0/2")
+    net.tick(3)
+    assert len(pending) > 1  # committed and applied
+    index = pending[0]
+    ack = next(
+        pl
+        for f, t, pl in seen
+        if f == evil.id
+        and t == lead.id
+        and _core.message_info(pl)[0] == _core.MSG_APPEND_RESPONSE
+        and not _core.message_info(pl)[7]
+    )
+    fake = Share(b"\0" * 32, b"\0" * 96)
+    for k in range(17):
+        items = [((1 << 40) + k * 255 + i, fake) for i in range(255)]
+        lead.ts.on_receive(evil.id, _core.message_with_context(ack, encode_shares(items)))
+    # a second, different share for the real entry from the same member is dropped too
+    lead.ts.on_receive(evil.id, _core.message_with_context(ack, encode_shares([(index, fake)])))
+    assert set(lead.ts.pool) == {index}
+    sig = net.finish(lead, pending)
+    assert sig is not None and net.released[(5, 0, 2)] == {b"honest 5/0/2"}
