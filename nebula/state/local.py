@@ -183,8 +183,6 @@ class _Image:
     fmt: int = 0  # 0: the first release's plain JSON; 1: mirrored slots; 2: pairs
     slot_size: int = SLOT_SIZE
     seq: int = 0  # sequence number of the newest slot
-    #: format 2 with both copies of the newest slot valid (else re-persisted at open)
-    complete: bool = False
 
 
 def _parse(raw: bytes, path: Path) -> _Image:
@@ -253,7 +251,7 @@ def _parse(raw: bytes, path: Path) -> _Image:
             f"{path}: the two copies of sequence number {seq} differ; refusing to guess"
         )
     states = _parse_payload(payload, f"{path} ({where})")
-    return _Image(states, fmt, slot_size, seq, fmt == FILE_FORMAT and len(same) == PAIRS)
+    return _Image(states, fmt, slot_size, seq)
 
 
 def _parse_payload(raw: bytes, where: str) -> dict[str, SignRecord]:
@@ -335,7 +333,7 @@ class LocalStore(SingleNodeStore):
             self.path.with_name(self.path.name + ".lock"), f"state file {self.path}"
         )
         try:
-            exists, _complete = self._load()
+            exists = self._load()
             # An imported initial state only ever raises the high-water mark (S4).
             for chain_id, rec in (initial or {}).items():
                 if rec is None:
@@ -358,11 +356,11 @@ class LocalStore(SingleNodeStore):
 
     # -- persistence -------------------------------------------------------------------
 
-    def _load(self) -> tuple[bool, bool]:
-        """Read the state file: (it exists, its newest state is whole in this format)."""
+    def _load(self) -> bool:
+        """Read the state file; False if there is none."""
         fd = _open_existing(self.path, os.O_RDWR)
         if fd is None:
-            return False, False
+            return False
         try:
             image = _parse(read_all(fd), self.path)
         except OSError as e:
@@ -379,7 +377,7 @@ class LocalStore(SingleNodeStore):
             # An older format: converted (through the rename path) on the first write.
             self._slot_size = max(image.slot_size, SLOT_SIZE)
             os.close(fd)
-        return True, image.complete
+        return True
 
     def _payload(self, states: dict[str, SignRecord]) -> bytes:
         """``{"version":1,"chains":{<chain>:<record>,...}}`` (chains sorted), compact.
