@@ -328,7 +328,6 @@ class Daemon:
         return rt.backend if rt is not None else None
 
     async def start(self) -> None:
-
         cfg, raw = self.cfg, self.cfg.raw
         loop = asyncio.get_running_loop()
         backends: dict[str, Backend] = {}
