@@ -95,8 +95,8 @@ def test_commit_returns_only_after_its_slot_is_synced(tmp_path, monkeypatch) -> 
     assert seen == [r(7)]  # durable from its one sync on
 
 
-def test_write_failure_refuses(tmp_path, monkeypatch) -> None:
-    p = tmp_path / "state.json"
+def _commit_whose_fdatasync_fails(p, monkeypatch) -> LocalStore:
+    """A store at ``p`` holding r(1), whose commit of r(2) just failed in fdatasync."""
     s = LocalStore(p)
     s.commit_sync("c", r(1))
 
@@ -106,8 +106,14 @@ def test_write_failure_refuses(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(os, "fdatasync", boom)
     with pytest.raises(StateError, match="cannot persist"):
         s.commit_sync("c", r(2))
-    assert s.last("c") == r(1)  # nothing was released, the in-memory mark did not move
     monkeypatch.undo()
+    return s
+
+
+def test_write_failure_refuses(tmp_path, monkeypatch) -> None:
+    p = tmp_path / "state.json"
+    s = _commit_whose_fdatasync_fails(p, monkeypatch)
+    assert s.last("c") == r(1)  # nothing was released, the in-memory mark did not move
     # After an I/O error the descriptor is not trusted: the next write re-creates the
     # whole file through a temp file and a rename.
     renames = _count(monkeypatch, "replace")
@@ -126,16 +132,7 @@ def test_a_restart_after_a_failed_fdatasync_writes_what_it_reads_again(
     it with no write.  Opening writes the newest state again, as a new slot, and syncs it
     before anything is answered (found in review, with the Raft log's case)."""
     p = tmp_path / "state.json"
-    s = LocalStore(p)
-    s.commit_sync("c", r(1))
-
-    def boom(fd):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(os, "fdatasync", boom)
-    with pytest.raises(StateError, match="cannot persist"):
-        s.commit_sync("c", r(2))
-    monkeypatch.undo()
+    s = _commit_whose_fdatasync_fails(p, monkeypatch)
     s.close_sync()  # the process stops (fails closed, or is restarted by the operator)
     seq_failed = local._parse(p.read_bytes(), p).seq  # the slot whose sync failed
     datasyncs = _count(monkeypatch, "fdatasync")
