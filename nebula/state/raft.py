@@ -44,6 +44,7 @@ from nebula.errors import (
 )
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import commands
+from nebula.raft.binding import check_binding
 from nebula.raft.node import (
     CONF_ADD,
     CONF_REMOVE,
@@ -285,6 +286,8 @@ class RaftStore(SignStore):
             self.data_path / "raft.lock", f"raft data directory {self.data_path}"
         )
         try:
+            # Before the log is opened: a directory of another incarnation is refused.
+            check_binding(self.data_path, bytes(secret))
             self._sm = SignStateMachine()
             self._log = RaftLog(self.data_path / "log")
             self._transport = Transport(

@@ -229,6 +229,48 @@ def test_refuses_to_start_without_a_secret_with_bad_ids_or_on_unsafe_state(
     run(go())
 
 
+def test_a_data_directory_of_another_incarnation_refuses_to_start(tmp_path: Path) -> None:
+    """A rebuilt cluster has a new secret; a member that kept (or got back, from a backup)
+    the old cluster's data directory and is given the new secret must not join with the
+    old log (SECURITY.md): it refuses to start, and its directory is left as it was."""
+    new_secret = b"nebula-test-cluster-secret-NEW!"
+
+    async def go() -> None:
+        (port,) = free_ports(1)
+        addr = f"127.0.0.1:{port}"
+        peers = {1: addr}
+        d = tmp_path / "d"
+        store = RaftStore(1, addr, peers, d, SECRET)
+        await store.start()
+        try:
+            await until(store.is_authoritative, 5, "one-member store leads")
+            for h in range(1, 6):
+                assert (await store.commit(CHAIN, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
+        finally:
+            await store.close()
+        before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "raft.lock"}
+        with pytest.raises(StateError) as ei:
+            RaftStore(1, addr, peers, d, new_secret)
+        assert "cluster.binding" in str(ei.value) and "different secret" in str(ei.value)
+        after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file() and p.name != "raft.lock"}
+        assert after == before
+        # A directory written before bindings existed is bound to the secret it starts
+        # with, and keeps its mark; from then on the other secret is refused.
+        (d / "cluster.binding").unlink()
+        store = RaftStore(1, addr, peers, d, SECRET)
+        await store.start()
+        try:
+            await until(store.is_authoritative, 5, "one-member store leads")
+            assert store.last(CHAIN) == rec(5, b"b5")
+        finally:
+            await store.close()
+        assert (d / "cluster.binding").exists()
+        with pytest.raises(StateError, match="different secret"):
+            RaftStore(1, addr, peers, d, new_secret)
+
+    run(go())
+
+
 def test_commit_semantics_and_fail_closed(tmp_path: Path) -> None:
     a = Audited()
 
