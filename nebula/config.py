@@ -690,6 +690,7 @@ bind_addr = "127.0.0.1:8080"
 data_path = "./raft_data"
 # initial_state_path = "./priv_validator_state.json"
 secret_path = "./cluster_secret"   # required for raft; 0600; the same on every member
+                                   # (`nebula cluster secret -o cluster_secret` writes one)
 commit_timeout = 1.0               # seconds; a decision not committed by then is refused
 tick_interval = 0.05               # seconds per Raft tick
 heartbeat_interval = 0.05          # leader heartbeats

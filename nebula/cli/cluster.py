@@ -1,7 +1,8 @@
 """Operating a running node or cluster: status, leader transfer, state, membership.
 
-Every command talks to running nodes through their admin sockets
-(:mod:`nebula.aio.admin`); give one ``-c`` per node you want to see or reach.
+Every command but ``cluster secret`` (which writes a new cluster secret file) talks to
+running nodes through their admin sockets (:mod:`nebula.aio.admin`); give one ``-c`` per
+node you want to see or reach.
 """
 
 from __future__ import annotations
@@ -164,6 +165,26 @@ def cmd_member(args: argparse.Namespace) -> int:
     return 0
 
 
+SECRET_BYTES = 32
+
+
+def cmd_secret(args: argparse.Namespace) -> int:
+    """A new cluster secret: 32 random bytes, hex, in a 0600 file that is never
+    overwritten without ``--force``."""
+    import secrets
+
+    from nebula.crypto.keys import write_private_file
+
+    write_private_file(
+        args.output, (secrets.token_hex(SECRET_BYTES) + "\n").encode(), overwrite=args.force
+    )
+    print(
+        f"wrote a new cluster secret to {args.output} (0600): copy it to every member's "
+        "raft.secret_path; a Raft data directory created under another secret refuses it"
+    )
+    return 0
+
+
 def export_raft_state(cfg: config.LoadedConfig, chain_id: str) -> SignRecord | None:
     res = admin.request(admin.socket_path(cfg), "export", chain_id=chain_id)
     return record_from_json(res, "exported state") if res else None
@@ -223,6 +244,10 @@ def register(sub: Any) -> None:
     s.add_argument("-c", "--config", action="append", required=True)
     s.add_argument("--id", type=int, required=True)
     s.set_defaults(func=cmd_member)
+    s = mem.add_parser("secret", help="write a new cluster secret (for a new or rebuilt cluster)")
+    s.add_argument("-o", "--output", required=True, help="file to create (mode 0600)")
+    s.add_argument("--force", action="store_true", help="replace an existing file")
+    s.set_defaults(func=cmd_secret)
 
 
 __all__ = ["export_raft_state", "import_raft_state", "register"]

@@ -172,3 +172,20 @@ def test_start_status_and_state_export_import(tmp_path) -> None:
     asyncio.run(main())
     r = nebula("status", "-c", str(cfg), "--json", check=False)
     assert r.returncode == 1 and json.loads(r.stdout)[0]["role"] == "down"
+
+
+def test_cluster_secret_writes_a_fresh_0600_secret_and_never_overwrites_silently(
+    tmp_path,
+) -> None:
+    out = tmp_path / "cluster_secret"
+    r = nebula("cluster", "secret", "-o", str(out))
+    assert "copy it to every member" in r.stdout
+    first = out.read_bytes()
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert len(first) == 65 and first.endswith(b"\n") and bytes.fromhex(first[:-1].decode())
+    r = nebula("cluster", "secret", "-o", str(out), check=False)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert out.read_bytes() == first
+    nebula("cluster", "secret", "-o", str(out), "--force")
+    assert out.read_bytes() != first and len(out.read_bytes()) == 65
+    assert out.stat().st_mode & 0o777 == 0o600
