@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +53,55 @@ log = logging.getLogger("nebula.daemon")
 
 # /readyz: a follower is ready only while it hears from its leader.
 READY_HEARD_WITHIN = 2.0
+
+
+# Signing modes whose start-up calls go over a network or into a vendor module.
+_REMOTE_MODES = frozenset({"vault_transit", "vault_signer_plugin", "pkcs11"})
+
+
+def _in_thread(fn: Callable[..., Backend], *args: Any) -> asyncio.Future[Backend]:
+    """``fn(*args)`` on a new daemon thread, as a future of the running loop.
+
+    Not the loop's executor: a call that never returns (a server that answers a byte at
+    a time) would keep ``asyncio.run`` from returning at shutdown, and a daemon thread
+    does not hold the process."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Backend] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if fut.cancelled():
+            if ok:
+                _close_when_made(fut, value)
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            out: tuple[bool, Any] = (True, fn(*args))
+        except BaseException as e:  # handed to the loop, raised where it is awaited
+            out = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, *out)
+
+    threading.Thread(target=run, name=f"nebula-connect-{fn.__name__}", daemon=True).start()
+    return fut
+
+
+def _close_when_made(fut: asyncio.Future[Backend], backend: Backend | None = None) -> None:
+    """Close a backend that was connected after nobody wanted it any more."""
+    if backend is None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        backend = fut.result()
+    task = asyncio.get_running_loop().create_task(backend.close())
+    _ORPHANS.add(task)
+    task.add_done_callback(_ORPHANS.discard)
+
+
+_ORPHANS: set[asyncio.Task[None]] = set()
 
 
 def make_backend(cfg: LoadedConfig, chain: ChainSpec | None = None) -> Backend:
@@ -297,6 +348,7 @@ class ChainRuntime:
 class Daemon:
     #: First retry (seconds) of a backend that could not connect at start; doubles to 30.
     BACKEND_RETRY = 1.0
+    BACKEND_START_WAIT = 10.0
 
     def __init__(self, cfg: LoadedConfig) -> None:
         self.cfg = cfg
@@ -331,18 +383,34 @@ class Daemon:
         cfg, raw = self.cfg, self.cfg.raw
         loop = asyncio.get_running_loop()
         backends: dict[str, Backend] = {}
+        # Remote backends (Vault, PKCS#11) of a multi-chain config connect at once, each
+        # on its own thread, for at most BACKEND_START_WAIT: one that is down or answers
+        # a byte at a time (hvac's timeout is per read) must not hold the other chains.
+        # It retries (or keeps waiting) in the background.  A single chain fails fast as
+        # before; local keys load on the loop.
+        remote: dict[str, asyncio.Future[Backend]] = {}
         try:
             for spec in cfg.chains:
+                if len(cfg.chains) >= 2 and spec.signing_mode in _REMOTE_MODES:
+                    remote[spec.chain_id] = _in_thread(make_backend, cfg, spec)
+                    continue
+                backends[spec.chain_id] = make_backend(cfg, spec)
+            if remote:
+                await asyncio.wait(remote.values(), timeout=self.BACKEND_START_WAIT)
+            for chain_id, fut in list(remote.items()):
+                if not fut.done():
+                    self.pending[chain_id] = (
+                        f"no answer within {self.BACKEND_START_WAIT:g} s at start; still waiting"
+                    )
+                    continue
+                del remote[chain_id]
                 try:
-                    backends[spec.chain_id] = make_backend(cfg, spec)
-                except BackendError as e:
-                    # One chain's backend down at start (Vault unreachable, a token
-                    # missing) must not keep the other chains down: they start, this one
-                    # retries in the background.  A single chain fails fast as before.
-                    if len(cfg.chains) < 2:
-                        raise
-                    self.pending[spec.chain_id] = str(e)
+                    backends[chain_id] = fut.result()
+                except BackendError as e:  # down at start: retried in the background
+                    self.pending[chain_id] = str(e)
         except BaseException:
+            for fut in remote.values():  # whatever still connects is closed when it does
+                fut.add_done_callback(_close_when_made)
             for b in backends.values():
                 with contextlib.suppress(Exception):
                     await b.close()
@@ -412,7 +480,9 @@ class Daemon:
                     self.pending[spec.chain_id],
                     extra={"event": "backend_unavailable", "chain_id": spec.chain_id},
                 )
-                task = loop.create_task(self._connect_later(spec), name=f"backend {spec}")
+                task = loop.create_task(
+                    self._connect_later(spec, remote.get(spec.chain_id)), name=f"backend {spec}"
+                )
                 self._bg.add(task)
                 task.add_done_callback(self._bg.discard)
 
@@ -454,15 +524,21 @@ class Daemon:
             self.metrics.last_round.labels(chain_id).set(rec.round)
             self.metrics.last_step.labels(chain_id).set(rec.step)
 
-    async def _connect_later(self, spec: ChainSpec) -> None:
+    async def _connect_later(
+        self, spec: ChainSpec, first: asyncio.Future[Backend] | None = None
+    ) -> None:
         """Connect ``spec``'s backend (off the loop: the start-up calls block), retrying
-        with backoff up to 30 s; then serve the chain, dialing if this node leads."""
-        loop = asyncio.get_running_loop()
+        with backoff up to 30 s; then serve the chain, dialing if this node leads.
+        ``first``: the start's attempt, still under way: its outcome is awaited first."""
         delay = self.BACKEND_RETRY
         while True:
-            await asyncio.sleep(delay)
+            if first is not None:
+                attempt, first = first, None
+            else:
+                await asyncio.sleep(delay)
+                attempt = _in_thread(make_backend, self.cfg, spec)
             try:
-                backend = await loop.run_in_executor(None, make_backend, self.cfg, spec)
+                backend = await attempt
             except BackendError as e:
                 self.pending[spec.chain_id] = str(e)
                 delay = min(delay * 2, 30.0)

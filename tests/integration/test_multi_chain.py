@@ -373,6 +373,106 @@ address = "{aa}"
             proxy.stop()
 
 
+class _DripServer:
+    """Accepts HTTP requests and answers one header byte every ``interval`` seconds,
+    forever: each read of a client with a per-read timeout succeeds, so the call never
+    times out (a Vault behind a broken proxy, or a slowloris in reverse)."""
+
+    def __init__(self, interval: float = 0.3) -> None:
+        import socket
+        import threading
+
+        self.interval = interval
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:  # type: ignore[no-untyped-def]
+        data = b"HTTP/1.1 200 OK\r\n" + b"X-Drip: " + b"a" * 100_000
+        with conn:
+            for i in range(len(data)):
+                if self._stop.wait(self.interval):
+                    return
+                try:
+                    conn.sendall(data[i : i + 1])
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+
+
+def test_a_backend_that_answers_a_byte_at_a_time_at_start_holds_only_its_chain(
+    tmp_path,
+) -> None:
+    """Chain A's Vault answers the start-up calls one byte every 0.3 s (each read is
+    within the client's timeout, so the call never ends): chain B is served after at most
+    the start's wait for backends, A is shown waiting, and the signer still stops at
+    once on SIGTERM (found in review: the start-up calls ran on the loop and held every
+    chain for as long as the drip lasted)."""
+    import time
+
+    from nebula.aio.daemon import Daemon
+
+    kb = generate("ed25519")
+    aa, ab = _addrs(2)
+    drip = _DripServer()
+    try:
+        (tmp_path / "token").write_text("s.not-a-real-token")
+        (tmp_path / "token").chmod(0o600)
+        node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])])
+        with node.config_path.open("a") as f:
+            f.write(f"""
+[[chains]]
+chain_id = "{A}"
+version = "v0_38"
+signing_mode = "vault_transit"
+[chains.signing.vault_transit]
+address = "http://127.0.0.1:{drip.port}"
+key_name = "val"
+token_path = "{tmp_path / "token"}"
+timeout = 1.0
+[[chains.connections]]
+address = "{aa}"
+""")
+
+        async def main() -> None:
+            lb = PrivvalListener(ab, WireFamily.V0_38)
+            await lb.start()
+            t0 = time.monotonic()
+            with node:
+                cb = await lb.accept(timeout=Daemon.BACKEND_START_WAIT + 20)
+                assert time.monotonic() - t0 < Daemon.BACKEND_START_WAIT + 15
+                for h in range(1, 6):
+                    await _sign(cb, B, kb, h)
+                assert drip.accepted >= 1  # A's start-up call is still dripping
+                st = json.loads(_cli("status", "-c", str(node.config_path), "--json").stdout)
+                served = st[0]["served"]
+                assert "no answer within" in served[A]["backend_unavailable"], served
+                t1 = time.monotonic()
+                assert node.stop(timeout=15) == 0
+                assert time.monotonic() - t1 < 10, "the dripping call held the shutdown"
+            await lb.close()
+
+        asyncio.run(main())
+    finally:
+        drip.close()
+
+
 def test_adding_a_chain_with_a_rolling_restart_leaves_the_other_chains_state(tmp_path) -> None:
     """A config change and a restart of one member at a time adds chain B to a cluster
     that signs chain A: A keeps its mark and keeps signing, B starts from its import."""
