@@ -221,6 +221,17 @@ def _vault_settings(
     )
 
 
+def read_cluster_secret(path: Path) -> bytes:
+    """The cluster secret in ``path`` (a 0600 file; surrounding whitespace ignored)."""
+    from nebula.crypto.keys import check_private_file
+
+    check_private_file(path)
+    secret = path.read_bytes().strip()
+    if not secret:
+        raise ConfigError(f"{path}: the cluster secret is empty")
+    return secret
+
+
 def load_identity_for(cfg: LoadedConfig, spec: ChainSpec) -> bytes:
     """The SecretConnection identity seed of ``spec``'s connections (a fresh one when the
     chain names no ``connection_key_path``); a key file error names the config key."""
@@ -270,7 +281,6 @@ def make_store(
             if store.last(chain.chain_id) is None:
                 _warn_starting_from_zero(cfg, chain, state_path, store.created)
         return store
-    from nebula.crypto.keys import check_private_file
     from nebula.state.raft import RaftStore
 
     r = raw.raft
@@ -278,10 +288,7 @@ def make_store(
         raise ConfigError(f"{cfg.path}: persist = 'raft' needs [raft] with secret_path")
     secret_path = cfg.resolve(r.secret_path)
     assert secret_path is not None
-    check_private_file(secret_path)
-    secret = secret_path.read_bytes().strip()
-    if not secret:
-        raise ConfigError(f"{secret_path}: the cluster secret is empty")
+    secret = read_cluster_secret(secret_path)
     data_path = cfg.resolve(r.data_path)
     assert data_path is not None
     return RaftStore(

@@ -7,9 +7,14 @@ import base64
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nebula import __version__
 from nebula.errors import CredentialRejected, NebulaError
+
+if TYPE_CHECKING:
+    from nebula.config import LoadedConfig
+    from nebula.guard import SignRecord
 
 BACKENDS = {
     "native": "native",
@@ -243,6 +248,49 @@ def _running(cfg) -> bool:
     return True
 
 
+def _export_offline(cfg: LoadedConfig, chain_id: str) -> SignRecord | None:
+    """A stopped Raft member's mark for ``chain_id``, read from its data directory (a
+    cluster that lost its majority has no leader to export through)."""
+    from nebula.aio.daemon import read_cluster_secret
+    from nebula.errors import ConfigError
+    from nebula.state.raft import read_offline
+
+    r = cfg.raw.raft
+    if cfg.raw.persist != "raft" or r is None:
+        raise ConfigError(
+            f"{cfg.path}: --offline reads a Raft member's data; this config "
+            "keeps a local state file: export without --offline"
+        )
+    data_path, secret_path = cfg.resolve(r.data_path), cfg.resolve(r.secret_path)
+    assert data_path is not None and secret_path is not None
+
+    states = read_offline(data_path, read_cluster_secret(secret_path))
+    chain = chain_id.encode()
+    applied, high, rec = states.applied.get(chain), states.highest.get(chain), states.export(chain)
+
+    def show(x: SignRecord | None) -> str:
+        return f"{x.height}/{x.round}/{x.step}" if x is not None else "none"
+
+    print(
+        f"{data_path}: chain {chain_id}: committed and applied {show(applied)} (commit index "
+        f"{states.commit}); highest in any entry held {show(high)} (last index "
+        f"{states.last_index}); exported {show(rec)}"
+        + (
+            " as a bare mark (no sign bytes: that entry may never have been committed)"
+            if rec is not None and rec is not applied
+            else ""
+        ),
+        file=sys.stderr,
+    )
+    print(
+        "this is one member's view: the others may have committed more. Export every "
+        "surviving member and import the highest; if lost members could have been ahead "
+        "of every survivor, raise the height to the chain's current height first",
+        file=sys.stderr,
+    )
+    return rec
+
+
 def cmd_state_export(args: argparse.Namespace) -> int:
     from nebula import config
     from nebula.cli.cluster import export_raft_state
@@ -252,7 +300,9 @@ def cmd_state_export(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config)
     chain_id = cfg.chain(args.chain).chain_id
-    if cfg.raw.persist == "raft" or _running(cfg):
+    if args.offline:
+        rec = _export_offline(cfg, chain_id)
+    elif cfg.raw.persist == "raft" or _running(cfg):
         rec = export_raft_state(cfg, chain_id)  # ask the running node
     else:
         p = cfg.resolve(cfg.raw.state_path)
@@ -374,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", required=True)
     s.add_argument("--chain", help=_CHAIN_HELP)
     s.add_argument("--output", "-o")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="read a stopped Raft member's data directory (when no leader can be had)",
+    )
     s.set_defaults(func=cmd_state_export)
     s = st.add_parser("import", help="raise the sign state from a priv_validator_state.json")
     s.add_argument("-c", "--config", required=True)

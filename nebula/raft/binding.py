@@ -71,10 +71,11 @@ def decode(raw: bytes, path: Path) -> str:
     return fp
 
 
-def check_binding(data_path: Path, secret: bytes) -> bool:
+def check_binding(data_path: Path, secret: bytes, *, create: bool = True) -> bool:
     """Refuse ``data_path`` if it was bound to another cluster secret; bind it to
-    ``secret`` if it is not bound yet.  Call with the directory's lock held, before the
-    Raft log is opened.  Returns True when the binding was written now."""
+    ``secret`` if it is not bound yet (unless ``create`` is false: a reader that changes
+    nothing).  Call with the directory's lock held, before the Raft log is opened.
+    Returns True when the binding was written now."""
     path = data_path / BINDING_NAME
     try:
         raw = path.read_bytes()
@@ -93,6 +94,8 @@ def check_binding(data_path: Path, secret: bytes) -> bool:
                 "changed this same cluster's secret on purpose, with every member stopped, "
                 f"delete {path} on every member and start them again"
             )
+        return False
+    if not create:
         return False
     existing = [p.name for p in data_path.iterdir() if p.name != "raft.lock"]
     try:

@@ -52,7 +52,7 @@ from nebula.raft.node import (
     ROLE_NAMES,
     RaftNode,
 )
-from nebula.raft.storage import RaftLog, SyncJob
+from nebula.raft.storage import LOG_NAME, Loaded, RaftLog, SyncJob
 from nebula.raft.syncthread import SyncThread
 from nebula.raft.timing import check_timing
 from nebula.raft.transport import Transport
@@ -138,6 +138,88 @@ class SignStateMachine:
         self.states, self.members = commands.decode_states(data)
         if self.on_restore is not None:
             self.on_restore()
+
+
+# ---- reading a stopped member's data (offline export) ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LogStates:
+    """What one member's Raft data says about each chain's mark (chain id -> record).
+
+    * ``applied``: the state machine after every entry this member knows is committed
+      (its snapshot, then its log up to its commit index): what it would serve.
+    * ``highest``: per chain, the highest (height, round, step) in any entry it holds,
+      committed or not, or in ``applied``.  An entry past the commit index may have been
+      committed by the others after this member stopped hearing of it, or never.
+    * ``commit``: the commit index it knew; ``last_index``: its last entry's index.
+    """
+
+    applied: dict[bytes, SignRecord]
+    highest: dict[bytes, SignRecord]
+    commit: int
+    last_index: int
+
+    def export(self, chain: bytes) -> SignRecord | None:
+        """The record to export for ``chain``: the applied one, or, when an entry not
+        known to be committed is higher, a bare mark at that (height, round, step)
+        without sign bytes or signature.  A bare mark refuses every request at that
+        step: that entry's signature may never have left, while the cluster may have
+        released another one at the same step, so a new signer must not answer there
+        with this one."""
+        applied, high = self.applied.get(chain), self.highest.get(chain)
+        if high is None or (applied is not None and applied.hrs >= high.hrs):
+            return applied
+        return SignRecord(high.height, high.round, high.step)
+
+
+def states_in_log(loaded: Loaded) -> LogStates:
+    """:class:`LogStates` of a loaded Raft log (pure: no I/O)."""
+    sm = SignStateMachine()
+    if loaded.snapshot is not None:
+        sm.restore(loaded.snapshot.data)
+    commit = loaded.hard_state.commit
+    highest: dict[bytes, SignRecord] = {}
+    for e in loaded.entries:
+        if e.type != 0 or not e.data:  # a conf change, or a new leader's empty entry
+            continue
+        if e.index <= commit:
+            sm.apply(e.index, e.data)
+        _, chain, rec = commands.decode_command(e.data)
+        cur = highest.get(chain)
+        if cur is None or rec.hrs > cur.hrs:
+            highest[chain] = rec
+    for chain, rec in sm.states.items():
+        cur = highest.get(chain)
+        if cur is None or rec.hrs >= cur.hrs:
+            highest[chain] = rec
+    if loaded.entries:
+        last = loaded.entries[-1].index
+    else:
+        last = loaded.snapshot.index if loaded.snapshot is not None else 0
+    return LogStates(dict(sm.states), highest, min(commit, last), last)
+
+
+def read_offline(data_path: str | Path, secret: bytes) -> LogStates:
+    """:class:`LogStates` of a stopped member's Raft data directory.
+
+    Refused (StateError) while a node runs on it (the directory's lock), for a directory
+    with no Raft log, or for one bound to another cluster secret.  The log is opened and
+    closed as a start and a stop would (a torn tail discarded, a seal written); the
+    state in it is not changed."""
+    data_path = Path(data_path)
+    if not (data_path / "log" / LOG_NAME).exists():
+        raise StateError(f"{data_path}: no Raft log here (raft.data_path) - nothing to export")
+    lock = ExclusiveLock(data_path / "raft.lock", f"raft data directory {data_path}")
+    try:
+        check_binding(data_path, bytes(secret), create=False)
+        log = RaftLog(data_path / "log")
+        try:
+            return states_in_log(log.load())
+        finally:
+            log.close()
+    finally:
+        lock.release()
 
 
 # ---- the store -------------------------------------------------------------------------

@@ -189,3 +189,10 @@ def test_cluster_secret_writes_a_fresh_0600_secret_and_never_overwrites_silently
     nebula("cluster", "secret", "-o", str(out), "--force")
     assert out.read_bytes() != first and len(out.read_bytes()) == 65
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+def test_offline_export_is_for_raft_members_only(tmp_path) -> None:
+    cfg = tmp_path / "nebula.toml"
+    nebula("init", "--output-path", str(cfg), "--backend", "native")
+    r = nebula("state", "export", "-c", str(cfg), "--offline", check=False)
+    assert r.returncode == 2 and "keeps a local state file" in r.stderr, r.stderr

@@ -37,7 +37,7 @@ from nebula.errors import (
     Unavailable,
 )
 from nebula.guard import SignRecord, Verdict
-from nebula.state.raft import RaftStore
+from nebula.state.raft import RaftStore, read_offline
 from tests.integration.conftest import FAST, audit
 from tests.support.ports import free_ports
 from tests.support.proxy import Proxy
@@ -269,6 +269,44 @@ def test_a_data_directory_of_another_incarnation_refuses_to_start(tmp_path: Path
             RaftStore(1, addr, peers, d, new_secret)
 
     run(go())
+
+
+def test_offline_read_of_stopped_members_gives_the_committed_mark(tmp_path: Path) -> None:
+    """``read_offline`` (``nebula state export --offline``): refused while the member
+    runs; after the stop, every member's applied mark is one the cluster committed, the
+    highest of them is the last commit, and nothing in the directory is bound or changed
+    by the read."""
+    a = Audited()
+
+    async def go() -> None:
+        async with local_cluster(tmp_path, common={"snapshot_entries": 8}) as (stores, _):
+            leader = await leader_of(stores)
+            for h in range(1, 21):
+                assert (await a.commit(leader, rec(h, b"b%d" % h))).verdict == Verdict.ACCEPT
+            with pytest.raises(StateError, match="in use"):
+                read_offline(tmp_path / "n1", SECRET)
+
+    run(go())
+    marks = []
+    for i in (1, 2, 3):
+        st = read_offline(tmp_path / f"n{i}", SECRET)
+        applied, out = st.applied.get(CHAIN.encode()), st.export(CHAIN.encode())
+        if applied is None:  # a member that trailed (it may not even have been reached)
+            marks.append(out.height if out is not None else 0)
+            continue
+        assert applied.height <= 20 and applied == rec(applied.height, b"b%d" % applied.height)
+        assert out is not None and out.hrs >= applied.hrs
+        if out != applied:  # a higher entry it holds but never learned was committed
+            assert out == SignRecord(out.height, 0, 2) and out.height <= 20
+        marks.append(out.height)
+    assert max(marks) == 20 and sorted(marks)[1] == 20  # a majority holds the last commit
+    with pytest.raises(StateError, match="different secret"):
+        read_offline(tmp_path / "n1", b"nebula-test-cluster-secret-NEW!")
+    with pytest.raises(StateError, match="no Raft log"):
+        read_offline(tmp_path / "nowhere", SECRET)
+    (tmp_path / "n2" / "cluster.binding").unlink()  # a directory from before bindings
+    read_offline(tmp_path / "n2", SECRET)
+    assert not (tmp_path / "n2" / "cluster.binding").exists()
 
 
 def test_commit_semantics_and_fail_closed(tmp_path: Path) -> None:
