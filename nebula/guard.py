@@ -87,6 +87,85 @@ def _split_timestamp(sign_bytes: bytes, proposal: bool) -> tuple[bytes, Timestam
         return None
 
 
+def _canonical_fields(sign_bytes: bytes) -> dict[int, int | bytes]:
+    """The top-level fields of length-prefixed canonical sign bytes: varint and
+    sfixed64 fields as signed integers, length-delimited ones as bytes (last wins).
+    Raises NebulaError (DecodeError) for anything else."""
+    import struct
+
+    from nebula._fast.pb_py import I64, LEN, VARINT, _Reader
+
+    r = _Reader(sign_bytes, "canonical sign bytes")
+    length = r.uvarint()
+    if length != r.end - r.pos:
+        raise r.error(f"length prefix {length} but {r.end - r.pos} bytes follow")
+    out: dict[int, int | bytes] = {}
+    while r.more():
+        field, wt = r.key()
+        if wt == VARINT:
+            out[field] = r.int64()
+        elif wt == I64:
+            start = r.advance(8, "sfixed64")
+            out[field] = struct.unpack_from("<q", sign_bytes, start)[0]
+        elif wt == LEN:
+            out[field] = r.chunk()
+        else:
+            raise r.error(f"field {field} has wire type {wt}")
+    return out
+
+
+_TYPE_OF_STEP = {Step.PROPOSE: 32, Step.PREVOTE: 1, Step.PRECOMMIT: 2}
+
+
+def bound_to(
+    chain_id: str | bytes,
+    height: int,
+    round: int,
+    step: int,
+    sign_bytes: bytes,
+    ext_sign_bytes: bytes = b"",
+) -> str | None:
+    """None if ``sign_bytes`` are the canonical vote/proposal of exactly this chain,
+    height, round and step (and ``ext_sign_bytes``, when given, the canonical vote
+    extension of the same chain, height and round, on a precommit); else what is wrong.
+
+    The guard decides on (height, round, step) and stores the sign bytes it is given;
+    a member that signs for a record it did not build (a threshold share) must know the
+    bytes it signs are the ones the decision is about."""
+    chain = chain_id if isinstance(chain_id, bytes) else chain_id.encode()
+    want_type = _TYPE_OF_STEP.get(step)  # type: ignore[call-overload]
+    if want_type is None:
+        return f"step {step} signs nothing"
+    try:
+        f = _canonical_fields(sign_bytes)
+    except NebulaError as e:
+        return f"sign bytes are not canonical: {e}"
+    chain_field = 7 if want_type == 32 else 6
+    if (
+        f.get(1, 0) != want_type
+        or f.get(2, 0) != height
+        or f.get(3, 0) != round
+        or f.get(chain_field, b"") != chain
+    ):
+        return "sign bytes are not for this chain, height, round and step"
+    if ext_sign_bytes:
+        if step != Step.PRECOMMIT:
+            return "extension sign bytes on a step that is not a precommit"
+        try:
+            e = _canonical_fields(ext_sign_bytes)
+        except NebulaError as err:
+            return f"extension sign bytes are not canonical: {err}"
+        if (
+            not isinstance(e.get(1, b""), bytes)
+            or set(e) - {1, 2, 3, 4}
+            or e.get(2, 0) != height
+            or e.get(3, 0) != round
+            or e.get(4, b"") != chain
+        ):
+            return "extension sign bytes are not this precommit's vote extension"
+    return None
+
+
 def check(
     last: SignRecord | None,
     height: int,

@@ -226,6 +226,24 @@ class ThresholdShares:
         key = self.shares.get(chain)
         if key is None:
             return None
+        bad = guard.bound_to(
+            chain,
+            rec.height,
+            rec.round,
+            rec.step,
+            rec.sign_bytes,
+            rec.ext_sign_bytes,
+        )
+        if bad is not None:
+            log.warning(
+                "threshold: no share for chain %s %d/%d/%d: %s",
+                chain.decode(errors="replace"),
+                rec.height,
+                rec.round,
+                rec.step,
+                bad,
+            )
+            return None
         msg = what_to_sign(self._state(chain), rec)
         if msg is None:
             log.warning(

@@ -40,6 +40,21 @@ from nebula.state.threshold import (
 from tests.support.memfs import MemFS
 
 CHAIN = b"tbls-sim"
+
+
+def canon(h: int, r: int, s: int, label: bytes) -> bytes:
+    """Canonical sign bytes of CHAIN at h/r/s for a block named ``label`` (followers
+    share only over sign bytes bound to the decision's chain/height/round/step)."""
+    import hashlib
+
+    from nebula import proto
+    from nebula.types import BlockID, PartSetHeader, Proposal, Timestamp, Vote
+
+    bid = BlockID(hashlib.sha256(label).digest(), PartSetHeader(1, b"\x01" * 32))
+    if s == 1:
+        p = Proposal(height=h, round=r, pol_round=-1, block_id=bid, timestamp=Timestamp(1, 0))
+        return proto.proposal_sign_bytes(CHAIN.decode(), p)
+    return proto.vote_sign_bytes(CHAIN.decode(), Vote(s - 1, h, r, bid, Timestamp(1, 0)))
 SEEDS = [int(s) for s in os.environ.get("NEBULA_SIM_SEEDS", "1,2,3,4,5,6").split(",")]
 
 
@@ -202,12 +217,12 @@ def _minority_scenario(t: int) -> tuple[int, int, bool]:
     old = net.leader()
     friend = next(i for i in net.ids if i != old.id)
     net.groups = [{old.id, friend}, set(net.ids) - {old.id, friend}]
-    x = b"block X at 10/0/2"
+    x = canon(10, 0, 2, b"block X")
     p_old = net.propose(old, 10, 0, 2, x)
     net.tick(3)
     # The majority elects a leader and decides a conflicting Y at the same height/round/step.
     new = net.leader(among=set(net.ids) - {old.id, friend})
-    y = b"block Y at 10/0/2"
+    y = canon(10, 0, 2, b"block Y")
     p_new = net.propose(new, 10, 0, 2, y)
     net.tick(3)
     sig_y = net.finish(new, p_new)
@@ -264,7 +279,7 @@ def test_storm_one_released_message_per_hrs_and_every_signature_verifies(
             h = 1 + step // 3
             hrs = (h, rng.randrange(2), rng.choice((1, 2, 3)))
             # conflicting bytes at one HRS are likely: two variants per HRS
-            sb = b"sb %d/%d/%d v%d" % (*hrs, rng.randrange(2))
+            sb = canon(*hrs, b"v%d" % rng.randrange(2))
             try:
                 open_.append((m, net.propose(m, *hrs, sb)))
             except Exception:
@@ -314,7 +329,7 @@ def test_a_member_with_a_wrong_share_is_named_and_excluded() -> None:
     net.groups = [set(net.ids) - {cut}, {cut}]
     released = 0
     for h in range(1, 8):
-        p = net.propose(lead, h, 0, 2, b"sb-%d" % h)
+        p = net.propose(lead, h, 0, 2, canon(h, 0, 2, b"sb"))
         net.tick(3)
         if net.finish(lead, p) is not None:
             released += 1
@@ -341,7 +356,8 @@ def test_shares_for_entries_the_leader_does_not_wait_on_are_dropped() -> None:
             super().append(item)
 
     net.queue = Recorded(net.queue)
-    pending = net.propose(lead, 5, 0, 2, b"honest 5/0/2")
+    honest = canon(5, 0, 2, b"honest")
+    pending = net.propose(lead, 5, 0, 2, honest)
     net.tick(3)
     assert len(pending) > 1  # committed and applied
     index = pending[0]
@@ -361,4 +377,4 @@ def test_shares_for_entries_the_leader_does_not_wait_on_are_dropped() -> None:
     lead.ts.on_receive(evil.id, _core.message_with_context(ack, encode_shares([(index, fake)])))
     assert set(lead.ts.pool) == {index}
     sig = net.finish(lead, pending)
-    assert sig is not None and net.released[(5, 0, 2)] == {b"honest 5/0/2"}
+    assert sig is not None and net.released[(5, 0, 2)] == {honest}
