@@ -1139,23 +1139,80 @@ class RaftStore(SignStore):
                 "raft membership change refused (another change is still pending)"
             )
 
+    #: How long :meth:`add_member` waits for the new member's connection to come up.
+    ADD_CONNECT_TIMEOUT = 3.0
+
+    def _live_voters(self, voters: set[int]) -> int:
+        """How many of ``voters`` answer now: this node, and each peer heard from within
+        the quorum window (as :meth:`_quorum_recent` counts)."""
+        since = time.monotonic() - self._quorum_window
+        live = 0
+        for v in voters:
+            if v == self.node_id:
+                live += 1
+                continue
+            t = self._transport.last_heard(v)
+            if t is not None and t > since:
+                live += 1
+        return live
+
+    def _check_quorum_after(self, voters: set[int], what: str, new_live: int = 0) -> None:
+        """Refuse a membership change after which the voters ``voters`` would not have
+        a live majority: the cluster could then commit nothing, not even the change that
+        undoes it (found in review)."""
+        need = len(voters) // 2 + 1
+        live = self._live_voters(voters) + new_live
+        if live < need:
+            raise ConfigError(
+                f"raft: {what} would leave members {sorted(voters)} with {live} live "
+                f"(need {need} for a quorum): the cluster could commit nothing, not even "
+                "the change back; bring the down members back first"
+            )
+
     async def add_member(self, node_id: int, address: str) -> None:
-        """Add a member (start it first with ``join = true``; run on the leader)."""
+        """Add a member (start it first with ``join = true``; run on the leader).
+
+        Refused unless the new member answers at ``address`` as ``node_id`` (its Raft
+        connection comes up within :attr:`ADD_CONNECT_TIMEOUT`) and the new membership
+        keeps a live majority: a voter that never answers counts in every majority."""
         _parse_addr(address, f"raft member {node_id}")
         if type(node_id) is not int or node_id <= 0:
             raise ConfigError(f"raft: member ids must be positive ints, got {node_id!r}")
         if node_id in self._node.voters:
             raise ConfigError(f"raft: node {node_id} is already a member")
+        self._check_leader()
+        had = self._addrs.get(node_id)
         self._addrs[node_id] = address
         self._transport.set_peers(self._peer_addrs(also=node_id))
+        try:
+            if not await self._transport.wait_connected(node_id, self.ADD_CONNECT_TIMEOUT):
+                raise ConfigError(
+                    f"raft: node {node_id} is not reachable at {address} (no Raft connection "
+                    f"to node {node_id} there within {self.ADD_CONNECT_TIMEOUT:g}s): start it "
+                    "first with join = true, and check --id and --addr; not added"
+                )
+            self._check_quorum_after(
+                set(self._node.voters), f"adding node {node_id}", new_live=1
+            )
+        except BaseException:
+            if node_id not in self._node.voters:
+                if had is None:
+                    self._addrs.pop(node_id, None)
+                else:
+                    self._addrs[node_id] = had
+                self._transport.set_peers(self._peer_addrs())
+            raise
         await self._conf_change(CONF_ADD, node_id, address.encode())
 
     async def remove_member(self, node_id: int) -> None:
-        """Remove a member (not the leader itself: transfer leadership first)."""
+        """Remove a member (not the leader itself: transfer leadership first).  Refused
+        when the remaining members would not have a live majority."""
         if node_id == self.node_id:
             raise ConfigError("raft: the leader cannot remove itself; transfer leadership first")
         if node_id not in self._node.voters:
             raise ConfigError(f"raft: node {node_id} is not a member")
+        self._check_leader()
+        self._check_quorum_after(set(self._node.voters) - {node_id}, f"removing node {node_id}")
         await self._conf_change(CONF_REMOVE, node_id, b"")
 
     def compact(self) -> None:
