@@ -123,8 +123,13 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
             try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+            except ValueError:  # over the reader's limit (64 KiB): no request is that long
+                line = None
+            try:
+                if line is None:
+                    raise NebulaError("admin request too large")
                 req = json.loads(line)
                 if not isinstance(req, dict):
                     raise ValueError("expected an object")
@@ -135,6 +140,9 @@ class AdminServer:
                 out: dict[str, Any] = {"ok": True, "result": result}
             except (NebulaError, ValueError, TimeoutError) as e:
                 out = {"ok": False, "error": str(e) or type(e).__name__}
+            except Exception as e:  # a handler's bug: answer it, log it, keep serving
+                log.exception("admin request failed")
+                out = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
             writer.write(json.dumps(out, default=str).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, OSError):
@@ -166,8 +174,14 @@ def _check_server_dir(directory: Path) -> None:
         )
 
 
+class AdminUnreachable(NebulaError):
+    """The node's admin socket accepted nothing or answered nothing in time (a paused or
+    wedged node, a socket this account may not use)."""
+
+
 def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
-    """Send one admin command (blocking); raises NebulaError with the node's message."""
+    """Send one admin command (blocking); raises NebulaError with the node's message
+    (:class:`AdminUnreachable` when the node does not answer in time)."""
     _check_server_dir(path.parent)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -176,13 +190,30 @@ def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
                 s.connect(name)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NebulaError(f"node not running (no admin socket at {path}): {e}") from None
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        except TimeoutError:
+            raise AdminUnreachable(
+                f"no answer from the node at {path} within {timeout:g}s (paused or wedged?)"
+            ) from None
+        except OSError as e:
+            raise AdminUnreachable(f"cannot reach the node at {path}: {e}") from None
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        try:
+            s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise AdminUnreachable(
+                f"no answer from the node at {path} within {timeout:g}s (paused or wedged?); "
+                f"the outcome of {cmd!r} is unknown"
+            ) from None
+        except OSError as e:
+            raise AdminUnreachable(
+                f"lost the connection to the node at {path}: {e}; the outcome of {cmd!r} "
+                "is unknown"
+            ) from None
     try:
         out = json.loads(buf)
     except ValueError:

@@ -33,6 +33,9 @@ def _status_of(path: str, timeout: float) -> dict[str, Any]:
     try:
         st = _query(path, "status", timeout=timeout)
         st["config"] = path
+    except admin.AdminUnreachable as e:
+        # A paused (SIGSTOP) or wedged member accepts the connection and never answers.
+        st = {"config": path, "role": "unreachable", "error": str(e)}
     except NebulaError as e:
         st = {"config": path, "role": "down", "error": str(e)}
     except TimeoutError:
