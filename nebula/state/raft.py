@@ -1116,10 +1116,13 @@ class RaftStore(SignStore):
             f"complete within {timeout:g}s"
         )
 
-    async def _conf_change(self, change: int, node_id: int, context: bytes) -> None:
+    def _check_membership_allowed(self) -> None:
         if not self.dynamic_membership:
             raise ConfigError("raft: membership changes need dynamic_membership = true")
         self._check_leader()
+
+    async def _conf_change(self, change: int, node_id: int, context: bytes) -> None:
+        self._check_membership_allowed()
         fut: asyncio.Future = self._loop.create_future()
 
         def resolve(result: Any, err: BaseException | None) -> None:
@@ -1180,7 +1183,7 @@ class RaftStore(SignStore):
             raise ConfigError(f"raft: member ids must be positive ints, got {node_id!r}")
         if node_id in self._node.voters:
             raise ConfigError(f"raft: node {node_id} is already a member")
-        self._check_leader()
+        self._check_membership_allowed()
         had = self._addrs.get(node_id)
         self._addrs[node_id] = address
         self._transport.set_peers(self._peer_addrs(also=node_id))
@@ -1211,7 +1214,7 @@ class RaftStore(SignStore):
             raise ConfigError("raft: the leader cannot remove itself; transfer leadership first")
         if node_id not in self._node.voters:
             raise ConfigError(f"raft: node {node_id} is not a member")
-        self._check_leader()
+        self._check_membership_allowed()
         self._check_quorum_after(set(self._node.voters) - {node_id}, f"removing node {node_id}")
         await self._conf_change(CONF_REMOVE, node_id, b"")
 

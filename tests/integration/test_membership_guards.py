@@ -108,3 +108,16 @@ def test_removing_a_live_member_while_another_is_down_is_refused(tmp_path: Path)
             assert (await leader.commit(CHAIN, rec(3, b"b3"))).verdict == Verdict.ACCEPT
 
     run(go())
+
+
+def test_without_dynamic_membership_the_setting_is_named_at_once(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with local_cluster(tmp_path, 3) as (stores, _):
+            leader = await leader_of(stores)
+            (nowhere,) = free_ports(1)
+            with pytest.raises(ConfigError, match="dynamic_membership"):
+                await leader.add_member(4, f"127.0.0.1:{nowhere}")
+            with pytest.raises(ConfigError, match="dynamic_membership"):
+                await leader.remove_member(next(s for s in stores if s is not leader).node_id)
+
+    run(go())
