@@ -1159,12 +1159,15 @@ class RaftStore(SignStore):
                 live += 1
         return live
 
-    def _check_quorum_after(self, voters: set[int], what: str, new_live: int = 0) -> None:
-        """Refuse a membership change after which the voters ``voters`` would not have
-        a live majority: the cluster could then commit nothing, not even the change that
-        undoes it (found in review)."""
-        need = len(voters) // 2 + 1
-        live = self._live_voters(voters) + new_live
+    def _check_quorum_after(self, voters: set[int], what: str, adding: int | None = None) -> None:
+        """Refuse a membership change after which the voters ``voters`` (and ``adding``,
+        a new member known to answer) would not have a live majority: the cluster could
+        then commit nothing, not even the change that undoes it (found in review)."""
+        voters = voters - {adding} if adding is not None else voters
+        need = (len(voters) + (adding is not None)) // 2 + 1
+        live = self._live_voters(voters) + (adding is not None)
+        if adding is not None:
+            voters = voters | {adding}
         if live < need:
             raise ConfigError(
                 f"raft: {what} would leave members {sorted(voters)} with {live} live "
@@ -1195,7 +1198,7 @@ class RaftStore(SignStore):
                     "first with join = true, and check --id and --addr; not added"
                 )
             self._check_quorum_after(
-                set(self._node.voters), f"adding node {node_id}", new_live=1
+                set(self._node.voters), f"adding node {node_id}", adding=node_id
             )
         except BaseException:
             if node_id not in self._node.voters:
