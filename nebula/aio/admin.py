@@ -211,8 +211,7 @@ def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
             ) from None
         except OSError as e:
             raise AdminUnreachable(
-                f"lost the connection to the node at {path}: {e}; the outcome of {cmd!r} "
-                "is unknown"
+                f"lost the connection to the node at {path}: {e}; the outcome of {cmd!r} is unknown"
             ) from None
     try:
         out = json.loads(buf)

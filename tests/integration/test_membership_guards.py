@@ -102,9 +102,7 @@ def test_removing_a_live_member_while_another_is_down_is_refused(tmp_path: Path)
             assert (await leader.commit(CHAIN, rec(2, b"b2"))).verdict == Verdict.ACCEPT
             # Removing the dead one is what the operator meant: allowed.
             await leader.remove_member(dead.node_id)
-            assert sorted(leader.status()["members"]) == sorted(
-                [leader.node_id, live.node_id]
-            )
+            assert sorted(leader.status()["members"]) == sorted([leader.node_id, live.node_id])
             assert (await leader.commit(CHAIN, rec(3, b"b3"))).verdict == Verdict.ACCEPT
 
     run(go())

@@ -55,6 +55,8 @@ def canon(h: int, r: int, s: int, label: bytes) -> bytes:
         p = Proposal(height=h, round=r, pol_round=-1, block_id=bid, timestamp=Timestamp(1, 0))
         return proto.proposal_sign_bytes(CHAIN.decode(), p)
     return proto.vote_sign_bytes(CHAIN.decode(), Vote(s - 1, h, r, bid, Timestamp(1, 0)))
+
+
 SEEDS = [int(s) for s in os.environ.get("NEBULA_SIM_SEEDS", "1,2,3,4,5,6").split(",")]
 
 
