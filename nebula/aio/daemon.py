@@ -696,7 +696,7 @@ class Daemon:
                 "cluster's; export through the leader"
                 + (f" (node {leader})" if leader else " (no leader now)")
             )
-        rec = store.last(chain_id)
+        rec = store.last_for_export(chain_id)
         return record_to_json(rec) if rec is not None else None
 
     async def _admin_import(self, req: dict[str, Any]) -> dict[str, Any] | None:

@@ -90,6 +90,12 @@ class SignStore(ABC):
     def last(self, chain_id: str) -> SignRecord | None:
         """The last durable sign state of ``chain_id`` (None if never signed)."""
 
+    def last_for_export(self, chain_id: str) -> SignRecord | None:
+        """:meth:`last`, for an export that another signer will trust: raises
+        :class:`~nebula.errors.Unavailable` while it may be lower than this store will
+        hold (a Raft chain whose configured initial state is not applied yet)."""
+        return self.last(chain_id)
+
     def combine_seconds(self, chain_id: str) -> float:
         """Of the last ``commit`` of ``chain_id``: the seconds that went into making its
         signature inside the store (threshold BLS: gathering, combining and verifying

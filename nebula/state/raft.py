@@ -641,6 +641,10 @@ class RaftStore(SignStore):
         ):
             self._propose_imports()
 
+    def last_for_export(self, chain_id: str) -> SignRecord | None:
+        self._check_imported(chain_id.encode())
+        return self.last(chain_id)
+
     def _check_imported(self, chain: bytes) -> None:
         """Refuse a decision for ``chain`` while the initial sign state its config names
         is not applied: decided before it, a request could be signed below or against

@@ -494,6 +494,7 @@ def test_no_decision_for_a_chain_before_its_initial_state_is_applied(tmp_path: P
 
     async def go() -> None:
         outcomes: list[object] = []
+        exports: list[object] = []
         async with local_cluster(tmp_path, common={"initial": imported}) as (stores, _):
             for store in stores:
 
@@ -506,13 +507,20 @@ def test_no_decision_for_a_chain_before_its_initial_state_is_applied(tmp_path: P
                         outcomes.append(e)
                     else:
                         outcomes.append("started")
+                    # An export then would be lower than the file the config names.
+                    try:
+                        exports.append(store.last_for_export(CHAIN))
+                    except Unavailable as e:
+                        exports.append(e)
 
                 store.on_role_change(gained)
             leader = await leader_of(stores)
             await until(lambda: bool(outcomes), 5, "a request at the first authority")
             assert isinstance(outcomes[0], Unavailable), outcomes
             assert "not imported yet" in str(outcomes[0])
+            assert isinstance(exports[0], Unavailable), exports
             await until(lambda: leader.last(CHAIN) == imported[CHAIN], 5, "import")
+            assert leader.last_for_export(CHAIN) == imported[CHAIN]
             assert (await leader.commit(CHAIN, conflicting)).verdict == Verdict.REFUSE
             assert leader.last(CHAIN) == imported[CHAIN]
             nxt = rec(101, b"b101", s=1)
