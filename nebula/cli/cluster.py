@@ -67,11 +67,17 @@ def _reachable(s: dict[str, Any]) -> bool:
     return s.get("role") not in ("down", "unreachable")
 
 
+def _healthy(sts: list[dict[str, Any]]) -> bool:
+    """Every member answers and runs: none down, unreachable or stopped (a member that
+    failed closed, or was removed, answers with role "stopped"); the exit status says so."""
+    return all(_reachable(s) and s.get("role") != "stopped" for s in sts)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     sts = _statuses(args.config, args.timeout)
     if args.json:
         print(json.dumps(sts, indent=2, default=str))
-        return 0 if all(_reachable(s) for s in sts) else 1
+        return 0 if _healthy(sts) else 1
     from rich.console import Console
     from rich.table import Table
 
@@ -105,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     chains = _chains_table(sts)
     if chains is not None:
         console.print(chains)
-    return 0 if all(_reachable(s) for s in sts) else 1
+    return 0 if _healthy(sts) else 1
 
 
 def _chains_table(sts: list[dict[str, Any]]) -> Any:

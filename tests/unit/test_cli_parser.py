@@ -31,3 +31,23 @@ def test_a_subcommand_module_that_fails_to_import_is_an_error(monkeypatch, modul
     monkeypatch.setitem(sys.modules, f"nebula.cli.{module}", None)
     with pytest.raises(ImportError):
         main.build_parser()
+
+
+@pytest.mark.parametrize(
+    ("roles", "code"),
+    [
+        (["leader", "follower", "follower"], 0),
+        (["leader", "follower", "down"], 1),
+        (["leader", "follower", "unreachable"], 1),
+        (["leader", "follower", "stopped"], 1),  # failed closed, or removed: needs a look
+    ],
+)
+def test_status_exit_code_says_whether_every_member_runs(monkeypatch, capsys, roles, code) -> None:
+    from nebula.cli import cluster
+
+    sts = [{"config": f"n{i}.toml", "node_id": i, "role": r} for i, r in enumerate(roles, 1)]
+    monkeypatch.setattr(cluster, "_statuses", lambda paths, timeout=2.0: sts)
+    for extra in ([], ["--json"]):
+        args = main.build_parser().parse_args(["status", "-c", "x", *extra])
+        assert args.func(args) == code
+    capsys.readouterr()
