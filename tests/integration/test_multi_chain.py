@@ -60,6 +60,32 @@ def _node(home: Path, chains: list[ChainDef], extra: str = "") -> NebulaNode:
     return NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home)
 
 
+def _node_with_vault_chain(
+    tmp_path: Path, kb: SigningKey, ab: str, aa: str, port: int, token: str, extra: str = ""
+) -> NebulaNode:
+    """A signer serving chain B (native key ``kb``, validator at ``ab``) and chain A
+    through Vault transit key "val" at 127.0.0.1:``port`` (validator at ``aa``);
+    ``extra``: more lines for A's [chains.signing.vault_transit]."""
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])])
+    with node.config_path.open("a") as f:
+        f.write(f"""
+[[chains]]
+chain_id = "{A}"
+version = "v0_38"
+signing_mode = "vault_transit"
+[chains.signing.vault_transit]
+address = "http://127.0.0.1:{port}"
+key_name = "val"
+token_path = "{tmp_path / "token"}"
+{extra}
+[[chains.connections]]
+address = "{aa}"
+""")
+    return node
+
+
 async def _sign(conn, chain: str, key: SigningKey, h: int, r: int = 0) -> bytes:
     resp = await conn.request(SignVoteRequest(vote(h, r), chain), timeout=10)
     assert resp.error is None, resp.error
@@ -272,25 +298,15 @@ def test_a_hanging_backend_never_stalls_another_chain(tmp_path) -> None:
         bao.client().secrets.transit.create_key("val", key_type="ed25519", mount_point="transit")
         proxy = Proxy(free_port(), bao.port).start()
         try:
-            (tmp_path / "token").write_text(bao.root_token)
-            (tmp_path / "token").chmod(0o600)
-            extra = f"""
-[[chains]]
-chain_id = "{A}"
-version = "v0_38"
-signing_mode = "vault_transit"
-[chains.signing.vault_transit]
-address = "http://127.0.0.1:{proxy.listen_port}"
-mount = "transit"
-key_name = "val"
-token_path = "{tmp_path / "token"}"
-timeout = 2.0
-[[chains.connections]]
-address = "{aa}"
-"""
-            node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])], extra="")
-            with node.config_path.open("a") as f:
-                f.write(extra)
+            node = _node_with_vault_chain(
+                tmp_path,
+                kb,
+                ab,
+                aa,
+                proxy.listen_port,
+                bao.root_token,
+                'mount = "transit"\ntimeout = 2.0',
+            )
 
             async def main() -> None:
                 la = PrivvalListener(aa, WireFamily.V0_38)
@@ -342,22 +358,7 @@ def test_a_backend_down_at_start_keeps_only_its_own_chain_waiting(tmp_path) -> N
         bao.client().secrets.transit.create_key("val", key_type="ed25519", mount_point="transit")
         proxy = Proxy(free_port(), bao.port)  # not started: the address refuses connections
         try:
-            (tmp_path / "token").write_text(bao.root_token)
-            (tmp_path / "token").chmod(0o600)
-            node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])])
-            with node.config_path.open("a") as f:
-                f.write(f"""
-[[chains]]
-chain_id = "{A}"
-version = "v0_38"
-signing_mode = "vault_transit"
-[chains.signing.vault_transit]
-address = "http://127.0.0.1:{proxy.listen_port}"
-key_name = "val"
-token_path = "{tmp_path / "token"}"
-[[chains.connections]]
-address = "{aa}"
-""")
+            node = _node_with_vault_chain(tmp_path, kb, ab, aa, proxy.listen_port, bao.root_token)
 
             async def main() -> None:
                 la = PrivvalListener(aa, WireFamily.V0_38)
@@ -445,23 +446,9 @@ def test_a_backend_that_answers_a_byte_at_a_time_at_start_holds_only_its_chain(
     aa, ab = _addrs(2)
     drip = _DripServer()
     try:
-        (tmp_path / "token").write_text("s.not-a-real-token")
-        (tmp_path / "token").chmod(0o600)
-        node = _node(tmp_path / "neb", [ChainDef(B, "v0_38", kb, [ab])])
-        with node.config_path.open("a") as f:
-            f.write(f"""
-[[chains]]
-chain_id = "{A}"
-version = "v0_38"
-signing_mode = "vault_transit"
-[chains.signing.vault_transit]
-address = "http://127.0.0.1:{drip.port}"
-key_name = "val"
-token_path = "{tmp_path / "token"}"
-timeout = 1.0
-[[chains.connections]]
-address = "{aa}"
-""")
+        node = _node_with_vault_chain(
+            tmp_path, kb, ab, aa, drip.port, "s.not-a-real-token", "timeout = 1.0"
+        )
 
         async def main() -> None:
             lb = PrivvalListener(ab, WireFamily.V0_38)
