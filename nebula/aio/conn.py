@@ -246,9 +246,15 @@ class Dialer:
         pending = framer.feed(session.feed(b""))
         t_in = perf()
         watchdog = loop.call_later(idle, watch)
+        transport = writer.transport
         try:
             while True:
-                for msg in pending:
+                for k, msg in enumerate(pending):
+                    if k and not k % _MAX_PER_PASS:
+                        # Requests pipelined in one read: other connections' callbacks
+                        # run between every _MAX_PER_PASS of them (a request decided
+                        # without waiting never yields to the loop).
+                        await asyncio.sleep(0)
                     req = decode(msg, family)
                     t_dec = perf()
                     resp = await service.handle(req)
@@ -256,6 +262,21 @@ class Dialer:
                     writer.write(session.seal(delimit(encode(resp, family))))
                     if metrics is not None:
                         self.answered(type(req), t_in, t_dec, t_done, perf())
+                    if transport.get_write_buffer_size() > _MAX_UNSENT:
+                        # A validator that does not read its answers: stop reading its
+                        # requests until they drain; the idle deadline counts meanwhile.
+                        t_wait = perf()
+                        reading = True
+                        try:
+                            await writer.drain()
+                        except OSError:
+                            if not silent:
+                                raise
+                        reading = False
+                        if silent:
+                            raise ProtocolError(
+                                f"{self.endpoint} read no answer for {idle}s; reconnecting"
+                            )
                     t_in = perf()
                 if not self._running:
                     return
@@ -328,6 +349,18 @@ def load_or_make_identity(path: str | os.PathLike[str] | None) -> bytes:
 # validator sends one request at a time and waits for its answer).
 _MAX_BACKLOG = 64
 
+# Requests answered one after the other without letting the event loop run other
+# callbacks (a validator pipelining thousands of requests in one read must not hold
+# the loop, shared with every other chain, for the time they all take).
+_MAX_PER_PASS = 64
+
+# Answers written and not yet taken by the validator's socket above which the streams
+# loop stops answering (and reading) until they drain: a peer that sends requests and
+# never reads must not grow our write buffer without bound (a 3-byte ping's answer is a
+# 1044-byte SecretConnection frame).  The inline loop uses the transport's own
+# pause_writing / resume_writing (its high-water mark).
+_MAX_UNSENT = 1 << 16
+
 
 @types.coroutine
 def _delegate(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
@@ -395,6 +428,9 @@ class _InlineServing(asyncio.Protocol):
         self.waiting: asyncio.Task[Any] | _Begun | None = None
         self.backlog: list[bytes] = []  # requests behind it (plaintext, in order)
         self.paused = False
+        # The transport's write buffer is above its high-water mark (the validator does
+        # not read its answers): no request is answered, nor read, until it drains.
+        self.write_paused = False
         self.eof = False  # the validator's side shut down its writing half
         # _serve is going through the requests read together: an answer given inside
         # the store's begin_commit leaves what comes after them to _serve's caller.
@@ -446,7 +482,7 @@ class _InlineServing(asyncio.Protocol):
         # As the streams loop: every request already received is answered first (the
         # validator's side may only have shut down its writing half).
         self.eof = True
-        if self.waiting is None:
+        if self.waiting is None and not self.write_paused:
             self._end(self._closed())
         return True  # the transport stays open for the answers still due
 
@@ -456,6 +492,19 @@ class _InlineServing(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
             self.ended.set_exception(exc or self._closed())
+
+    def pause_writing(self) -> None:
+        # The validator does not take its answers: stop reading its requests (the idle
+        # deadline then ends a connection whose validator reads nothing at all).
+        self.write_paused = True
+        if not self.paused and not self.ended.done():
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.waiting is None and not self.ended.done():
+            self._next()  # the requests held back, then reading resumed
 
     # -- requests
 
@@ -468,7 +517,7 @@ class _InlineServing(asyncio.Protocol):
         self._after()
 
     def _serve(self, msgs: list[bytes]) -> None:
-        if self.waiting is not None:
+        if self.waiting is not None or self.write_paused:
             self._queue(msgs)
             return
         self.serving = True
@@ -486,6 +535,15 @@ class _InlineServing(asyncio.Protocol):
         for k, msg in enumerate(msgs):
             if not dialer._running:
                 self._end(None)
+                return
+            if k and (self.write_paused or k >= _MAX_PER_PASS):
+                # The answers are not being read (resume_writing serves the rest), or
+                # enough for one loop pass: the rest go on in the next one, after the
+                # other connections' callbacks.
+                self._queue(msgs[k:])
+                if not self.write_paused:
+                    marker = self.waiting = _Begun(None, 0.0)
+                    self.loop.call_soon(self._resume, marker)
                 return
             req = proto.decode_request(msg, family)
             t_dec = time.perf_counter()
@@ -574,7 +632,8 @@ class _InlineServing(asyncio.Protocol):
         self._after()
 
     def _after(self) -> None:
-        if self.waiting is None and not self.ended.done():
+        # (Answers held back by a full write buffer: resume_writing comes back here.)
+        if self.waiting is None and not self.write_paused and not self.ended.done():
             if self.eof:
                 self._end(self._closed())
             elif self.paused:
