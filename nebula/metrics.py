@@ -208,7 +208,16 @@ class Metrics:
 
 
 class HealthServer:
-    """Serves /metrics, /healthz (process alive) and /readyz (able to sign or to follow)."""
+    """Serves /metrics, /healthz (process alive) and /readyz (able to sign or to follow).
+
+    Each connection gets one request and ``timeout`` seconds for all of it (reading the
+    request, writing the answer); at most ``max_connections`` are served at once, any
+    more are closed at once: clients that open connections and send nothing cannot take
+    the file descriptors the validator connections, the Raft peers and the state file
+    need (a scraper makes one connection at a time)."""
+
+    max_connections = 64
+    timeout = 5.0
 
     def __init__(
         self, metrics: Metrics, host: str, port: int, ready: Callable[[], tuple[bool, str]]
@@ -218,6 +227,7 @@ class HealthServer:
         self.port = port
         self.ready = ready
         self._server: asyncio.AbstractServer | None = None
+        self._active = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -232,31 +242,39 @@ class HealthServer:
                 await asyncio.wait_for(self._server.wait_closed(), 1)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._active >= self.max_connections:
+            writer.transport.abort()
+            return
+        self._active += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = line.split()
-            method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
-            path = path.split("?", 1)[0]
-            if method not in ("GET", "HEAD"):
-                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
-            elif path == "/metrics":
-                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.expose()
-            elif path == "/healthz":
-                status, ctype, body = "200 OK", "text/plain", b"ok\n"
-            elif path == "/readyz":
-                ok, why = self.ready()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                ctype, body = "text/plain", (why + "\n").encode()
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + (body if method != "HEAD" else b"")
-            )
-            await writer.drain()
+            await asyncio.wait_for(self._serve(reader, writer), self.timeout)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass
+            writer.transport.abort()  # (close() would wait for a client that reads nothing)
         finally:
+            self._active -= 1
             writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = line.split()
+        method, path = (parts[0], parts[1]) if len(parts) >= 2 else ("", "")
+        path = path.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+        elif path == "/metrics":
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.metrics.expose()
+        elif path == "/healthz":
+            status, ctype, body = "200 OK", "text/plain", b"ok\n"
+        elif path == "/readyz":
+            ok, why = self.ready()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            ctype, body = "text/plain", (why + "\n").encode()
+        else:
+            status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + (body if method != "HEAD" else b"")
+        )
+        await writer.drain()
