@@ -504,7 +504,10 @@ class _InlineServing(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.waiting is None and not self.ended.done():
-            self._next()  # the requests held back, then reading resumed
+            # The requests held back, then reading resumed: on the next loop pass, not
+            # inside the transport's write callback.
+            marker = self.waiting = _Begun(None, 0.0)
+            self.loop.call_soon(self._resume, marker)
 
     # -- requests
 

@@ -150,3 +150,51 @@ def test_pipelined_requests_do_not_hold_the_event_loop(
             await listener.close()
 
     uvloop.run(asyncio.wait_for(body(), 60))
+
+
+@pytest.mark.parametrize("loop_kind", ["inline", "streams"])
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_peer_that_reads_late_gets_every_answer_in_order(
+    tmp_path: Path, loop_kind: str, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading stops while the answers wait, and resumes when the peer takes them: no
+    request is lost or answered twice."""
+    if loop_kind == "streams":
+        import nebula.aio.conn as conn_mod
+
+        monkeypatch.setattr(conn_mod, "_stream_buffer", lambda reader: None)
+
+    async def body() -> None:
+        if transport == "unix":
+            path = str(tmp_path / "pv.sock")
+            listener = PrivvalListener(f"unix://{path}", FAMILY)
+            endpoint = Endpoint("unix", path=path)
+        else:
+            (port,) = free_ports(1)
+            listener = PrivvalListener(f"tcp://127.0.0.1:{port}", FAMILY)
+            endpoint = Endpoint("tcp", host="127.0.0.1", port=port)
+        await listener.start()
+        service = SigningService(CHAIN, FAMILY, NativeBackend(KEY), LocalStore(tmp_path / "s"))
+        dialer = Dialer(endpoint, service, FAMILY, identity_seed=bytes(32), idle_timeout=10.0)
+        dialer.start()
+        conn = await listener.accept()
+        try:
+            await conn.request(PingRequest())
+            n = 20000
+            conn.writer.transport.write(conn.session.seal(PING * n))
+            await asyncio.sleep(0.5)  # the signer's answers pile up meanwhile
+            got = 0
+            while got < n:
+                data = await asyncio.wait_for(conn.reader.read(1 << 20), 10)
+                assert data, f"closed after {got} answers"
+                msgs = conn.framer.feed(conn.session.feed(data))
+                assert all(m == msgs[0] for m in msgs)
+                got += len(msgs)
+            assert got == n
+            assert isinstance(await conn.request(PingRequest()), object)
+            assert dialer.connects == 1
+        finally:
+            await dialer.stop()
+            await listener.close()
+
+    uvloop.run(asyncio.wait_for(body(), 60))
