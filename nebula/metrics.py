@@ -214,9 +214,11 @@ class HealthServer:
     request, writing the answer); at most ``max_connections`` are served at once, any
     more are closed at once: clients that open connections and send nothing cannot take
     the file descriptors the validator connections, the Raft peers and the state file
-    need (a scraper makes one connection at a time)."""
+    need, and a burst of scrapes cannot hold the event loop every chain shares (an
+    exposition costs ~1 ms: hundreds at once held it for most of a second, longer than a
+    Raft election timeout).  A scraper or a probe makes one connection at a time."""
 
-    max_connections = 64
+    max_connections = 32
     timeout = 5.0
 
     def __init__(
