@@ -130,6 +130,11 @@ Answer = Callable[[Response | None, BaseException | None], None]
 
 
 class SigningService:
+    #: Refusal log lines per chain per second; past it, one line counts the rest (the
+    #: ``nebula_refusals_total`` metric counts every one).  A validator connection that
+    #: sends thousands of bad requests a second must not fill the disk with the log.
+    REFUSAL_LINES_PER_SECOND = 10
+
     def __init__(
         self,
         chain_id: str,
@@ -157,6 +162,9 @@ class SigningService:
         #: New decisions can start without a coroutine (:meth:`begin`): a key that signs
         #: without waiting and a store that begins commits (Raft).
         self.begins = bool(backend.inline and store.begins_commits and not self._threshold)
+        self._log_window = -1.0  # the current second of refusal lines: its start
+        self._log_lines = 0  # refusal lines logged in it
+        self._log_dropped = 0  # refusals not logged in it
 
     # ---- dispatch --------------------------------------------------------------------
 
@@ -573,20 +581,42 @@ class SigningService:
         if requested != chain_id:
             asked = f" requested_chain_id={requested[:64]!r}"
             extra["requested_chain_id"] = requested[:64]
-        log.warning(
-            "refused chain=%s hrs=%s reason=%s last_signed=%s%s: %s",
-            chain_id,
-            at,
-            reason,
-            last_txt,
-            asked,
-            text,
-            extra=extra,
-        )
+        if self._log_refusal_now():
+            log.warning(
+                "refused chain=%s hrs=%s reason=%s last_signed=%s%s: %s",
+                chain_id,
+                at,
+                reason,
+                last_txt,
+                asked,
+                text,
+                extra=extra,
+            )
         if self.metrics is not None:
             self.metrics.refusals.labels(chain_id, reason).inc()
         if self.on_refused is not None:
             self.on_refused(chain_id, reason, hrs, text)
+
+    def _log_refusal_now(self) -> bool:
+        """Whether this refusal gets its own log line (at most
+        :attr:`REFUSAL_LINES_PER_SECOND` a second; the first refusal of a new second
+        first logs how many went unlogged in the one before it)."""
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._log_dropped:
+                log.warning(
+                    "chain=%s: %d more refusals within a second were not logged, one by "
+                    "one (nebula_refusals_total counts every one)",
+                    self.chain_id,
+                    self._log_dropped,
+                    extra={"event": "refusals_not_logged", "chain_id": self.chain_id},
+                )
+            self._log_window, self._log_lines, self._log_dropped = now, 0, 0
+        if self._log_lines < self.REFUSAL_LINES_PER_SECOND:
+            self._log_lines += 1
+            return True
+        self._log_dropped += 1
+        return False
 
 
 __all__ = ["NebulaError", "SigningService"]

@@ -211,3 +211,32 @@ def test_cannot_decide_now_raises_instead_of_answering(tmp_path, key) -> None:
             SignProposalRequest(Proposal(height=1, round=0, pol_round=-1, block_id=BLOCK), CHAIN),
         )
     assert svc.store.last(CHAIN) is None
+
+
+def test_a_flood_of_refusals_is_counted_but_logged_at_a_bounded_rate(tmp_path, key, caplog) -> None:
+    """A validator connection sending thousands of bad requests a second must not fill
+    the disk with one log line each (found in review): 10 lines a second per chain, then
+    one line with the count of the rest; the callback (and the metric) see every one."""
+
+    def event(name: str) -> list:
+        return [x for x in caplog.records if getattr(x, "event", None) == name]
+
+    seen = []
+    svc = make(tmp_path, key)
+    svc.on_refused = lambda chain, reason, hrs, text: seen.append(reason)
+    with caplog.at_level("WARNING", logger="nebula.signer"):
+        for _ in range(500):
+            r = run(svc, SignVoteRequest(vote(h=9), "evil-chain"))
+            assert r.error is not None
+        # (500 refusals take well under a second here; a slower run may open a new
+        # second, and then logs one more line and a count of the rest.)
+        lines, counted = event("refused"), event("refusals_not_logged")
+        unlogged = sum(int(x.getMessage().split()[1]) for x in counted)
+        assert len(lines) <= SigningService.REFUSAL_LINES_PER_SECOND * (1 + len(counted))
+        svc._log_window -= 1.0  # the next second: the count of the rest, then lines again
+        run(svc, SignVoteRequest(vote(h=9), "evil-chain"))
+    summary = event("refusals_not_logged")[-1]
+    assert summary.chain_id == CHAIN and "more refusals within a second" in summary.getMessage()
+    unlogged += int(summary.getMessage().split()[1])
+    assert len(event("refused")) + unlogged == 501  # every refusal: a line or in a count
+    assert len(seen) == 501
