@@ -251,8 +251,9 @@ def _running(cfg) -> bool:
 def _export_offline(cfg: LoadedConfig, chain_id: str) -> SignRecord | None:
     """A stopped Raft member's mark for ``chain_id``, read from its data directory (a
     cluster that lost its majority has no leader to export through)."""
-    from nebula.aio.daemon import read_cluster_secret
+    from nebula.aio.daemon import _initial_paths, read_cluster_secret
     from nebula.errors import ConfigError
+    from nebula.state.base import load_priv_validator_state
     from nebula.state.raft import read_offline
 
     r = cfg.raw.raft
@@ -267,6 +268,12 @@ def _export_offline(cfg: LoadedConfig, chain_id: str) -> SignRecord | None:
     states = read_offline(data_path, read_cluster_secret(secret_path))
     chain = chain_id.encode()
     applied, high, rec = states.applied.get(chain), states.highest.get(chain), states.export(chain)
+    # The initial state this member's config names (a migration's export) may never have
+    # been applied (the cluster lost its majority before the import committed): nothing
+    # was signed through the cluster for the chain then, but the signer it came from
+    # signed up to it.  The online export refuses in that case (last_for_export).
+    init_path = _initial_paths(cfg).get(chain_id)
+    initial = load_priv_validator_state(init_path, chain_id) if init_path is not None else None
 
     def show(x: SignRecord | None) -> str:
         return f"{x.height}/{x.round}/{x.step}" if x is not None else "none"
@@ -282,6 +289,13 @@ def _export_offline(cfg: LoadedConfig, chain_id: str) -> SignRecord | None:
         ),
         file=sys.stderr,
     )
+    if initial is not None and (rec is None or initial.hrs > rec.hrs):
+        print(
+            f"{init_path}: the configured initial state {show(initial)} is higher than "
+            "this member's Raft data (its import was never applied): exported it instead",
+            file=sys.stderr,
+        )
+        rec = initial
     print(
         "this is one member's view: the others may have committed more. Export every "
         "surviving member and import the highest; if lost members could have been ahead "
