@@ -36,6 +36,10 @@ from nebula.errors import StateError
 
 logger = logging.getLogger(__name__)
 
+
+class BindingMismatch(StateError):
+    """The directory is bound to another cluster secret than the one given."""
+
 BINDING_NAME = "cluster.binding"
 _TAG = "nebula-raft-binding"
 _VERSION = "1"
@@ -85,7 +89,7 @@ def check_binding(data_path: Path, secret: bytes, *, create: bool = True) -> boo
         raise StateError(f"{path}: cannot read the cluster binding: {e}") from None
     if raw is not None:
         if not hmac.compare_digest(decode(raw, path), fingerprint(secret)):
-            raise StateError(
+            raise BindingMismatch(
                 f"{path}: this Raft data directory belongs to a cluster with a different "
                 "secret, so its log is another cluster's (or the same cluster's before its "
                 "secret was changed). Refusing to start: taken into this cluster, an old log "

@@ -44,7 +44,7 @@ from nebula.errors import (
 )
 from nebula.guard import Decision, SignRecord, Verdict
 from nebula.raft import commands
-from nebula.raft.binding import check_binding
+from nebula.raft.binding import BindingMismatch, check_binding
 from nebula.raft.node import (
     CONF_ADD,
     CONF_REMOVE,
@@ -212,7 +212,16 @@ def read_offline(data_path: str | Path, secret: bytes) -> LogStates:
         raise StateError(f"{data_path}: no Raft log here (raft.data_path) - nothing to export")
     lock = ExclusiveLock(data_path / "raft.lock", f"raft data directory {data_path}")
     try:
-        check_binding(data_path, bytes(secret), create=False)
+        try:
+            check_binding(data_path, bytes(secret), create=False)
+        except BindingMismatch:
+            # Not the start's advice (wipe it): this directory is what the export saves.
+            raise StateError(
+                f"{data_path}: written under a different secret than the cluster secret at the "
+                "config's raft.secret_path (was a new secret written already?). Point "
+                "secret_path at the secret this member ran with and export again; keep "
+                "this directory until every chain is exported"
+            ) from None
         log = RaftLog(data_path / "log")
         try:
             return states_in_log(log.load())
