@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 class BindingMismatch(StateError):
     """The directory is bound to another cluster secret than the one given."""
 
+
 BINDING_NAME = "cluster.binding"
 _TAG = "nebula-raft-binding"
 _VERSION = "1"

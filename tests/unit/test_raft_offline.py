@@ -1,15 +1,22 @@
 """Reading a stopped member's Raft data for an offline export (nebula.state.raft
-``states_in_log``): what it applied, the highest entry it holds, and what is exported."""
+``states_in_log``, ``read_offline``; ``nebula state export --offline``): what it applied,
+the highest entry it holds, and what is exported."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
 
+from nebula import config
 from nebula.errors import StateError
 from nebula.guard import SignRecord
 from nebula.raft import commands
-from nebula.raft.storage import Entry, HardState, Loaded, Snapshot
-from nebula.state.raft import states_in_log
+from nebula.raft.binding import check_binding
+from nebula.raft.storage import Entry, HardState, Loaded, RaftLog, Snapshot
+from nebula.state.raft import read_offline, states_in_log
 
 A, B = b"chain-a", b"chain-b"
 
@@ -70,3 +77,46 @@ def test_an_entry_this_release_cannot_read_is_an_error_not_a_lower_mark() -> Non
         states_in_log(Loaded(HardState(1, 1, 1), None, [bad]))
     with pytest.raises(StateError):  # uncommitted: still read, never skipped
         states_in_log(Loaded(HardState(1, 1, 0), None, [bad]))
+
+
+def test_offline_read_under_a_new_secret_does_not_advise_a_wipe(tmp_path: Path) -> None:
+    """The rebuild steps write a new secret: an operator who wrote it before exporting is
+    told to point secret_path back, never the start's advice to wipe the only copy of
+    this member's mark (found in review)."""
+    old, new = b"old-cluster-secret-0123456789abcdef", b"new-cluster-secret-0123456789abcdef"
+    d = tmp_path / "raft_data"
+    d.mkdir()
+    check_binding(d, old)
+    RaftLog(d / "log").close()
+    with pytest.raises(StateError) as ei:
+        read_offline(d, new)
+    msg = str(ei.value)
+    assert "wipe" not in msg and "secret_path" in msg and "keep this directory" in msg
+
+
+def test_offline_export_is_not_below_a_configured_initial_state_not_yet_applied(
+    tmp_path: Path,
+) -> None:
+    """A migration's initial state that the cluster never applied (it lost its majority
+    before the import committed): the old signer signed up to it, so the export is at
+    least that (found in review; the online export refuses then)."""
+    from nebula.cli.main import _export_offline
+
+    text = config.template(
+        "native", chain_id="c1", version="v0_38", persist="raft", key_type="ed25519"
+    )
+    head, sep, raft = text.partition("[raft]")
+    raft = raft.replace(
+        '# initial_state_path = "./priv_validator_state.json"',
+        'initial_state_path = "./pvs.json"',
+        1,
+    )
+    cfg_path = tmp_path / "nebula.toml"
+    cfg_path.write_text(head + sep + raft)
+    secret = tmp_path / "cluster_secret"
+    secret.write_bytes(b"ab" * 32 + b"\n")
+    os.chmod(secret, 0o600)
+    (tmp_path / "pvs.json").write_text(json.dumps({"height": "100", "round": 0, "step": 3}))
+    RaftLog(tmp_path / "raft_data" / "log").close()  # a log that holds nothing
+    rec = _export_offline(config.load(str(cfg_path)), "c1")
+    assert rec is not None and rec.hrs == (100, 0, 3), rec
