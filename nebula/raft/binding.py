@@ -18,7 +18,9 @@ The HMAC names the secret without revealing it.  On every start, before the log 
 opened, :func:`check_binding` compares it with the configured secret and refuses a
 mismatch (:class:`~nebula.errors.StateError`, nothing on disk changed).  A directory
 without the file (new, or written by a release before this one) is bound to the
-configured secret on that start.
+configured secret on that start: one that already holds a log is taken in with a warning,
+since nothing then tells an old incarnation's directory (restored from a backup taken
+before bindings) from the current one's.
 
 What it cannot see: a cluster rebuilt with the *same* secret, whose old members all look
 like its own.  The rebuild procedure therefore still says to write a new secret.
@@ -108,9 +110,12 @@ def check_binding(data_path: Path, secret: bytes, *, create: bool = True) -> boo
     except OSError as e:
         raise StateError(f"{path}: cannot write the cluster binding: {e}") from None
     if existing:
-        logger.info(
+        # Nothing tells this directory's incarnation any more: if it is an old one (a
+        # VM restored from a backup taken before bindings) it is taken in from now on.
+        logger.warning(
             "%s: Raft data written before cluster bindings (%s) is now bound to the "
-            "configured cluster secret",
+            "configured cluster secret; if this member's data may come from an earlier "
+            "incarnation of the cluster (a restored backup), stop it and wipe it",
             data_path,
             ", ".join(sorted(existing)),
         )
