@@ -387,8 +387,7 @@ class Daemon:
         return rt.backend if rt is not None else None
 
     async def start(self) -> None:
-        cfg, raw = self.cfg, self.cfg.raw
-        loop = asyncio.get_running_loop()
+        cfg = self.cfg
         backends: dict[str, Backend] = {}
         # Remote backends (Vault, PKCS#11) of a multi-chain config connect at once, each
         # on its own thread, for at most BACKEND_START_WAIT: one that is down or answers
@@ -422,6 +421,22 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await b.close()
             raise
+        try:
+            await self._serve_chains(backends, remote)
+        except BaseException:
+            # A later step failed (the store, the metrics port, the admin socket): what
+            # still connects is closed when it does, as above.
+            for fut in remote.values():
+                fut.add_done_callback(_close_when_made)
+            raise
+
+    async def _serve_chains(
+        self, backends: dict[str, Backend], remote: dict[str, asyncio.Future[Backend]]
+    ) -> None:
+        """The rest of :meth:`start`, once the backends are connected (``backends``) or
+        still connecting (``remote``: handed to :meth:`_connect_later` at the end)."""
+        cfg, raw = self.cfg, self.cfg.raw
+        loop = asyncio.get_running_loop()
         try:
             shares = {c: b.share for c, b in backends.items() if getattr(b, "threshold", False)}
             self.store = make_store(cfg, loop, shares)
