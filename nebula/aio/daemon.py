@@ -402,7 +402,7 @@ class Daemon:
                     continue
                 backends[spec.chain_id] = make_backend(cfg, spec)
             if remote:
-                await asyncio.wait(remote.values(), timeout=self.BACKEND_START_WAIT)
+                await self._wait_for_connects(list(remote.values()))
             for chain_id, fut in list(remote.items()):
                 if not fut.done():
                     self.pending[chain_id] = (
@@ -429,6 +429,25 @@ class Daemon:
             for fut in remote.values():
                 fut.add_done_callback(_close_when_made)
             raise
+
+    async def _wait_for_connects(self, futs: list[asyncio.Future[Backend]]) -> None:
+        """Until every connect in ``futs`` is done, BACKEND_START_WAIT has passed, or a
+        stop is asked for (a SIGTERM during the wait is not held for its rest)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.BACKEND_START_WAIT
+        stop = loop.create_task(self._stop.wait())
+        try:
+            todo: set[asyncio.Future[Any]] = {f for f in futs if not f.done()}
+            while todo and not self._stop.is_set():
+                left = deadline - loop.time()
+                if left <= 0:
+                    return
+                done, _ = await asyncio.wait(
+                    todo | {stop}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                todo -= done
+        finally:
+            stop.cancel()
 
     async def _serve_chains(
         self, backends: dict[str, Backend], remote: dict[str, asyncio.Future[Backend]]

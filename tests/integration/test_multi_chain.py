@@ -466,6 +466,17 @@ def test_a_backend_that_answers_a_byte_at_a_time_at_start_holds_only_its_chain(
                 t1 = time.monotonic()
                 assert node.stop(timeout=15) == 0
                 assert time.monotonic() - t1 < 10, "the dripping call held the shutdown"
+            # A SIGTERM during the start's wait for that backend ends the start at once.
+            seen = drip.accepted
+            with node:
+                deadline = time.monotonic() + 30
+                while drip.accepted == seen and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert drip.accepted > seen, "the restarted signer never tried Vault"
+                t2 = time.monotonic()
+                assert node.stop(timeout=15) == 0
+                stopped = time.monotonic() - t2
+                assert stopped < Daemon.BACKEND_START_WAIT / 2, f"held {stopped:.1f}s"
             await lb.close()
 
         asyncio.run(main())
