@@ -128,6 +128,7 @@ class Dialer:
 
     async def _run(self) -> None:
         delay = self.backoff_min
+        t_served = 0.0
         while self._running:
             served = False
             try:
@@ -156,6 +157,7 @@ class Dialer:
                     extra={"chain_id": self.service.chain_id},
                 )
                 served = True
+                t_served = asyncio.get_running_loop().time()
                 service = self.service
                 if (service.inline or service.begins) and _stream_buffer(reader) is not None:
                     await self._serve_inline(reader, writer, session)
@@ -185,7 +187,11 @@ class Dialer:
             self._abort()
             if not self._running:
                 return
-            if served:
+            if served and asyncio.get_running_loop().time() - t_served >= self.backoff_max:
+                # A connection that lasted (a validator that restarted): redial at once.
+                # One that ended as soon as it was made (a peer that completes the
+                # handshake and drops it) keeps backing off: no redial storm, and no two
+                # log lines each, twenty times a second.
                 delay = self.backoff_min
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, self.backoff_max)
