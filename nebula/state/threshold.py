@@ -386,9 +386,14 @@ class ThresholdShares:
         pool = self.pool.get(index, {})
         gots: list[dict[int, bytes]] = []
         scaled: list[frozenset[int]] = []
+        bad_count = self.bad.get
         for msg, ext in items:
             got = self.candidates(index, digest(msg), ext)
             got.pop(self.node_id, None)
+            # Members that sent bad shares before go last (arrival order otherwise): the
+            # first t are combined and checked with one pairing, and a bad share among
+            # them costs a check of every share, each time it is picked.
+            got = dict(sorted(got.items(), key=lambda kv: bad_count(kv[0], 0)))
             gots.append(got)
             # (t > 2: a share claiming to be pre-scaled is taken as it is: it fails the check)
             scaled.append(frozenset(p for p in got if pool[p].scaled and pub.threshold == 2))

@@ -98,3 +98,26 @@ def test_bound_to_accepts_every_honest_kind() -> None:
         )
         is None
     )
+
+
+def test_a_member_that_sent_a_bad_share_is_combined_last() -> None:
+    """A member whose share failed once is tried after the others: with a good share at
+    hand its next bad share is not picked, so no share-by-share check (a pairing per
+    member) follows (noticed last session: it used to be tried first every time)."""
+    from nebula.state.threshold import Share, digest
+
+    shares = split(None, 2, 3)
+    leader = ThresholdShares(1, {CHAIN: shares[0]}, lambda c: None, lambda i: 1)
+    msg = proto.vote_sign_bytes(CHAIN.decode(), precommit(7, 0, X))
+    good = Share(digest(msg), shares[2].sign_share(msg))
+    forged = Share(digest(msg), shares[2].sign_share(b"something else"))
+    blamed: list[int] = []
+    for index in (10, 11):
+        leader.expect(index)
+        leader.pool[index][2] = forged  # member 2's share arrives first, and is bad
+        leader.pool[index][3] = good
+        sig, have = leader.combine(index, shares[0], msg, on_bad=blamed.append)
+        assert sig is not None and shares[0].public.verify(msg, sig)
+        leader.release(index)
+    assert blamed == [2]  # found once; afterwards member 3's share goes first
+    assert leader.bad == {2: 1}
