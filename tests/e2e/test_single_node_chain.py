@@ -152,3 +152,55 @@ def test_node_restart_mid_chain_gets_cached_signatures(tmp_path, local_chains) -
     # Retries after the restart are answered from the stored signature: at most a few
     # refusals (a vote the node had not persisted and now builds differently), never a storm.
     assert log.count("refused") <= 3, log[-5000:]
+
+
+def test_node_restart_after_a_withheld_signature_gets_no_second_signature(
+    tmp_path, local_chains
+) -> None:
+    """The node is killed while a signature it asked for is on the way (an auditing relay
+    keeps it from the node), so it asks again for that height, round and step after its
+    restart, with a new timestamp or block: a second, different signature there is a
+    double sign, which the relay's auditor catches. The test checks that the node really
+    asked twice (otherwise it would prove nothing)."""
+    from nebula.types import WireFamily
+    from tests.support.cluster import Auditor
+    from tests.support.relay import AuditingRelay
+
+    key = generate("ed25519")
+    (port,) = free_ports(1)
+    laddr = f"tcp://127.0.0.1:{port}"
+    chain = local_chains(
+        "v0.38.25",
+        start=False,
+        validator=ValidatorKey("ed25519", key.public_key),
+        priv_validator_laddr=laddr,
+    )
+    auditor = Auditor("ed25519", key.public_key)
+    with AuditingRelay(laddr, auditor, WireFamily.V0_38) as relay:
+        neb = NebulaProcess(
+            tmp_path / "nebula",
+            chain_id=chain.chain_id,
+            version="v0_38",
+            key=key,
+            connections=[relay.listen_address],
+        )
+        asked_twice = []
+        with neb:
+            chain.start()
+            chain.wait_for_height(5, timeout=60)
+            for _ in range(3):
+                got = relay.withhold_next_signature()
+                assert got.wait(30), "no signature to withhold"
+                chain.kill()
+                kind, h, r = relay.withheld.split()
+                h, r = int(h[2:]), int(r[2:])
+                chain.start()
+                chain.wait_for_rpc(timeout=30)
+                chain.wait_for_height(h + 2, timeout=60)
+                asked_twice.append(len(relay.requests_for(kind, h, r)) >= 2)
+            last = chain.wait_for_height(chain.latest_height() + 3, timeout=60)
+            _verify(chain, key, 1, last - 1)
+            chain.stop()
+    assert all(asked_twice), asked_twice  # the node did ask again each time
+    assert relay.violations == [], relay.violations
+    auditor.check()

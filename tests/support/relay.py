@@ -228,6 +228,11 @@ class AuditingRelay:
         self.late_responses = 0  # audited after the node stopped waiting for them
         self.nebula_connections = 0
         self.node_connections = 0
+        #: Set by :meth:`withhold_next_signature`; the request whose signature was kept
+        #: from the node ("proposal h=5 r=0"), once one was.
+        self.withheld: str | None = None
+        self._withhold = False
+        self.withheld_event = threading.Event()
         # Loop side:
         self._armed: list[InjectedFault] = []
         self._conns: list[_NebulaConn] = []
@@ -292,6 +297,27 @@ class AuditingRelay:
         if not delay_s >= 0:
             raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
         return self._arm(InjectedFault("disconnect", {"delay_ms": round(delay_s * 1000, 1)}, 0.0))
+
+    def withhold_next_signature(self) -> threading.Event:
+        """Keep the next signed vote/proposal from the node (it is audited, not forwarded).
+
+        The node waits for an answer it never gets; a test then kills the node, which
+        after its restart must ask again for that height, round and step (it signs
+        before it writes its WAL), with a new timestamp or block.  The returned event is
+        set once a signature was withheld (:attr:`withheld` names the request)."""
+        with self._lock:
+            self.withheld = None
+            self._withhold = True
+            self.withheld_event.clear()
+        return self.withheld_event
+
+    def requests_for(self, kind: str, height: int, round_: int) -> list[RequestRecord]:
+        """Every request of ``kind`` ("prevote", "precommit", "proposal") for one height
+        and round that the node sent, in arrival order."""
+        with self._lock:
+            return [
+                r for r in self.requests if (r.kind, r.height, r.round) == (kind, height, round_)
+            ]
 
     def snapshot(self) -> dict[str, Any]:
         """Counters so far (thread-safe)."""
@@ -645,7 +671,17 @@ class AuditingRelay:
                         if err is not None
                         else ("signed" if h is not None else "ok")
                     )
-                    writer.write(session.seal(proto.encode_delimited(resp)))
+                    with self._lock:
+                        withhold = self._withhold and outcome == "signed"
+                        if withhold:
+                            self._withhold = False
+                            self.withheld = f"{name} h={h} r={r}"
+                    if withhold:
+                        outcome = "signed, withheld from the node"
+                        self._say(f"withheld the signature of {name} h={h} r={r}")
+                        self.withheld_event.set()
+                    else:
+                        writer.write(session.seal(proto.encode_delimited(resp)))
                 with self._lock:
                     self.requests.append(RequestRecord(t0, name, h, r, latency, attempts, outcome))
                 if resp is None:
