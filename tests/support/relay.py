@@ -232,6 +232,7 @@ class AuditingRelay:
         #: from the node ("proposal h=5 r=0"), once one was.
         self.withheld: str | None = None
         self._withhold = False
+        self._withhold_kinds: frozenset[str] = frozenset()
         self.withheld_event = threading.Event()
         # Loop side:
         self._armed: list[InjectedFault] = []
@@ -298,16 +299,22 @@ class AuditingRelay:
             raise ValueError(f"delay_s must be >= 0, got {delay_s!r}")
         return self._arm(InjectedFault("disconnect", {"delay_ms": round(delay_s * 1000, 1)}, 0.0))
 
-    def withhold_next_signature(self) -> threading.Event:
+    def withhold_next_signature(
+        self, kinds: tuple[str, ...] = ("prevote", "precommit", "proposal")
+    ) -> threading.Event:
         """Keep the next signed vote/proposal from the node (it is audited, not forwarded).
 
         The node waits for an answer it never gets; a test then kills the node, which
         after its restart must ask again for that height, round and step (it signs
         before it writes its WAL), with a new timestamp or block.  The returned event is
-        set once a signature was withheld (:attr:`withheld` names the request)."""
+        set once a signature was withheld (:attr:`withheld` names the request).
+        ``kinds``: only a signature of one of these kinds is withheld (a v1.0 node builds
+        the same proposal again, whose identical bytes get the identical signature; a
+        vote gets a new timestamp)."""
         with self._lock:
             self.withheld = None
             self._withhold = True
+            self._withhold_kinds = frozenset(kinds)
             self.withheld_event.clear()
         return self.withheld_event
 
@@ -672,7 +679,9 @@ class AuditingRelay:
                         else ("signed" if h is not None else "ok")
                     )
                     with self._lock:
-                        withhold = self._withhold and outcome == "signed"
+                        withhold = (
+                            self._withhold and outcome == "signed" and name in self._withhold_kinds
+                        )
                         if withhold:
                             self._withhold = False
                             self.withheld = f"{name} h={h} r={r}"
