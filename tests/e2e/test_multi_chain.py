@@ -7,11 +7,17 @@ SIGKILLed 5 times and restarted each time as a follower; after every kill both c
 commit two more heights (the second one needs signatures made after the kill, by the new
 leader).  At the end every height of each chain must carry a precommit that verifies with
 that chain's own key (and not with the other chain's), and neither chain may hold
-duplicate-vote evidence.
+duplicate-vote evidence.  That check cannot fail with one node per chain (it never sends
+a conflicting vote), so each chain's privval connection also runs through an auditing
+relay, and once per chain the relay keeps a precommit's signature from the node, which is
+then killed together with the Nebula leader: the restarted node asks again for that step
+with a new timestamp, and a second, different signature there is a double sign the
+relay's auditor catches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -19,7 +25,8 @@ import pytest
 
 from nebula.crypto.keys import SigningKey, generate
 from nebula.devnet.cluster import ChainDef, config_version
-from tests.support.cluster import ProcCluster
+from nebula.types import WireFamily
+from tests.support.cluster import Auditor, ProcCluster
 from tests.support.cometbft import (
     VERIFIERS,
     DevnetError,
@@ -30,6 +37,7 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
+from tests.support.relay import AuditingRelay
 
 pytestmark = pytest.mark.e2e
 
@@ -49,17 +57,39 @@ def test_one_cluster_signs_two_chains_through_leader_kills(tmp_path, local_chain
     ports = free_ports(len(VERSIONS))
     chains: list[LocalChain] = []
     defs: list[ChainDef] = []
-    for i, (version, key, port) in enumerate(zip(VERSIONS, keys, ports, strict=True)):
-        laddr = f"tcp://127.0.0.1:{port}"
-        chain = local_chains(
-            version,
-            start=False,
-            chain_id=f"multi-{i}-{config_version(version)}",
-            validator=ValidatorKey("ed25519", key.public_key),
-            priv_validator_laddr=laddr,
-        )
-        chains.append(chain)
-        defs.append(ChainDef(chain.chain_id, config_version(version), key, [laddr]))
+    relays: list[AuditingRelay] = []
+    auditors: list[Auditor] = []
+    with contextlib.ExitStack() as stack:
+        for i, (version, key, port) in enumerate(zip(VERSIONS, keys, ports, strict=True)):
+            laddr = f"tcp://127.0.0.1:{port}"
+            chain = local_chains(
+                version,
+                start=False,
+                chain_id=f"multi-{i}-{config_version(version)}",
+                validator=ValidatorKey("ed25519", key.public_key),
+                priv_validator_laddr=laddr,
+            )
+            chains.append(chain)
+            auditors.append(Auditor("ed25519", key.public_key))
+            family = WireFamily.from_config(config_version(version))
+            relays.append(stack.enter_context(AuditingRelay(laddr, auditors[-1], family)))
+            defs.append(
+                ChainDef(chain.chain_id, config_version(version), key, [relays[-1].listen_address])
+            )
+        _run(tmp_path, chains, keys, defs, relays)
+    for relay in relays:
+        assert relay.violations == [], relay.violations
+    for auditor in auditors:
+        auditor.check()
+
+
+def _run(
+    tmp_path,
+    chains: list[LocalChain],
+    keys: list[SigningKey],
+    defs: list[ChainDef],
+    relays: list[AuditingRelay],
+) -> None:
     assert len({c.chain_id for c in chains}) == len(chains)
     assert len({k.public_key for k in keys}) == len(keys)
 
@@ -101,6 +131,26 @@ def test_one_cluster_signs_two_chains_through_leader_kills(tmp_path, local_chain
             assert new_leader != leader
             killed.append(leader)
             cluster.nodes[leader].start()  # back as a follower
+            cluster.wait_caught_up(leader)
+
+        # Once per chain: a precommit's signature kept from its node, then the node and
+        # the Nebula leader killed together; the restarted node asks again for that step
+        # (with a new timestamp) and the new leader answers from the replicated state.
+        for chain, relay in zip(chains, relays, strict=True):
+            _advance_all(chains, 2)
+            got = relay.withhold_next_signature(kinds=("precommit",))
+            assert got.wait(30), "no signature to withhold"
+            leader = cluster.wait_leader_sync()
+            chain.kill()
+            cluster.nodes[leader].kill()
+            assert relay.withheld is not None
+            kind, hh, rr = relay.withheld.split()
+            h, r = int(hh[2:]), int(rr[2:])
+            cluster.nodes[leader].start()
+            chain.start()
+            chain.wait_for_rpc(timeout=30)
+            chain.wait_for_height(h + 2, timeout=60)
+            assert len(relay.requests_for(kind, h, r)) >= 2, relay.withheld  # asked again
             cluster.wait_caught_up(leader)
 
         last = _advance_all(chains, 3)
