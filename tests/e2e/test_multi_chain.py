@@ -37,7 +37,7 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
-from tests.support.relay import AuditingRelay
+from tests.support.relay import AuditingRelay, withhold_then_restart
 
 pytestmark = pytest.mark.e2e
 
@@ -138,20 +138,7 @@ def _run(
         # (with a new timestamp) and the new leader answers from the replicated state.
         for chain, relay in zip(chains, relays, strict=True):
             _advance_all(chains, 2)
-            got = relay.withhold_next_signature(kinds=("precommit",))
-            assert got.wait(30), "no signature to withhold"
-            leader = cluster.wait_leader_sync()
-            chain.kill()
-            cluster.nodes[leader].kill()
-            assert relay.withheld is not None
-            kind, hh, rr = relay.withheld.split()
-            h, r = int(hh[2:]), int(rr[2:])
-            cluster.nodes[leader].start()
-            chain.start()
-            chain.wait_for_rpc(timeout=30)
-            chain.wait_for_height(h + 2, timeout=60)
-            assert len(relay.requests_for(kind, h, r)) >= 2, relay.withheld  # asked again
-            cluster.wait_caught_up(leader)
+            assert withhold_then_restart(relay, chain, cluster, ("precommit",)), relay.withheld
 
         last = _advance_all(chains, 3)
         rounds = []

@@ -39,7 +39,7 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
-from tests.support.relay import AuditingRelay
+from tests.support.relay import AuditingRelay, withhold_then_restart
 
 pytestmark = pytest.mark.e2e
 
@@ -122,20 +122,7 @@ def test_rolling_restart_and_leader_kills_under_a_live_chain(tmp_path, local_cha
             asked_twice = []
             for _ in range(3):
                 chain.wait_for_height(chain.latest_height() + 2, timeout=30)
-                got = relay.withhold_next_signature(kinds=("precommit",))
-                assert got.wait(30), "no signature to withhold"
-                leader = cluster.wait_leader_sync()
-                chain.kill()
-                cluster.nodes[leader].kill()
-                assert relay.withheld is not None
-                kind, hh, rr = relay.withheld.split()
-                h, r = int(hh[2:]), int(rr[2:])
-                cluster.nodes[leader].start()
-                chain.start()
-                chain.wait_for_rpc(timeout=30)
-                chain.wait_for_height(h + 2, timeout=60)
-                asked_twice.append(len(relay.requests_for(kind, h, r)) >= 2)
-                cluster.wait_caught_up(leader)
+                asked_twice.append(withhold_then_restart(relay, chain, cluster, ("precommit",)))
             assert all(asked_twice), asked_twice  # the node did ask again each time
 
             last = chain.wait_for_height(chain.latest_height() + 3, timeout=30)

@@ -164,7 +164,7 @@ def test_node_restart_after_a_withheld_signature_gets_no_second_signature(
     asked twice (otherwise it would prove nothing)."""
     from nebula.types import WireFamily
     from tests.support.cluster import Auditor
-    from tests.support.relay import AuditingRelay
+    from tests.support.relay import AuditingRelay, withhold_then_restart
 
     key = generate("ed25519")
     (port,) = free_ports(1)
@@ -189,15 +189,7 @@ def test_node_restart_after_a_withheld_signature_gets_no_second_signature(
             chain.start()
             chain.wait_for_height(5, timeout=60)
             for _ in range(3):
-                got = relay.withhold_next_signature()
-                assert got.wait(30), "no signature to withhold"
-                chain.kill()
-                kind, h, r = relay.withheld.split()
-                h, r = int(h[2:]), int(r[2:])
-                chain.start()
-                chain.wait_for_rpc(timeout=30)
-                chain.wait_for_height(h + 2, timeout=60)
-                asked_twice.append(len(relay.requests_for(kind, h, r)) >= 2)
+                asked_twice.append(withhold_then_restart(relay, chain))
             last = chain.wait_for_height(chain.latest_height() + 3, timeout=60)
             _verify(chain, key, 1, last - 1)
             chain.stop()

@@ -699,3 +699,33 @@ class AuditingRelay:
             if not data:
                 raise ProtocolError("the node closed the connection")
             pending = framer.feed(session.feed(data))
+
+
+def withhold_then_restart(
+    relay: AuditingRelay,
+    chain: Any,
+    cluster: Any = None,
+    kinds: tuple[str, ...] = ("prevote", "precommit", "proposal"),
+) -> bool:
+    """Keep the next signature of ``kinds`` from ``chain``'s node, kill the node (and, with
+    a ``cluster``, the Nebula leader with it), start them again and wait two heights past
+    the withheld one.  The restarted node asks again for that step with a new timestamp
+    or block: a second, different signature there is a double sign the relay's auditor
+    records.  True when the node did ask again (else the round proved nothing)."""
+    got = relay.withhold_next_signature(kinds)
+    assert got.wait(30), "no signature to withhold"
+    leader = cluster.wait_leader_sync() if cluster is not None else None
+    chain.kill()
+    if leader is not None:
+        cluster.nodes[leader].kill()
+    assert relay.withheld is not None
+    kind, hh, rr = relay.withheld.split()
+    h, r = int(hh[2:]), int(rr[2:])
+    if leader is not None:
+        cluster.nodes[leader].start()
+    chain.start()
+    chain.wait_for_rpc(timeout=30)
+    chain.wait_for_height(h + 2, timeout=60)
+    if leader is not None:
+        cluster.wait_caught_up(leader)
+    return len(relay.requests_for(kind, h, r)) >= 2
