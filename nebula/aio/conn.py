@@ -167,7 +167,16 @@ class Dialer:
                 self._abort()
                 raise
             except (OSError, TimeoutError) as e:
-                log.debug("cannot reach validator %s: %s", self.endpoint, e)
+                if served:  # an established connection reset: a drop like any other
+                    log.warning(
+                        "connection to %s (chain %s) dropped: %s",
+                        self.endpoint,
+                        self.service.chain_id,
+                        e,
+                        extra={"chain_id": self.service.chain_id},
+                    )
+                else:
+                    log.debug("cannot reach validator %s: %s", self.endpoint, e)
             except NebulaError as e:
                 log.warning(
                     "connection to %s (chain %s) dropped: %s",
