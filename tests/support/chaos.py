@@ -22,13 +22,18 @@ clock_jump             a node's wall clock jumps by +-30 s .. 2 days (kept or un
 garbage                the validator writes garbage into the encrypted stream
 disconnect             the validator closes the connection mid-request
 validator_restart      SIGKILL the CometBFT node, restart it (WAL replay re-asks votes)
+withhold_restart       the relay keeps the next signature from the node, which is then
+                       SIGKILLed (half the time with the Nebula leader) and restarted: it
+                       asks again for that step with a new timestamp or block
 =====================  ===============================================================
 
 During a node fault a validator fault (garbage/disconnect) is sometimes injected too.
 After the schedule every fault is healed and the chain must commit 10 more blocks; then
 the relay's auditor must hold no conflict and no violation, the chain must carry no
 duplicate-vote evidence, every committed precommit must verify with the validator key
-and must be one the relay saw leave the cluster.
+and must be one the relay saw leave the cluster.  A single-validator chain never sends
+a conflicting vote, so the evidence check alone cannot fail; ``withhold_restart`` is
+what makes the node ask twice for one step, and the relay's auditor is the oracle.
 
 The seed fixes the sequence of faults (kinds, targets by role, durations, parameters);
 which node is the leader at a given moment, and so the exact interleaving, depends on the
@@ -90,7 +95,10 @@ FAULT_WEIGHTS: dict[str, int] = {
     "garbage": 2,
     "disconnect": 2,
     "validator_restart": 1,
+    "withhold_restart": 3,
 }
+
+_SIGNED_KINDS = ("prevote", "precommit", "proposal")
 
 RECOVERY_TIMEOUT_S = 60.0
 FINAL_BLOCKS = 10
@@ -151,6 +159,8 @@ class Report:
     last_height: int = 0
     blocks: int = 0  # committed during the run (schedule + final blocks)
     signatures: int = 0  # signatures audited by the relay (all of them, from height 1)
+    withheld: int = 0  # signatures kept from the node before a restart (withhold_restart)
+    asked_again: int = 0  # of those, steps the restarted node asked for again
     conflicts: list[str] = field(default_factory=list)  # double signs / bad signatures
     evidence: int = 0  # DuplicateVoteEvidence in the chain
     verified_precommits: int = 0
@@ -182,6 +192,8 @@ class Report:
             f"signatures audited by the relay: {self.signatures}; conflicts: {len(self.conflicts)}; "
             f"duplicate-vote evidence: {self.evidence}; committed precommits verified: "
             f"{self.verified_precommits}",
+            f"signatures withheld from the node before a restart: {self.withheld}; steps the "
+            f"node asked for again (each a chance to double sign): {self.asked_again}",
             f"longest stall: {self.longest_stall_s:.2f}s (ended by height "
             f"{self.longest_stall_height})",
             f"missed heights: {self.missed_heights} (a single-validator chain cannot skip one); "
@@ -255,6 +267,7 @@ class _Chaos:
         self.fault_dirs: dict[int, Path] = {}
         self.clock_offsets: dict[int, float] = {}
         self._pending_extra: list[InjectedFault] = []  # validator faults during node faults
+        self.withheld: list[tuple[str, int, int]] = []  # steps withheld from the node
 
     # ---- helpers -----------------------------------------------------------------------
 
@@ -493,6 +506,41 @@ class _Chaos:
             time.sleep(hold)
             self.chain.start()
             self.chain.wait_for_rpc(timeout=60)
+        elif kind == "withhold_restart":
+            # The oracle's own fault: the relay keeps one signature from the node, which
+            # is then killed (half the time with the Nebula leader) and restarted.  It
+            # asks again for that step with a new timestamp or block; a second, different
+            # signature there is a double sign the relay's auditor records.
+            kinds = rng.choice((("prevote",), ("precommit",), ("proposal",), _SIGNED_KINDS))
+            with_leader = rng.random() < 0.5
+            hold = round(rng.uniform(0.2, 2.0), 2)
+            rec.target = "cometbft" + (" and the leader" if with_leader else "")
+            rec.params = {"kinds": "/".join(kinds)}
+            self.log(
+                f"fault #{index}: withhold the next {'/'.join(kinds)} signature, then SIGKILL "
+                f"{rec.target}, restart after {hold}s"
+            )
+            rec.t_apply, rec.height_apply = self.now(), self.height()
+            got = self.relay.withhold_next_signature(kinds)
+            if not got.wait(30):
+                raise ChaosError(f"no {'/'.join(kinds)} signature to withhold within 30 s")
+            leader = self._leader() if with_leader else None
+            self.chain.kill()
+            if leader is not None:
+                cluster.nodes[leader].kill()
+            assert self.relay.withheld is not None
+            name, hh, rr = self.relay.withheld.split()
+            step = (name, int(hh[2:]), int(rr[2:]))
+            self.withheld.append(step)
+            rec.params["withheld"] = self.relay.withheld
+            if leader is not None:
+                rec.params["leader"] = f"node{leader}"
+            time.sleep(hold)
+            if leader is not None:
+                cluster.nodes[leader].start()
+                self._check_hooks(leader)
+            self.chain.start()
+            self.chain.wait_for_rpc(timeout=60)
         else:
             raise ChaosError(f"unknown fault kind {kind!r}")
         rec.t_heal, rec.height_heal = self.now(), self.height()
@@ -688,6 +736,8 @@ class _Chaos:
         if rep.evidence:
             rep.conflicts.append(f"{rep.evidence} DuplicateVoteEvidence in the chain")
         rep.extra_rounds = {c.height: c.round for c in signed_commits(chain, 1, last) if c.round}
+        rep.withheld = len(self.withheld)
+        rep.asked_again = sum(len(self.relay.requests_for(*step)) >= 2 for step in self.withheld)
         snap = self.relay.snapshot()
         rep.signatures = snap["signatures"]
         rep.conflicts += snap["violations"]
