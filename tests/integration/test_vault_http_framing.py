@@ -10,7 +10,8 @@ sends these answers on demand; the real OpenBao runs in tests/integration/test_v
 * a negative chunk size and a header line past the buffer are refusals (BackendError),
   never another exception that ends the validator's connection;
 * a close-delimited answer that arrives in pieces is read whole;
-* a redirect (a standby node) is refused with a message that says what to do.
+* a redirect (a standby node) is refused with a message that says what to do;
+* JSON nested past the decoders' depth limit is a refusal, not a RecursionError.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nebula.backends._vault_common import VaultSettings
+from nebula.backends.vault_signer_plugin import VaultSignerPluginBackend
 from nebula.backends.vault_transit import VaultTransitBackend
 from nebula.crypto.keys import generate
 from nebula.errors import BackendError
@@ -63,6 +66,10 @@ class RawTransit:
         s = VaultSettings.create(self.address, "transit", "val", "tok", timeout=1.0)
         return VaultTransitBackend(s, self.key.public_key, 1)
 
+    def plugin_backend(self) -> VaultSignerPluginBackend:
+        s = VaultSettings.create(self.address, "nebula", "val", "tok", timeout=1.0)
+        return VaultSignerPluginBackend(s, "ed25519", self.key.public_key)
+
     def _accept(self) -> None:
         while True:
             try:
@@ -92,7 +99,8 @@ class RawTransit:
             while len(buf) < n:
                 buf += c.recv(65536)
             body, buf = buf[:n], buf[n:]
-            msg = base64.b64decode(json.loads(body)["input"])
+            doc = json.loads(body)
+            msg = base64.b64decode(doc.get("input") or doc["payload"])  # transit | plugin
             sig = base64.b64encode(self.key.sign(msg)).decode()
             answer = json.dumps({"data": {"signature": f"vault:v1:{sig}"}}).encode()
             k, self.signs = self.signs, self.signs + 1
@@ -112,7 +120,7 @@ def server() -> RawTransit:
     s.close()
 
 
-def _sign_all(backend: VaultTransitBackend, n: int) -> list[str]:
+def _sign_all(backend: VaultTransitBackend | VaultSignerPluginBackend, n: int) -> list[str]:
     async def go() -> list[str]:
         out = []
         for i in range(n):
@@ -181,6 +189,41 @@ def test_a_malformed_answer_is_answered_as_a_refusal_by_the_service(server, tmp_
     assert resp.vote.signature == b"" and svc.store.last("c") is None
 
 
+_DEEP = b"[" * 100_000 + b"]" * 100_000  # well under the 1 MiB body limit
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (200, b'{"data":{"signature":"vault:v1:AA==","x":%s}}' % _DEEP),
+        (200, b'{"x":%s}' % _DEEP),
+        (500, b'{"errors":%s}' % _DEEP),
+    ],
+    ids=["200-deep-data", "200-deep-top", "500-deep-errors"],
+)
+@pytest.mark.parametrize("kind", ["transit", "plugin"])
+def test_a_deeply_nested_answer_is_a_refusal(server, tmp_path: Path, kind, status, body) -> None:
+    """A JSON answer nested past msgspec's depth limit (a broken server, or a proxy in
+    front of it) is a refusal like any other malformed answer: it used to raise
+    RecursionError out of ``sign``, which ended the validator's connection with a
+    traceback instead of answering it (found in review)."""
+    server.frame = lambda n, st, _body: _plain(n, status, body)
+    backend = server.backend() if kind == "transit" else server.plugin_backend()
+    svc = SigningService("c", WireFamily.V0_38, backend, LocalStore(tmp_path / "s"))
+
+    async def go() -> tuple[Any, Any]:
+        refused = await svc.handle(SignVoteRequest(vote(1), "c"))
+        server.frame = _plain  # and it signs once the server answers properly
+        signed = await svc.handle(SignVoteRequest(vote(1), "c"))
+        await backend.close()
+        return refused, signed
+
+    refused, signed = asyncio.run(go())
+    assert refused.error is not None and "Vault" in refused.error.description
+    assert refused.vote.signature == b""
+    assert signed.error is None and signed.vote.signature
+
+
 def test_a_hanging_name_lookup_is_shared_by_the_requests_behind_it(server) -> None:
     """A lookup that hangs (a DNS outage) holds one thread of the loop's resolver pool
     until it returns; a new lookup per timed-out request would soon hold them all, and
@@ -220,3 +263,36 @@ def test_a_hanging_name_lookup_is_shared_by_the_requests_behind_it(server) -> No
     out = asyncio.run(go())
     assert all("did not answer within 0.1 s" in e for e in out[:5]), out
     assert out[5] == "signed" and lookups == ["vault.test", "vault.test"]
+
+
+def test_a_deeply_nested_answer_at_start_is_a_backend_error() -> None:
+    """The start-up reads (hvac) too: a deeply nested key answer is a BackendError naming
+    the server, not a RecursionError traceback (found in review)."""
+    import http.server
+
+    from nebula.backends.vault_signer_plugin import read_plugin_key
+    from nebula.backends.vault_transit import read_transit_key
+
+    deep = b'{"data":' + _DEEP + b"}"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(deep)))
+            self.end_headers()
+            self.wfile.write(deep)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        s = VaultSettings.create(f"http://127.0.0.1:{srv.server_port}", "m", "k", "t", timeout=2)
+        for read in (read_plugin_key, read_transit_key):
+            with pytest.raises(BackendError, match="unexpected answer from"):
+                read(s)
+    finally:
+        srv.shutdown()
+        srv.server_close()
