@@ -297,7 +297,7 @@ def hvac_call(what: str, s: VaultSettings, fn: Callable[[], T]) -> T:
         raise BackendError(f"{what}: cannot reach Vault at {s.address}: {_root(exc)}") from None
     except requests.exceptions.RequestException as exc:
         raise BackendError(f"{what}: request to {s.address} failed: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise BackendError(f"{what}: unexpected answer from {s.address}: {exc!r}") from None
 
 
@@ -354,8 +354,8 @@ def vault_error_text(status: int, body: bytes) -> str:
     """``HTTP <status>: <Vault's errors>`` for a non-2xx answer."""
     try:
         errors = _errors_decoder.decode(body).errors
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        errors = []
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        errors = []  # (RecursionError: nested past msgspec's depth limit)
     detail = "; ".join(str(e) for e in errors) if errors else body[:200].decode("utf-8", "replace")
     hint = ""
     if status == 403:
