@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,20 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         terminalreporter.section("opened outside the repository", red=True)
         for path in sorted(set(_AUDIT.violations)):
             terminalreporter.line(f"{path}  (a fresh clone has nothing beside it)")
+
+
+@pytest.fixture
+def production_recursion_limit() -> Iterator[None]:
+    """The interpreter's default recursion limit (1000), as ``nebula start`` runs with,
+    for tests that feed input nested past it: py_ecc (imported by some tests) raises it
+    to 100000 for the whole session, and JSON that deep then overflows the C stack of
+    the JSON decoders (a segfault) instead of raising RecursionError."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
 
 
 @pytest.fixture(params=["compiled", "pure"])

@@ -202,6 +202,7 @@ _DEEP = b"[" * 100_000 + b"]" * 100_000  # well under the 1 MiB body limit
     ids=["200-deep-data", "200-deep-top", "500-deep-errors"],
 )
 @pytest.mark.parametrize("kind", ["transit", "plugin"])
+@pytest.mark.usefixtures("production_recursion_limit")
 def test_a_deeply_nested_answer_is_a_refusal(server, tmp_path: Path, kind, status, body) -> None:
     """A JSON answer nested past msgspec's depth limit (a broken server, or a proxy in
     front of it) is a refusal like any other malformed answer: it used to raise
@@ -265,6 +266,7 @@ def test_a_hanging_name_lookup_is_shared_by_the_requests_behind_it(server) -> No
     assert out[5] == "signed" and lookups == ["vault.test", "vault.test"]
 
 
+@pytest.mark.usefixtures("production_recursion_limit")
 def test_a_deeply_nested_answer_at_start_is_a_backend_error() -> None:
     """The start-up reads (hvac) too: a deeply nested key answer is a BackendError naming
     the server, not a RecursionError traceback (found in review)."""
