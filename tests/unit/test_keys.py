@@ -636,3 +636,29 @@ def test_backend_default_sync_path_is_none() -> None:
 def test_signing_key_is_abstract() -> None:
     with pytest.raises(TypeError):
         SigningKey()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"priv_key": %s}' % ("[" * 10**5 + "]" * 10**5),
+        '{"priv_key": {"type": "x", "value": %s}}' % ("9" * 5000),
+    ],
+    ids=["nested-past-the-recursion-limit", "int-past-4300-digits"],
+)
+@pytest.mark.usefixtures("production_recursion_limit")
+def test_json_key_files_past_the_parser_limits_are_key_file_errors(
+    tmp_path: Path, content: str
+) -> None:
+    """priv_validator_key.json, a threshold share file and a DKG member's public file
+    (another operator's) that Python's JSON parser gives up on (RecursionError, or int()'s 4300-digit ValueError that is no JSONDecodeError)
+    are KeyFileErrors naming the file, not a traceback (found in review)."""
+    from nebula.cli.dkg import _read_json
+    from nebula.crypto.threshold import load_share_file
+
+    path = _write(tmp_path / "k.json", content)
+    dkg_file = lambda p: _read_json(str(p), "DKG member file")  # noqa: E731 - another member's
+    for loader in (keys.load_priv_validator_key_json, load_share_file, dkg_file):
+        with pytest.raises(KeyFileError, match="not valid JSON") as info:
+            loader(path)
+        assert str(path) in str(info.value)

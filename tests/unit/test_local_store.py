@@ -199,8 +199,17 @@ def test_priv_validator_state_json_round_trip(tmp_path) -> None:
         ('{"height": "9223372036854775808", "round": 0, "step": 3}', "out of range"),
         ('{"height": "5", "round": 2147483648, "step": 3}', "out of range"),
         ('{"height": "5", "round": 0, "step": 4}', "out of range"),
+        # Past Python's 4300-digit int() limit, or its JSON recursion limit: these were
+        # a ValueError / RecursionError traceback, not an error naming the file (review).
+        ('{"height": "%s", "round": 0, "step": 3}' % ("9" * 5000), "out of range"),
+        ('{"height": %s, "round": 0, "step": 3}' % ("9" * 5000), "cannot read"),
+        (
+            '{"height": "5", "round": 0, "step": 3, "x": %s}' % ("[" * 10**5 + "]" * 10**5),
+            "cannot read",
+        ),
     ],
 )
+@pytest.mark.usefixtures("production_recursion_limit")
 def test_a_file_that_is_not_a_sign_state_is_an_error_naming_it(
     tmp_path, content: str, why: str
 ) -> None:
@@ -209,6 +218,28 @@ def test_a_file_that_is_not_a_sign_state_is_an_error_naming_it(
     with pytest.raises(StateError, match=why) as e:
         load_priv_validator_state(f)
     assert str(f) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "chains",
+    [
+        '{"c": {"height": "%s", "round": 0, "step": 3}}' % ("9" * 5000),
+        '{"c": %s}' % ("[" * 10**5 + "]" * 10**5),
+    ],
+)
+@pytest.mark.usefixtures("production_recursion_limit")
+def test_a_first_release_state_file_past_the_parser_limits_is_a_state_error(
+    tmp_path, chains: str
+) -> None:
+    """The first release's plain-JSON state file (read, then converted): past the int()
+    digit limit or the JSON recursion limit it is a StateError naming the file, never a
+    ValueError / RecursionError traceback at start (found in review)."""
+    f = tmp_path / "state.json"
+    f.write_text('{"version": 1, "chains": ' + chains + "}")
+    for read in (read_states, LocalStore):
+        with pytest.raises(StateError) as e:
+            read(f)
+        assert str(f) in str(e.value)
 
 
 def test_sign_states_of_other_signers_and_the_bounds_are_read() -> None:
