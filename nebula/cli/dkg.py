@@ -39,7 +39,7 @@ def _read_json(path: str, what: str) -> Any:
         raise KeyFileError(f"{what} {path} is too large")
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError, int()'s digit limit)
         raise KeyFileError(f"{path}: not valid JSON ({e})") from None
 
 
@@ -64,7 +64,7 @@ def _load_me(args: argparse.Namespace) -> Any:
     raw = read_private_file(p, what="DKG member secret file")
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError, int()'s digit limit)
         raise KeyFileError(f"{p}: not valid JSON ({e})") from None
     me = dkg.MemberSecret.from_json(doc, p)
     if me.index != args.index:

@@ -575,7 +575,7 @@ def load_priv_validator_key_json(
     raw = read_private_file(p, what="priv_validator_key.json", check_permissions=check_permissions)
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # (JSONDecodeError, int()'s digit limit)
         raise KeyFileError(f"{p}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise KeyFileError(f"{p}: expected a JSON object")

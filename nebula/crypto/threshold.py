@@ -535,7 +535,7 @@ def load_share_file(
     raw = read_private_file(p, what="threshold share file", check_permissions=check_permissions)
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError, int()'s digit limit)
         raise KeyFileError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("type") != SHARE_FILE_TYPE:
         raise KeyFileError(f"{p}: not a threshold share file (type must be {SHARE_FILE_TYPE!r})")

@@ -269,7 +269,8 @@ def _hrs_field(obj: dict[str, Any], key: str, where: str) -> int:
         raise StateError(f"{where}: not a sign state: no {key!r} field")
     v = obj[key]
     if isinstance(v, str) and v.isascii() and v.isdigit():
-        n = int(v)
+        # (past 4300 digits int() raises: any over 20 is out of range anyway)
+        n = int(v) if len(v) <= 20 else _FIELD_MAX[key] + 1
     elif isinstance(v, int) and not isinstance(v, bool):
         n = v
     else:
@@ -331,7 +332,7 @@ def load_priv_validator_state(path: str | Path, chain_id: str | None = None) -> 
         obj = json.loads(p.read_text())
     except FileNotFoundError:
         raise StateError(f"{p}: initial state file not found") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise StateError(f"{p}: cannot read initial state: {e}") from None
     rec = record_from_json(obj, str(p))
     if chain_id is not None:

@@ -257,7 +257,7 @@ def _parse(raw: bytes, path: Path) -> _Image:
 def _parse_payload(raw: bytes, where: str) -> dict[str, SignRecord]:
     try:
         obj = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise StateError(
             f"{where}: state file is corrupted ({e}); refusing to start. Restore it "
             "from a backup or import the last known state with `nebula state import`."
