@@ -298,3 +298,48 @@ def test_a_deeply_nested_answer_at_start_is_a_backend_error() -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_redirect_at_start_is_refused_and_the_token_stays_here() -> None:
+    """The start-up reads and self-test (hvac) refuse a redirect as the signing path does:
+    hvac followed it, sending X-Vault-Token to whatever host the Location named (http
+    included), and a signer pointed at a standby started healthy, then refused every
+    signature with 'HTTP 307' (found in review)."""
+    import http.server
+
+    seen: list[str | None] = []
+
+    class Active(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("X-Vault-Token"))
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    active = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Active)
+    target = f"http://127.0.0.1:{active.server_port}"
+
+    class Standby(Active):
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", target + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    standby = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+    for srv in (active, standby):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{standby.server_port}"
+        s = VaultSettings.create(address, "m", "k", "the-token", timeout=2)
+        for backend in (VaultTransitBackend, VaultSignerPluginBackend):
+            with pytest.raises(BackendError, match=r"HTTP 307.*set address to the active node"):
+                backend.connect(s)
+        assert seen == []
+    finally:
+        for srv in (active, standby):
+            srv.shutdown()
+            srv.server_close()
