@@ -260,7 +260,16 @@ def hvac_client(s: VaultSettings, *, timeout: float | None = None) -> Any:
         import urllib3
 
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    return hvac.Client(url=s.address, token=s.token, verify=verify, timeout=timeout or s.timeout)
+    # No redirects, as on the signing path: hvac would send X-Vault-Token to whatever host
+    # the Location names, and a start against a standby would pass its self-test, then
+    # refuse every signature (found in review).  hvac_call refuses the 3xx answer.
+    return hvac.Client(
+        url=s.address,
+        token=s.token,
+        verify=verify,
+        timeout=timeout or s.timeout,
+        allow_redirects=False,
+    )
 
 
 T = TypeVar("T")
@@ -272,7 +281,7 @@ def hvac_call(what: str, s: VaultSettings, fn: Callable[[], T]) -> T:
     import requests
 
     try:
-        return fn()
+        out = fn()
     except NebulaError:
         raise
     except hvac.exceptions.Forbidden as exc:
@@ -299,6 +308,11 @@ def hvac_call(what: str, s: VaultSettings, fn: Callable[[], T]) -> T:
         raise BackendError(f"{what}: request to {s.address} failed: {exc}") from None
     except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise BackendError(f"{what}: unexpected answer from {s.address}: {exc!r}") from None
+    if isinstance(out, requests.Response) and 300 <= out.status_code < 400:
+        # (hvac raises for 4xx and 5xx only, and hands back a 3xx it did not follow)
+        text = vault_error_text(out.status_code, out.content[:_MAX_BODY])
+        raise BackendError(f"{what}: Vault at {s.address} answered {text}")
+    return out
 
 
 def warn_if_token_expires(s: VaultSettings, client: Any) -> int | None:
@@ -362,9 +376,8 @@ def vault_error_text(status: int, body: bytes) -> str:
         hint = " (token revoked, expired, or without the needed policy)"
     elif 300 <= status < 400:
         hint = (
-            " (a redirect, as a standby node answers: Nebula does not follow redirects on "
-            "the signing path; set address to the active node, or to a load balancer that "
-            "forwards to it)"
+            " (a redirect, as a standby node answers: Nebula does not follow redirects; "
+            "set address to the active node, or to a load balancer that forwards to it)"
         )
     return f"HTTP {status}{hint}: {detail or 'no details'}"
 
