@@ -314,3 +314,42 @@ def test_a_request_that_could_outlast_cometbfts_5_s_is_a_config_error(tmp_path) 
     assert "can take 5 s, more than 4.5 s" in text
     on_v034 = beta.replace('version = "v1_0"', 'version = "v0_34"')
     config.loads(on_v034.replace("timeout = 2.0", "timeout = 3.0"))  # one call: 3.0 s
+
+
+_RAFT = """
+persist = "raft"
+[raft]
+node_id = 1
+secret_path = "./secret"
+[[raft.peers]]
+id = 1
+addr = "127.0.0.1:8080"
+"""
+
+
+@pytest.mark.parametrize(
+    ("mode", "section"),
+    [
+        ("native", '[signing.native]\nkey_type = "bls12381"\n'),
+        ("threshold_bls", "[signing.threshold_bls]\n"),
+        ("vault_signer_plugin", "[signing.vault_signer_plugin]\n"),
+    ],
+    ids=["native", "threshold_bls", "vault_signer_plugin"],
+)
+@pytest.mark.parametrize(
+    ("dst", "why"),
+    [("BLS_SIG_é", "ASCII"), ("A" * 256, "1 to 255 bytes")],
+    ids=["non-ascii", "too-long"],
+)
+def test_a_bad_bls_dst_is_a_config_error_naming_the_key(
+    mode: str, section: str, dst: str, why: str, tmp_path
+) -> None:
+    """bls_dst is checked at load, the same way for every mode: a non-ASCII one used to be
+    a UnicodeEncodeError traceback at start (threshold_bls), or taken as UTF-8 (native);
+    a long one a KeyFileError blaming private_key_path (found in review)."""
+    text = f'chain_id = "c"\nsigning_mode = "{mode}"\n'
+    text += (_RAFT if mode == "threshold_bls" else "") + section
+    assert config.loads(text, tmp_path / "ok.toml").chains[0].signing_mode == mode
+    with pytest.raises(ConfigError, match=why) as e:
+        config.loads(text + f'bls_dst = "{dst}"\n', tmp_path / "b.toml")
+    assert "b.toml" in str(e.value) and f"signing.{mode}.bls_dst" in str(e.value)
