@@ -618,6 +618,14 @@ def _chain(
             f"{p}: {pre}{what}: BLS12-381 keys need CometBFT v0.38 or later, but "
             f"{pre}version = {version!r} (v0.34/v0.37 have no BLS public key)"
         )
+    dst = getattr(mode_section, "bls_dst", None)
+    if dst:
+        # What every mode encodes it with (the signer plugin's JSON, blst's 255-byte
+        # bound); one check here, naming the key, rather than at start (found in review).
+        if not dst.isascii() or len(dst) > 255:
+            raise ConfigError(
+                f"{p}: {pre}signing.{signing_mode}.bls_dst must be ASCII and 1 to 255 bytes"
+            )
     if signing_mode == "pkcs11":
         if not mode_section.pin_path:
             raise ConfigError(f"{p}: {pre}signing.pkcs11.pin_path is required (0600 PIN file)")
