@@ -353,3 +353,24 @@ def test_a_bad_bls_dst_is_a_config_error_naming_the_key(
     with pytest.raises(ConfigError, match=why) as e:
         config.loads(text + f'bls_dst = "{dst}"\n', tmp_path / "b.toml")
     assert "b.toml" in str(e.value) and f"signing.{mode}.bls_dst" in str(e.value)
+
+
+def test_a_pin_file_that_is_not_utf8_is_refused_before_the_token_sees_it(tmp_path) -> None:
+    """A PIN file in another encoding (a Latin-1 'ä') was decoded with replacement
+    characters and that wrong PIN sent to the token, where a failed login counts toward
+    locking it (found in review): it is a ConfigError naming the file, no login tried."""
+    from nebula.backends.pkcs11 import Pkcs11Settings
+
+    pin = tmp_path / "pin"
+    pin.write_bytes("pässword\n".encode("latin-1"))
+    pin.chmod(0o600)
+    with pytest.raises(ConfigError, match="UTF-8") as e:
+        Pkcs11Settings.create(
+            module_path="/usr/lib/softhsm/libsofthsm2.so",
+            token_label="t",
+            pin_path=pin,
+            key_type="ed25519",
+            key_label="k",
+            key_id=None,
+        )
+    assert str(pin) in str(e.value)
