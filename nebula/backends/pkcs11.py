@@ -137,7 +137,11 @@ class Pkcs11Settings:
             )
         if pin_path is None:
             raise ConfigError(f"{where}.pin_path is required (a file holding the user PIN, 0600)")
-        pin = read_private_file(pin_path, what="HSM PIN file").decode("utf-8", "replace").strip()
+        try:
+            pin = read_private_file(pin_path, what="HSM PIN file").decode("utf-8").strip()
+        except UnicodeDecodeError:
+            # Never a guess: a wrong PIN sent to the token counts toward locking it.
+            raise ConfigError(f"{where}: the PIN file {pin_path} is not UTF-8") from None
         if not pin:
             raise ConfigError(f"{where}: the PIN file {pin_path} is empty")
         return cls(
