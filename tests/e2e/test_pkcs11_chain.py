@@ -12,10 +12,21 @@ exists outside a token.
   HSM's cloning or wrapped backup).  Each member pins the public key, loads the key from
   its own token at start, and the leader is SIGKILLed 5 times (restarted each time as a
   follower): the chain keeps committing, every height carries a precommit that verifies
-  with the token's key, and there is no duplicate-vote evidence.
+  with the token's key, and there is no duplicate-vote evidence.  Then three times a
+  vote's signature is kept from the node, which is killed together with the leader.
 * v1.0.1, secp256k1, one Nebula node: the genesis validator is a ``PubKeySecp256k1`` and
   the consensus params allow only ``secp256k1`` keys; every precommit verifies (low-S,
-  as CometBFT requires) with the token's key.
+  as CometBFT requires) with the token's key.  Three times a precommit's signature is
+  kept from the node, which is killed.
+
+The duplicate-vote evidence check cannot fail on a single-validator chain (its node never
+sends a conflicting vote), so in both tests the privval connection runs through an
+auditing relay (tests/support/relay.py) that verifies every signature reaching the node
+with the token's public key.  A node killed while a signature it asked for was withheld
+asks again for that height, round and step after its restart, with a new timestamp: the
+signer must answer with the stored signature, and a second, different one is a double
+sign the relay's auditor records.  (With SoftHSM2's ECDSA, whose nonces are random, even
+signing the same bytes twice would give a second signature.)
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ import pytest
 
 from nebula.devnet.cluster import NebulaNode, config_version, write_node_dir
 from nebula.devnet.softhsm import SoftHSM, pkcs11_toml
-from tests.support.cluster import ProcCluster
+from nebula.types import WireFamily
+from tests.support.cluster import Auditor, ProcCluster
 from tests.support.cometbft import (
     VERIFIERS,
     LocalChain,
@@ -38,12 +50,16 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
+from tests.support.relay import AuditingRelay, withhold_then_restart
 
 pytestmark = pytest.mark.e2e
 
 TOKEN = "validator-token"
 KILLS = 5
 BLOCKS_BETWEEN = 3
+#: What the relay keeps from the node, one round each (a vote always gets a new timestamp).
+WITHHOLD_V038 = (("prevote",), ("precommit",), ("prevote",))
+WITHHOLD_V1 = (("precommit",),) * 3
 
 
 def _no_key_files(*dirs: Path) -> None:
@@ -67,12 +83,14 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
     genesis = json.loads((chain.home / "config" / "genesis.json").read_text())
     assert genesis["validators"][0]["address"] == validator.address.hex().upper()
 
+    auditor = Auditor(validator.key_type, validator.pub_key)
+    relay = AuditingRelay(laddr, auditor, WireFamily.V0_38)  # started with the cluster
     cluster = ProcCluster(
         tmp_path / "nebula",
         3,
         key=None,
         chain_id=chain.chain_id,
-        connections=[laddr],
+        connections=[relay.listen_address],
         version=config_version(version),
         signing="pkcs11",
         extra=pkcs11_toml(hsm1.module, TOKEN, public_key=validator.pub_key),
@@ -81,7 +99,7 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
     for d, h in zip(cluster.dirs, hsms, strict=True):
         h.pin_file(d.home)
     _no_key_files(tmp_path / "nebula")
-    with cluster:
+    with relay, cluster:
         cluster.wait_leader_sync(timeout=30)
         # Every member logged in to its own token and found the pinned key there.
         for nid in (1, 2, 3):
@@ -110,6 +128,15 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
             cluster.nodes[leader].start()  # back as a follower, on its own token again
             cluster.wait_caught_up(leader)
 
+        # A vote's signature kept from the node, then the node and the leader killed
+        # together: the restarted node asks again for that step with a new timestamp.
+        asked_twice, withheld = [], []
+        for kinds in WITHHOLD_V038:
+            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
+            asked_twice.append(withhold_then_restart(relay, chain, cluster, kinds))
+            withheld.append(relay.withheld)
+        assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
+
         last = chain.wait_for_height(chain.latest_height() + 3, timeout=30)
         sigs = verify_commit_signatures(
             chain, validator.pub_key, "ed25519", range(1, last), VERIFIERS["ed25519"]
@@ -119,6 +146,8 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
         rounds = sum(c.round for c in signed_commits(chain, 1, last - 1))
         led = {n for n in (1, 2, 3) if "is the leader" in cluster.nodes[n].log_text()}
         chain.stop()
+    assert relay.violations == [], "\n".join([*relay.violations, f"withheld: {withheld}"])
+    auditor.check()
     _no_key_files(tmp_path / "nebula")
     assert len(killed) == KILLS
     print(
@@ -126,7 +155,8 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
         f"token: {KILLS} leader SIGKILLs (nodes {killed}); kill -> two more heights median "
         f"{statistics.median(failovers):.2f}s, max {max(failovers):.2f}s; heights 1..{last - 1} "
         f"all signed by the token's key, extra rounds {rounds}; members that led and signed: "
-        f"{sorted(led)}"
+        f"{sorted(led)}; withheld {withheld} (node and leader killed, each asked again), "
+        f"{relay.snapshot()['signatures']} signatures audited by the relay"
     )
     assert len(led) >= 2
 
@@ -149,20 +179,31 @@ def test_v1_chain_with_a_secp256k1_key_in_softhsm(tmp_path, local_chains) -> Non
     assert gv["address"] == validator.address.hex().upper()
     assert genesis["consensus_params"]["validator"]["pub_key_types"] == ["secp256k1"]
 
+    auditor = Auditor(validator.key_type, validator.pub_key)
+    relay = AuditingRelay(laddr, auditor, WireFamily.V1_0)  # started with the node
     d = write_node_dir(
         tmp_path / "nebula",
         chain_id=chain.chain_id,
         version=config_version(version),
-        connections=[laddr],
+        connections=[relay.listen_address],
         signing="pkcs11",
         extra=pkcs11_toml(hsm.module, TOKEN, key_type="secp256k1", public_key=validator.pub_key),
     )
     hsm.pin_file(d.home)
     _no_key_files(d.home)
     node = NebulaNode(d.config_path, log_path=d.log_path, cwd=d.home, env=hsm.env)
-    with node:
+    asked_twice, withheld = [], []
+    with relay, node:
         chain.start()
-        last = chain.wait_for_height(16, timeout=90)
+        chain.wait_for_height(4, timeout=60)
+        # A precommit's signature kept from the node, which is killed: after its restart
+        # it asks again for that step with a new timestamp.
+        for kinds in WITHHOLD_V1:
+            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
+            asked_twice.append(withhold_then_restart(relay, chain, kinds=kinds))
+            withheld.append(relay.withheld)
+        assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
+        last = chain.wait_for_height(max(16, chain.latest_height() + 2), timeout=90)
         # CometBFT accepted every one; check them again independently (low-S included).
         sigs = verify_commit_signatures(
             chain, validator.pub_key, "secp256k1", range(1, last), VERIFIERS["secp256k1"]
@@ -170,3 +211,10 @@ def test_v1_chain_with_a_secp256k1_key_in_softhsm(tmp_path, local_chains) -> Non
         assert [s.height for s in sigs] == list(range(1, last))
         assert duplicate_vote_evidence(chain, 1, last) == []
         chain.stop()
+    assert relay.violations == [], "\n".join([*relay.violations, f"withheld: {withheld}"])
+    auditor.check()
+    print(
+        f"\n{version} chain, secp256k1 key generated in SoftHSM2, one Nebula node: heights "
+        f"1..{last - 1} signed by the token's key; withheld {withheld} (node killed, each "
+        f"asked again), {relay.snapshot()['signatures']} signatures audited by the relay"
+    )
