@@ -2,7 +2,14 @@
 `nebula keys dkg` run by three members in three directories (real processes, files
 carried between them), then a 3-node Nebula cluster holding the three share files signs
 the chain, through a leader kill; every precommit verifies against the group key the
-ceremony printed, which is the validator key in the chain's genesis."""
+ceremony printed, which is the validator key in the chain's genesis.
+
+The duplicate-vote evidence check cannot fail on a single-validator chain, so the privval
+connection runs through an auditing relay (tests/support/relay.py) that verifies every
+signature leaving the cluster with the group key; twice it keeps a precommit's signature
+from the node, which is then killed together with the Nebula leader: the restarted node
+asks again for that step with a new timestamp, and a second, different signature there
+is a double sign the relay's auditor records."""
 
 from __future__ import annotations
 
@@ -11,7 +18,8 @@ import shutil
 
 import pytest
 
-from tests.support.cluster import ProcCluster
+from nebula.types import WireFamily
+from tests.support.cluster import Auditor, ProcCluster
 from tests.support.cometbft import (
     VERIFIERS,
     ValidatorKey,
@@ -20,10 +28,12 @@ from tests.support.cometbft import (
 )
 from tests.support.dkg import cli_ceremony
 from tests.support.ports import free_ports
+from tests.support.relay import AuditingRelay, withhold_then_restart
 
 pytestmark = pytest.mark.e2e
 
 VERSION = "v1.0.1"
+WITHHOLDS = 2
 
 
 def test_a_dkg_made_2_of_3_key_signs_a_real_bls_chain(tmp_path, local_chains) -> None:
@@ -39,11 +49,13 @@ def test_a_dkg_made_2_of_3_key_signs_a_real_bls_chain(tmp_path, local_chains) ->
         validator=ValidatorKey("bls12381", group_key),
         priv_validator_laddr=laddr,
     )
+    auditor = Auditor("bls12381", group_key)
+    relay = AuditingRelay(laddr, auditor, WireFamily.V1_0)  # started with the cluster
     cluster = ProcCluster(
         tmp_path / "nebula",
         3,
         chain_id=chain.chain_id,
-        connections=[laddr],
+        connections=[relay.listen_address],
         version="v1_0",
         signing="threshold_bls",
         extra='[signing.threshold_bls]\nshare_path = "./share.json"\n',
@@ -51,7 +63,7 @@ def test_a_dkg_made_2_of_3_key_signs_a_real_bls_chain(tmp_path, local_chains) ->
     for d in cluster.dirs:
         shutil.copy(ceremony.share(d.node_id), d.home / "share.json")
         assert not (d.home / "privkey").exists()
-    with cluster:
+    with relay, cluster:
         cluster.wait_leader_sync()
         chain.start()
         chain.wait_for_height(4, timeout=60)
@@ -59,10 +71,27 @@ def test_a_dkg_made_2_of_3_key_signs_a_real_bls_chain(tmp_path, local_chains) ->
         assert leader is not None, cluster.logs()
         cluster.nodes[leader].kill()  # the other two shares carry on
         h = chain.latest_height()
-        last = chain.wait_for_height(h + 4, timeout=45)
+        chain.wait_for_height(h + 4, timeout=45)
+        cluster.nodes[leader].start()
+        cluster.wait_caught_up(leader)
+        # A precommit's signature kept from the node, then the node and the leader killed
+        # together: the restarted node asks again for that step with a new timestamp.
+        asked_twice, withheld = [], []
+        for _ in range(WITHHOLDS):
+            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
+            asked_twice.append(withhold_then_restart(relay, chain, cluster, ("precommit",)))
+            withheld.append(relay.withheld)
+        assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
+        last = chain.wait_for_height(chain.latest_height() + 2, timeout=30)
         verify_commit_signatures(
             chain, group_key, "bls12381", range(1, last), VERIFIERS["bls12381"]
         )
         assert duplicate_vote_evidence(chain, 1, last) == []
         chain.stop()
-    print(f"\nDKG 2-of-3 key on CometBFT {VERSION}: {last} blocks, through a leader kill")
+    assert relay.violations == [], "\n".join([*relay.violations, f"withheld: {withheld}"])
+    auditor.check()
+    print(
+        f"\nDKG 2-of-3 key on CometBFT {VERSION}: {last} blocks, through a leader kill and "
+        f"{WITHHOLDS} withheld precommits ({withheld}), each asked again after the node and "
+        f"the leader were killed; {relay.snapshot()['signatures']} signatures audited"
+    )
