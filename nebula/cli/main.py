@@ -73,7 +73,7 @@ def _key_path_from(args: argparse.Namespace) -> tuple[Path, str, bytes | None]:
     from nebula.crypto.keys import BLS_DEFAULT_DST
 
     explicit = getattr(args, "output", None) or getattr(args, "key_file", None)
-    if explicit:
+    if explicit and not args.config:
         return Path(explicit), args.key_type or "ed25519", None
     if not args.config:
         raise NebulaError("give -c CONFIG or an explicit key file path")
@@ -81,10 +81,16 @@ def _key_path_from(args: argparse.Namespace) -> tuple[Path, str, bytes | None]:
     chain = cfg.chain(getattr(args, "chain", None))
     n = chain.signing.native
     if n is None:
+        if explicit:
+            return Path(explicit), args.key_type or "ed25519", None
         raise NebulaError(
             f"{cfg.path}: no [{chain.where('signing.native')}] section to take the key path from"
         )
     dst = n.bls_dst.encode() if n.bls_dst else BLS_DEFAULT_DST
+    if explicit:
+        # A key file is a bare secret: with a config, its key type (and BLS DST) is the
+        # config's unless --key-type says otherwise (it used to be read as Ed25519).
+        return Path(explicit), args.key_type or n.key_type, dst
     key_type = args.key_type or n.key_type
     if args.key_type and args.key_type != n.key_type:
         raise NebulaError(

@@ -41,6 +41,21 @@ def test_init_generate_show(tmp_path, key_type) -> None:
     assert key_file.stat().st_mode & 0o777 == 0o600
     shown = json.loads(nebula("keys", "show", "-c", str(cfg), "--json").stdout)
     assert shown["key_type"] == key_type and len(shown["address"]) == 40
+    # An explicit key file with a config takes the config's key type (the file is a bare
+    # secret): the same key, the same address (it used to be read as Ed25519).
+    for args in (
+        ("keys", "show", "--key-file", str(key_file)),
+        ("keys", "generate", "--output", str(tmp_path / "other")),
+    ):
+        text = nebula(*args, "-c", str(cfg), "--json").stdout
+        out = json.loads(text[text.index("{") :])  # (generate says what it wrote first)
+        assert out["key_type"] == key_type
+    assert (
+        json.loads(
+            nebula("keys", "show", "--key-file", str(key_file), "-c", str(cfg), "--json").stdout
+        )
+        == shown
+    )
     # A second generate never silently replaces a key.
     r = nebula("keys", "generate", "-c", str(cfg), check=False)
     assert r.returncode != 0 and "exists" in r.stderr
