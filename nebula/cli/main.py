@@ -339,7 +339,12 @@ def cmd_state_export(args: argparse.Namespace) -> int:
     keep = ("height", "round", "step", "signature", "signbytes")
     text = json.dumps({k: v for k, v in obj.items() if k in keep}, indent=2) + "\n"
     if args.output:
-        Path(args.output).write_text(text)
+        from nebula.durable import write_file_durably
+
+        try:  # whole or not at all: a migration trusts this file
+            write_file_durably(args.output, text.encode())
+        except OSError as e:
+            raise StateError(f"{args.output}: cannot write the export: {e}") from None
     else:
         sys.stdout.write(text)
     return 0

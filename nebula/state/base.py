@@ -324,12 +324,23 @@ def check_state_chain(rec: SignRecord | None, chain_id: str, where: str) -> None
         )
 
 
+MAX_STATE_FILE = 1 << 20
+"""Bytes read of a ``priv_validator_state.json`` at most (one is well under 4 KiB)."""
+
+
 def load_priv_validator_state(path: str | Path, chain_id: str | None = None) -> SignRecord | None:
     """Read CometBFT's ``priv_validator_state.json``; with ``chain_id``, it must be that
     chain's (:func:`check_state_chain`)."""
     p = Path(path)
     try:
-        obj = json.loads(p.read_text())
+        with p.open("rb") as f:
+            raw = f.read(MAX_STATE_FILE + 1)
+        if len(raw) > MAX_STATE_FILE:
+            raise StateError(
+                f"{p}: too large for a sign state (over {MAX_STATE_FILE} bytes): not a "
+                "priv_validator_state.json?"
+            )
+        obj = json.loads(raw)
     except FileNotFoundError:
         raise StateError(f"{p}: initial state file not found") from None
     except (OSError, ValueError, RecursionError) as e:

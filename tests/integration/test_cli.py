@@ -126,7 +126,24 @@ def test_start_status_and_state_export_import(tmp_path) -> None:
     other.write_text(json.dumps(record_to_json(SignRecord(9, 0, 2, sb, b"s" * 64))))
     r = nebula("state", "import", "-c", str(cfg), str(other), check=False)
     assert r.returncode != 0 and "of chain 'other-chain'" in r.stderr
+    # A file far larger than any sign state is refused before it is read whole.
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"height": "8", "round": 0, "step": 3, "pad": "' + "x" * (2 << 20) + '"}')
+    r = nebula("state", "import", "-c", str(cfg), str(huge), check=False)
+    assert r.returncode == 2 and "too large" in r.stderr and "huge.json" in r.stderr, r.stderr
     assert json.loads(nebula("state", "export", "-c", str(cfg)).stdout)["height"] == "7"
+    # --output replaces a file whole (0600, as CometBFT writes its state), and a path that
+    # cannot be written is an error naming it, not a traceback.
+    exported = tmp_path / "exported.json"
+    exported.write_text("old content that is longer than the export will be" * 100)
+    nebula("state", "export", "-c", str(cfg), "--output", str(exported))
+    assert json.loads(exported.read_text())["height"] == "7"
+    assert exported.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    r = nebula(
+        "state", "export", "-c", str(cfg), "-o", str(tmp_path / "no" / "x.json"), check=False
+    )
+    assert r.returncode == 2 and "x.json" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
     async def main() -> None:
         lst = PrivvalListener(f"tcp://127.0.0.1:{port}", WireFamily.V0_38)
