@@ -610,13 +610,14 @@ def _chain(
     bls = signing_mode == "threshold_bls" or (
         signing_mode == "native" and mode_section.key_type == "bls12381"
     )
-    if bls and family is WireFamily.V0_34:
+    v038 = version.strip().lower().replace(".", "_").lstrip("v") == "0_38"
+    if bls and (family is WireFamily.V0_34 or v038):
         what = "signing_mode = 'threshold_bls'"
         if signing_mode == "native":
             what = "signing.native.key_type = 'bls12381'"
         raise ConfigError(
-            f"{p}: {pre}{what}: BLS12-381 keys need CometBFT v0.38 or later, but "
-            f"{pre}version = {version!r} (v0.34/v0.37 have no BLS public key)"
+            f"{p}: {pre}{what}: BLS12-381 keys need CometBFT v0.39, v0.40 or v1.0, but "
+            f"{pre}version = {version!r} (v0.34, v0.37 and v0.38 have no BLS public key)"
         )
     dst = getattr(mode_section, "bls_dst", None)
     if dst:

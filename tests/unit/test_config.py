@@ -288,12 +288,16 @@ def test_pkcs11_section_validation(tmp_path) -> None:
             config.loads(base.replace(old, new, 1), tmp_path / "n.toml")
 
 
-@pytest.mark.parametrize("version", ["v0_34", "v0_37"])
+@pytest.mark.parametrize("version", ["v0_34", "v0_37", "v0_38"])
 def test_a_bls_key_on_a_line_without_bls_is_a_config_error(version: str, tmp_path) -> None:
-    """v0.34/v0.37 have no BLS public key: the chain would drop the connection on every
-    public-key request (found in review), so the config is refused at load."""
+    """v0.34/v0.37/v0.38 have no BLS public key (v0.38.25's tendermint.crypto.PublicKey
+    holds ed25519 and secp256k1 only; v0.39 and v0.40 added it on the same wire): the
+    chain would drop the connection on every public-key request (found in review), so
+    the config is refused at load, as the signer plugin backend already refused it."""
     text = RUST_NEBULA_EXAMPLE.replace('key_type = "ed25519"', 'key_type = "bls12381"')
     assert config.loads(text).chains[0].family.value == "v1_0"
+    for fine in ("v0_39", "v0_40"):
+        config.loads(text.replace('version = "v1_0"', f'version = "{fine}"'))
     with pytest.raises(ConfigError, match=r"signing\.native\.key_type = 'bls12381'") as e:
         config.loads(
             text.replace('version = "v1_0"', f'version = "{version}"'), tmp_path / "b.toml"
