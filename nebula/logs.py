@@ -35,6 +35,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def _escaped(text: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per message: control characters (a newline, a carriage return, an escape
+    sequence) in the message are written escaped, so text from outside (a Vault error
+    body, a peer's description) cannot forge a log line or rewrite the terminal.  A
+    traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        msg = record.message
+        if not msg.isprintable():
+            record.message = _escaped(msg)
+        return super().formatMessage(record)
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -44,7 +61,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
+            TextFormatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s", "%H:%M:%S")
         )
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
