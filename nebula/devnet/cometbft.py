@@ -44,7 +44,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ __all__ = [
     "CommitInfo",
     "CommitSig",
     "DevnetError",
+    "GenesisValidator",
     "GoToolchainMissing",
     "HarnessError",
     "LocalChain",
@@ -72,6 +73,7 @@ __all__ = [
     "VerifiedSignature",
     "VerifyFn",
     "bls12381_verify",
+    "build_genesis",
     "cache_root",
     "cached_cometbft",
     "cometbft_binary_path",
@@ -79,8 +81,10 @@ __all__ = [
     "ed25519_verify",
     "edit_toml",
     "ensure_cometbft",
+    "filepv_public_key",
     "parse_commit",
     "parse_rfc3339_nano",
+    "parse_vote",
     "read_filepv_key",
     "secp256k1_verify",
     "signed_commits",
@@ -424,25 +428,30 @@ def read_filepv_key(home: Path) -> ValidatorKey:
     return ValidatorKey.from_json(pub)
 
 
+def filepv_public_key(key_type: str, priv_key: bytes) -> ValidatorKey:
+    """The public key of an ed25519 seed or secp256k1 scalar (what ``write_filepv_key``
+    installs), without touching a node directory."""
+    if key_type == "ed25519":
+        from nacl.signing import SigningKey
+
+        pub = bytes(SigningKey(priv_key).verify_key)
+    elif key_type == "secp256k1":
+        from coincurve import PrivateKey
+
+        pub = PrivateKey(priv_key).public_key.format(compressed=True)
+    else:
+        raise ConfigError(f"FilePV keys of our own are ed25519 or secp256k1, not {key_type!r}")
+    return ValidatorKey(key_type, pub)
+
+
 def write_filepv_key(home: Path, key_type: str, priv_key: bytes) -> ValidatorKey:
     """Install our own ed25519 / secp256k1 private key as the node's FilePV key.
 
     ``priv_key`` is the 32-byte seed (ed25519) or scalar (secp256k1). The signing state
     file is reset. For BLS use ``cometbft init --key-type bls12_381`` (v1.0) instead.
     """
-    if key_type == "ed25519":
-        from nacl.signing import SigningKey
-
-        pub = bytes(SigningKey(priv_key).verify_key)
-        priv_json = priv_key + pub  # Go keeps seed || pub
-    elif key_type == "secp256k1":
-        from coincurve import PrivateKey
-
-        pub = PrivateKey(priv_key).public_key.format(compressed=True)
-        priv_json = priv_key
-    else:
-        raise ConfigError(f"write_filepv_key supports ed25519 and secp256k1, not {key_type!r}")
-    key = ValidatorKey(key_type, pub)
+    key = filepv_public_key(key_type, priv_key)
+    priv_json = priv_key + key.pub_key if key_type == "ed25519" else priv_key  # Go: seed || pub
     doc = {
         "address": key.address.hex().upper(),
         "pub_key": key.genesis_json(),
@@ -594,6 +603,64 @@ def edit_toml(
     return "".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class GenesisValidator:
+    """One entry of genesis.json's ``validators``."""
+
+    key: ValidatorKey
+    power: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.power <= 0:
+            raise ConfigError(f"validator power must be positive, got {self.power}")
+
+
+def build_genesis(
+    gen: dict[str, Any],
+    *,
+    chain_id: str,
+    version: str,
+    validators: Sequence[GenesisValidator],
+    vote_extensions_height: int | None = None,
+    genesis_time: str | None = None,
+) -> dict[str, Any]:
+    """Rewrite ``cometbft init``'s genesis document ``gen`` (in place, returned).
+
+    Sets the chain id, the validator set (in the given order; addresses must be distinct)
+    and the allowed key types (those of ``validators``); ``genesis_time`` (RFC 3339) when
+    given, which every node of one network must share; and the vote-extension height
+    (``consensus_params.abci`` before v1.0, ``consensus_params.feature`` from v1.0).
+    """
+    if not validators:
+        raise ConfigError("a genesis needs at least one validator")
+    addresses = [v.key.address for v in validators]
+    if len(set(addresses)) != len(addresses):
+        raise ConfigError("two genesis validators have the same key")
+    gen["chain_id"] = chain_id
+    if genesis_time is not None:
+        parse_rfc3339_nano(genesis_time)  # fail early on a malformed time
+        gen["genesis_time"] = genesis_time
+    gen["validators"] = [
+        {
+            "address": v.key.address.hex().upper(),
+            "pub_key": v.key.genesis_json(),
+            "power": str(v.power),
+            "name": v.name,
+        }
+        for v in validators
+    ]
+    key_types = list(dict.fromkeys(_KEY_NAMES[v.key.key_type][2] for v in validators))
+    params = gen.setdefault("consensus_params", {})
+    params.setdefault("validator", {})["pub_key_types"] = key_types
+    if vote_extensions_height is not None:
+        # v0.38-v0.40: consensus_params.abci; v1.0: consensus_params.feature (abci.* is
+        # deprecated there).
+        table = "feature" if _line(version) >= (1, 0) else "abci"
+        params.setdefault(table, {})["vote_extensions_enable_height"] = str(vote_extensions_height)
+    return gen
+
+
 # --------------------------------------------------------------------------------------
 # Timestamps
 # --------------------------------------------------------------------------------------
@@ -645,6 +712,11 @@ class LocalChain:
     "unix:///path") makes the node wait for a remote signer; None keeps the FilePV.
     ``init()`` writes the files (done by ``create``), ``start()`` runs the node; use it as a
     context manager (start on enter, stop on exit) so the process never outlives its user.
+
+    ``genesis_validators`` replaces the one-validator genesis (``validator`` at ``power``)
+    with a whole validator set, and ``genesis_time`` fixes the genesis time: the nodes of
+    one multi-validator network (:mod:`nebula.devnet.network`) are LocalChains that share
+    both and list each other in ``config_overrides[("p2p", "persistent_peers")]``.
     """
 
     def __init__(
@@ -663,6 +735,8 @@ class LocalChain:
         config_overrides: dict[tuple[str, str], str | bool | int] | None = None,
         genesis_hook: Callable[[dict[str, Any]], None] | None = None,
         moniker: str = "nebula-e2e",
+        genesis_validators: Sequence[GenesisValidator] | None = None,
+        genesis_time: str | None = None,
     ) -> None:
         _parse_version(version)
         if not chain_id:
@@ -695,6 +769,8 @@ class LocalChain:
         self.config_overrides = dict(config_overrides or {})
         self.genesis_hook = genesis_hook
         self.moniker = moniker
+        self.genesis_validators = list(genesis_validators) if genesis_validators else None
+        self.genesis_time = genesis_time
         self.rpc_port, self.p2p_port = free_ports(2)
         self.rpc_url = f"http://127.0.0.1:{self.rpc_port}"
         self.log_path = self.home / "cometbft.log"
@@ -747,38 +823,34 @@ class LocalChain:
         if self.validator is None:
             self.validator = read_filepv_key(self.home)
         self._write_genesis()
-        self._write_config()
+        self.write_config()
         self._initialised = True
 
-    def _write_genesis(self) -> None:
+    def genesis_validator_list(self) -> list[GenesisValidator]:
+        """The genesis validators: ``genesis_validators`` if given, else our one key."""
+        if self.genesis_validators is not None:
+            return list(self.genesis_validators)
         if self.validator is None:
             raise DevnetError("no validator key to put in the genesis")
+        return [GenesisValidator(self.validator, self.power, "nebula")]
+
+    def _write_genesis(self) -> None:
         path = self.home / "config" / "genesis.json"
-        gen = json.loads(path.read_text())
-        key = self.validator
-        gen["chain_id"] = self.chain_id
-        gen["validators"] = [
-            {
-                "address": key.address.hex().upper(),
-                "pub_key": key.genesis_json(),
-                "power": str(self.power),
-                "name": "nebula",
-            }
-        ]
-        params = gen.setdefault("consensus_params", {})
-        params.setdefault("validator", {})["pub_key_types"] = [_KEY_NAMES[key.key_type][2]]
-        if self.vote_extensions_height is not None:
-            # v0.38-v0.40: consensus_params.abci; v1.0: consensus_params.feature (abci.* is
-            # deprecated there).
-            table = "feature" if _line(self.version) >= (1, 0) else "abci"
-            params.setdefault(table, {})["vote_extensions_enable_height"] = str(
-                self.vote_extensions_height
-            )
+        gen = build_genesis(
+            json.loads(path.read_text()),
+            chain_id=self.chain_id,
+            version=self.version,
+            validators=self.genesis_validator_list(),
+            vote_extensions_height=self.vote_extensions_height,
+            genesis_time=self.genesis_time,
+        )
         if self.genesis_hook is not None:
             self.genesis_hook(gen)
         path.write_text(json.dumps(gen, indent=2))
 
-    def _write_config(self) -> None:
+    def write_config(self) -> None:
+        """(Re)write config.toml from our settings and ``config_overrides`` (idempotent: a
+        caller may change ``config_overrides``, e.g. persistent peers, and write again)."""
         path = self.home / "config" / "config.toml"
         settings: dict[tuple[str, str], str | bool | int] = {
             ("", "proxy_app"): "kvstore",
@@ -800,6 +872,24 @@ class LocalChain:
         # Only present on some lines; the rest must exist everywhere.
         optional = {("rpc", "pprof_laddr"), ("p2p", "external_address")}
         path.write_text(edit_toml(path.read_text(), settings, optional=optional))
+
+    @property
+    def node_id(self) -> str:
+        """The p2p node ID (hex of the node key's address), from ``node_key.json``."""
+        path = self.home / "config" / "node_key.json"
+        try:
+            priv = json.loads(path.read_text())["priv_key"]
+            raw = base64.b64decode(priv["value"], validate=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DevnetError(f"cannot read the node key from {path}: {exc}") from exc
+        if priv.get("type") != _KEY_NAMES["ed25519"][1] or len(raw) != 64:
+            raise DevnetError(f"{path} does not hold an ed25519 node key")
+        return validator_address("ed25519", raw[32:]).hex()
+
+    @property
+    def p2p_address(self) -> str:
+        """``<node id>@127.0.0.1:<p2p port>``, as persistent_peers lists it."""
+        return f"{self.node_id}@127.0.0.1:{self.p2p_port}"
 
     # ---- process control ------------------------------------------------------------
 
@@ -1019,6 +1109,23 @@ def parse_commit(commit: dict[str, Any]) -> CommitInfo:
     )
 
 
+def parse_vote(obj: dict[str, Any]) -> Vote:
+    """A vote as the RPC prints it (e.g. ``vote_a`` of a DuplicateVoteEvidence)."""
+    try:
+        return Vote(
+            type=int(obj["type"]),
+            height=int(obj["height"]),
+            round=int(obj["round"]),
+            block_id=_parse_block_id(obj.get("block_id") or {}),
+            timestamp=parse_rfc3339_nano(obj["timestamp"]),
+            validator_address=bytes.fromhex(obj.get("validator_address") or ""),
+            validator_index=int(obj.get("validator_index") or 0),
+            signature=base64.b64decode(obj.get("signature") or ""),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DevnetError(f"cannot parse the vote {obj!r}: {exc}") from exc
+
+
 def signed_commits(chain: LocalChain, from_h: int, to_h: int) -> list[CommitInfo]:
     """The commits for heights ``from_h..to_h`` inclusive, from ``/commit?height=H``."""
     if from_h < 1 or to_h < from_h:
@@ -1064,6 +1171,7 @@ def verify_commit_signatures(
     *,
     chain_id: str | None = None,
     sign_bytes_fn: SignBytesFn | None = None,
+    allow_absent: bool = False,
 ) -> list[VerifiedSignature]:
     """Check our validator's precommit in the commit of every height in ``heights``.
 
@@ -1072,6 +1180,10 @@ def verify_commit_signatures(
     commit's round and block_id, the CommitSig's timestamp, ``chain_id``) and verify the
     signature with ``verify_fn(pubkey, sign_bytes, signature)``. Raises DevnetError on the
     first missing or invalid signature; returns what was verified.
+
+    ``allow_absent`` (a multi-validator chain, where a commit needs only +2/3): a height
+    whose CommitSig for us is ABSENT (no address: not found) is skipped, and one with flag NIL is verified as a
+    precommit for nil; only a signature that is there and does not verify is an error.
     """
     key = ValidatorKey(key_type, pubkey)
     address = key.address
@@ -1081,18 +1193,25 @@ def verify_commit_signatures(
     for h in heights:
         (commit,) = signed_commits(chain, h, h)
         mine = [s for s in commit.signatures if s.validator_address == address]
+        if not mine and allow_absent:
+            continue  # an ABSENT CommitSig carries no address
         if not mine:
             raise DevnetError(
                 f"height {h}: no signature from validator {address.hex().upper()} in the commit"
             )
         sig = mine[0]
-        if sig.block_id_flag != BLOCK_ID_FLAG_COMMIT:
+        block_id = commit.block_id
+        if allow_absent and sig.block_id_flag == BLOCK_ID_FLAG_ABSENT:
+            continue
+        if allow_absent and sig.block_id_flag == BLOCK_ID_FLAG_NIL:
+            block_id = BlockID()
+        elif sig.block_id_flag != BLOCK_ID_FLAG_COMMIT:
             raise DevnetError(f"height {h}: our CommitSig has flag {sig.block_id_flag}, not COMMIT")
         vote = Vote(
             type=SignedMsgType.PRECOMMIT,
             height=commit.height,
             round=commit.round,
-            block_id=commit.block_id,
+            block_id=block_id,
             timestamp=sig.timestamp,
             validator_address=sig.validator_address,
             signature=sig.signature,
