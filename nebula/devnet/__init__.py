@@ -4,6 +4,8 @@
 
 * :mod:`nebula.devnet.cometbft` builds pinned CometBFT releases with Go (cached), runs
   single-validator local chains and checks their commits' signatures independently;
+* :mod:`nebula.devnet.network` runs multi-validator networks of such nodes (one genesis,
+  full mesh), including one validator key on two nodes;
 * :mod:`nebula.devnet.cluster` writes Nebula node directories (one local node or a Raft
   cluster on 127.0.0.1) and runs ``nebula start`` processes;
 * :mod:`nebula.devnet.ports` hands out free loopback ports;

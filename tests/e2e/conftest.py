@@ -1,5 +1,5 @@
 """Fixtures for the end-to-end tests."""
 
-from tests.support.cometbft import local_chains
+from tests.support.cometbft import local_chains, local_networks
 
-__all__ = ["local_chains"]
+__all__ = ["local_chains", "local_networks"]

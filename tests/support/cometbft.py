@@ -3,6 +3,8 @@
 The implementation lives in :mod:`nebula.devnet.cometbft` (shared with ``nebula demo``);
 this module re-exports it for the tests and adds the pytest fixture ``local_chains``
 (import it into a test module or a conftest), which stops every chain it made at teardown.
+The multi-validator networks of :mod:`nebula.devnet.network` get the same treatment:
+``local_networks`` makes them and stops every node at teardown.
 
 Typical use::
 
@@ -60,6 +62,13 @@ from nebula.devnet.cometbft import (
     verify_commit_signatures,
     write_filepv_key,
 )
+from nebula.devnet.network import (
+    LocalNetwork,
+    ValidatorSpec,
+    evidence_validator_address,
+    evidence_votes,
+    verify_duplicate_vote_evidence,
+)
 
 __all__ = [
     "BLOCK_ID_FLAG_ABSENT",
@@ -75,8 +84,10 @@ __all__ = [
     "GoToolchainMissing",
     "HarnessError",
     "LocalChain",
+    "LocalNetwork",
     "SignBytesFn",
     "ValidatorKey",
+    "ValidatorSpec",
     "VerifiedSignature",
     "VerifyFn",
     "bls12381_verify",
@@ -87,7 +98,10 @@ __all__ = [
     "ed25519_verify",
     "edit_toml",
     "ensure_cometbft",
+    "evidence_validator_address",
+    "evidence_votes",
     "local_chains",
+    "local_networks",
     "parse_commit",
     "parse_rfc3339_nano",
     "read_filepv_key",
@@ -95,6 +109,7 @@ __all__ = [
     "signed_commits",
     "validator_address",
     "verify_commit_signatures",
+    "verify_duplicate_vote_evidence",
     "write_filepv_key",
 ]
 
@@ -124,3 +139,26 @@ def local_chains(tmp_path: Path) -> Iterator[Callable[..., LocalChain]]:
     finally:
         for chain in made:
             chain.stop()
+
+
+@pytest.fixture
+def local_networks(tmp_path: Path) -> Iterator[Callable[..., LocalNetwork]]:
+    """Factory fixture: ``make(version, validators, **LocalNetwork kwargs) -> LocalNetwork``,
+    initialised in ``tmp_path/net<n>`` but not started (remote-signer nodes wait for their
+    signer, so the test decides the order). Every node is stopped at teardown, also when
+    the test fails. Skips the test when a binary must be built and Go is not installed."""
+    made: list[LocalNetwork] = []
+
+    def make(version: str, validators: list[ValidatorSpec], **kwargs: Any) -> LocalNetwork:
+        try:
+            net = LocalNetwork.create(tmp_path / f"net{len(made)}", version, validators, **kwargs)
+        except GoToolchainMissing as exc:
+            pytest.skip(str(exc))
+        made.append(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        for net in made:
+            net.stop()
