@@ -239,10 +239,12 @@ def _now_rfc3339() -> str:
 class LocalNetwork:
     """Nodes of one multi-validator chain, each a :class:`LocalChain` in ``base_dir/<name>``.
 
-    ``create`` builds/finds the binary and initialises every node; ``start`` runs them
-    (remote-signer nodes then wait for their signer); use it as a context manager so no
-    process outlives its user. RPC helpers ask the ``reference`` node (the first one,
-    unless given), which must be running.
+    Every node gets :func:`network_config` (``timeouts``) and ``config_overrides``;
+    ``node_overrides[name]`` adds settings for that node only (e.g. a standby with other
+    timeouts). ``create`` builds/finds the binary and initialises every node; ``start``
+    runs them (remote-signer nodes then wait for their signer); use it as a context
+    manager so no process outlives its user. RPC helpers ask the ``reference`` node (the
+    first one, unless given), which must be running.
     """
 
     def __init__(
@@ -257,6 +259,7 @@ class LocalNetwork:
         log_level: str = "info",
         genesis_time: str | None = None,
         config_overrides: Mapping[tuple[str, str], str | bool | int] | None = None,
+        node_overrides: Mapping[str, Mapping[tuple[str, str], str | bool | int]] | None = None,
         reference: str | None = None,
     ) -> None:
         self.validators = [
@@ -273,10 +276,15 @@ class LocalNetwork:
         genesis_time = genesis_time or _now_rfc3339()
         settings = network_config(timeouts)
         settings.update(config_overrides or {})
-        timeout_commit = str(settings.pop(("consensus", "timeout_commit"), "300ms"))
+        node_overrides = dict(node_overrides or {})
+        unknown = set(node_overrides) - {p.name for p in self.plans}
+        if unknown:
+            raise ConfigError(f"node_overrides for unknown nodes {sorted(unknown)}")
         by_name = {v.name: v for v in self.validators}
         self.nodes: dict[str, LocalChain] = {}
         for plan in self.plans:
+            mine = {**settings, **node_overrides.get(plan.name, {})}
+            timeout_commit = str(mine.pop(("consensus", "timeout_commit"), "300ms"))
             self.nodes[plan.name] = LocalChain(
                 binary,
                 self.base_dir / plan.name,
@@ -286,7 +294,7 @@ class LocalNetwork:
                 priv_validator_laddr=plan.priv_validator_laddr,
                 timeout_commit=timeout_commit,
                 log_level=log_level,
-                config_overrides=dict(settings),
+                config_overrides=mine,
                 moniker=plan.name,
                 genesis_validators=genesis,
                 genesis_time=genesis_time,

@@ -236,8 +236,14 @@ def test_network_nodes_share_genesis_and_get_their_own_settings(tmp_path: Path) 
         ),
     ]
     # No process and no binary is needed to lay the network out.
+    standby = {("consensus", "timeout_propose"): "5ms", ("consensus", "timeout_commit"): "2s"}
     net = LocalNetwork(
-        tmp_path, tmp_path / "no-cometbft", "v0.38.25", specs, timeouts={"timeout_commit": "1s"}
+        tmp_path,
+        tmp_path / "no-cometbft",
+        "v0.38.25",
+        specs,
+        timeouts={"timeout_commit": "1s", "timeout_propose": "1s"},
+        node_overrides={"D2": standby},
     )
     assert list(net.nodes) == ["A", "B", "D1", "D2"]
     assert net.reference == "A"
@@ -257,8 +263,13 @@ def test_network_nodes_share_genesis_and_get_their_own_settings(tmp_path: Path) 
         ("D", 14, remote),
     ]
     assert all(n.genesis_validator_list() == genesis for n in net.nodes.values())
-    assert a.timeout_commit == "1s"
-    assert ("consensus", "timeout_commit") not in a.config_overrides
+    assert a.timeout_commit == d1.timeout_commit == "1s"
+    assert d2.timeout_commit == "2s"  # LocalChain's own setting, not an override
+    assert all(("consensus", "timeout_commit") not in n.config_overrides for n in (a, d2))
+    assert d1.config_overrides[("consensus", "timeout_propose")] == "1s"
+    assert d2.config_overrides[("consensus", "timeout_propose")] == "5ms"
+    with pytest.raises(ConfigError, match="unknown nodes"):
+        LocalNetwork(tmp_path, tmp_path / "x", "v0.38.25", specs, node_overrides={"D": standby})
     assert a.config_overrides[("p2p", "allow_duplicate_ip")] is True
     assert [n.moniker for n in net.nodes.values()] == ["A", "B", "D1", "D2"]
     assert (
