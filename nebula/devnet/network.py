@@ -175,9 +175,18 @@ def network_config(
     timeouts: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, str], str | bool | int]:
     """config.toml settings every node of a local network gets (on top of LocalChain's):
-    several nodes on one IP, quick p2p flushing and gossip, and ``timeouts`` (default
-    :data:`FAST_TIMEOUTS`, ``timeout_commit`` included)."""
+    several nodes on one IP, quick p2p flushing and gossip, ``timeouts`` (default
+    :data:`FAST_TIMEOUTS`, ``timeout_commit`` included), and the built-in ``noop`` ABCI
+    app instead of ``kvstore``.
+
+    Why not kvstore: it punishes each DuplicateVoteEvidence with a validator update
+    (power - 1), one per evidence, so a block with two evidences against one validator
+    carries two updates for it and every node halts ("CONSENSUS FAILURE ... changing
+    validator set: duplicate entry", seen on v0.38.25). A network that is meant to record
+    double signs must keep committing after them; ``noop`` leaves the validator set alone.
+    """
     settings: dict[tuple[str, str], str | bool | int] = {
+        ("", "proxy_app"): "noop",
         ("p2p", "allow_duplicate_ip"): True,
         ("p2p", "flush_throttle_timeout"): "10ms",
         ("consensus", "peer_gossip_sleep_duration"): "10ms",

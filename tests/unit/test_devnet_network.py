@@ -212,6 +212,7 @@ peer_gossip_sleep_duration = "100ms"
 
 def test_network_config_applies_to_a_cometbft_config() -> None:
     out = edit_toml(_CONFIG, network_config())
+    assert 'proxy_app = "noop"' in out
     assert "allow_duplicate_ip = true" in out
     assert 'flush_throttle_timeout = "10ms"' in out
     assert 'peer_gossip_sleep_duration = "10ms"' in out
