@@ -29,9 +29,11 @@ usually prevotes nil while D1 prevotes the proposed block.
 
 Both run on CometBFT v0.38.25 and v1.0.1 (Nebula speaks the matching wire family, from
 ``config_version``). Proof that the real test can fail: with ``return _ACCEPT`` as the
-first line of ``nebula.guard.check`` and ``NEBULA_PURE=1`` (so the Raft state machine runs
-the mutated pure guard, not its compiled copy), D's two nodes get conflicting votes signed
-and DuplicateVoteEvidence against D is committed within a few heights.
+first line of ``nebula.guard.check``, D's two nodes get conflicting votes signed, the
+relays record ~110 double signs and ~30 DuplicateVoteEvidence against D are committed,
+the first within a few heights. That holds with ``NEBULA_PURE=1`` and without it: the
+compiled state-machine kernel (``_cmd.pyx``) decides only the strictly-higher case
+itself and calls ``nebula.guard.apply`` for every other one.
 """
 
 from __future__ import annotations
