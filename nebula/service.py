@@ -162,6 +162,7 @@ class SigningService:
         #: New decisions can start without a coroutine (:meth:`begin`): a key that signs
         #: without waiting and a store that begins commits (Raft).
         self.begins = bool(backend.inline and store.begins_commits and not self._threshold)
+        self._stored_ok: tuple[bytes, bytes] | None = None  # last stored pair checked
         self._log_window = -1.0  # the current second of refusal lines: its start
         self._log_lines = 0  # refusal lines logged in it
         self._log_dropped = 0  # refusals not logged in it
@@ -360,7 +361,7 @@ class SigningService:
                 and pre.record is not None
             ):
                 # A retry: the stored signature is the answer; nothing new to persist.
-                rec = pre.record
+                rec = self._checked_stored(pre.record)
                 if ext_bytes:
                     rec = await self._with_extension(rec, ext_bytes)
                 return rec, pre.timestamp
@@ -424,7 +425,27 @@ class SigningService:
             return rec, None, True
         # Another decision for this HRS won (e.g. a retry raced through another leader):
         # answer with what the state machine holds.
+        if not self._threshold:
+            rec = self._checked_stored(rec)
         return rec, decision.timestamp, False
+
+    def _checked_stored(self, rec: SignRecord) -> SignRecord:
+        """``rec``, a stored decision about to answer a retry, once its signature is
+        checked to be this key's over its sign bytes.  Signatures made here always are;
+        an imported state may hold another key's (CometBFT's state file after a key
+        change) or a damaged one, which is refused, never handed back (found in review).
+        The last good pair is remembered: a retry is checked once."""
+        pair = (rec.sign_bytes, rec.signature)
+        if pair == self._stored_ok:
+            return rec
+        if not self.backend.verify(rec.sign_bytes, rec.signature):
+            raise StateError(
+                f"the stored signature for height {rec.height} round {rec.round} step "
+                f"{rec.step} does not verify with this chain's key (an imported state of "
+                "another key?); not handed back, and this step is not signed again"
+            )
+        self._stored_ok = pair
+        return rec
 
     # ---- the same decision from callbacks -----------------------------------------------
 

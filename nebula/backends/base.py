@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from nebula.crypto.keys import address_of
+from nebula.crypto.keys import BLS_DEFAULT_DST, address_of, signature_verifier
 from nebula.types import Signed
 
 
@@ -36,6 +36,18 @@ class Backend(ABC):
     @abstractmethod
     async def sign(self, msg: bytes) -> bytes:
         """The signature over ``msg`` (the sign bytes as-is)."""
+
+    def verify(self, msg: bytes, sig: bytes) -> bool:
+        """Whether ``sig`` is this key's signature over ``msg`` (for a stored signature
+        about to answer a retry).  Made from ``key_type``/``public_key`` (and a
+        ``bls_dst`` attribute, if the backend has one) on first use."""
+        v = getattr(self, "_verifier", None)
+        if v is None:
+            v = signature_verifier(
+                self.key_type, self.public_key, bls_dst=getattr(self, "bls_dst", BLS_DEFAULT_DST)
+            )
+            self._verifier = v
+        return v(msg, sig)
 
     def sign_sync(self, msg: bytes) -> bytes | None:
         """The signature, computed without blocking on I/O; None if only ``sign`` can."""

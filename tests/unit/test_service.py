@@ -8,7 +8,8 @@ import pytest
 
 from nebula import proto
 from nebula.backends.native import NativeBackend
-from nebula.crypto.keys import Ed25519Key
+from nebula.crypto.keys import Ed25519Key, generate
+from nebula.guard import SignRecord
 from nebula.service import SigningService
 from nebula.state.local import LocalStore
 from nebula.types import (
@@ -81,6 +82,48 @@ def test_identical_retry_gets_the_stored_signature(tmp_path, key) -> None:
     first = run(svc, SignVoteRequest(vote(), CHAIN))
     again = run(svc, SignVoteRequest(vote(), CHAIN))
     assert again.error is None and again.vote.signature == first.vote.signature
+
+
+@pytest.mark.parametrize("retry_ts", [(1_700_000_000, 1), (1_700_000_005, 9)])
+def test_an_imported_signature_of_another_key_is_never_handed_back(tmp_path, key, retry_ts) -> None:
+    """A retry is answered with the stored signature. An imported state (CometBFT's
+    priv_validator_state.json after a key change, or a damaged file) may hold one that
+    is not this key's over these bytes: the retry is refused, nothing is handed back,
+    and the mark stays (found in review: it was returned as it was)."""
+    sb = proto.vote_sign_bytes(CHAIN, vote())
+    other = Ed25519Key.from_seed(b"\x07" * 32)
+    for bad_sig in (other.sign(sb), b"\x00" * 64):
+        store = LocalStore(tmp_path / f"s{bad_sig[0]}.json")
+        store.force_import(CHAIN, SignRecord(1, 0, 2, sb, bad_sig))
+        svc = SigningService(CHAIN, WireFamily.V0_38, NativeBackend(key), store)
+        r = run(svc, SignVoteRequest(vote(ts=retry_ts), CHAIN))
+        assert r.error is not None and r.vote.signature == b""
+        assert "does not verify" in r.error.description
+        assert store.last(CHAIN).signature == bad_sig  # the mark is kept as it was
+        # A later step is signed as usual.
+        later = run(svc, SignVoteRequest(vote(typ=SignedMsgType.PRECOMMIT), CHAIN))
+        assert later.error is None
+    # This key's own signature, imported, is handed back (once checked).
+    store = LocalStore(tmp_path / "good.json")
+    store.force_import(CHAIN, SignRecord(1, 0, 2, sb, key.sign(sb)))
+    svc = SigningService(CHAIN, WireFamily.V0_38, NativeBackend(key), store)
+    for _ in range(2):
+        r = run(svc, SignVoteRequest(vote(ts=retry_ts), CHAIN))
+        assert r.error is None and r.vote.signature == key.sign(sb)
+
+
+@pytest.mark.parametrize(
+    ("key_type", "dst"),
+    [("ed25519", None), ("secp256k1", None), ("bls12381", None), ("bls12381", b"OTHER_DST_")],
+)
+def test_a_retry_gets_its_own_stored_signature_for_every_key_type(tmp_path, key_type, dst) -> None:
+    """The stored signature's check accepts what this key made (its own BLS DST too)."""
+    k = generate(key_type) if dst is None else generate(key_type, bls_dst=dst)
+    svc = SigningService(CHAIN, WireFamily.V1_0, NativeBackend(k), LocalStore(tmp_path / "s"))
+    first = run(svc, SignVoteRequest(vote(), CHAIN))
+    for ts in ((1_700_000_000, 1), (1_700_000_009, 3)):
+        again = run(svc, SignVoteRequest(vote(ts=ts), CHAIN))
+        assert again.error is None and again.vote.signature == first.vote.signature
 
 
 def test_timestamp_only_difference_returns_stored_timestamp(tmp_path, key) -> None:
