@@ -283,3 +283,37 @@ def test_a_flood_of_refusals_is_counted_but_logged_at_a_bounded_rate(tmp_path, k
     unlogged += int(summary.getMessage().split()[1])
     assert len(event("refused")) + unlogged == 501  # every refusal: a line or in a count
     assert len(seen) == 501
+
+
+@pytest.mark.parametrize("dst", [None, b"OTHER_DST_"])
+def test_threshold_an_imported_signature_of_another_key_is_never_handed_back(tmp_path, dst) -> None:
+    """Threshold mode answers a retry from the stored record too (a signature this
+    leader combined - or one imported: initial_state_path / `nebula state import` work on
+    a threshold chain).  An imported signature that is not the group key's is refused like
+    a whole key's; the group key's own (under the share's DST) is handed back (found in
+    review: the threshold retry path returned the imported signature unchecked)."""
+    from nebula.backends.threshold import ThresholdBackend
+    from nebula.crypto.keys import BLS_DEFAULT_DST, Bls12381Key
+    from nebula.crypto.threshold import split
+
+    secret = (7).to_bytes(32, "big")
+    d = dst or BLS_DEFAULT_DST
+    share = split(secret, 2, 3, dst=d)[0]
+    group = Bls12381Key(secret, dst=d)
+    assert group.public_key == share.public.group_public_key
+    sb = proto.vote_sign_bytes(CHAIN, vote())
+    other = generate("bls12381", bls_dst=d)
+    for i, bad_sig in enumerate((other.sign(sb), b"\x00" * 96)):
+        store = LocalStore(tmp_path / f"t{i}.json")
+        store.force_import(CHAIN, SignRecord(1, 0, 2, sb, bad_sig))
+        svc = SigningService(CHAIN, WireFamily.V1_0, ThresholdBackend(share), store)
+        r = run(svc, SignVoteRequest(vote(), CHAIN))
+        assert r.error is not None and r.vote.signature == b""
+        assert "does not verify" in r.error.description
+        assert store.last(CHAIN).signature == bad_sig
+    store = LocalStore(tmp_path / "good.json")
+    store.force_import(CHAIN, SignRecord(1, 0, 2, sb, group.sign(sb)))
+    svc = SigningService(CHAIN, WireFamily.V1_0, ThresholdBackend(share), store)
+    for ts in ((1_700_000_000, 1), (1_700_000_004, 2)):
+        r = run(svc, SignVoteRequest(vote(ts=ts), CHAIN))
+        assert r.error is None and r.vote.signature == group.sign(sb)
