@@ -353,8 +353,8 @@ class SigningService:
                     or (pre.record.ext_sign_bytes == ext_bytes and pre.record.ext_signature)
                 )
             ):
-                # A retry this leader already combined.
-                return pre.record, pre.timestamp
+                # A retry this leader already combined - or an imported record: checked.
+                return self._checked_stored(pre.record), pre.timestamp
             if (
                 not threshold
                 and pre.verdict in (Verdict.SAME, Verdict.SAME_TIMESTAMP)

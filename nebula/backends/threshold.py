@@ -26,6 +26,9 @@ class ThresholdBackend(Backend):
     def address(self) -> bytes:
         return self.share.public.address
 
+    def verify(self, msg: bytes, sig: bytes) -> bool:
+        return self.share.public.verify(msg, sig)  # (the group key, the share's BLS DST)
+
     async def sign(self, msg: bytes) -> bytes:
         raise BackendError(
             "threshold BLS: a signature is combined from t members' shares by the Raft "
