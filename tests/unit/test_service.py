@@ -317,3 +317,53 @@ def test_threshold_an_imported_signature_of_another_key_is_never_handed_back(tmp
     for ts in ((1_700_000_000, 1), (1_700_000_004, 2)):
         r = run(svc, SignVoteRequest(vote(ts=ts), CHAIN))
         assert r.error is None and r.vote.signature == group.sign(sb)
+
+
+def test_an_imported_extension_signature_of_another_key_is_not_handed_back(tmp_path, key) -> None:
+    """An imported state may carry an extension signature (ext_signature/ext_signbytes
+    are read on import).  On a retry it is handed back only if it is this key's over
+    those bytes; otherwise the extension is signed afresh, as FilePV always does (they
+    are not slashable) (found in review: it was returned unchecked)."""
+    v = vote(typ=SignedMsgType.PRECOMMIT, ext=b"hello")
+    sb = proto.vote_sign_bytes(CHAIN, v)
+    esb = proto.vote_extension_sign_bytes(CHAIN, v)
+    other = Ed25519Key.from_seed(b"\x07" * 32)
+    store = LocalStore(tmp_path / "s.json")
+    store.force_import(CHAIN, SignRecord(1, 0, 3, sb, key.sign(sb), esb, other.sign(esb)))
+    svc = SigningService(CHAIN, WireFamily.V0_38, NativeBackend(key), store)
+    r = run(svc, SignVoteRequest(v, CHAIN))
+    assert r.error is None and r.vote.signature == key.sign(sb)
+    assert key.verify(esb, r.vote.extension_signature)
+
+
+def test_threshold_an_imported_extension_signature_of_another_key_is_not_handed_back(
+    tmp_path,
+) -> None:
+    """The same on a threshold chain: a stored extension signature that is not the group
+    key's does not answer a retry; the retry goes to the store (its shares are combined
+    afresh), never back with the imported one."""
+    from nebula.backends.threshold import ThresholdBackend
+    from nebula.crypto.keys import Bls12381Key
+    from nebula.crypto.threshold import split
+    from nebula.errors import StateError
+
+    secret = (7).to_bytes(32, "big")
+    share = split(secret, 2, 3)[0]
+    group = Bls12381Key(secret)
+    v = vote(typ=SignedMsgType.PRECOMMIT, ext=b"hello")
+    sb = proto.vote_sign_bytes(CHAIN, v)
+    esb = proto.vote_extension_sign_bytes(CHAIN, v)
+    other = generate("bls12381")
+    store = LocalStore(tmp_path / "t.json")
+    store.force_import(CHAIN, SignRecord(1, 0, 3, sb, group.sign(sb), esb, other.sign(esb)))
+    went: list[SignRecord] = []
+
+    async def commit(chain_id, record, sign_later=None):  # the Raft store combines here
+        went.append(record)
+        raise StateError("to the store")
+
+    store.commit = commit  # type: ignore[method-assign]
+    svc = SigningService(CHAIN, WireFamily.V1_0, ThresholdBackend(share), store)
+    r = run(svc, SignVoteRequest(v, CHAIN))
+    assert r.vote.extension_signature != other.sign(esb)
+    assert len(went) == 1 and went[0].ext_sign_bytes == esb
