@@ -163,6 +163,7 @@ class SigningService:
         #: without waiting and a store that begins commits (Raft).
         self.begins = bool(backend.inline and store.begins_commits and not self._threshold)
         self._stored_ok: tuple[bytes, bytes] | None = None  # last stored pair checked
+        self._stored_ext_ok: tuple[bytes, bytes] | None = None  # its extension's
         self._log_window = -1.0  # the current second of refusal lines: its start
         self._log_lines = 0  # refusal lines logged in it
         self._log_dropped = 0  # refusals not logged in it
@@ -350,7 +351,11 @@ class SigningService:
                 and pre.record.signature
                 and (
                     not ext_bytes
-                    or (pre.record.ext_sign_bytes == ext_bytes and pre.record.ext_signature)
+                    or (
+                        pre.record.ext_sign_bytes == ext_bytes
+                        and pre.record.ext_signature
+                        and self._stored_ext_verifies(pre.record)
+                    )
                 )
             ):
                 # A retry this leader already combined - or an imported record: checked.
@@ -446,6 +451,18 @@ class SigningService:
             )
         self._stored_ok = pair
         return rec
+
+    def _stored_ext_verifies(self, rec: SignRecord) -> bool:
+        """Whether ``rec``'s stored extension signature (about to answer a retry) is this
+        key's over its extension sign bytes; one that is not (an imported state) is never
+        handed back: it is signed afresh, as FilePV always does (not slashable)."""
+        pair = (rec.ext_sign_bytes, rec.ext_signature)
+        if pair == self._stored_ext_ok:
+            return True
+        if not self.backend.verify(*pair):
+            return False
+        self._stored_ext_ok = pair
+        return True
 
     # ---- the same decision from callbacks -----------------------------------------------
 
@@ -554,7 +571,7 @@ class SigningService:
 
     def _with_extension_now(self, rec: SignRecord, ext_bytes: bytes) -> SignRecord:
         """:meth:`_with_extension` with a key that signs without waiting."""
-        if rec.ext_sign_bytes == ext_bytes and rec.ext_signature:
+        if rec.ext_sign_bytes == ext_bytes and rec.ext_signature and self._stored_ext_verifies(rec):
             return rec
         return dataclasses.replace(
             rec, ext_sign_bytes=ext_bytes, ext_signature=self._sign_now(ext_bytes)
@@ -562,7 +579,7 @@ class SigningService:
 
     async def _with_extension(self, rec: SignRecord, ext_bytes: bytes) -> SignRecord:
         # Extension signatures are not slashable; FilePV signs them afresh on retries.
-        if rec.ext_sign_bytes == ext_bytes and rec.ext_signature:
+        if rec.ext_sign_bytes == ext_bytes and rec.ext_signature and self._stored_ext_verifies(rec):
             return rec
         return dataclasses.replace(
             rec, ext_sign_bytes=ext_bytes, ext_signature=await self._sign(ext_bytes)
