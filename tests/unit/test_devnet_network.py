@@ -416,3 +416,37 @@ def test_commit_check_may_skip_absent_validators_but_not_bad_signatures() -> Non
     chain.commits[4] = _commit(4, [bad])
     with pytest.raises(DevnetError, match="does not verify"):
         verify_commit_signatures(chain, pub, "ed25519", [4], verify, allow_absent=True)
+
+
+def test_a_network_that_fails_to_start_leaves_no_node_running(tmp_path: Path) -> None:
+    """``with LocalNetwork(...)``: when a node cannot start (here: its binary is missing),
+    the nodes already started are stopped before the error propagates; ``__exit__`` never
+    runs for a failed ``__enter__``, so they ran on until the interpreter's exit (found in
+    review). ``stop`` stops every node even when one of them fails to."""
+    fake = tmp_path / "fake-cometbft"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    specs = [ValidatorSpec("A"), ValidatorSpec("B"), ValidatorSpec("C")]
+    net = LocalNetwork(tmp_path / "net", fake, "v0.38.25", specs)
+    for node in net.nodes.values():
+        node.home.mkdir(parents=True)
+        node._initialised = True  # (no `cometbft init`: only the processes matter here)
+    net.node("C").binary = tmp_path / "missing"
+    try:
+        with pytest.raises(OSError), net:
+            pass
+        assert not any(n.is_running() for n in net.nodes.values())
+        net.node("C").binary = fake
+        net.start()
+        assert all(n.is_running() for n in net.nodes.values())
+
+        def refuse(timeout: float = 10.0) -> None:
+            raise DevnetError("cannot stop")
+
+        net.node("A").stop = refuse  # type: ignore[method-assign]
+        with pytest.raises(DevnetError, match="cannot stop"):
+            net.stop()
+        assert not net.node("B").is_running() and not net.node("C").is_running()
+    finally:
+        for node in net.nodes.values():
+            node.kill()
