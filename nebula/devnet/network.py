@@ -355,12 +355,31 @@ class LocalNetwork:
         raise ConfigError(f"no validator {name!r}")
 
     def start(self, names: Iterable[str] | None = None) -> None:
-        for name in self.nodes if names is None else names:
-            self.node(name).start()
+        """Start the nodes; if one cannot start, those this call started are stopped
+        before the error propagates (a failed ``__enter__`` gets no ``__exit__``)."""
+        started: list[LocalChain] = []
+        try:
+            for name in self.nodes if names is None else names:
+                node = self.node(name)
+                node.start()
+                started.append(node)
+        except BaseException:
+            for node in started:
+                with contextlib.suppress(Exception):
+                    node.stop()
+            raise
 
     def stop(self, names: Iterable[str] | None = None) -> None:
+        """Stop the nodes, every one of them even if one fails to; then raise the first
+        failure."""
+        first: BaseException | None = None
         for name in self.nodes if names is None else names:
-            self.node(name).stop()
+            try:
+                self.node(name).stop()
+            except Exception as e:
+                first = first or e
+        if first is not None:
+            raise first
 
     def kill(self, name: str) -> None:
         self.node(name).kill()
