@@ -28,7 +28,7 @@ from tests.support.cometbft import (
 )
 from tests.support.dkg import cli_ceremony
 from tests.support.ports import free_ports
-from tests.support.relay import AuditingRelay, withhold_then_restart
+from tests.support.relay import AuditingRelay, withhold_rounds
 
 pytestmark = pytest.mark.e2e
 
@@ -76,11 +76,7 @@ def test_a_dkg_made_2_of_3_key_signs_a_real_bls_chain(tmp_path, local_chains) ->
         cluster.wait_caught_up(leader)
         # A precommit's signature kept from the node, then the node and the leader killed
         # together: the restarted node asks again for that step with a new timestamp.
-        asked_twice, withheld = [], []
-        for _ in range(WITHHOLDS):
-            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
-            asked_twice.append(withhold_then_restart(relay, chain, cluster, ("precommit",)))
-            withheld.append(relay.withheld)
+        asked_twice, withheld = withhold_rounds(relay, chain, [("precommit",)] * WITHHOLDS, cluster)
         assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
         last = chain.wait_for_height(chain.latest_height() + 2, timeout=30)
         verify_commit_signatures(

@@ -50,7 +50,7 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
-from tests.support.relay import AuditingRelay, withhold_then_restart
+from tests.support.relay import AuditingRelay, withhold_rounds
 
 pytestmark = pytest.mark.e2e
 
@@ -130,11 +130,7 @@ def test_cluster_members_sign_a_v038_chain_from_their_own_tokens(tmp_path, local
 
         # A vote's signature kept from the node, then the node and the leader killed
         # together: the restarted node asks again for that step with a new timestamp.
-        asked_twice, withheld = [], []
-        for kinds in WITHHOLD_V038:
-            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
-            asked_twice.append(withhold_then_restart(relay, chain, cluster, kinds))
-            withheld.append(relay.withheld)
+        asked_twice, withheld = withhold_rounds(relay, chain, WITHHOLD_V038, cluster)
         assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
 
         last = chain.wait_for_height(chain.latest_height() + 3, timeout=30)
@@ -198,10 +194,7 @@ def test_v1_chain_with_a_secp256k1_key_in_softhsm(tmp_path, local_chains) -> Non
         chain.wait_for_height(4, timeout=60)
         # A precommit's signature kept from the node, which is killed: after its restart
         # it asks again for that step with a new timestamp.
-        for kinds in WITHHOLD_V1:
-            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
-            asked_twice.append(withhold_then_restart(relay, chain, kinds=kinds))
-            withheld.append(relay.withheld)
+        asked_twice, withheld = withhold_rounds(relay, chain, WITHHOLD_V1)
         assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
         last = chain.wait_for_height(max(16, chain.latest_height() + 2), timeout=90)
         # CometBFT accepted every one; check them again independently (low-S included).

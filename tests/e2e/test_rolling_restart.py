@@ -39,7 +39,7 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
-from tests.support.relay import AuditingRelay, withhold_then_restart
+from tests.support.relay import AuditingRelay, withhold_rounds
 
 pytestmark = pytest.mark.e2e
 
@@ -119,11 +119,8 @@ def test_rolling_restart_and_leader_kills_under_a_live_chain(tmp_path, local_cha
             # killed together: after its restart the node asks again for that step with
             # a new timestamp or block, and the new leader must answer it from the
             # replicated state (the stored signature, or a refusal), never sign anew.
-            asked_twice = []
-            for _ in range(3):
-                chain.wait_for_height(chain.latest_height() + 2, timeout=30)
-                asked_twice.append(withhold_then_restart(relay, chain, cluster, ("precommit",)))
-            assert all(asked_twice), asked_twice  # the node did ask again each time
+            asked_twice, withheld = withhold_rounds(relay, chain, [("precommit",)] * 3, cluster)
+            assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
 
             last = chain.wait_for_height(chain.latest_height() + 3, timeout=30)
             # Every height from the start to the end carries Nebula's signature: a single

@@ -36,7 +36,7 @@ from tests.support.cometbft import (
     verify_commit_signatures,
 )
 from tests.support.ports import free_ports
-from tests.support.relay import AuditingRelay, withhold_then_restart
+from tests.support.relay import AuditingRelay, withhold_rounds
 
 pytestmark = pytest.mark.e2e
 
@@ -90,11 +90,7 @@ def test_2_of_3_threshold_cluster_signs_a_bls_chain_through_kills(tmp_path, loca
             cluster.nodes[leader].start()
         # A precommit's signature kept from the node, then the node and the leader killed
         # together: the restarted node asks again for that step with a new timestamp.
-        asked_twice, withheld = [], []
-        for _ in range(WITHHOLDS):
-            chain.wait_for_height(chain.latest_height() + 2, timeout=30)
-            asked_twice.append(withhold_then_restart(relay, chain, cluster, ("precommit",)))
-            withheld.append(relay.withheld)
+        asked_twice, withheld = withhold_rounds(relay, chain, [("precommit",)] * WITHHOLDS, cluster)
         assert all(asked_twice), (asked_twice, withheld)  # the node did ask again each time
         # One follower down for good: the leader and the other member still sign.
         leader = cluster.leader()

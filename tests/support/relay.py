@@ -46,7 +46,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -729,3 +729,21 @@ def withhold_then_restart(
     if leader is not None:
         cluster.wait_caught_up(leader)
     return len(relay.requests_for(kind, h, r)) >= 2
+
+
+def withhold_rounds(
+    relay: AuditingRelay,
+    chain: Any,
+    rounds: Sequence[tuple[str, ...]],
+    cluster: Any = None,
+) -> tuple[list[bool], list[str]]:
+    """One :func:`withhold_then_restart` per entry of ``rounds`` (the kinds to withhold),
+    each two heights after the chain's height at its start: (whether the node asked
+    again, the withheld request) per round."""
+    asked_twice: list[bool] = []
+    withheld: list[str] = []
+    for kinds in rounds:
+        chain.wait_for_height(chain.latest_height() + 2, timeout=30)
+        asked_twice.append(withhold_then_restart(relay, chain, cluster, kinds))
+        withheld.append(str(relay.withheld))
+    return asked_twice, withheld
